@@ -172,8 +172,12 @@ def _error_from_body(status: int, body: str) -> tuple[str, str]:
 
 def _openai_body(spec: RequestSpec, cfg: ClientConfig) -> dict[str, object]:
     body: dict[str, object] = {
-        "prompt": spec.prompt, "max_tokens": spec.max_tokens, "temperature": cfg.temperature,
-        "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": cfg.ignore_eos,
+        "prompt": spec.prompt,
+        "max_tokens": spec.max_tokens,
+        "temperature": cfg.temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": cfg.ignore_eos,
     }
     model = cfg.model_for(spec)
     if model is not None:
@@ -338,8 +342,12 @@ def _apply_ws_frame(record: RequestRecord, frame: dict[str, object], kind: str, 
 
 def _ws_frame(spec: RequestSpec, cfg: ClientConfig) -> dict[str, object]:
     frame: dict[str, object] = {
-        "type": "generate", "id": f"r{spec.index}", "prompt": spec.prompt, "max_tokens": spec.max_tokens,
-        "temperature": cfg.temperature, "ignore_eos": cfg.ignore_eos,
+        "type": "generate",
+        "id": f"r{spec.index}",
+        "prompt": spec.prompt,
+        "max_tokens": spec.max_tokens,
+        "temperature": cfg.temperature,
+        "ignore_eos": cfg.ignore_eos,
     }
     model = cfg.model_for(spec)
     if model is not None:
@@ -351,16 +359,26 @@ def _ws_frame(spec: RequestSpec, cfg: ClientConfig) -> dict[str, object]:
 
 def _new_record(spec: RequestSpec, cfg: ClientConfig) -> RequestRecord:
     return RequestRecord(
-        index=spec.index, adapter=spec.adapter, model=cfg.model_for(spec), scheduled_s=spec.arrival_s,
-        input_len=spec.input_len, max_tokens=spec.max_tokens,
+        index=spec.index,
+        adapter=spec.adapter,
+        model=cfg.model_for(spec),
+        scheduled_s=spec.arrival_s,
+        input_len=spec.input_len,
+        max_tokens=spec.max_tokens,
     )
 
 
 SendOne = Callable[[RequestSpec, RequestRecord], Awaitable[None]]
 
 
-async def _guarded(send: SendOne, spec: RequestSpec, record: RequestRecord, clock: Clock,
-                   progress: Progress, slot: asyncio.Semaphore | None) -> None:
+async def _guarded(
+    send: SendOne,
+    spec: RequestSpec,
+    record: RequestRecord,
+    clock: Clock,
+    progress: Progress,
+    slot: asyncio.Semaphore | None,
+) -> None:
     """Run one request, turning network failures into recorded errors; always release the slot."""
     try:
         await send(spec, record)
@@ -375,8 +393,9 @@ async def _guarded(send: SendOne, spec: RequestSpec, record: RequestRecord, cloc
         progress.record_end(record)
 
 
-async def dispatch(specs: list[RequestSpec], cfg: ClientConfig, send: SendOne, clock: Clock,
-                   progress: Progress) -> list[RequestRecord]:
+async def dispatch(
+    specs: list[RequestSpec], cfg: ClientConfig, send: SendOne, clock: Clock, progress: Progress
+) -> list[RequestRecord]:
     """Send each request at its arrival time (bounded by max_concurrency) and wait for all of them."""
     slot = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     records = [_new_record(spec, cfg) for spec in specs]
@@ -410,6 +429,7 @@ async def run_workload(
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit), timeout=timeout) as session:
         clock = Clock()
         if cfg.protocol == "openai":
+
             async def send(spec: RequestSpec, record: RequestRecord) -> None:
                 await openai_request(session, cfg, spec, record, clock)
 
@@ -418,8 +438,13 @@ async def run_workload(
         return await _run_ws(session, specs, cfg, clock, progress)
 
 
-async def _run_ws(session: aiohttp.ClientSession, specs: list[RequestSpec], cfg: ClientConfig, clock: Clock,
-                  progress: Progress) -> RunOutput:
+async def _run_ws(
+    session: aiohttp.ClientSession,
+    specs: list[RequestSpec],
+    cfg: ClientConfig,
+    clock: Clock,
+    progress: Progress,
+) -> RunOutput:
     ws_url = cfg.url.replace("http", "ws", 1) + "/v1/stream"
     protocol_errors: list[str] = []
     muxes: list[WsMux] = []

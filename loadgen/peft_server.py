@@ -48,8 +48,14 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.param = status, code, message, param
 
     def body(self) -> dict[str, object]:
-        return {"error": {"message": self.message, "type": "invalid_request_error",
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": "invalid_request_error",
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,7 @@ class ServerConfig:
     device: str | None = None
     dtype: str | None = None
     served_name: str | None = None
+    torch_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -123,8 +130,12 @@ class Metrics:
         self.prompt_tokens = Counter("peft_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
         self.generation_tokens = Counter("peft_generation_tokens", "Generated tokens sent", registry=r)
         self.batches = Counter("peft_batches", "generate() calls", registry=r)
-        self.batch_size = Histogram("peft_batch_size", "Requests per generate() call",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.batch_size = Histogram(
+            "peft_batch_size",
+            "Requests per generate() call",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
         self.waiting = Gauge("peft_requests_waiting", "Requests waiting for a batch", registry=r)
         self.running = Gauge("peft_requests_running", "Requests in the running batch", registry=r)
 
@@ -183,6 +194,8 @@ class PeftBackend:
     def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
         self.config, self.metrics = config, metrics
         self.device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if config.torch_threads is not None:
+            torch.set_num_threads(config.torch_threads)
         self.model, self.tokenizer = _load_model(config, self.device)
         self.adapters = tuple(name for name, _ in config.adapters)
         self.pad_id = _pad_id(self.tokenizer)
@@ -271,10 +284,13 @@ class PeftBackend:
         mask = [[0] * (width - len(j.prompt_ids)) + [1] * len(j.prompt_ids) for j in batch]
         sampling = batch[0].sampling
         gen = GenerationConfig(
-            max_new_tokens=max(j.max_tokens for j in batch), do_sample=sampling.temperature > 0,
-            temperature=sampling.temperature or None, top_p=sampling.top_p if sampling.temperature else None,
+            max_new_tokens=max(j.max_tokens for j in batch),
+            do_sample=sampling.temperature > 0,
+            temperature=sampling.temperature or None,
+            top_p=sampling.top_p if sampling.temperature else None,
             top_k=(sampling.top_k or None) if sampling.temperature else None,
-            pad_token_id=self.pad_id, eos_token_id=None,
+            pad_token_id=self.pad_id,
+            eos_token_id=None,
         )
         args: dict[str, object] = {
             "input_ids": torch.tensor(ids, device=self.device),
@@ -329,12 +345,12 @@ class Detokenizer:
 
     def add(self, ids: list[int]) -> str:
         self._ids.extend(ids)
-        before = self._tok.decode(self._ids[self._prefix:self._read], skip_special_tokens=True)  # type: ignore[attr-defined]
-        after = self._tok.decode(self._ids[self._prefix:], skip_special_tokens=True)  # type: ignore[attr-defined]
+        before = self._tok.decode(self._ids[self._prefix : self._read], skip_special_tokens=True)  # type: ignore[attr-defined]
+        after = self._tok.decode(self._ids[self._prefix :], skip_special_tokens=True)  # type: ignore[attr-defined]
         if after.endswith("\ufffd") or len(after) <= len(before):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
-        return after[len(before):]
+        return after[len(before) :]
 
 
 def _int_field(body: dict[str, object], name: str, default: int, low: int) -> int:
@@ -391,11 +407,18 @@ def make_job(backend: PeftBackend, body: dict[str, object], loop: asyncio.Abstra
         raise ApiError(400, "context_length_exceeded", message, "max_tokens")
     sampling = SamplingKey(
         temperature=_float_field(body, "temperature", 1.0, 0.0, 100.0),
-        top_p=_float_field(body, "top_p", 1.0, 1e-9, 1.0), top_k=_int_field(body, "top_k", 0, 0),
+        top_p=_float_field(body, "top_p", 1.0, 1e-9, 1.0),
+        top_k=_int_field(body, "top_k", 0, 0),
     )
-    return Job(model=str(model), adapter=None if model == backend.config.base_name else str(model),
-               prompt_ids=prompt_ids, max_tokens=max_tokens, ignore_eos=bool(body.get("ignore_eos", False)),
-               sampling=sampling, loop=loop)
+    return Job(
+        model=str(model),
+        adapter=None if model == backend.config.base_name else str(model),
+        prompt_ids=prompt_ids,
+        max_tokens=max_tokens,
+        ignore_eos=bool(body.get("ignore_eos", False)),
+        sampling=sampling,
+        loop=loop,
+    )
 
 
 @dataclass
@@ -478,17 +501,25 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 def _chunk_head(job: Job) -> dict[str, object]:
-    return {"id": f"cmpl-{job.id}", "object": "text_completion", "created": int(time.time()),
-            "model": job.model}
+    return {
+        "id": f"cmpl-{job.id}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": job.model,
+    }
 
 
 def _usage(job: Job, outcome: Outcome) -> dict[str, int]:
-    return {"prompt_tokens": len(job.prompt_ids), "completion_tokens": outcome.completion_tokens,
-            "total_tokens": len(job.prompt_ids) + outcome.completion_tokens}
+    return {
+        "prompt_tokens": len(job.prompt_ids),
+        "completion_tokens": outcome.completion_tokens,
+        "total_tokens": len(job.prompt_ids) + outcome.completion_tokens,
+    }
 
 
-async def _completions_sse(request: web.Request, backend: PeftBackend, job: Job,
-                           include_usage: bool) -> web.StreamResponse:
+async def _completions_sse(
+    request: web.Request, backend: PeftBackend, job: Job, include_usage: bool
+) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
 
@@ -516,11 +547,19 @@ async def models(request: web.Request) -> web.Response:
     """GET /v1/models: the base model, then each adapter with `parent` naming the base."""
     backend = request.app[BACKEND_KEY]
     base = backend.config.base_name
-    entries = [{"id": base, "object": "model", "owned_by": "peft-baseline", "root": backend.config.model,
-                "parent": None}]
+    entries = [
+        {
+            "id": base,
+            "object": "model",
+            "owned_by": "peft-baseline",
+            "root": backend.config.model,
+            "parent": None,
+        }
+    ]
     for name, path in backend.config.adapters:
-        entries.append({"id": name, "object": "model", "owned_by": "peft-baseline", "root": path,
-                        "parent": base})
+        entries.append(
+            {"id": name, "object": "model", "owned_by": "peft-baseline", "root": path, "parent": base}
+        )
     return web.json_response({"object": "list", "data": entries})
 
 
@@ -609,8 +648,15 @@ class WsSession:
                 code, message = outcome.error
                 await self.send({"type": "error", "id": req_id, "error": {"code": code, "message": message}})
                 return
-            await self.send({"type": "done", "id": req_id, "finish_reason": outcome.finish_reason,
-                             "usage": _usage(job, outcome), "timing": _timing(job, outcome)})
+            await self.send(
+                {
+                    "type": "done",
+                    "id": req_id,
+                    "finish_reason": outcome.finish_reason,
+                    "usage": _usage(job, outcome),
+                    "timing": _timing(job, outcome),
+                }
+            )
         finally:
             self._active.pop(req_id, None)
 
@@ -665,28 +711,45 @@ def _adapter_arg(text: str) -> tuple[str, str]:
 def parse_args(argv: list[str]) -> ServerConfig:
     parser = argparse.ArgumentParser(
         prog="python -m lorafleet.loadgen.peft_server",
-        description="HF transformers + PEFT baseline server (static mixed-adapter batches).")
+        description="HF transformers + PEFT baseline server (static mixed-adapter batches).",
+    )
     parser.add_argument("--model", required=True, help="base model directory (HF format)")
-    parser.add_argument("--adapter", action="append", default=[], type=_adapter_arg,
-                        help="name=DIR (repeatable)")
+    parser.add_argument(
+        "--adapter", action="append", default=[], type=_adapter_arg, help="name=DIR (repeatable)"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", default=None,
-                        help="float32|float16|bfloat16 (default bf16 on cuda, fp32 on cpu)")
+    parser.add_argument(
+        "--dtype", default=None, help="float32|float16|bfloat16 (default bf16 on cuda, fp32 on cpu)"
+    )
     parser.add_argument("--served-model-name", default=None, help="the base model's name (default: dir name)")
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
-    return ServerConfig(model=args.model, adapters=tuple(args.adapter), host=args.host, port=args.port,
-                        max_batch_size=args.max_batch_size, device=args.device, dtype=args.dtype,
-                        served_name=args.served_model_name)
+    return ServerConfig(
+        model=args.model,
+        adapters=tuple(args.adapter),
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        served_name=args.served_model_name,
+        torch_threads=args.torch_threads,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(sys.argv[1:] if argv is None else argv)
     ready = f"peft_server: listening on http://{config.host}:{config.port}"
-    web.run_app(build_app(config), host=config.host, port=config.port, access_log=None,
-                print=lambda _: print(ready, flush=True))
+    web.run_app(
+        build_app(config),
+        host=config.host,
+        port=config.port,
+        access_log=None,
+        print=lambda _: print(ready, flush=True),
+    )
     return 0
 
 

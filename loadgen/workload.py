@@ -29,8 +29,30 @@ import numpy as np
 
 TRACE_FORMAT = "lorafleet.trace/1"
 WORDS = (
-    "the", "model", "adapter", "serves", "many", "requests", "from", "one", "base", "with", "low", "rank",
-    "weights", "and", "pages", "of", "memory", "on", "a", "device", "each", "token", "time", "batch",
+    "the",
+    "model",
+    "adapter",
+    "serves",
+    "many",
+    "requests",
+    "from",
+    "one",
+    "base",
+    "with",
+    "low",
+    "rank",
+    "weights",
+    "and",
+    "pages",
+    "of",
+    "memory",
+    "on",
+    "a",
+    "device",
+    "each",
+    "token",
+    "time",
+    "batch",
 )
 
 
@@ -89,12 +111,18 @@ class WorkloadConfig:
             (self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
             (self.duration > 0, f"duration must be > 0, got {self.duration}"),
             (0 <= self.base_fraction <= 1, f"base_fraction must be in [0, 1], got {self.base_fraction}"),
-            (self.prompt_kind in ("tokens", "text"),
-             f"prompt_kind must be 'tokens' or 'text', got {self.prompt_kind!r}"),
-            (0 <= self.token_range[0] < self.token_range[1],
-             f"token_range must satisfy 0 <= lo < hi, got {self.token_range}"),
-            (bool(self.adapters) or self.base_fraction == 1.0,
-             "adapters is empty: give adapter names or set base_fraction=1"),
+            (
+                self.prompt_kind in ("tokens", "text"),
+                f"prompt_kind must be 'tokens' or 'text', got {self.prompt_kind!r}",
+            ),
+            (
+                0 <= self.token_range[0] < self.token_range[1],
+                f"token_range must satisfy 0 <= lo < hi, got {self.token_range}",
+            ),
+            (
+                bool(self.adapters) or self.base_fraction == 1.0,
+                "adapters is empty: give adapter names or set base_fraction=1",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -157,11 +185,16 @@ def generate(config: WorkloadConfig) -> list[RequestSpec]:
     specs = []
     for i in range(count):
         adapter = None if to_base[i] else config.adapters[int(picks[i])]
-        specs.append(RequestSpec(
-            index=i, arrival_s=float(arrivals[i]), adapter=adapter,
-            prompt=_prompt(prompt_rng, config, int(input_lens[i])),
-            input_len=int(input_lens[i]), max_tokens=int(output_lens[i]),
-        ))
+        specs.append(
+            RequestSpec(
+                index=i,
+                arrival_s=float(arrivals[i]),
+                adapter=adapter,
+                prompt=_prompt(prompt_rng, config, int(input_lens[i])),
+                input_len=int(input_lens[i]),
+                max_tokens=int(output_lens[i]),
+            )
+        )
     return specs
 
 
@@ -193,8 +226,11 @@ def _spec_from_json(obj: dict[str, object], line_no: int, index: int) -> Request
     default_len = len(prompt) if isinstance(prompt, list) else len(prompt.split())
     try:
         return RequestSpec(
-            index=int(obj.get("index", index)), arrival_s=float(obj["arrival_s"]), adapter=adapter,
-            prompt=prompt, input_len=int(obj.get("input_len", default_len)),
+            index=int(obj.get("index", index)),
+            arrival_s=float(obj["arrival_s"]),
+            adapter=adapter,
+            prompt=prompt,
+            input_len=int(obj.get("input_len", default_len)),
             max_tokens=int(obj["max_tokens"]),
         )
     except (TypeError, ValueError) as exc:

@@ -1,0 +1,327 @@
+"""`lorafleet loadgen`: replay S-LoRA's workload (or a JSONL trace) against a running server.
+
+Exit status: 0 when the run finished and at least one request completed (or there were none),
+1 when every request failed or the server could not be reached, 2 for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+from collections import deque
+from pathlib import Path
+
+from lorafleet.loadgen.clients import (
+    ClientConfig,
+    Progress,
+    RunOutput,
+    list_models,
+    run_workload,
+    split_models,
+)
+from lorafleet.loadgen.results import (
+    SCHEMA,
+    environment,
+    plot_runs,
+    record_json,
+    summarize,
+    summary_table,
+    write_json,
+)
+from lorafleet.loadgen.workload import (
+    RequestSpec,
+    WorkloadConfig,
+    generate,
+    parse_range,
+    read_trace,
+    write_trace,
+)
+
+
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """Workload and client options shared by `loadgen` and `bench`."""
+    w = parser.add_argument_group("workload (S-LoRA's model)")
+    w.add_argument(
+        "--num-adapters",
+        type=int,
+        default=None,
+        help="use the first N adapters (of --adapters or of the server's /v1/models)",
+    )
+    w.add_argument(
+        "--adapters", default=None, help="comma-separated adapter names (default: from /v1/models)"
+    )
+    w.add_argument("--base-model", default=None, help="the base model's name (default: from /v1/models)")
+    w.add_argument("--alpha", type=float, default=1.0, help="power-law popularity exponent (default 1)")
+    w.add_argument("--rate", type=float, default=1.0, help="mean arrival rate, requests/s (default 1)")
+    w.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of inter-arrival gaps")
+    w.add_argument("--input-len", default="8:512", help="prompt length range a:b, inclusive (default 8:512)")
+    w.add_argument("--output-len", default="8:512", help="output length range a:b, inclusive (default 8:512)")
+    w.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals (default 60)")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--base-fraction", type=float, default=0.0, help="fraction of requests to the base model")
+    w.add_argument("--prompt-kind", choices=("tokens", "text"), default="tokens")
+    w.add_argument("--token-range", default="10:499", help="token ids of synthetic prompts, a:b inclusive")
+    w.add_argument("--trace", default=None, help="replay this JSONL trace instead of generating a workload")
+    c = parser.add_argument_group("client")
+    c.add_argument("--protocol", choices=("ws", "openai"), default="ws")
+    c.add_argument("--num-sockets", type=int, default=1, help="WebSocket connections to spread requests over")
+    c.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
+    c.add_argument(
+        "--request-timeout", type=float, default=600.0, help="seconds before a request is abandoned"
+    )
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.add_argument("--slo-ttft-ms", type=float, default=6000.0, help="first-token SLO (default 6000 ms)")
+    c.add_argument("--no-progress", action="store_true", help="no live progress display")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafleet loadgen", description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    add_workload_args(parser)
+    parser.add_argument(
+        "--no-lora",
+        action="store_true",
+        help="send every request to the base model (same trace, adapters ignored)",
+    )
+    parser.add_argument("--sweep-rates", default=None, help="comma-separated rates: one run per rate")
+    parser.add_argument("--write-trace", default=None, help="write the generated workload as JSONL")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="only generate (and --write-trace) the workload; no server needed",
+    )
+    parser.add_argument("--out", default=None, help="results JSON path")
+    parser.add_argument("--records", action="store_true", help="include per-request records in --out")
+    parser.add_argument(
+        "--plot", default=None, help="PNG with latency CDFs and throughput/attainment over time"
+    )
+    return parser
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The server's base model name and the adapter names the workload draws from."""
+
+    base_model: str | None
+    adapters: tuple[str, ...]
+
+
+async def resolve_target(args: argparse.Namespace, need_adapters: bool) -> Target:
+    """Adapter names from --adapters or the server's /v1/models, cut to --num-adapters."""
+    names = [a for a in (args.adapters or "").split(",") if a]
+    base = args.base_model
+    if args.dry_run and not names:
+        names = [f"adapter-{i}" for i in range(args.num_adapters or 0)]
+    elif (need_adapters and not names) or base is None:
+        try:
+            found_base, found = split_models(await list_models(args.url))
+        except Exception as exc:  # any failure to ask the server is reported the same way
+            if need_adapters and not names:
+                raise RuntimeError(f"could not list the server's models: {exc}") from exc
+            found_base, found = None, []
+        base = base or found_base
+        names = names or found
+    if args.num_adapters is not None:
+        if args.num_adapters > len(names):
+            raise ValueError(f"--num-adapters {args.num_adapters} but only {len(names)} adapters are known")
+        names = names[: args.num_adapters]
+    return Target(base, tuple(names))
+
+
+def workload_config(args: argparse.Namespace, target: Target, rate: float) -> WorkloadConfig:
+    lo, hi = parse_range(args.token_range, "--token-range")
+    base_fraction = 1.0 if not target.adapters else args.base_fraction
+    return WorkloadConfig(
+        adapters=target.adapters,
+        alpha=args.alpha,
+        rate=rate,
+        cv=args.cv,
+        input_len=parse_range(args.input_len, "--input-len"),
+        output_len=parse_range(args.output_len, "--output-len"),
+        duration=args.duration,
+        seed=args.seed,
+        base_fraction=base_fraction,
+        prompt_kind=args.prompt_kind,
+        token_range=(lo, hi + 1),
+    )
+
+
+def client_config(args: argparse.Namespace, url: str, target: Target) -> ClientConfig:
+    return ClientConfig(
+        url=url.rstrip("/"),
+        protocol=args.protocol,
+        base_model=target.base_model,
+        num_sockets=args.num_sockets,
+        max_concurrency=args.max_concurrency,
+        request_timeout_s=args.request_timeout,
+        temperature=args.temperature,
+        slo_ttft_ms=args.slo_ttft_ms,
+    )
+
+
+async def run_with_progress(specs: list[RequestSpec], cfg: ClientConfig, show: bool, label: str) -> RunOutput:
+    """Run the workload; while it runs, show sent/finished/failed and the recent req/s and tok/s."""
+    progress = Progress()
+    task = asyncio.create_task(run_workload(specs, cfg, progress))
+    try:
+        if show:
+            await _show_progress(task, progress, label)
+        return await task
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def _show_progress(task: asyncio.Task[RunOutput], progress: Progress, label: str) -> None:
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console(stderr=True)
+    loop = asyncio.get_running_loop()
+    samples: deque[tuple[float, int, int]] = deque(maxlen=10)
+    with Live(console=console, refresh_per_second=4, transient=False) as live:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.5)
+            samples.append((loop.time(), progress.finished, progress.tokens_received()))
+            t0, f0, k0 = samples[0]
+            t1, f1, k1 = samples[-1]
+            span = max(t1 - t0, 1e-9)
+            live.update(
+                f"[bold]{label}[/bold] sent {progress.sent}/{progress.total}  finished {progress.finished}  "
+                f"failed {progress.failed}  |  {(f1 - f0) / span:.2f} req/s  {(k1 - k0) / span:.1f} tok/s"
+            )
+
+
+def load_specs(
+    args: argparse.Namespace, target: Target, rate: float
+) -> tuple[list[RequestSpec], dict[str, object]]:
+    """The run's requests (generated or from --trace) and how they were made, for the results file."""
+    if args.trace:
+        specs, header = read_trace(args.trace)
+        described: dict[str, object] = {"trace": str(args.trace), "trace_config": header}
+    else:
+        config = workload_config(args, target, rate)
+        specs = generate(config)
+        described = {"workload": config.to_json()}
+        if args.write_trace:
+            write_trace(_trace_path(args, rate), specs, config)
+    if args.no_lora:
+        specs = [dataclasses.replace(spec, adapter=None) for spec in specs]
+    return specs, described
+
+
+def _trace_path(args: argparse.Namespace, rate: float) -> Path:
+    path = Path(args.write_trace)
+    return path.with_name(f"{path.stem}.rate-{rate:g}{path.suffix}") if args.sweep_rates else path
+
+
+async def run_one(
+    args: argparse.Namespace, url: str, target: Target, rate: float, label: str
+) -> tuple[dict[str, object], RunOutput]:
+    """One workload run: returns the results entry (config + metrics [+ records]) and the raw output."""
+    specs, described = load_specs(args, target, rate)
+    cfg = client_config(args, url, target)
+    out = await run_with_progress(specs, cfg, not args.no_progress, label)
+    slo_s = None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1e3
+    config = {
+        "url": cfg.url,
+        "protocol": cfg.protocol,
+        "num_sockets": cfg.num_sockets,
+        "max_concurrency": cfg.max_concurrency,
+        "request_timeout_s": cfg.request_timeout_s,
+        "temperature": cfg.temperature,
+        "slo_ttft_ms": args.slo_ttft_ms,
+        "no_lora": bool(args.no_lora),
+        "base_model": target.base_model,
+        "num_adapters": len(target.adapters),
+        "started_unix": out.started_unix,
+        **described,
+    }
+    entry: dict[str, object] = {
+        "config": config,
+        "metrics": summarize(out.records, out.duration_s, slo_s),
+        "protocol_errors": out.protocol_errors,
+    }
+    if args.records:
+        entry["records"] = [record_json(r) for r in out.records]
+    return entry, out
+
+
+def parse_rates(text: str | None, default: float) -> list[float]:
+    if not text:
+        return [default]
+    try:
+        rates = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise ValueError(f"--sweep-rates: expected comma-separated numbers, got {text!r}") from exc
+    if not rates or any(r <= 0 for r in rates):
+        raise ValueError(f"--sweep-rates: expected positive rates, got {text!r}")
+    return rates
+
+
+async def amain(args: argparse.Namespace) -> int:
+    rates = parse_rates(args.sweep_rates, args.rate)
+    if args.trace and args.sweep_rates:
+        raise ValueError("--sweep-rates needs a generated workload, not --trace")
+    wants_adapters = not args.trace and not args.no_lora and args.num_adapters != 0
+    target = await resolve_target(args, need_adapters=wants_adapters)
+    if args.dry_run:
+        for rate in rates:
+            specs, _ = load_specs(args, target, rate)
+            print(f"rate {rate:g}: {len(specs)} requests over {len(set(s.adapter for s in specs))} models")
+        return 0
+    entries, plotted = [], []
+    for rate in rates:
+        label = f"rate {rate:g}" if not args.trace else Path(args.trace).name
+        entry, out = await run_one(args, args.url, target, rate, label)
+        entries.append(entry)
+        plotted.append((label, out.records))
+        _print_summary(entry, label)
+    _write_outputs(args, entries, plotted)
+    completed = sum(int(e["metrics"]["completed"]) for e in entries)  # type: ignore[index]
+    total = sum(int(e["metrics"]["num_requests"]) for e in entries)  # type: ignore[index]
+    return 0 if completed > 0 or total == 0 else 1
+
+
+def _print_summary(entry: dict[str, object], label: str) -> None:
+    from rich.console import Console
+
+    Console().print(summary_table(entry["metrics"], title=f"loadgen: {label}"))  # type: ignore[arg-type]
+    for problem in entry["protocol_errors"][:5]:  # type: ignore[index]
+        print(f"loadgen: protocol error: {problem}", file=sys.stderr)
+
+
+def _write_outputs(
+    args: argparse.Namespace, entries: list[dict[str, object]], plotted: list[tuple[str, list]]
+) -> None:
+    if args.out:
+        document: dict[str, object] = {"schema": SCHEMA, "environment": environment()}
+        document.update(entries[0] if len(entries) == 1 and not args.sweep_rates else {"runs": entries})
+        write_json(args.out, document)
+    if args.plot:
+        slo_s = None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1e3
+        plot_runs(plotted, slo_s, args.plot)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `lorafleet loadgen`."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        return asyncio.run(amain(args))
+    except ValueError as exc:
+        print(f"lorafleet loadgen: error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as exc:
+        print(f"lorafleet loadgen: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
