@@ -725,7 +725,7 @@ def parse_args(argv: list[str]) -> ServerConfig:
         "--dtype", default=None, help="float32|float16|bfloat16 (default bf16 on cuda, fp32 on cpu)"
     )
     parser.add_argument("--served-model-name", default=None, help="the base model's name (default: dir name)")
-    parser.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     return ServerConfig(
         model=args.model,
