@@ -40,14 +40,15 @@ from lorafleet.loadgen.workload import (
 )
 
 
-def add_workload_args(parser: argparse.ArgumentParser) -> None:
-    """Workload and client options shared by `loadgen` and `bench`."""
+def add_workload_args(parser: argparse.ArgumentParser, several_n: bool = False) -> None:
+    """Workload and client options shared by `loadgen` and `bench` (where --num-adapters is a list)."""
     w = parser.add_argument_group("workload (S-LoRA's model)")
     w.add_argument(
         "--num-adapters",
-        type=int,
+        type=str if several_n else int,
         default=None,
-        help="use the first N adapters (of --adapters or of the server's /v1/models)",
+        help="use the first N adapters (of --adapters or of the server's /v1/models)"
+        + ("; comma-separated values give one row each" if several_n else ""),
     )
     w.add_argument(
         "--adapters", default=None, help="comma-separated adapter names (default: from /v1/models)"

@@ -1,0 +1,286 @@
+"""`lorafleet bench`: one workload against several backends in one run, side by side in one JSON.
+
+Backends:
+
+- ``peft``: the HF transformers + PEFT baseline (`lorafleet.loadgen.peft_server`) started as a subprocess
+  on a free loopback port with ``--model`` and every ``--adapter``.
+- ``lorafleet``: ``lorafleet serve --model ... --adapter name=DIR ... --port P`` as a subprocess (extra
+  flags through ``--serve-arg``).
+- ``lorafleet-nolora``: the same server (shared with ``lorafleet`` when both run), the same trace, but
+  every request names the base model, so no adapter is used.
+
+With ``--url`` no process is started: every listed backend is measured against that server. For each
+backend and each ``--num-adapters`` value n, the workload draws from the first n adapters (in
+``--adapter`` order, else in the server's /v1/models order). The output's ``rows`` hold one object per
+(backend, n) with the headline numbers; ``runs`` hold the full loadgen results of each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorafleet.loadgen.cli import Target, add_workload_args, resolve_target, run_one
+from lorafleet.loadgen.results import environment, write_json
+
+BACKENDS = ("lorafleet", "lorafleet-nolora", "peft")
+SCHEMA = "lorafleet.bench/1"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lorafleet bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="peft", help=f"comma-separated, of {', '.join(BACKENDS)}")
+    parser.add_argument(
+        "--model", default=None, help="base model directory (or a name lorafleet serve knows)"
+    )
+    parser.add_argument("--adapter", action="append", default=[], help="name=DIR (repeatable)")
+    parser.add_argument("--url", default=None, help="measure this running server instead of starting one")
+    parser.add_argument(
+        "--peft-num-adapters", default=None, help="n values for peft only (default: the same)"
+    )
+    parser.add_argument("--serve-arg", action="append", default=[], help="extra argument for lorafleet serve")
+    parser.add_argument("--peft-arg", action="append", default=[], help="extra argument for the PEFT server")
+    parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for /health")
+    parser.add_argument("--log-dir", default=None, help="server logs go here (default: a temporary dir)")
+    parser.add_argument("--out", default=None, help="results JSON path")
+    parser.add_argument("--records", action="store_true", help="include per-request records in runs")
+    add_workload_args(parser, several_n=True)
+    parser.set_defaults(no_lora=False, write_trace=None, sweep_rates=None, dry_run=False)
+    return parser
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """A server subprocess with its log file; stop() ends it (SIGTERM, then SIGKILL after a grace period)."""
+
+    name: str
+    command: list[str]
+    url: str
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float) -> None:
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout_s
+        while not self._healthy():
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"{self.name} server exited with {self.process.returncode}: {self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} server not healthy after {timeout_s} s: {self.log_tail()}")
+            time.sleep(0.5)  # polling an external process's readiness
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=5) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
+        except OSError as exc:
+            return f"(no log: {exc})"
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def server_command(kind: str, args: argparse.Namespace, port: int) -> list[str]:
+    """The command that starts the server for `kind` ("peft" or "lorafleet") on `port`."""
+    if not args.model:
+        raise ValueError("--model is needed to start a server (or give --url)")
+    adapters = [item for spec in args.adapter for item in ("--adapter", spec)]
+    if kind == "peft":
+        head = [sys.executable, "-m", "lorafleet.loadgen.peft_server", "--model", args.model]
+        return [*head, *adapters, "--host", "127.0.0.1", "--port", str(port), *args.peft_arg]
+    head = [sys.executable, "-m", "lorafleet", "serve", "--model", args.model]
+    return [*head, *adapters, "--port", str(port), *args.serve_arg]
+
+
+def parse_counts(text: str | None, name: str) -> list[int | None]:
+    """Comma-separated adapter counts; [None] (= all known adapters) when not given."""
+    if not text:
+        return [None]
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise ValueError(f"{name}: expected comma-separated integers, got {text!r}") from exc
+    if not counts or any(n < 0 for n in counts):
+        raise ValueError(f"{name}: expected non-negative counts, got {text!r}")
+    return list(counts)
+
+
+def parse_backends(text: str) -> list[str]:
+    backends = [b.strip() for b in text.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if not backends or unknown:
+        raise ValueError(f"--backend: unknown {unknown or text!r}; choose from {', '.join(BACKENDS)}")
+    return backends
+
+
+def server_groups(backends: list[str]) -> list[tuple[str, list[str]]]:
+    """Backends grouped by the server they need: lorafleet and lorafleet-nolora share one."""
+    groups: dict[str, list[str]] = {}
+    for backend in backends:
+        groups.setdefault("peft" if backend == "peft" else "lorafleet", []).append(backend)
+    return list(groups.items())
+
+
+async def measure(args: argparse.Namespace, url: str, backend: str, n: int | None) -> tuple[dict, Target]:
+    """One loadgen run of `backend` with the first n adapters; returns its results entry and target."""
+    sub = argparse.Namespace(**vars(args))
+    sub.num_adapters, sub.no_lora = n, backend == "lorafleet-nolora"
+    if not sub.adapters and args.adapter:
+        sub.adapters = ",".join(spec.partition("=")[0] for spec in args.adapter)
+    target = await resolve_target(sub, need_adapters=not args.trace and n != 0)
+    label = f"{backend} n={len(target.adapters)}"
+    entry, _ = await run_one(sub, url, target, args.rate, label)
+    entry["backend"] = backend
+    return entry, target
+
+
+def make_row(backend: str, entry: dict, target: Target, args: argparse.Namespace, gpu: str) -> dict:
+    """The headline numbers of one run (the columns of S-LoRA's table 3, and a few more)."""
+    metrics = entry["metrics"]
+    return {
+        "backend": backend,
+        "num_adapters": len(target.adapters),
+        "req_per_s": metrics["req_per_s"],
+        "first_token_latency_s": metrics["ttft_s"]["mean"],
+        "slo_attainment": metrics["slo_attainment"],
+        "duration_s": None if args.trace else args.duration,
+        "gpu": gpu,
+        "run_wall_s": metrics["duration_s"],
+        "rate": None if args.trace else args.rate,
+        "cv": None if args.trace else args.cv,
+        "alpha": None if args.trace else args.alpha,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "slo_ttft_s": metrics["slo_ttft_s"],
+        "num_requests": metrics["num_requests"],
+        "completed": metrics["completed"],
+        "failed": metrics["failed"],
+        "output_tok_per_s": metrics["output_tok_per_s"],
+        "ttft_p50_s": metrics["ttft_s"]["p50"],
+        "ttft_p99_s": metrics["ttft_s"]["p99"],
+        "e2e_mean_s": metrics["e2e_s"]["mean"],
+        "goodput_req_per_s": metrics["goodput_req_per_s"],
+        "errors_by_code": metrics["errors_by_code"],
+        "protocol": args.protocol,
+    }
+
+
+def run_group(
+    kind: str, backends: list[str], args: argparse.Namespace, gpu: str, log_dir: Path
+) -> list[tuple]:
+    """Start the group's server (unless --url), run each backend and adapter count, stop the server."""
+    server = None
+    url = args.url
+    if url is None:
+        port = free_port()
+        server = ServerProcess(
+            kind, server_command(kind, args, port), f"http://127.0.0.1:{port}", log_dir / f"{kind}.log"
+        )
+    results = []
+    try:
+        if server is not None:
+            server.start(args.startup_timeout)
+            url = server.url
+        for backend in backends:
+            peft_counts = args.peft_num_adapters or args.num_adapters
+            counts = parse_counts(peft_counts if backend == "peft" else args.num_adapters, "--num-adapters")
+            for n in counts:
+                entry, target = asyncio.run(measure(args, url, backend, n))
+                results.append((make_row(backend, entry, target, args, gpu), entry))
+    finally:
+        if server is not None:
+            server.stop()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `lorafleet bench`."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        backends = parse_backends(args.backend)
+        env = environment()
+        gpu = (env["gpus"] or ["none"])[0]
+        log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="lorafleet-bench-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
+        results = [
+            item
+            for kind, group in server_groups(backends)
+            for item in run_group(kind, group, args, gpu, log_dir)
+        ]
+    except ValueError as exc:
+        print(f"lorafleet bench: error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, OSError) as exc:
+        print(f"lorafleet bench: {exc}", file=sys.stderr)
+        return 1
+    document = {
+        "schema": SCHEMA,
+        "environment": env,
+        "rows": [row for row, _ in results],
+        "runs": [entry for _, entry in results],
+    }
+    if args.out:
+        write_json(args.out, document)
+    _print_rows(document["rows"])
+    return 0 if all(row["completed"] for row in document["rows"]) else 1
+
+
+def _print_rows(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="lorafleet bench")
+    for column in ("backend", "n", "req/s", "mean TTFT (s)", "SLO attainment", "ok/total"):
+        table.add_column(column, justify="left" if column == "backend" else "right")
+    for row in rows:
+        ttft = row["first_token_latency_s"]
+        attain = row["slo_attainment"]
+        table.add_row(
+            row["backend"],
+            str(row["num_adapters"]),
+            f"{row['req_per_s']:.3f}",
+            "-" if ttft is None else f"{ttft:.3f}",
+            "-" if attain is None else f"{100 * attain:.1f}%",
+            f"{row['completed']}/{row['num_requests']}",
+        )
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
