@@ -1,0 +1,78 @@
+"""Assemble an Engine from a model reference: a HF directory or `synthetic:NAME`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from lorafleet.engine.adapter_store import AdapterStore
+from lorafleet.engine.config import ConfigError, EngineConfig, ModelConfig, page_geometry
+from lorafleet.engine.engine import Engine
+from lorafleet.engine.model import CausalLM, ParallelGroup
+from lorafleet.engine.runner import ModelRunner
+from lorafleet.engine.synthetic import RandomSource, write_model
+from lorafleet.engine.tokenizer import load_tokenizer
+from lorafleet.engine.weights import SafetensorsSource, Shard, TensorSource
+
+SYNTHETIC = "synthetic:"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORAFLEET_CACHE", Path.home() / ".cache" / "lorafleet"))
+
+
+def resolve_model(model: str) -> Path:
+    """The local directory of `model`; synthetic shapes are written (once) under the cache dir."""
+    if model.startswith(SYNTHETIC):
+        shape = model[len(SYNTHETIC):]
+        out = cache_dir() / "synthetic" / shape
+        if not (out / "config.json").is_file():
+            write_model(shape, out)
+        return out
+    path = Path(model)
+    if not path.is_dir():
+        raise ConfigError(f"model: {model!r} is not a directory (or synthetic:NAME)")
+    return path
+
+
+def weight_source(model_dir: Path) -> TensorSource:
+    has_files = (model_dir / "model.safetensors").is_file() or (model_dir / "model.safetensors.index.json").is_file()
+    if has_files:
+        return SafetensorsSource(model_dir)
+    raw = json.loads((model_dir / "config.json").read_text())
+    if "lorafleet_synthetic_seed" in raw:
+        return RandomSource(raw, raw["lorafleet_synthetic_seed"])
+    raise ConfigError(f"model: no safetensors weights in {model_dir}")
+
+
+def build_model(model_dir: Path, config: EngineConfig, shard: Shard = Shard(), process_group=None) -> CausalLM:
+    """The model on config.device in config.dtype with weights loaded (this rank's shard)."""
+    cfg = ModelConfig.from_dir(model_dir)
+    with torch.device("meta"):
+        model = CausalLM(cfg, ParallelGroup(shard, process_group))
+    model = model.to(config.torch_dtype).to_empty(device=torch.device(config.device))
+    model.load(weight_source(model_dir), max_positions=_max_len(cfg, config))
+    return model.eval()
+
+
+def _max_len(cfg: ModelConfig, config: EngineConfig) -> int:
+    return min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+
+
+def build_engine(model: str, config: EngineConfig, adapters: dict[str, str] | None = None,
+                 host_cache_bytes: int = 8 << 30) -> tuple[Engine, object]:
+    """(engine with an in-process executor, tokenizer or None)."""
+    model_dir = resolve_model(model)
+    cfg = ModelConfig.from_dir(model_dir)
+    block_tokens, page_elements = page_geometry(cfg, config.block_tokens)
+    torch_model = build_model(model_dir, config)
+    store = AdapterStore(cfg, page_elements, config.torch_dtype, config.max_lora_rank, host_cache_bytes)
+    runner = ModelRunner(torch_model, config.num_pages, page_elements, block_tokens, store.fetch)
+    tokenizer = load_tokenizer(model_dir)
+    decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None
+    engine = Engine(cfg, config, store, runner, decode, block_tokens)
+    for name, path in (adapters or {}).items():
+        engine.add_adapter(name, path)
+    return engine, tokenizer

@@ -1,0 +1,182 @@
+"""The synchronous engine core: add_request / step / abort. No asyncio, usable and tested on CPU.
+
+    step():  schedule (CPU books)  →  plan (plain data)  →  executor.execute(plan)  →  postprocess
+
+The executor is anything with `execute(StepPlan) -> list[int]`: the in-process ModelRunner here, or the
+serving layer's proxy to executor processes.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from lorafleet.engine.adapter_store import AdapterStore
+from lorafleet.engine.adapters import AdapterError
+from lorafleet.engine.config import EngineConfig, ModelConfig
+from lorafleet.engine.detokenize import TextStream
+from lorafleet.engine.plan import AdapterLoad, SeqPlan, StepPlan
+from lorafleet.engine.pool import PagePool
+from lorafleet.engine.request import ParamError, Request, RequestOutput, SamplingParams, Status
+from lorafleet.engine.scheduler import Chunk, Schedule, Scheduler
+
+
+class Executor(Protocol):
+    def execute(self, plan: StepPlan) -> list[int]: ...
+
+
+@dataclass
+class Tracked:
+    """A request plus its output text stream."""
+
+    request: Request
+    text: TextStream
+
+
+class Engine:
+    """Continuous-batching engine over the unified page pool."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        config: EngineConfig,
+        store: AdapterStore,
+        executor: Executor,
+        decode: Callable[[list[int]], str] | None = None,
+        block_tokens: int | None = None,
+    ) -> None:
+        self.model, self.config, self.store, self.executor = model, config, store, executor
+        self.decode = decode or (lambda ids: "")
+        self.block_tokens = block_tokens or config.block_tokens
+        self.pool = PagePool(config.num_pages)
+        self.scheduler = Scheduler(config, self.pool, lambda name: store.infos[name].num_pages)
+        self.requests: dict[str, Tracked] = {}
+        self.max_model_len = min(config.max_model_len or model.max_position_embeddings,
+                                 model.max_position_embeddings)
+        self._next_id = 0
+        self._step = 0
+
+    # requests ---------------------------------------------------------------------------------------
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter: str | None = None
+    ) -> None:
+        """Queue a generation; raises ParamError / AdapterError / ValueError naming the bad field."""
+        if request_id in self.requests:
+            raise ParamError("id", f"request {request_id!r} is already running")
+        self._validate(prompt_ids, params, adapter)
+        seed = params.seed if params.seed is not None else random.getrandbits(62)
+        request = Request(self._next_id, request_id, list(prompt_ids), adapter, params, seed, time.monotonic())
+        self._next_id += 1
+        self.requests[request_id] = Tracked(request, TextStream(params.stop))
+        self.scheduler.add(request)
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
+        if not prompt_ids:
+            raise ParamError("prompt", "must not be empty")
+        if any(not isinstance(t, int) or not 0 <= t < self.model.vocab_size for t in prompt_ids):
+            raise ParamError("prompt", f"token ids must be integers in [0, {self.model.vocab_size})")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ParamError("max_tokens", f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) "
+                             f"exceeds the context length {self.max_model_len}")
+        if adapter is not None and adapter not in self.store.infos:
+            raise AdapterError(f"model: adapter {adapter!r} is not loaded")
+        pages = self.scheduler.blocks_for(total) + (self.store.infos[adapter].num_pages if adapter else 0)
+        if pages > self.config.num_pages:
+            raise ParamError("max_tokens", f"the request needs {pages} pages, the pool has {self.config.num_pages}")
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its pages now; False if it is unknown or already finished."""
+        tracked = self.requests.pop(request_id, None)
+        if tracked is None:
+            return False
+        self.scheduler.finish(tracked.request, "cancelled")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # one step ---------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        schedule = self.scheduler.schedule()
+        if not schedule.chunks:
+            return []
+        plan = self._plan(schedule)
+        sampled = self.executor.execute(plan)
+        self._step += 1
+        return self._postprocess(schedule.chunks, sampled)
+
+    def _plan(self, schedule: Schedule) -> StepPlan:
+        slots = schedule.adapters
+        slot_of = {name: i for i, name in enumerate(slots)}
+        seqs = [self._seq_plan(chunk, slot_of) for chunk in schedule.chunks]
+        loads = [AdapterLoad(name, list(self.pool.adapter_pages[name])) for name in schedule.loads]
+        return StepPlan(self._step, seqs, slots, loads, self.pool.drain_evicted())
+
+    def _seq_plan(self, chunk: Chunk, slot_of: dict[str, int]) -> SeqPlan:
+        r, p = chunk.request, chunk.request.params
+        return SeqPlan(
+            request_id=r.id,
+            token_ids=r.token_ids[chunk.start : chunk.start + chunk.length],
+            start=chunk.start,
+            block_table=list(self.pool.kv_pages[r.id]),
+            slot=slot_of[r.adapter] if r.adapter is not None else -1,
+            sample=chunk.sample,
+            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+            seed=r.seed, sample_index=len(r.output_ids),
+        )
+
+    def _postprocess(self, chunks: list[Chunk], sampled: list[int]) -> list[RequestOutput]:
+        tokens = iter(sampled)
+        outputs = []
+        for chunk in chunks:
+            request = chunk.request
+            request.num_computed += chunk.length
+            if chunk.sample:
+                outputs.append(self._append_token(request, next(tokens)))
+        return outputs
+
+    def _append_token(self, request: Request, token: int) -> RequestOutput:
+        tracked = self.requests[request.external_id]
+        request.output_ids.append(token)
+        request.first_token_time = request.first_token_time or time.monotonic()
+        delta = tracked.text.update(self.decode(request.output_ids))
+        reason = self._finish_reason(request, token, tracked.text)
+        if reason is not None:
+            self.scheduler.finish(request, reason)
+            delta += tracked.text.flush()
+            del self.requests[request.external_id]
+        return RequestOutput(
+            request.external_id, [token], delta, reason is not None, reason,
+            len(request.prompt_ids), len(request.output_ids),
+        )
+
+    def _finish_reason(self, request: Request, token: int, text: TextStream) -> str | None:
+        params = request.params
+        if text.stopped or token in params.stop_token_ids:
+            return "stop"
+        if not params.ignore_eos and token in self.model.eos_token_ids:
+            return "stop"
+        if len(request.output_ids) >= params.max_tokens:
+            return "length"
+        return None
+
+    # adapters ---------------------------------------------------------------------------------------
+    def add_adapter(self, name: str, path: str) -> None:
+        self.store.register(name, path)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter no request uses; its pages are freed."""
+        busy = [t.request.external_id for t in self.requests.values() if t.request.adapter == name]
+        if busy:
+            raise AdapterError(f"lora_name: adapter {name!r} is in use by {len(busy)} request(s)")
+        if self.pool.is_resident(name):
+            self.pool.evict_adapter(name)
+        self.store.unregister(name)
+
+    @property
+    def num_running(self) -> int:
+        return sum(1 for r in self.scheduler.running if r.status is Status.RUNNING)

@@ -1,0 +1,233 @@
+"""The Llama-family decoder (Llama-2/3, Mistral, Qwen2) over the unified pool, with per-token LoRA.
+
+Parameter names mirror HuggingFace's, so loading is a name-for-name copy through `Shard` (tensor
+parallelism splits at load time; this code only sees its local shapes). Every targetable linear layer
+runs its base GEMM once for the whole batch, then adds each token's own adapter delta through the
+LoRA kernels, which read adapter rows straight from pool pages.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from lorafleet import kernels
+from lorafleet.engine.config import ModelConfig
+from lorafleet.engine.weights import Shard, TensorSource, shard_dim
+from torch import nn
+
+
+@dataclass
+class ModuleLora:
+    """One target module's slice of the batch's adapters: row tables [S, max_rank] and ranks [S]."""
+
+    a_rows: torch.Tensor
+    b_rows: torch.Tensor
+    ranks: torch.Tensor
+
+
+@dataclass
+class LoraBatch:
+    """The batch's LoRA context: each token's adapter slot (-1 = base only), per-slot scales, and per
+    target module the row tables of the slots that target it."""
+
+    token_slots: torch.Tensor
+    scales: torch.Tensor
+    modules: dict[str, ModuleLora]
+
+
+@dataclass
+class AttentionBatch:
+    """Where the batch's tokens sit: positions, KV slots to write, and per-sequence block tables."""
+
+    positions: torch.Tensor
+    slots: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    query_starts: torch.Tensor
+    is_decode: bool
+
+
+@dataclass
+class ParallelGroup:
+    """The tensor-parallel group this model shard belongs to; all_reduce is a no-op at size 1."""
+
+    shard: Shard
+    process_group: object | None = None
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shard.size > 1:
+            torch.distributed.all_reduce(x, group=self.process_group)
+        return x
+
+
+class LoraLinear(nn.Module):
+    """y = x·Wᵀ (+ b) for all tokens, plus scale·x·Aᵀ·Bᵀ for each token's adapter."""
+
+    def __init__(self, name: str, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.target = name
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None, pool_flat: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        rows = lora.modules.get(self.target) if lora is not None else None
+        if rows is not None:
+            v = kernels.lora_shrink(x, pool_flat, rows.a_rows, rows.ranks, lora.token_slots)
+            kernels.lora_expand(v, pool_flat, rows.b_rows, rows.ranks, lora.scales, lora.token_slots, y)
+        return y
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.eps = eps
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, group: ParallelGroup) -> None:
+        super().__init__()
+        tp = group.shard.size
+        self.num_heads, self.num_kv_heads = cfg.num_heads // tp, cfg.num_kv_heads // tp
+        self.head_dim, self.group = cfg.head_dim, group
+        q, kv = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
+        self.q_proj = LoraLinear("q_proj", cfg.hidden_size, q, cfg.qkv_bias)
+        self.k_proj = LoraLinear("k_proj", cfg.hidden_size, kv, cfg.qkv_bias)
+        self.v_proj = LoraLinear("v_proj", cfg.hidden_size, kv, cfg.qkv_bias)
+        self.o_proj = LoraLinear("o_proj", q, cfg.hidden_size, False)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+
+    def forward(self, x, attn: AttentionBatch, lora, pool_layer, cos_sin, block_tokens) -> torch.Tensor:
+        flat = pool_layer.view(-1)
+        kv = pool_layer.view(pool_layer.shape[0], 2, block_tokens, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(x, lora, flat).view(-1, self.num_heads, self.head_dim)
+        k = self.k_proj(x, lora, flat).view(-1, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, lora, flat).view(-1, self.num_kv_heads, self.head_dim)
+        q, k = kernels.rotary(q, k, attn.positions, cos_sin)
+        kernels.write_kv(kv, k, v, attn.slots)
+        if attn.is_decode:
+            out = kernels.paged_decode_attention(q, kv, attn.block_tables, attn.context_lens, self.scale)
+        else:
+            out = kernels.paged_prefill_attention(
+                q, kv, attn.block_tables, attn.context_lens, attn.query_starts, self.scale
+            )
+        return self.group.all_reduce(self.o_proj(out.reshape(x.shape[0], -1), lora, flat))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, group: ParallelGroup) -> None:
+        super().__init__()
+        inter = cfg.intermediate_size // group.shard.size
+        self.gate_proj = LoraLinear("gate_proj", cfg.hidden_size, inter, False)
+        self.up_proj = LoraLinear("up_proj", cfg.hidden_size, inter, False)
+        self.down_proj = LoraLinear("down_proj", inter, cfg.hidden_size, False)
+        self.group = group
+
+    def forward(self, x, lora, pool_flat) -> torch.Tensor:
+        hidden = F.silu(self.gate_proj(x, lora, pool_flat)) * self.up_proj(x, lora, pool_flat)
+        return self.group.all_reduce(self.down_proj(hidden, lora, pool_flat))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, group: ParallelGroup) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, group)
+        self.mlp = MLP(cfg, group)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, residual, attn, lora, pool_layer, cos_sin, block_tokens):
+        norm = self.input_layernorm
+        if residual is None:
+            residual, h = x, kernels.rms_norm(x, norm.weight, norm.eps)
+        else:
+            h, residual = kernels.add_rms_norm(x, residual, norm.weight, norm.eps)
+        h = self.self_attn(h, attn, lora, pool_layer, cos_sin, block_tokens)
+        norm = self.post_attention_layernorm
+        h, residual = kernels.add_rms_norm(h, residual, norm.weight, norm.eps)
+        return self.mlp(h, lora, pool_layer.view(-1)), residual
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, group: ParallelGroup) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, group) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """The whole decoder. `forward` returns final hidden states; `logits` projects chosen rows."""
+
+    def __init__(self, cfg: ModelConfig, group: ParallelGroup | None = None) -> None:
+        super().__init__()
+        self.config = cfg
+        self.group = group or ParallelGroup(Shard())
+        self.model = Backbone(cfg, self.group)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head.weight.requires_grad_(False)
+        self.register_buffer("cos_sin", torch.empty(0), persistent=False)
+
+    def forward(self, input_ids, attn: AttentionBatch, lora: LoraBatch | None, pool, block_tokens: int):
+        h, residual = self.model.embed_tokens(input_ids), None
+        for index, layer in enumerate(self.model.layers):
+            h, residual = layer(h, residual, attn, lora, pool[index], self.cos_sin, block_tokens)
+        h, _ = kernels.add_rms_norm(h, residual, self.model.norm.weight, self.model.norm.eps)
+        return h
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        head = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, head).float()
+
+    @torch.no_grad()
+    def load(self, source: TensorSource, max_positions: int) -> None:
+        """Copy every parameter from `source` (HF names), sharded by this model's group."""
+        available = set(source.names())
+        for name, param in self.named_parameters():
+            hf_name = name if name in available else _tied_name(name, self.config)
+            if hf_name not in available:
+                raise KeyError(f"weight {name} missing from the model files")
+            tensor = source.get(hf_name)
+            dim = shard_dim(name)
+            if dim is not None:
+                tensor = self.group.shard.split(tensor, dim)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(f"weight {name}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+            param.copy_(tensor.to(param.dtype))
+        self.cos_sin = rope_table(self.config, max_positions, self.model.norm.weight.device)
+
+
+def _tied_name(name: str, cfg: ModelConfig) -> str:
+    return "model.embed_tokens.weight" if name == "lm_head.weight" else name
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with Llama-3 / linear scaling applied."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv
+    if scaling.rope_type == "linear":
+        return inv / scaling.factor
+    old = scaling.original_max_position_embeddings
+    low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_table(cfg: ModelConfig, max_positions: int, device: torch.device) -> torch.Tensor:
+    """cos_sin[pos] = concat(cos, sin) of pos·inv_freq, [max_positions, head_dim] in fp32."""
+    positions = torch.arange(max_positions, dtype=torch.float32)
+    freqs = torch.outer(positions, rope_inv_freq(cfg))
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)

@@ -1,0 +1,125 @@
+"""ModelRunner: the one place that turns a StepPlan into tensors, runs the model and samples.
+
+It owns the pool tensor `[layers, num_pages, page_elements]` and the device; it keeps, for each adapter
+resident in the pool, its physical row tables (built once when the adapter is loaded into pages).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from lorafleet.engine.adapter_store import PackedAdapter
+from lorafleet.engine.model import AttentionBatch, CausalLM, LoraBatch, ModuleLora
+from lorafleet.engine.plan import SeqPlan, StepPlan
+from lorafleet.engine.sampling import SampleSpec, sample
+
+
+@dataclass(frozen=True)
+class ResidentAdapter:
+    """Physical row offsets (in a layer's flat pool buffer) of one adapter's A and Bᵀ rows per module."""
+
+    scale: float
+    rows: dict[str, tuple[list[int], list[int]]]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: CausalLM,
+        num_pages: int,
+        page_elements: int,
+        block_tokens: int,
+        fetch_adapter: Callable[[str], PackedAdapter],
+        sample_on_this_rank: bool = True,
+    ) -> None:
+        param = model.model.norm.weight
+        self.model, self.device, self.dtype = model, param.device, param.dtype
+        self.block_tokens = block_tokens
+        self.fetch_adapter = fetch_adapter
+        self.sample_on_this_rank = sample_on_this_rank
+        shape = (model.config.num_layers, num_pages, page_elements)
+        self.pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.resident: dict[str, ResidentAdapter] = {}
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> list[int]:
+        """Run one step; returns the sampled token of every seq with `sample`, in plan order."""
+        for name in plan.evicted:
+            self.resident.pop(name, None)
+        for load in plan.loads:
+            self._load_adapter(load.name, load.pages)
+        input_ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], device=self.device)
+        attn = self._attention_batch(plan)
+        lora = self._lora_batch(plan)
+        hidden = self.model(input_ids, attn, lora, self.pool, self.block_tokens)
+        if not self.sample_on_this_rank:
+            return []
+        ends = torch.cumsum(torch.tensor([len(s.token_ids) for s in plan.seqs]), 0) - 1
+        rows = [int(ends[i]) for i, s in enumerate(plan.seqs) if s.sample]
+        if not rows:
+            return []
+        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+        return sample(logits, [_spec(s) for s in plan.seqs if s.sample])
+
+    def _load_adapter(self, name: str, pages: list[int]) -> None:
+        packed = self.fetch_adapter(name)
+        assert packed.pages.shape[1] == len(pages), f"adapter {name}: page table length mismatch"
+        index = torch.tensor(pages, device=self.device)
+        self.pool[:, index] = packed.pages.to(self.device, self.dtype, non_blocking=True)
+        layout = packed.info.layout
+        rows = {
+            module: ([layout.physical(v, pages) for v in r.a_rows], [layout.physical(v, pages) for v in r.b_rows])
+            for module, r in layout.modules.items()
+        }
+        self.resident[name] = ResidentAdapter(packed.info.scale, rows)
+
+    def _attention_batch(self, plan: StepPlan) -> AttentionBatch:
+        bt = self.block_tokens
+        positions, slots = [], []
+        for s in plan.seqs:
+            for pos in range(s.start, s.start + len(s.token_ids)):
+                positions.append(pos)
+                slots.append(s.block_table[pos // bt] * bt + pos % bt)
+        width = max(len(s.block_table) for s in plan.seqs)
+        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in plan.seqs]
+        lengths = [len(s.token_ids) for s in plan.seqs]
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        tensor = lambda data, dtype: torch.tensor(data, dtype=dtype, device=self.device)  # noqa: E731
+        return AttentionBatch(
+            positions=tensor(positions, torch.long),
+            slots=tensor(slots, torch.long),
+            block_tables=tensor(tables, torch.int32),
+            context_lens=tensor([s.start + len(s.token_ids) for s in plan.seqs], torch.int32),
+            query_starts=tensor(starts, torch.int32),
+            is_decode=plan.is_decode,
+        )
+
+    def _lora_batch(self, plan: StepPlan) -> LoraBatch | None:
+        if not plan.slots:
+            return None
+        adapters = [self.resident[name] for name in plan.slots]
+        token_slots = [s.slot for s in plan.seqs for _ in s.token_ids]
+        modules = {}
+        for module in {m for a in adapters for m in a.rows}:
+            modules[module] = self._module_rows(adapters, module)
+        return LoraBatch(
+            token_slots=torch.tensor(token_slots, dtype=torch.int32, device=self.device),
+            scales=torch.tensor([a.scale for a in adapters], dtype=torch.float32, device=self.device),
+            modules=modules,
+        )
+
+    def _module_rows(self, adapters: list[ResidentAdapter], module: str) -> ModuleLora:
+        ranks = [len(a.rows[module][0]) if module in a.rows else 0 for a in adapters]
+        width = max(ranks)
+        a_rows = [list(a.rows[module][0]) + [0] * (width - r) if r else [0] * width for a, r in zip(adapters, ranks)]
+        b_rows = [list(a.rows[module][1]) + [0] * (width - r) if r else [0] * width for a, r in zip(adapters, ranks)]
+        tensor = lambda data, dtype: torch.tensor(data, dtype=dtype, device=self.device)  # noqa: E731
+        return ModuleLora(tensor(a_rows, torch.long), tensor(b_rows, torch.long), tensor(ranks, torch.int32))
+
+
+def _spec(seq: SeqPlan) -> SampleSpec:
+    return SampleSpec(seq.temperature, seq.top_p, seq.top_k, seq.seed, seq.sample_index)

@@ -1,0 +1,195 @@
+"""Continuous batching over the unified pool (plain integers; no tensors, no event loop).
+
+Each step: running requests first (oldest first), each gets its next chunk (a decode token, or the next
+piece of a chunked prefill / recompute); then waiting requests are admitted within the token budget,
+the sequence cap and the cap on distinct adapters per batch, preferring requests whose adapter is
+already in the batch or resident (clustering), within a fairness window of the queue's head.
+Out of pages: evict idle adapters (LRU), then preempt the youngest running request (it is requeued
+at the front and recomputed). A running request is never failed for lack of pages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lorafleet.engine.config import EngineConfig
+from lorafleet.engine.pool import PagePool
+from lorafleet.engine.request import Request, Status
+
+
+@dataclass
+class Chunk:
+    """`length` tokens of `request`, starting at token `start`, run this step; `sample` if it ends them."""
+
+    request: Request
+    start: int
+    length: int
+    sample: bool
+
+
+@dataclass
+class Schedule:
+    """One step's decisions: chunks to run, adapters to load into pages, requests preempted."""
+
+    chunks: list[Chunk] = field(default_factory=list)
+    loads: list[str] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def adapters(self) -> list[str]:
+        """Distinct adapters of the batch, in first-use order."""
+        names: dict[str, None] = {}
+        for chunk in self.chunks:
+            if chunk.request.adapter is not None:
+                names[chunk.request.adapter] = None
+        return list(names)
+
+
+class Scheduler:
+    """Owns the waiting queue, the running set and the page pool's books."""
+
+    def __init__(self, config: EngineConfig, pool: PagePool, adapter_pages: Callable[[str], int]) -> None:
+        self.config = config
+        self.pool = pool
+        self.adapter_pages = adapter_pages
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.preemptions = 0
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.config.block_tokens)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # one step ---------------------------------------------------------------------------------------
+    def schedule(self) -> Schedule:
+        plan = Schedule()
+        budget = self.config.max_batch_tokens
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status is Status.RUNNING:
+                budget -= self._continue(request, budget, plan)
+        self._admit(budget, plan)
+        return plan
+
+    def _continue(self, request: Request, budget: int, plan: Schedule) -> int:
+        length = min(request.num_tokens - request.num_computed, budget)
+        while not self._reserve_kv(request, request.num_computed + length, plan):
+            victim = self._youngest_running(plan)
+            self._preempt(victim, plan)
+            if victim is request:
+                return 0
+        self._add_chunk(request, length, plan)
+        return length
+
+    def _admit(self, budget: int, plan: Schedule) -> None:
+        in_batch = set(plan.adapters) | {r.adapter for r in self.running if r.adapter}
+        for request in self._candidates(in_batch):
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            new_adapter = request.adapter is not None and request.adapter not in in_batch
+            if new_adapter and len(in_batch) >= self.config.max_adapters_per_batch:
+                request.passed_over += 1
+                continue
+            length = min(request.num_tokens, budget)
+            if not self._fit_new(request, length, plan):
+                break
+            self.waiting.remove(request)
+            request.status = Status.RUNNING
+            request.scheduled_time = request.scheduled_time or time.monotonic()
+            self.running.append(request)
+            if request.adapter is not None:
+                self.pool.pin(request.adapter)
+                self.pool.touch(request.adapter)
+                in_batch.add(request.adapter)
+            self._add_chunk(request, length, plan)
+            budget -= length
+
+    def _candidates(self, in_batch: set[str]) -> list[Request]:
+        """The first `fairness_window` waiting requests, best-clustered first; a request passed over
+        `fairness_window` times ranks first (no starvation)."""
+        window = list(self.waiting)[: self.config.fairness_window]
+
+        def rank(item: tuple[int, Request]) -> tuple[int, int]:
+            position, request = item
+            if request.passed_over >= self.config.fairness_window or request.adapter is None:
+                return (0, position)
+            if request.adapter in in_batch:
+                return (0, position)
+            return (1 if self.pool.is_resident(request.adapter) else 2, position)
+
+        return [request for _, request in sorted(enumerate(window), key=rank)]
+
+    def _fit_new(self, request: Request, length: int, plan: Schedule) -> bool:
+        """Make room (evicting idle adapters only) for a new request's adapter and first chunk."""
+        need = self.blocks_for(length)
+        adapter = request.adapter
+        load = adapter is not None and not self.pool.is_resident(adapter)
+        if load:
+            need += self.adapter_pages(adapter)
+        if not self._evict_until(need, keep=adapter):
+            return False
+        if load:
+            self.pool.load_adapter(adapter, self.adapter_pages(adapter))
+            plan.loads.append(adapter)
+        self.pool.grow_kv(request.id, self.blocks_for(length))
+        return True
+
+    def _reserve_kv(self, request: Request, num_tokens: int, plan: Schedule) -> bool:
+        have = len(self.pool.kv_pages.get(request.id, []))
+        need = self.blocks_for(num_tokens) - have
+        if need <= 0:
+            return True
+        if not self._evict_until(need, keep=None):
+            return False
+        self.pool.grow_kv(request.id, need)
+        return True
+
+    def _evict_until(self, pages: int, keep: str | None) -> bool:
+        """Evict idle adapters (LRU first, never `keep`) until `pages` are free; False if impossible."""
+        idle = [name for name in self.pool.idle_adapters() if name != keep]
+        while self.pool.num_free < pages and idle:
+            self.pool.evict_adapter(idle.pop(0))
+        return self.pool.num_free >= pages
+
+    def _youngest_running(self, plan: Schedule) -> Request:
+        scheduled = {id(c.request) for c in plan.chunks}
+        candidates = [r for r in self.running if id(r) not in scheduled]
+        return max(candidates, key=lambda r: (r.arrival, r.id))
+
+    def _preempt(self, request: Request, plan: Schedule) -> None:
+        self.release(request)
+        request.status = Status.WAITING
+        request.num_computed = 0
+        request.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(request)
+        plan.preempted.append(request)
+
+    def _add_chunk(self, request: Request, length: int, plan: Schedule) -> None:
+        sample = request.num_computed + length == request.num_tokens
+        plan.chunks.append(Chunk(request, request.num_computed, length, sample))
+
+    # after the step ---------------------------------------------------------------------------------
+    def release(self, request: Request) -> None:
+        """Take a running request out of the batch: free its KV pages and unpin its adapter."""
+        if request in self.running:
+            self.running.remove(request)
+            if request.adapter is not None:
+                self.pool.unpin(request.adapter)
+        self.pool.free_kv(request.id)
+
+    def finish(self, request: Request, reason: str) -> None:
+        self.release(request)
+        if request in self.waiting:
+            self.waiting.remove(request)
+        request.status = Status.FINISHED
+        request.finish_reason = reason

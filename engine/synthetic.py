@@ -1,0 +1,123 @@
+"""Synthetic assets for tests and benchmarks: named model shapes with random weights and random LoRA
+adapters, produced in the real HuggingFace / PEFT formats so they go through the real loaders.
+
+Small shapes are written whole (config.json, model.safetensors, tokenizer). Large shapes write config and
+tokenizer only, and their weights come from `RandomSource`, a seeded TensorSource with the checkpoint's
+names and shapes, so the same loader (names, sharding, shape checks) runs without writing gigabytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from lorafleet.engine.config import TARGET_MODULES, ModelConfig
+from lorafleet.engine.tokenizer import build_byte_tokenizer
+from safetensors.torch import save_file
+
+_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+          "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1}
+
+SHAPES: dict[str, dict] = {
+    "tiny": {**_LLAMA, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+             "rope_theta": 10000.0},
+    "llama-2-7b": {**_LLAMA, "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                   "max_position_embeddings": 4096, "rope_theta": 10000.0},
+    "llama-2-13b": {**_LLAMA, "vocab_size": 32000, "hidden_size": 5120, "intermediate_size": 13824,
+                    "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
+                    "max_position_embeddings": 4096, "rope_theta": 10000.0},
+    "llama-3-8b": {**_LLAMA, "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                   "max_position_embeddings": 8192, "rope_theta": 500000.0,
+                   "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+}
+WRITE_WEIGHTS_UP_TO = 50_000_000  # parameters; larger shapes use RandomSource
+
+
+def checkpoint_shapes(raw: dict) -> dict[str, tuple[int, ...]]:
+    """HF parameter names and shapes of a Llama-family checkpoint with this config."""
+    cfg = ModelConfig.from_dict(raw)
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
+                                          "model.norm.weight": (cfg.hidden_size,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    for i in range(cfg.num_layers):
+        prefix = f"model.layers.{i}."
+        for module, (fan_in, fan_out) in cfg.module_dims().items():
+            group = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            shapes[f"{prefix}{group}.{module}.weight"] = (fan_out, fan_in)
+            if cfg.qkv_bias and module in ("q_proj", "k_proj", "v_proj"):
+                shapes[f"{prefix}{group}.{module}.bias"] = (fan_out,)
+        shapes[prefix + "input_layernorm.weight"] = (cfg.hidden_size,)
+        shapes[prefix + "post_attention_layernorm.weight"] = (cfg.hidden_size,)
+    return shapes
+
+
+class RandomSource:
+    """Seeded random weights by HF name: N(0, std) for matrices, ~1 for norm weights."""
+
+    def __init__(self, raw: dict, seed: int = 0, std: float = 0.02) -> None:
+        self.shapes = checkpoint_shapes(raw)
+        self.seed, self.std = seed, std
+
+    def names(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def get(self, name: str) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 7919 + sorted(self.shapes).index(name))
+        shape = self.shapes[name]
+        if name.endswith("norm.weight"):
+            return 1.0 + 0.1 * torch.randn(shape, generator=generator)
+        return self.std * torch.randn(shape, generator=generator)
+
+
+def write_model(shape: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write synthetic model `shape` to out_dir (weights only for small shapes); returns the dir."""
+    if shape not in SHAPES:
+        raise ValueError(f"model: unknown synthetic shape {shape!r}; known: {sorted(SHAPES)}")
+    raw = {**SHAPES[shape], "lorafleet_synthetic_seed": seed}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    build_byte_tokenizer(raw["vocab_size"]).save_pretrained(str(out))
+    source = RandomSource(raw, seed)
+    if sum(_numel(s) for s in source.shapes.values()) <= WRITE_WEIGHTS_UP_TO:
+        save_file({n: source.get(n).contiguous() for n in source.shapes}, str(out / "model.safetensors"))
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    total = 1
+    for dim in shape:
+        total *= dim
+    return total
+
+
+def write_adapter(
+    out_dir: str | Path, model_dir: str | Path, rank: int, targets: tuple[str, ...] = TARGET_MODULES[:4],
+    seed: int = 0, alpha: float | None = None, std: float = 0.05, dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a random PEFT LoRA adapter (both A and B non-zero) for the model in model_dir."""
+    cfg = ModelConfig.from_dir(model_dir)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(cfg.num_layers):
+        for module in targets:
+            fan_in, fan_out = cfg.module_dims()[module]
+            group = "self_attn" if module in TARGET_MODULES[:4] else "mlp"
+            key = f"base_model.model.model.layers.{i}.{group}.{module}"
+            tensors[f"{key}.lora_A.weight"] = (std * torch.randn(rank, fan_in, generator=generator)).to(dtype)
+            tensors[f"{key}.lora_B.weight"] = (std * torch.randn(fan_out, rank, generator=generator)).to(dtype)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha if alpha is not None else 2 * rank,
+              "target_modules": list(targets), "bias": "none", "use_rslora": False, "use_dora": False,
+              "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model_dir)}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out

@@ -1,0 +1,36 @@
+"""Tokenizer glue: load a model directory's tokenizer, or build a byte-level one for synthetic models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+SPECIALS = ("<s>", "</s>", "<unk>")
+
+
+def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase | None:
+    """The directory's tokenizer via AutoTokenizer, or None when it ships none (token-id prompts only)."""
+    model_dir = Path(model_dir)
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def build_byte_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (any text round-trips) padded with filler tokens up to `vocab_size`.
+    Ids: 0 <s>, 1 </s>, 2 <unk>, then the 256 byte symbols, then fillers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    if vocab_size < len(SPECIALS) + 256:
+        raise ValueError(f"vocab_size: a byte tokenizer needs at least {len(SPECIALS) + 256}, got {vocab_size}")
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for symbol in sorted(alphabet):
+        vocab[symbol] = len(vocab)
+    while len(vocab) < vocab_size:
+        vocab[f"<extra_{len(vocab)}>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

@@ -1,0 +1,102 @@
+"""Shared test fixtures: tiny HF models and PEFT adapters built locally (no hub), and a HF+PEFT oracle."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def hf_config(kind: str):
+    """Tiny configs: 'mha' Llama, 'gqa' Llama-3 style (rope scaling, tied embeddings), 'qwen2' (QKV bias)."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  max_position_embeddings=512, initializer_range=0.1, bos_token_id=0, eos_token_id=1,
+                  rms_norm_eps=1e-5)
+    if kind == "mha":
+        return LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=4)
+    if kind == "gqa":
+        return LlamaConfig(**common, num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+                           rope_theta=500000.0,
+                           rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    if kind == "qwen2":
+        return Qwen2Config(**common, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    raise ValueError(kind)
+
+
+def make_hf_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
+    """Write a random tiny HF model of `kind` plus a locally built byte tokenizer to out_dir."""
+    from lorafleet.engine.tokenizer import build_byte_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config(kind), dtype=torch.float32)
+    model.save_pretrained(str(out_dir))
+    build_byte_tokenizer(300).save_pretrained(str(out_dir))
+    return out_dir
+
+
+def make_peft_adapter(base_dir: Path, out_dir: Path, rank: int, targets=ALL_TARGETS, seed: int = 0,
+                      alpha: int | None = None, **lora_options) -> Path:
+    """A PEFT LoRA adapter with random (non-zero) A and B, saved in PEFT format."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=list(targets), lora_dropout=0.0,
+                        init_lora_weights=False, **lora_options)
+    peft_model = get_peft_model(base, config)
+    peft_model.save_pretrained(str(out_dir))
+    return out_dir
+
+
+@dataclass
+class PeftOracle:
+    """HF transformers + PEFT, each adapter run alone, greedy decoding by full forward passes."""
+
+    base_dir: Path
+    adapters: dict[str, Path]
+
+    def __post_init__(self) -> None:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(str(self.base_dir), dtype=torch.float32)
+        names = list(self.adapters)
+        self.model = PeftModel.from_pretrained(base, str(self.adapters[names[0]]), adapter_name=names[0])
+        for name in names[1:]:
+            self.model.load_adapter(str(self.adapters[name]), adapter_name=name)
+        self.model.eval()
+
+    @torch.no_grad()
+    def greedy(self, prompt: list[int], adapter: str | None, max_tokens: int) -> list[int]:
+        ids = torch.tensor([prompt])
+        out: list[int] = []
+        for _ in range(max_tokens):
+            if adapter is None:
+                with self.model.disable_adapter():
+                    logits = self.model(input_ids=ids).logits[0, -1]
+            else:
+                self.model.set_adapter(adapter)
+                logits = self.model(input_ids=ids).logits[0, -1]
+            token = int(torch.argmax(logits))
+            out.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+        return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return make_hf_model("mha", tmp_path_factory.mktemp("tiny-llama"))

@@ -1,0 +1,60 @@
+"""Greedy token-for-token equality with HF transformers + PEFT for one mixed-adapter engine batch."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from conftest import ALL_TARGETS, PeftOracle, make_hf_model, make_peft_adapter
+from lorafleet.engine import LLM
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+ADAPTERS = [  # name, rank, targets, extra PEFT options
+    ("r2-attn", 2, ATTN, {}),
+    ("r4-mlp", 4, MLP, {}),
+    ("r8-all", 8, ALL_TARGETS, {}),
+    ("r16-qv", 16, ("q_proj", "v_proj"), {"use_rslora": True}),
+    ("r32-all", 32, ALL_TARGETS, {}),
+    ("r64-all", 64, ALL_TARGETS, {}),
+    ("r8-down", 8, ("down_proj", "o_proj"), {"layers_to_transform": [1]}),
+]
+MAX_TOKENS = 12
+# Pool sizes per config: just above the rank-64 adapter's pages, so adapters must be evicted and the
+# growing KV of the running requests forces a preemption.
+POOL_PAGES = {"mha": 40, "gqa": 140, "qwen2": 78}
+
+
+@pytest.fixture(scope="module", params=["mha", "gqa", "qwen2"])
+def setup(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"eq-{request.param}")
+    base = make_hf_model(request.param, root / "base", seed=1)
+    adapters = {
+        name: make_peft_adapter(base, root / name, rank, targets, seed=10 + i, **extra)
+        for i, (name, rank, targets, extra) in enumerate(ADAPTERS)
+    }
+    return request.param, base, adapters
+
+
+def _workload(adapters: dict) -> list[tuple[list[int], str | None]]:
+    rng = random.Random(7)
+    names = [*adapters, None, None]
+    return [([rng.randrange(3, 300) for _ in range(rng.randint(3, 20))], names[i % len(names)]) for i in range(27)]
+
+
+def test_mixed_batch_matches_peft_with_eviction_and_preemption(setup):
+    kind, base, adapters = setup
+    work = _workload(adapters)
+    oracle = PeftOracle(base, adapters)
+    expected = [oracle.greedy(prompt, adapter, MAX_TOKENS) for prompt, adapter in work]
+    llm = LLM(str(base), adapters={k: str(v) for k, v in adapters.items()}, num_pages=POOL_PAGES[kind],
+              max_adapters_per_batch=4, max_batch_tokens=96, max_num_seqs=16)
+    outs = llm.generate([p for p, _ in work], adapters=[a for _, a in work], max_tokens=MAX_TOKENS,
+                        ignore_eos=True)
+    for (prompt, adapter), out, want in zip(work, outs, expected):
+        assert out.token_ids == want, f"adapter {adapter} prompt {prompt}"
+    engine = llm.engine
+    assert engine.pool.evictions > 0, "the pool was meant to be small enough to evict adapters"
+    assert engine.scheduler.preemptions > 0, "the pool was meant to be small enough to preempt a request"
+    engine.pool.check()
+    assert engine.pool.usage()["kv"] == 0
