@@ -24,6 +24,29 @@ from lorafleet.engine.request import ParamError, Request, RequestOutput, Samplin
 from lorafleet.engine.scheduler import Chunk, Schedule, Scheduler
 
 
+@dataclass
+class EngineSnapshot:
+    """The engine's state at one step. page_owner[p] is "" (free), "kv:<request id>" or "adapter:<name>"."""
+
+    step: int
+    num_pages: int
+    page_owner: list[str]
+    usage: dict[str, int]
+    evictions: int
+    preemptions: int
+    waiting: list[tuple[str, str | None]]
+    running: list[tuple[str, str | None]]
+    resident_adapters: list[str]
+    host_cached_adapters: list[str]
+    registered_adapters: list[str]
+    cache_hits: int
+    cache_misses: int
+
+
+def _owner_label(owner: tuple[str, object] | None) -> str:
+    return "" if owner is None else f"{owner[0]}:{owner[1]}"
+
+
 class Executor(Protocol):
     def execute(self, plan: StepPlan) -> list[int]: ...
 
@@ -101,11 +124,22 @@ class Engine:
 
     # one step ---------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One synchronous step with the in-process executor."""
+        planned = self.plan_step()
+        if planned is None:
+            return []
+        schedule, plan = planned
+        return self.complete_step(schedule, self.executor.execute(plan))
+
+    def plan_step(self) -> tuple[Schedule, StepPlan] | None:
+        """First half of a step (for callers that run the plan elsewhere, e.g. executor processes)."""
         schedule = self.scheduler.schedule()
         if not schedule.chunks:
-            return []
-        plan = self._plan(schedule)
-        sampled = self.executor.execute(plan)
+            return None
+        return schedule, self._plan(schedule)
+
+    def complete_step(self, schedule: Schedule, sampled: list[int]) -> list[RequestOutput]:
+        """Second half: account the chunks that ran and append the sampled tokens."""
         self._step += 1
         return self._postprocess(schedule.chunks, sampled)
 
@@ -176,6 +210,26 @@ class Engine:
         if self.pool.is_resident(name):
             self.pool.evict_adapter(name)
         self.store.unregister(name)
+
+    def snapshot(self) -> EngineSnapshot:
+        """Plain-data view of the engine for dashboards and metrics."""
+        pool = self.pool
+        owners = [_owner_label(o) for o in pool.owner]
+        return EngineSnapshot(
+            step=self._step,
+            num_pages=pool.num_pages,
+            page_owner=owners,
+            usage=pool.usage(),
+            evictions=pool.evictions,
+            preemptions=self.scheduler.preemptions,
+            waiting=[(r.external_id, r.adapter) for r in self.scheduler.waiting],
+            running=[(r.external_id, r.adapter) for r in self.scheduler.running],
+            resident_adapters=list(pool.lru),
+            host_cached_adapters=list(self.store.cache),
+            registered_adapters=list(self.store.infos),
+            cache_hits=self.store.stats.hits,
+            cache_misses=self.store.stats.misses,
+        )
 
     @property
     def num_running(self) -> int:
