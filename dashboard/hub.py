@@ -1,0 +1,80 @@
+"""The hub between the serving actors and the dashboard/metrics: the only thing they share.
+
+The scheduler actor publishes an EngineSnapshot (plain data) after steps and the frontend/scheduler
+publish one RequestRecord per finished or failed request; the dashboard and /metrics read from here.
+It lives in the asyncio process; it holds copies, never the Engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from lorafleet.engine.engine import EngineSnapshot
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One finished (or refused/failed) request. Times in milliseconds; None where not reached."""
+
+    id: str
+    adapter: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+    error_code: str | None = None
+    queue_ms: float | None = None
+    ttft_ms: float | None = None
+    e2e_ms: float | None = None
+    tpot_ms: float | None = None
+    slo_ttft_ms: float | None = None
+    finished_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class StepRecord:
+    """Per-step figures from the scheduler actor."""
+
+    step: int
+    batch_size: int
+    num_tokens: int
+    duration_ms: float
+    adapters_in_batch: list[str]
+    at: float = field(default_factory=time.time)
+
+
+class Hub:
+    """Latest snapshot + bounded history of request and step records + subscriber queues."""
+
+    def __init__(self, history: int = 10_000) -> None:
+        self.snapshot: EngineSnapshot | None = None
+        self.records: deque[RequestRecord] = deque(maxlen=history)
+        self.steps: deque[StepRecord] = deque(maxlen=history)
+        self.counters: dict[str, int] = {}
+        self._subscribers: set[asyncio.Queue] = set()
+
+    def publish_snapshot(self, snapshot: EngineSnapshot) -> None:
+        self.snapshot = snapshot
+
+    def publish_step(self, record: StepRecord) -> None:
+        self.steps.append(record)
+
+    def publish_record(self, record: RequestRecord) -> None:
+        self.records.append(record)
+        for queue in list(self._subscribers):
+            if queue.qsize() < 10_000:
+                queue.put_nowait(record)
+
+    def count(self, name: str, amount: int = 1) -> None:
+        """Bump a named counter (e.g. 'rejected_429', 'early_aborted')."""
+        self.counters[name] = self.counters.get(name, 0) + amount
+
+    def subscribe(self) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        self._subscribers.discard(queue)
