@@ -59,8 +59,13 @@ class LLM:
         if len(adapters) != len(prompts):
             raise ParamError("adapters", "needs one entry (name or None) per prompt")
         ids = [f"offline-{i}" for i in range(len(prompts))]
-        for rid, prompt, adapter in zip(ids, prompts, adapters):
-            self.engine.add_request(rid, self.encode(prompt), params, adapter)
+        try:
+            for rid, prompt, adapter in zip(ids, prompts, adapters):
+                self.engine.add_request(rid, self.encode(prompt), params, adapter)
+        except ValueError:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
         tokens: dict[str, list[int]] = {rid: [] for rid in ids}
         texts: dict[str, str] = {rid: "" for rid in ids}
         reasons: dict[str, str] = {}

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_peft_adapter
 from safetensors.torch import load_file, save_file
 
+from conftest import make_peft_adapter
 from lorafleet.engine.adapters import AdapterError, load_adapter, pack_adapter
 from lorafleet.engine.config import ModelConfig, page_geometry
 from lorafleet.engine.layout import AdapterLayout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from conftest import ALL_TARGETS, PeftOracle, make_hf_model, make_peft_adapter
 from lorafleet.engine import LLM
 

@@ -1,0 +1,101 @@
+"""Engine behaviour on CPU: chunked prefill, sampling options, stop conditions, aborts, offline API errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import PeftOracle, make_peft_adapter
+from lorafleet.engine import LLM
+from lorafleet.engine.request import ParamError, SamplingParams
+from lorafleet.engine.sampling import SampleSpec, sample
+
+
+@pytest.fixture(scope="module")
+def assets(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    return tiny_llama, {"r4": make_peft_adapter(tiny_llama, root / "r4", rank=4, seed=1),
+                        "r16": make_peft_adapter(tiny_llama, root / "r16", rank=16, seed=2)}
+
+
+@pytest.fixture(scope="module")
+def llm(assets):
+    base, adapters = assets
+    return LLM(str(base), adapters={k: str(v) for k, v in adapters.items()}, num_pages=256)
+
+
+PROMPTS = [[5, 9, 33, 71, 12, 200, 17, 3, 99, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51], [7, 8], [250, 3, 4, 9]]
+
+
+def test_chunked_prefill_matches_peft(assets):
+    base, adapters = assets
+    oracle = PeftOracle(base, adapters)
+    llm = LLM(str(base), adapters={k: str(v) for k, v in adapters.items()}, max_batch_tokens=5, num_pages=64)
+    outs = llm.generate(PROMPTS, adapters=["r16", None, "r4"], max_tokens=6, ignore_eos=True)
+    for prompt, adapter, out in zip(PROMPTS, ["r16", None, "r4"], outs):
+        assert out.token_ids == oracle.greedy(prompt, adapter, 6)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
+    alone = llm.generate([PROMPTS[0]], adapters=["r4"], max_tokens=8, temperature=1.0, seed=123, ignore_eos=True)
+    mixed = llm.generate(PROMPTS, adapters=["r4", "r16", None], max_tokens=8, temperature=1.0, seed=123,
+                         ignore_eos=True)
+    assert alone[0].token_ids == mixed[0].token_ids
+    other = llm.generate([PROMPTS[0]], adapters=["r4"], max_tokens=8, temperature=1.0, seed=124, ignore_eos=True)
+    assert other[0].token_ids != alone[0].token_ids
+
+
+def test_sampler_cuts():
+    logits = torch.tensor([[0.0, 5.0, 4.9, -3.0, 1.0]])
+    for index in range(50):
+        token = sample(logits, [SampleSpec(5.0, 1.0, 2, seed=1, index=index)])[0]
+        assert token in (1, 2), "top_k=2 must keep only the two best tokens"
+        token = sample(logits, [SampleSpec(1.0, 0.5, 0, seed=2, index=index)])[0]
+        assert token == 1, "top_p=0.5 keeps only the most likely token here"
+    assert sample(logits, [SampleSpec(0.0, 1.0, 0, 0, 0)]) == [1]
+
+
+def test_max_tokens_eos_and_stop(llm):
+    greedy = llm.generate([PROMPTS[1]], max_tokens=10, ignore_eos=True)[0]
+    assert len(greedy.token_ids) == 10 and greedy.finish_reason == "length"
+    stop_id = greedy.token_ids[3]
+    stopped = llm.generate([PROMPTS[1]], max_tokens=10, stop_token_ids=[stop_id], ignore_eos=True)[0]
+    assert stopped.token_ids == greedy.token_ids[: greedy.token_ids.index(stop_id) + 1]
+    assert stopped.finish_reason == "stop"
+
+
+def test_stop_string_truncates_text(llm):
+    full = llm.generate(["hello"], max_tokens=12, ignore_eos=True)[0]
+    assert len(full.text) >= 4
+    stop = full.text[2:4]
+    cut = llm.generate(["hello"], max_tokens=12, stop=[stop], ignore_eos=True)[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+
+
+def test_abort_frees_pages(llm):
+    engine = llm.engine
+    engine.add_request("x", PROMPTS[0], SamplingParams(max_tokens=50, temperature=0.0), "r16")
+    engine.step()
+    assert engine.pool.usage()["kv"] > 0
+    assert engine.abort("x")
+    assert engine.pool.usage()["kv"] == 0 and not engine.pool.pins
+    engine.pool.check()
+    assert not engine.abort("x")
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"max_tokens": 0}, "max_tokens"), ({"temperature": -1.0}, "temperature"), ({"top_p": 0.0}, "top_p"),
+    ({"top_k": -5}, "top_k"), ({"max_tokens": 10_000}, "max_tokens"), ({"bogus": 1}, "bogus"),
+])
+def test_bad_parameters_name_the_field(llm, kwargs, field):
+    with pytest.raises(ParamError) as info:
+        llm.generate([PROMPTS[1]], **kwargs)
+    assert info.value.field == field
+
+
+def test_unknown_adapter_and_bad_tokens(llm):
+    with pytest.raises(ValueError, match="adapter 'nope' is not loaded"):
+        llm.generate([PROMPTS[1]], adapters=["nope"])
+    with pytest.raises(ParamError, match="prompt"):
+        llm.generate([[1, 2, 100_000]])
