@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
 from lorafleet.engine.adapters import AdapterError, AdapterWeights, load_adapter, pack_adapter
 from lorafleet.engine.config import ModelConfig
 from lorafleet.engine.layout import AdapterLayout

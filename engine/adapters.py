@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+
 from lorafleet.engine.config import TARGET_MODULES, ModelConfig
 from lorafleet.engine.layout import AdapterLayout
-from safetensors import safe_open
 
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 _REFUSED_TRUE = {

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import torch
+
 from lorafleet.engine.adapter_store import AdapterStore
 from lorafleet.engine.config import ConfigError, EngineConfig, ModelConfig, page_geometry
 from lorafleet.engine.engine import Engine

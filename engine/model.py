@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from lorafleet import kernels
 from lorafleet.engine.config import ModelConfig
 from lorafleet.engine.weights import Shard, TensorSource, shard_dim
-from torch import nn
 
 
 @dataclass

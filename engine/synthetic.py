@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
 from lorafleet.engine.config import TARGET_MODULES, ModelConfig
 from lorafleet.engine.tokenizer import build_byte_tokenizer
-from safetensors.torch import save_file
 
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
           "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1}

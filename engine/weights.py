@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from lorafleet.engine.config import ConfigError
 from safetensors import safe_open
+
+from lorafleet.engine.config import ConfigError
 
 
 class TensorSource(Protocol):

@@ -8,6 +8,7 @@ import importlib
 from collections.abc import Callable
 
 import torch
+
 from lorafleet.kernels.attention_ref import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,

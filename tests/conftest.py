@@ -37,8 +37,9 @@ def hf_config(kind: str):
 
 def make_hf_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
     """Write a random tiny HF model of `kind` plus a locally built byte tokenizer to out_dir."""
-    from lorafleet.engine.tokenizer import build_byte_tokenizer
     from transformers import AutoModelForCausalLM
+
+    from lorafleet.engine.tokenizer import build_byte_tokenizer
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config(kind), dtype=torch.float32)
