@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lorafleet.engine.engine import EngineSnapshot
@@ -43,6 +44,13 @@ class StepRecord:
     duration_ms: float
     adapters_in_batch: list[str]
     at: float = field(default_factory=time.time)
+    adapter_loads: list[str] = field(default_factory=list)
+    adapter_load_ms: dict[str, float] = field(default_factory=dict)
+
+
+Listener = Callable[[str, object], None]
+"""Called synchronously as listener(kind, item) with kind "snapshot", "step", "record" or "count"
+(item = (name, amount)). It must be cheap and must not raise."""
 
 
 class Hub:
@@ -54,15 +62,31 @@ class Hub:
         self.steps: deque[StepRecord] = deque(maxlen=history)
         self.counters: dict[str, int] = {}
         self._subscribers: set[asyncio.Queue] = set()
+        self._listeners: list[Listener] = []
+
+    def add_listener(self, listener: Listener) -> None:
+        """Have `listener` see every later publication (the metrics aggregator uses this)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _notify(self, kind: str, item: object) -> None:
+        for listener in list(self._listeners):
+            listener(kind, item)
 
     def publish_snapshot(self, snapshot: EngineSnapshot) -> None:
         self.snapshot = snapshot
+        self._notify("snapshot", snapshot)
 
     def publish_step(self, record: StepRecord) -> None:
         self.steps.append(record)
+        self._notify("step", record)
 
     def publish_record(self, record: RequestRecord) -> None:
         self.records.append(record)
+        self._notify("record", record)
         for queue in list(self._subscribers):
             if queue.qsize() < 10_000:
                 queue.put_nowait(record)
@@ -70,6 +94,7 @@ class Hub:
     def count(self, name: str, amount: int = 1) -> None:
         """Bump a named counter (e.g. 'rejected_429', 'early_aborted')."""
         self.counters[name] = self.counters.get(name, 0) + amount
+        self._notify("count", (name, amount))
 
     def subscribe(self) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()
