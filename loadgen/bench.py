@@ -40,14 +40,10 @@ SCHEMA = "lorafleet.bench/1"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorafleet bench", description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="peft", help=f"comma-separated, of {', '.join(BACKENDS)}")
-    parser.add_argument(
-        "--model", default=None, help="base model directory (or a name lorafleet serve knows)"
-    )
+    parser.add_argument("--model", default=None, help="base model directory (or a name lorafleet serve knows)")
     parser.add_argument("--adapter", action="append", default=[], help="name=DIR (repeatable)")
     parser.add_argument("--url", default=None, help="measure this running server instead of starting one")
-    parser.add_argument(
-        "--peft-num-adapters", default=None, help="n values for peft only (default: the same)"
-    )
+    parser.add_argument("--peft-num-adapters", default=None, help="n values for peft only (default: the same)")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra argument for lorafleet serve")
     parser.add_argument("--peft-arg", action="append", default=[], help="extra argument for the PEFT server")
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for /health")
@@ -81,9 +77,7 @@ class ServerProcess:
         deadline = time.monotonic() + timeout_s
         while not self._healthy():
             if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} server exited with {self.process.returncode}: {self.log_tail()}"
-                )
+                raise RuntimeError(f"{self.name} server exited with {self.process.returncode}: {self.log_tail()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name} server not healthy after {timeout_s} s: {self.log_tail()}")
             time.sleep(0.5)  # polling an external process's readiness
@@ -121,7 +115,7 @@ def server_command(kind: str, args: argparse.Namespace, port: int) -> list[str]:
         head = [sys.executable, "-m", "lorafleet.loadgen.peft_server", "--model", args.model]
         return [*head, *adapters, "--host", "127.0.0.1", "--port", str(port), *args.peft_arg]
     head = [sys.executable, "-m", "lorafleet", "serve", "--model", args.model]
-    return [*head, *adapters, "--port", str(port), *args.serve_arg]
+    return [*head, *adapters, "--host", "127.0.0.1", "--port", str(port), *args.serve_arg]
 
 
 def parse_counts(text: str | None, name: str) -> list[int | None]:
@@ -197,9 +191,7 @@ def make_row(backend: str, entry: dict, target: Target, args: argparse.Namespace
     }
 
 
-def run_group(
-    kind: str, backends: list[str], args: argparse.Namespace, gpu: str, log_dir: Path
-) -> list[tuple]:
+def run_group(kind: str, backends: list[str], args: argparse.Namespace, gpu: str, log_dir: Path) -> list[tuple]:
     """Start the group's server (unless --url), run each backend and adapter count, stop the server."""
     server = None
     url = args.url
@@ -239,9 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="lorafleet-bench-"))
         log_dir.mkdir(parents=True, exist_ok=True)
         results = [
-            item
-            for kind, group in server_groups(backends)
-            for item in run_group(kind, group, args, gpu, log_dir)
+            item for kind, group in server_groups(backends) for item in run_group(kind, group, args, gpu, log_dir)
         ]
     except ValueError as exc:
         print(f"lorafleet bench: error: {exc}", file=sys.stderr)

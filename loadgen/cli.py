@@ -13,6 +13,8 @@ import sys
 from collections import deque
 from pathlib import Path
 
+import aiohttp
+
 from lorafleet.loadgen.clients import (
     ClientConfig,
     Progress,
@@ -50,9 +52,7 @@ def add_workload_args(parser: argparse.ArgumentParser, several_n: bool = False) 
         help="use the first N adapters (of --adapters or of the server's /v1/models)"
         + ("; comma-separated values give one row each" if several_n else ""),
     )
-    w.add_argument(
-        "--adapters", default=None, help="comma-separated adapter names (default: from /v1/models)"
-    )
+    w.add_argument("--adapters", default=None, help="comma-separated adapter names (default: from /v1/models)")
     w.add_argument("--base-model", default=None, help="the base model's name (default: from /v1/models)")
     w.add_argument("--alpha", type=float, default=1.0, help="power-law popularity exponent (default 1)")
     w.add_argument("--rate", type=float, default=1.0, help="mean arrival rate, requests/s (default 1)")
@@ -69,9 +69,7 @@ def add_workload_args(parser: argparse.ArgumentParser, several_n: bool = False) 
     c.add_argument("--protocol", choices=("ws", "openai"), default="ws")
     c.add_argument("--num-sockets", type=int, default=1, help="WebSocket connections to spread requests over")
     c.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
-    c.add_argument(
-        "--request-timeout", type=float, default=600.0, help="seconds before a request is abandoned"
-    )
+    c.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is abandoned")
     c.add_argument("--temperature", type=float, default=0.0)
     c.add_argument("--slo-ttft-ms", type=float, default=6000.0, help="first-token SLO (default 6000 ms)")
     c.add_argument("--no-progress", action="store_true", help="no live progress display")
@@ -95,9 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", default=None, help="results JSON path")
     parser.add_argument("--records", action="store_true", help="include per-request records in --out")
-    parser.add_argument(
-        "--plot", default=None, help="PNG with latency CDFs and throughput/attainment over time"
-    )
+    parser.add_argument("--plot", default=None, help="PNG with latency CDFs and throughput/attainment over time")
     return parser
 
 
@@ -118,7 +114,7 @@ async def resolve_target(args: argparse.Namespace, need_adapters: bool) -> Targe
     elif (need_adapters and not names) or base is None:
         try:
             found_base, found = split_models(await list_models(args.url))
-        except Exception as exc:  # any failure to ask the server is reported the same way
+        except (aiohttp.ClientError, OSError, RuntimeError, asyncio.TimeoutError, ValueError) as exc:
             if need_adapters and not names:
                 raise RuntimeError(f"could not list the server's models: {exc}") from exc
             found_base, found = None, []
@@ -196,9 +192,7 @@ async def _show_progress(task: asyncio.Task[RunOutput], progress: Progress, labe
             )
 
 
-def load_specs(
-    args: argparse.Namespace, target: Target, rate: float
-) -> tuple[list[RequestSpec], dict[str, object]]:
+def load_specs(args: argparse.Namespace, target: Target, rate: float) -> tuple[list[RequestSpec], dict[str, object]]:
     """The run's requests (generated or from --trace) and how they were made, for the results file."""
     if args.trace:
         specs, header = read_trace(args.trace)
@@ -295,9 +289,7 @@ def _print_summary(entry: dict[str, object], label: str) -> None:
         print(f"loadgen: protocol error: {problem}", file=sys.stderr)
 
 
-def _write_outputs(
-    args: argparse.Namespace, entries: list[dict[str, object]], plotted: list[tuple[str, list]]
-) -> None:
+def _write_outputs(args: argparse.Namespace, entries: list[dict[str, object]], plotted: list[tuple[str, list]]) -> None:
     if args.out:
         document: dict[str, object] = {"schema": SCHEMA, "environment": environment()}
         document.update(entries[0] if len(entries) == 1 and not args.sweep_rates else {"runs": entries})

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
+
 from lorafleet.loadgen.workload import RequestSpec
 
 OK_FINISH_REASONS = (None, "stop", "length")
@@ -178,6 +179,7 @@ def _openai_body(spec: RequestSpec, cfg: ClientConfig) -> dict[str, object]:
         "stream": True,
         "stream_options": {"include_usage": True},
         "ignore_eos": cfg.ignore_eos,
+        "return_token_ids": True,
     }
     model = cfg.model_for(spec)
     if model is not None:
@@ -418,9 +420,7 @@ async def dispatch(
     return records
 
 
-async def run_workload(
-    specs: list[RequestSpec], cfg: ClientConfig, progress: Progress | None = None
-) -> RunOutput:
+async def run_workload(specs: list[RequestSpec], cfg: ClientConfig, progress: Progress | None = None) -> RunOutput:
     """Replay `specs` against the server described by `cfg`; returns every request's record."""
     progress = progress if progress is not None else Progress()
     progress.total = len(specs)

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import queue
+import re
 import sys
 import threading
 import time
@@ -98,16 +99,23 @@ class ServerConfig:
     adapters: tuple[tuple[str, str], ...]
     host: str = "127.0.0.1"
     port: int = 8000
-    max_batch_size: int = 16
+    max_batch_size: int = 32
     device: str | None = None
     dtype: str | None = None
     served_name: str | None = None
     torch_threads: int | None = None
+    random_weights: bool = False
+    synthetic_adapters: int = 0
+    synthetic_ranks: tuple[int, ...] = (8, 16, 32, 64)
+    synthetic_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        names = [name for name, _ in self.adapters]
+        if self.synthetic_adapters < 0 or not self.synthetic_ranks or min(self.synthetic_ranks) < 1:
+            raise ValueError("synthetic_adapters must be >= 0 and synthetic_ranks positive integers")
+        names = self.adapter_names()
         if len(set(names)) != len(names):
             raise ValueError(f"adapter names must be unique, got {names}")
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
@@ -116,6 +124,15 @@ class ServerConfig:
     @property
     def base_name(self) -> str:
         return self.served_name or Path(self.model).name
+
+    def synthetic(self) -> list[tuple[str, int]]:
+        """(name, rank) of the random adapters: synthetic-i has rank synthetic_ranks[i % len]."""
+        ranks = self.synthetic_ranks
+        return [(f"synthetic-{i}", ranks[i % len(ranks)]) for i in range(self.synthetic_adapters)]
+
+    def adapter_names(self) -> list[str]:
+        """Disk adapters in command-line order, then the synthetic ones."""
+        return [name for name, _ in self.adapters] + [name for name, _ in self.synthetic()]
 
 
 class Metrics:
@@ -182,9 +199,7 @@ class _RowsDone(StoppingCriteria):
     def __init__(self, jobs: list[Job]) -> None:
         self._jobs = jobs
 
-    def __call__(
-        self, input_ids: torch.Tensor, scores: torch.Tensor | None, **kwargs: object
-    ) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None, **kwargs: object) -> torch.Tensor:
         return torch.tensor([j.finished or j.cancelled for j in self._jobs], device=input_ids.device)
 
 
@@ -197,7 +212,7 @@ class PeftBackend:
         if config.torch_threads is not None:
             torch.set_num_threads(config.torch_threads)
         self.model, self.tokenizer = _load_model(config, self.device)
-        self.adapters = tuple(name for name, _ in config.adapters)
+        self.adapters = tuple(config.adapter_names())
         self.pad_id = _pad_id(self.tokenizer)
         self.eos_id = self.tokenizer.eos_token_id
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
@@ -316,22 +331,49 @@ def _load_model(config: ServerConfig, device: str) -> tuple[object, object]:
     """Load the base model and tokenizer, then every adapter into one PeftModel."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype_name = config.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = getattr(torch, config.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=getattr(torch, dtype_name)).to(device)
+    if config.random_weights:
+        from transformers import AutoConfig
+
+        torch.manual_seed(config.seed)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.model), dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype).to(device)
     # EOS is handled per request by the streamer (ignore_eos must be able to run past it), so generate()
     # itself never stops or pads a row on EOS.
     model.generation_config.eos_token_id = None
-    if config.adapters:
-        from peft import PeftModel
-
-        (first_name, first_dir), *rest = config.adapters
-        model = PeftModel.from_pretrained(model, first_dir, adapter_name=first_name)
-        for name, path in rest:
-            model.load_adapter(path, adapter_name=name)
-        model = model.to(device)
+    model = _add_adapters(model, config)
+    # PEFT keeps adapter weights in fp32 by default; serve them in the model's dtype (its fastest path).
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(device=device, dtype=dtype)
     model.eval()
     return model, tokenizer
+
+
+def _add_adapters(model: torch.nn.Module, config: ServerConfig) -> torch.nn.Module:
+    """Every disk adapter, then the synthetic random ones, into one PeftModel."""
+    if not config.adapter_names():
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    for name, path in config.adapters:
+        if isinstance(model, PeftModel):
+            model.load_adapter(path, adapter_name=name)
+        else:
+            model = PeftModel.from_pretrained(model, path, adapter_name=name)
+    torch.manual_seed(config.seed + 1)
+    for name, rank in config.synthetic():
+        lora = LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=list(config.synthetic_targets), init_lora_weights=False
+        )
+        if isinstance(model, PeftModel):
+            model.add_adapter(name, lora)
+        else:
+            model = get_peft_model(model, lora, adapter_name=name)
+    return model
 
 
 class Detokenizer:
@@ -431,9 +473,7 @@ class Outcome:
     first_token_at: float | None = None
 
 
-async def job_outputs(
-    backend: PeftBackend, job: Job, outcome: Outcome
-) -> AsyncIterator[tuple[list[int], str]]:
+async def job_outputs(backend: PeftBackend, job: Job, outcome: Outcome) -> AsyncIterator[tuple[list[int], str]]:
     """Yield (token ids, text) as the worker produces them; fills `outcome`; cancels the job if abandoned."""
     detok = Detokenizer(backend.tokenizer)
     metrics = backend.metrics
@@ -556,10 +596,9 @@ async def models(request: web.Request) -> web.Response:
             "parent": None,
         }
     ]
-    for name, path in backend.config.adapters:
-        entries.append(
-            {"id": name, "object": "model", "owned_by": "peft-baseline", "root": path, "parent": base}
-        )
+    roots = dict(backend.config.adapters) | {n: f"synthetic:r{r}" for n, r in backend.config.synthetic()}
+    for name, path in roots.items():
+        entries.append({"id": name, "object": "model", "owned_by": "peft-baseline", "root": path, "parent": base})
     return web.json_response({"object": "list", "data": entries})
 
 
@@ -708,28 +747,55 @@ def _adapter_arg(text: str) -> tuple[str, str]:
     return name, path
 
 
-def parse_args(argv: list[str]) -> ServerConfig:
+def _natural_key(name: str) -> list[object]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def adapters_below(root: str) -> list[tuple[str, str]]:
+    """(name, dir) of every PEFT adapter directly below `root`, in natural name order (a2 before a10)."""
+    found = [(p.name, str(p)) for p in Path(root).iterdir() if (p / "adapter_config.json").is_file()]
+    if not found:
+        raise ValueError(f"--adapter-dir: no PEFT adapter (adapter_config.json) below {root!r}")
+    return sorted(found, key=lambda item: _natural_key(item[0]))
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lorafleet.loadgen.peft_server",
         description="HF transformers + PEFT baseline server (static mixed-adapter batches).",
     )
-    parser.add_argument("--model", required=True, help="base model directory (HF format)")
-    parser.add_argument(
-        "--adapter", action="append", default=[], type=_adapter_arg, help="name=DIR (repeatable)"
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-batch-size", type=int, default=16)
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument(
-        "--dtype", default=None, help="float32|float16|bfloat16 (default bf16 on cuda, fp32 on cpu)"
-    )
-    parser.add_argument("--served-model-name", default=None, help="the base model's name (default: dir name)")
-    parser.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads")
-    args = parser.parse_args(argv)
+    add = parser.add_argument
+    add("--model", required=True, help="base model directory (HF format)")
+    add("--adapter", action="append", default=[], type=_adapter_arg, help="name=DIR (repeatable)")
+    add("--adapter-dir", default=None, help="serve every PEFT adapter directory below DIR, named by its folder")
+    add("--random-weights", action="store_true", help="random base weights from config.json (no weight files)")
+    add("--synthetic-adapters", type=int, default=0, help="add N random LoRA adapters named synthetic-0..N-1")
+    add("--synthetic-ranks", type=_int_list, default=(8, 16, 32, 64), help="ranks, cycled (default 8,16,32,64)")
+    add("--synthetic-targets", default="q_proj,k_proj,v_proj,o_proj", help="target modules of synthetic adapters")
+    add("--seed", type=int, default=0, help="seed of random weights")
+    add("--host", default="127.0.0.1")
+    add("--port", type=int, default=8000)
+    add("--max-batch-size", type=int, default=32, help="requests per generate() call (default 32)")
+    add("--device", default=None, help="default: cuda if available, else cpu")
+    add("--dtype", default=None, help="float32|float16|bfloat16 (default bf16 on cuda, fp32 on cpu)")
+    add("--served-model-name", default=None, help="the base model's name (default: dir name)")
+    add("--torch-threads", type=int, default=None, help="torch CPU threads")
+    return parser
+
+
+def parse_args(argv: list[str]) -> ServerConfig:
+    args = build_parser().parse_args(argv)
+    adapters = list(args.adapter) + (adapters_below(args.adapter_dir) if args.adapter_dir else [])
     return ServerConfig(
         model=args.model,
-        adapters=tuple(args.adapter),
+        adapters=tuple(adapters),
         host=args.host,
         port=args.port,
         max_batch_size=args.max_batch_size,
@@ -737,11 +803,20 @@ def parse_args(argv: list[str]) -> ServerConfig:
         dtype=args.dtype,
         served_name=args.served_model_name,
         torch_threads=args.torch_threads,
+        random_weights=args.random_weights,
+        synthetic_adapters=args.synthetic_adapters,
+        synthetic_ranks=args.synthetic_ranks,
+        synthetic_targets=tuple(t for t in args.synthetic_targets.split(",") if t),
+        seed=args.seed,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        print(f"peft_server: error: {exc}", file=sys.stderr)
+        return 2
     ready = f"peft_server: listening on http://{config.host}:{config.port}"
     web.run_app(
         build_app(config),

@@ -11,6 +11,8 @@ Definitions (also in docs/loadgen.md); times are seconds, on the client's clock:
   frame have gap 0). E2E: end - send. Over completed requests; mean/p50/p90/p99.
 - SLO attainment: requests that completed with TTFT <= the SLO, divided by ALL requests (failed and
   early-aborted requests count as misses). Goodput: those same requests per second of duration_s.
+- ``send_lag_s``: send time - scheduled arrival time, over all sent requests: large values mean the
+  client (or --max-concurrency) could not keep the schedule.
 - errors_by_code counts failed requests by error code; ``mid_stream_errors`` those failing after the
   server accepted them; ``early_aborts`` those whose code contains "abort" (the server's early-abort
   admission control) plus HTTP 429 refusals are also visible in errors_by_code.
@@ -26,6 +28,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+
 from lorafleet.loadgen.clients import RequestRecord
 
 SCHEMA = "lorafleet.loadgen.results/1"
@@ -84,6 +87,7 @@ def summarize(records: list[RequestRecord], duration_s: float, slo_ttft_s: float
         "tpot_s": stats([t for t in map(tpot, done) if t is not None]),
         "itl_s": stats([gap for r in done for gap in itls(r)]),
         "e2e_s": stats([r.e2e for r in done if r.e2e is not None]),
+        "send_lag_s": stats([r.send_s - r.scheduled_s for r in records if r.send_s is not None]),
         "slo_ttft_s": slo_ttft_s,
         "slo_attainment": good / len(records) if records else None,
         "goodput_req_per_s": good / span,
@@ -145,9 +149,7 @@ def write_json(path: str | Path, document: dict[str, object]) -> None:
     Path(path).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
-def timeline(
-    records: list[RequestRecord], slo_ttft_s: float | None, bin_s: float = 1.0
-) -> dict[str, list[float]]:
+def timeline(records: list[RequestRecord], slo_ttft_s: float | None, bin_s: float = 1.0) -> dict[str, list[float]]:
     """Per time bin: finished req/s, output tok/s (by token arrival) and attainment of requests sent."""
     end = max([r.done_s or 0.0 for r in records] + [bin_s])
     edges = np.arange(0.0, end + bin_s, bin_s)
@@ -207,9 +209,7 @@ def _ms(value: object) -> str:
     return "-" if value is None else f"{1e3 * float(value):.1f}"  # type: ignore[arg-type]
 
 
-def plot_runs(
-    runs: list[tuple[str, list[RequestRecord]]], slo_ttft_s: float | None, path: str | Path
-) -> None:
+def plot_runs(runs: list[tuple[str, list[RequestRecord]]], slo_ttft_s: float | None, path: str | Path) -> None:
     """Latency CDFs (TTFT, E2E, TPOT), throughput over time and SLO attainment over time, one line per run."""
     import matplotlib
 

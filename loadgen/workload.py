@@ -261,5 +261,8 @@ def read_trace(path: str | Path) -> tuple[list[RequestSpec], dict[str, object] |
                 config = obj.get("config")  # type: ignore[assignment]
                 continue
             specs.append(_spec_from_json(obj, line_no, len(specs)))
+    indexes = [s.index for s in specs]
+    if len(set(indexes)) != len(indexes):
+        raise ValueError(f"trace {path}: field 'index' must be unique across requests")
     specs.sort(key=lambda s: s.arrival_s)
     return specs, config

@@ -7,6 +7,7 @@ import json
 
 import pytest
 from aiohttp import web
+
 from lorafleet.loadgen.clients import ClientConfig, list_models, run_workload, split_models
 from lorafleet.loadgen.results import summarize
 from lorafleet.loadgen.workload import RequestSpec
@@ -83,17 +84,13 @@ class Script:
     async def _generate(self, ws: web.WebSocketResponse, frame: dict) -> None:
         rid, model, n = frame["id"], frame["model"], frame["max_tokens"]
         if model == "reject":
-            await ws.send_json(
-                {"type": "error", "id": rid, "error": {"code": "model_not_found", "message": "?"}}
-            )
+            await ws.send_json({"type": "error", "id": rid, "error": {"code": "model_not_found", "message": "?"}})
             return
         await ws.send_json({"type": "accepted", "id": rid})
         if model == "hang":
             return
         if model == "abort":
-            await ws.send_json(
-                {"type": "error", "id": rid, "error": {"code": "early_abort", "message": "slo"}}
-            )
+            await ws.send_json({"type": "error", "id": rid, "error": {"code": "early_abort", "message": "slo"}})
             return
         sent = 0
         while sent < n:
@@ -101,9 +98,7 @@ class Script:
             await ws.send_json({"type": "delta", "id": rid, "text": "ab", "token_ids": list(range(step))})
             sent += step
             if model == "midfail":
-                await ws.send_json(
-                    {"type": "error", "id": rid, "error": {"code": "executor_died", "message": "x"}}
-                )
+                await ws.send_json({"type": "error", "id": rid, "error": {"code": "executor_died", "message": "x"}})
                 return
             await asyncio.sleep(0.01)
         await ws.send_json(
@@ -149,9 +144,7 @@ async def fake_server():
 
 def _specs(models: list[str], max_tokens: int = 4) -> list[RequestSpec]:
     return [
-        RequestSpec(
-            index=i, arrival_s=0.01 * i, adapter=m, prompt=[1, 2, 3], input_len=3, max_tokens=max_tokens
-        )
+        RequestSpec(index=i, arrival_s=0.01 * i, adapter=m, prompt=[1, 2, 3], input_len=3, max_tokens=max_tokens)
         for i, m in enumerate(models)
     ]
 
@@ -211,9 +204,7 @@ async def test_websocket_multiplexes_requests_over_sockets(fake_server) -> None:
 
 async def test_ws_timeout_cancels_the_request(fake_server) -> None:
     script, url = fake_server
-    out = await run_workload(
-        _specs(["hang", "ok"]), ClientConfig(url=url, protocol="ws", request_timeout_s=0.5)
-    )
+    out = await run_workload(_specs(["hang", "ok"]), ClientConfig(url=url, protocol="ws", request_timeout_s=0.5))
     assert out.records[0].error_code == "client_timeout" and out.records[1].ok
     assert {"type": "cancel", "id": "r0"} in script.ws_frames
 
@@ -221,8 +212,7 @@ async def test_ws_timeout_cancels_the_request(fake_server) -> None:
 async def test_max_concurrency_bounds_requests_in_flight(fake_server) -> None:
     script, url = fake_server
     specs = [
-        RequestSpec(index=i, arrival_s=0.0, adapter="ok", prompt="hi", input_len=1, max_tokens=5)
-        for i in range(8)
+        RequestSpec(index=i, arrival_s=0.0, adapter="ok", prompt="hi", input_len=1, max_tokens=5) for i in range(8)
     ]
     out = await run_workload(specs, ClientConfig(url=url, protocol="openai", max_concurrency=2))
     assert all(r.ok for r in out.records)
@@ -241,7 +231,5 @@ def test_connection_refused_is_recorded() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens here once closed
-    out = asyncio.run(
-        run_workload(_specs(["ok"]), ClientConfig(url=f"http://127.0.0.1:{port}", protocol="openai"))
-    )
+    out = asyncio.run(run_workload(_specs(["ok"]), ClientConfig(url=f"http://127.0.0.1:{port}", protocol="openai")))
     assert out.records[0].error_code == "connection_error"

@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from lorafleet.loadgen import bench
 from lorafleet.loadgen.cli import main as loadgen_main
 from lorafleet.loadgen.workload import WorkloadConfig, generate, read_trace, write_trace
@@ -426,3 +427,82 @@ async def test_one_generate_call_serves_a_mixed_batch(tiny) -> None:
     finally:
         await backend.stop()
     assert backend.metrics.registry.get_sample_value("peft_batches_total") == 1
+
+
+async def test_peft_server_ws_protocol_errors_and_cancel(server) -> None:
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(server.replace("http", "ws") + "/v1/stream") as ws,
+    ):
+        await ws.send_str("{not json")
+        assert (await ws.receive_json())["error"]["code"] == "bad_frame"
+        await ws.send_json({"type": "dance", "id": "x"})
+        assert (await ws.receive_json()) == {
+            "type": "error",
+            "id": "x",
+            "error": {"code": "bad_frame", "message": "unknown frame type 'dance'; use generate or cancel"},
+        }
+        await ws.send_json({"type": "generate", "id": "y", "model": "sql", "prompt": [5], "max_tokens": 0})
+        assert (await ws.receive_json())["error"]["code"] == "invalid_value"
+        await ws.send_json(
+            {
+                "type": "generate",
+                "id": "z",
+                "model": "sql",
+                "prompt": [5, 6],
+                "max_tokens": 200,
+                "ignore_eos": True,
+                "temperature": 0,
+            }
+        )
+        assert (await ws.receive_json()) == {"type": "accepted", "id": "z"}
+        assert (await ws.receive_json())["type"] == "delta"
+        await ws.send_json({"type": "cancel", "id": "z"})
+        while (event := await ws.receive_json())["type"] == "delta":
+            pass
+        assert event["type"] == "done" and event["finish_reason"] == "cancelled"
+        assert event["usage"]["completion_tokens"] < 200
+
+
+async def test_synthetic_backend_and_adapter_dir(tiny) -> None:
+    import torch
+
+    from lorafleet.loadgen.peft_server import Metrics, Outcome, PeftBackend, job_outputs, make_job, parse_args
+
+    base, adapters = tiny
+    config = parse_args(
+        [
+            "--model",
+            str(base),
+            "--adapter-dir",
+            str(base.parent),
+            "--random-weights",
+            "--synthetic-adapters",
+            "3",
+            "--synthetic-ranks",
+            "2,4",
+            "--torch-threads",
+            "1",
+        ]
+    )
+    assert config.adapter_names() == ["chat", "code", "sql", "synthetic-0", "synthetic-1", "synthetic-2"]
+    assert config.synthetic() == [("synthetic-0", 2), ("synthetic-1", 4), ("synthetic-2", 2)]
+    backend = PeftBackend(config, Metrics())
+    modules = backend.model.named_modules()
+    q_proj = next(m for n, m in modules if n.endswith("q_proj") and hasattr(m, "lora_A"))
+    assert q_proj.lora_A["synthetic-1"].weight.shape[0] == 4 and q_proj.lora_A["synthetic-2"].weight.shape[0] == 2
+    assert q_proj.lora_A["synthetic-1"].weight.dtype == torch.float32  # the model's dtype on CPU
+    loop = asyncio.get_running_loop()
+    job = make_job(
+        backend, {"model": "synthetic-2", "prompt": [4, 5], "max_tokens": 3, "ignore_eos": True, "temperature": 0}, loop
+    )
+    backend.submit(job)
+    backend.start()
+    try:
+        outcome = Outcome()
+        got = [ids async for ids, _ in job_outputs(backend, job, outcome)]
+    finally:
+        await backend.stop()
+    assert outcome.finish_reason == "length" and sum(len(ids) for ids in got) == 3

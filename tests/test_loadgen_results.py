@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from lorafleet.loadgen.clients import RequestRecord
 from lorafleet.loadgen.results import environment, plot_runs, record_json, summarize, summary_table, timeline
 

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from lorafleet.loadgen.workload import (
     RequestSpec,
     WorkloadConfig,
@@ -41,9 +42,7 @@ def test_cv_zero_gives_constant_gaps() -> None:
 
 def test_generated_arrivals_follow_the_config() -> None:
     specs = generate(
-        WorkloadConfig(
-            adapters=NAMES, rate=40.0, cv=1.5, duration=400.0, input_len=(1, 2), output_len=(1, 2), seed=3
-        )
+        WorkloadConfig(adapters=NAMES, rate=40.0, cv=1.5, duration=400.0, input_len=(1, 2), output_len=(1, 2), seed=3)
     )
     times = np.array([s.arrival_s for s in specs])
     assert np.all(np.diff(times) >= 0)
@@ -122,16 +121,12 @@ def test_lengths_and_prompts_are_within_ranges() -> None:
 
 
 def test_text_prompts_have_the_requested_word_count() -> None:
-    specs = generate(
-        WorkloadConfig(adapters=NAMES, rate=10.0, duration=5.0, input_len=(4, 8), prompt_kind="text")
-    )
+    specs = generate(WorkloadConfig(adapters=NAMES, rate=10.0, duration=5.0, input_len=(4, 8), prompt_kind="text"))
     assert specs and all(len(str(s.prompt).split()) == s.input_len for s in specs)
 
 
 def test_seed_reproducible_and_streams_independent() -> None:
-    config = WorkloadConfig(
-        adapters=NAMES, rate=20.0, duration=10.0, input_len=(1, 50), output_len=(1, 50), seed=42
-    )
+    config = WorkloadConfig(adapters=NAMES, rate=20.0, duration=10.0, input_len=(1, 50), output_len=(1, 50), seed=42)
     assert generate(config) == generate(config)
     other_seed = generate(WorkloadConfig(**{**config.__dict__, "seed": 43}))
     assert [s.arrival_s for s in other_seed] != [s.arrival_s for s in generate(config)]
@@ -171,9 +166,7 @@ def test_hand_written_trace_is_sorted_and_defaults_apply(tmp_path) -> None:
     assert header is None
     assert specs == [
         RequestSpec(index=1, arrival_s=0.5, adapter="x", prompt=[1, 2], input_len=2, max_tokens=1),
-        RequestSpec(
-            index=0, arrival_s=2.5, adapter=None, prompt="hello there world", input_len=3, max_tokens=3
-        ),
+        RequestSpec(index=0, arrival_s=2.5, adapter=None, prompt="hello there world", input_len=3, max_tokens=3),
     ]
 
 
