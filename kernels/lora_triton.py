@@ -1,0 +1,191 @@
+"""Triton kernels for heterogeneous LoRA over unified-pool pages (same contract as `lora_ref`).
+
+Tokens are grouped by adapter slot (a stable sort on the device, cached per step, see `segments`), and
+every program works on one tile of up to BLOCK_M tokens of ONE slot, so an adapter's rows are read once
+per tile, not once per token. Decode batches use BLOCK_M = 16 (the smallest tensor-core tile; a tile with
+one token still reads the adapter's rows once, S-LoRA's MBGMV), prefill batches with long segments use 64.
+
+No padding to the max rank: the rank dimension is cut into blocks of BLOCK_R = 16 rows; shrink programs
+whose rank block starts past their slot's rank return at once, and expand loops only over the slot's own
+rank blocks. Loads past the rank inside the last block are masked (no memory traffic). Base-only tokens
+(slot -1) belong to no tile and cost nothing.
+
+shrink: v[t, r] = sum_k x[t, k] · pool[a_rows[s, r] + k]            grid (tiles, rank blocks, k splits)
+expand: out[t, n] += scale[s] · sum_r v[t, r] · pool[b_rows[s, r] + n]   grid (tiles, n blocks)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lorafleet.kernels.segments import SlotTiles, TensorKeyedCache, slot_tiles
+
+BLOCK_R = 16
+_TILE_CACHE = TensorKeyedCache()
+
+
+@triton.jit
+def _tile_of(tiles_ptr, num_tiles, tile):
+    """(slot, first sorted row, end sorted row) of a tile."""
+    slot = tl.load(tiles_ptr + tile)
+    first = tl.load(tiles_ptr + num_tiles + tile)
+    end = tl.load(tiles_ptr + 2 * num_tiles + tile)
+    return slot, first, end
+
+
+@triton.jit
+def _shrink_kernel(
+    x_ptr, pool_ptr, a_rows_ptr, ranks_ptr, order_ptr, tiles_ptr, v_ptr,
+    in_dim, k_per_split, num_tiles, stride_xt, stride_ar, stride_vt,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    slot, first, end = _tile_of(tiles_ptr, num_tiles, tl.program_id(0))
+    if slot < 0:
+        return
+    rank = tl.load(ranks_ptr + slot)
+    r0 = tl.program_id(1) * BLOCK_R
+    if r0 >= rank:
+        return
+    offs_m = first + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end
+    tokens = tl.load(order_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    rows = tl.load(a_rows_ptr + slot * stride_ar + offs_r, mask=r_mask, other=0)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    k_begin = tl.program_id(2) * k_per_split
+    k_stop = tl.minimum(k_begin + k_per_split, in_dim)
+    for k0 in range(k_begin, k_stop, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_stop
+        xt = tl.load(x_ptr + tokens[:, None] * stride_xt + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                     other=0.0)
+        at = tl.load(pool_ptr + rows[:, None] + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += tl.dot(xt.to(at.dtype), tl.trans(at), input_precision=PRECISION)
+    v_ptrs = v_ptr + tokens[:, None] * stride_vt + offs_r[None, :]
+    mask = m_mask[:, None] & r_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(v_ptrs, acc, mask=mask)
+    else:
+        tl.store(v_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _expand_kernel(
+    v_ptr, pool_ptr, b_rows_ptr, ranks_ptr, scales_ptr, order_ptr, tiles_ptr, out_ptr,
+    out_dim, num_tiles, stride_vt, stride_br, stride_ot,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    slot, first, end = _tile_of(tiles_ptr, num_tiles, tl.program_id(0))
+    if slot < 0:
+        return
+    rank = tl.load(ranks_ptr + slot)
+    if rank == 0:
+        return
+    offs_m = first + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end
+    tokens = tl.load(order_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < out_dim
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < rank
+        rows = tl.load(b_rows_ptr + slot * stride_br + offs_r, mask=r_mask, other=0)
+        vt = tl.load(v_ptr + tokens[:, None] * stride_vt + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
+                     other=0.0)
+        bt = tl.load(pool_ptr + rows[:, None] + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot(vt.to(bt.dtype), bt, input_precision=PRECISION)
+    scale = tl.load(scales_ptr + slot)
+    o_ptrs = out_ptr + tokens[:, None] * stride_ot + offs_n[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    current = tl.load(o_ptrs, mask=mask, other=0.0)
+    tl.store(o_ptrs, (current.to(tl.float32) + acc * scale).to(current.dtype), mask=mask)
+
+
+def _block_m(num_tokens: int, num_slots: int) -> int:
+    """16 when slots hold few tokens each (decode), 64 for long segments (prefill)."""
+    return 64 if num_tokens >= 64 * num_slots else 16
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 pools use exact fp32 products (the fp32 engine must equal the reference), others tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def tiles_for(token_slots: torch.Tensor, num_slots: int) -> SlotTiles:
+    """The step's token grouping, built once per token_slots tensor and reused by every layer and module."""
+    block_m = _block_m(token_slots.shape[0], num_slots)
+    return _TILE_CACHE.get(token_slots, (num_slots, block_m), lambda: slot_tiles(token_slots, num_slots, block_m))
+
+
+def _check_rows(pool_flat: torch.Tensor, rows: torch.Tensor, ranks: torch.Tensor, token_slots: torch.Tensor) -> None:
+    assert pool_flat.dim() == 1 and pool_flat.is_contiguous(), "pool_flat must be a contiguous 1-D buffer"
+    assert rows.dim() == 2 and rows.dtype == torch.int64 and rows.stride(1) == 1, "row table: [S, max_rank] int64"
+    assert ranks.shape == (rows.shape[0],) and ranks.dtype == torch.int32, "ranks: [S] int32"
+    assert token_slots.dim() == 1 and token_slots.dtype == torch.int32, "token_slots: [T] int32"
+
+
+def lora_shrink(
+    x: torch.Tensor, pool_flat: torch.Tensor, a_rows: torch.Tensor, ranks: torch.Tensor, token_slots: torch.Tensor
+) -> torch.Tensor:
+    """v[t, :r] = x[t] · Aᵀ for the adapter of token t; returns [T, max_rank] fp32, zeros past each rank."""
+    _check_rows(pool_flat, a_rows, ranks, token_slots)
+    num_tokens, in_dim = x.shape
+    assert x.stride(1) == 1 and token_slots.shape == (num_tokens,), "x: [T, in_dim] with unit inner stride"
+    num_slots, max_rank = a_rows.shape
+    v = torch.zeros(num_tokens, max_rank, dtype=torch.float32, device=x.device)
+    if num_tokens == 0:
+        return v
+    tiles = tiles_for(token_slots, num_slots)
+    rank_blocks = triton.cdiv(max_rank, BLOCK_R)
+    block_k = 128 if in_dim >= 128 else max(16, triton.next_power_of_2(in_dim))
+    # split K until the grid has about two programs per SM; each split keeps >= 512 columns
+    splits = max(1, min(triton.cdiv(2 * _num_sms(x.device), tiles.num_tiles * rank_blocks), in_dim // 512))
+    k_per_split = triton.cdiv(triton.cdiv(in_dim, splits), block_k) * block_k
+    splits = triton.cdiv(in_dim, k_per_split)
+    grid = (tiles.num_tiles, rank_blocks, splits)
+    _shrink_kernel[grid](
+        x, pool_flat, a_rows, ranks, tiles.order, tiles.tiles, v,
+        in_dim, k_per_split, tiles.num_tiles, x.stride(0), a_rows.stride(0), v.stride(0),
+        BLOCK_M=tiles.block_m, BLOCK_R=BLOCK_R, BLOCK_K=block_k, ATOMIC=splits > 1,
+        PRECISION=_precision(pool_flat.dtype), num_warps=4,
+    )
+    return v
+
+
+def lora_expand(
+    v: torch.Tensor,
+    pool_flat: torch.Tensor,
+    b_rows: torch.Tensor,
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    token_slots: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """out[t] += scale · v[t, :r] · Bᵀ for the adapter of token t, in place; base-only tokens untouched."""
+    _check_rows(pool_flat, b_rows, ranks, token_slots)
+    num_tokens, out_dim = out.shape
+    num_slots, max_rank = b_rows.shape
+    assert v.shape == (num_tokens, max_rank) and v.dtype == torch.float32 and v.stride(1) == 1, "v: [T, max_rank] fp32"
+    assert out.stride(1) == 1 and token_slots.shape == (num_tokens,), "out: [T, out_dim] with unit inner stride"
+    assert scales.shape == (num_slots,) and scales.dtype == torch.float32, "scales: [S] fp32"
+    if num_tokens == 0:
+        return
+    tiles = tiles_for(token_slots, num_slots)
+    block_n = 128 if tiles.block_m == 16 else 64
+    block_n = min(block_n, max(16, triton.next_power_of_2(out_dim)))
+    grid = (tiles.num_tiles, triton.cdiv(out_dim, block_n))
+    _expand_kernel[grid](
+        v, pool_flat, b_rows, ranks, scales, tiles.order, tiles.tiles, out,
+        out_dim, tiles.num_tiles, v.stride(0), b_rows.stride(0), out.stride(0),
+        BLOCK_M=tiles.block_m, BLOCK_R=BLOCK_R, BLOCK_N=block_n, PRECISION=_precision(pool_flat.dtype),
+        num_warps=4,
+    )
