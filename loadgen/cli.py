@@ -70,6 +70,12 @@ def add_workload_args(parser: argparse.ArgumentParser, several_n: bool = False) 
     c.add_argument("--num-sockets", type=int, default=1, help="WebSocket connections to spread requests over")
     c.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
     c.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is abandoned")
+    c.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=None,
+        help="abandon requests still running this many seconds after the last arrival (default: wait)",
+    )
     c.add_argument("--temperature", type=float, default=0.0)
     c.add_argument("--slo-ttft-ms", type=float, default=6000.0, help="first-token SLO (default 6000 ms)")
     c.add_argument("--no-progress", action="store_true", help="no live progress display")
@@ -153,6 +159,7 @@ def client_config(args: argparse.Namespace, url: str, target: Target) -> ClientC
         num_sockets=args.num_sockets,
         max_concurrency=args.max_concurrency,
         request_timeout_s=args.request_timeout,
+        drain_timeout_s=args.drain_timeout,
         temperature=args.temperature,
         slo_ttft_ms=args.slo_ttft_ms,
     )
@@ -227,6 +234,7 @@ async def run_one(
         "num_sockets": cfg.num_sockets,
         "max_concurrency": cfg.max_concurrency,
         "request_timeout_s": cfg.request_timeout_s,
+        "drain_timeout_s": cfg.drain_timeout_s,
         "temperature": cfg.temperature,
         "slo_ttft_ms": args.slo_ttft_ms,
         "no_lora": bool(args.no_lora),

@@ -97,6 +97,7 @@ class ClientConfig:
     temperature: float = 0.0
     ignore_eos: bool = True
     slo_ttft_ms: float | None = None
+    drain_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.protocol not in ("ws", "openai"):
@@ -105,6 +106,8 @@ class ClientConfig:
             raise ValueError(f"num_sockets must be >= 1, got {self.num_sockets}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        if self.drain_timeout_s is not None and self.drain_timeout_s < 0:
+            raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         if not self.url.startswith(("http://", "https://")):
@@ -273,10 +276,16 @@ class WsMux:
             await asyncio.wait_for(future, timeout_s)
         except asyncio.TimeoutError:
             record.fail("client_timeout", f"no done frame within {timeout_s} s", self._clock())
-            if not self._ws.closed:
-                await self._ws.send_str(json.dumps({"type": "cancel", "id": req_id}))
+            await self._cancel(req_id)
+        except asyncio.CancelledError:
+            await self._cancel(req_id)  # tell the server to stop working on an abandoned request
+            raise
         finally:
             self._pending.pop(req_id, None)
+
+    async def _cancel(self, req_id: str) -> None:
+        if not self._ws.closed:
+            await self._ws.send_str(json.dumps({"type": "cancel", "id": req_id}))
 
     async def close(self) -> None:
         await self._ws.close()
@@ -395,29 +404,64 @@ async def _guarded(
         progress.record_end(record)
 
 
+async def _acquire(slot: asyncio.Semaphore, deadline: float | None, clock: Clock) -> bool:
+    """Take a concurrency slot; False when the drain deadline passes first."""
+    if deadline is None:
+        await slot.acquire()
+        return True
+    try:
+        await asyncio.wait_for(slot.acquire(), max(0.0, deadline - clock()))
+    except asyncio.TimeoutError:
+        return False
+    return True
+
+
 async def dispatch(
     specs: list[RequestSpec], cfg: ClientConfig, send: SendOne, clock: Clock, progress: Progress
 ) -> list[RequestRecord]:
-    """Send each request at its arrival time (bounded by max_concurrency) and wait for all of them."""
+    """Send each request at its arrival time (bounded by max_concurrency) and wait for all of them.
+
+    With `drain_timeout_s`, requests still running (or never sent) that long after the last scheduled
+    arrival are abandoned (cancelled) and recorded with error code "drain_timeout".
+    """
     slot = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
     records = [_new_record(spec, cfg) for spec in specs]
     progress.records = records
+    last = max((spec.arrival_s for spec in specs), default=0.0)
+    deadline = None if cfg.drain_timeout_s is None else last + cfg.drain_timeout_s
     tasks: list[asyncio.Task[None]] = []
     try:
         for spec, record in zip(specs, records, strict=True):
             delay = spec.arrival_s - clock()
             if delay > 0:
                 await asyncio.sleep(delay)
-            if slot is not None:
-                await slot.acquire()
+            if slot is not None and not await _acquire(slot, deadline, clock):
+                break
             progress.sent += 1
             tasks.append(asyncio.create_task(_guarded(send, spec, record, clock, progress, slot)))
-        await asyncio.gather(*tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=None if deadline is None else max(0.0, deadline - clock()))
+        _abandon(records, tasks, clock, progress)
+        for task in tasks:
+            if task.done():
+                task.result()  # a bug in a client surfaces here instead of vanishing
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     return records
+
+
+def _abandon(records: list[RequestRecord], tasks: list[asyncio.Task[None]], clock: Clock, progress: Progress) -> None:
+    """Mark every request not finished by the drain deadline (the caller cancels the tasks)."""
+    now = clock()
+    for i, record in enumerate(records):
+        running = i < len(tasks) and not tasks[i].done()
+        if running or i >= len(tasks):
+            record.mid_stream = running and bool(record.token_times)
+            record.fail("drain_timeout", "abandoned at the drain deadline" if running else "never sent", now)
+            if i >= len(tasks):
+                progress.record_end(record)
 
 
 async def run_workload(specs: list[RequestSpec], cfg: ClientConfig, progress: Progress | None = None) -> RunOutput:

@@ -233,3 +233,32 @@ def test_connection_refused_is_recorded() -> None:
         port = sock.getsockname()[1]  # nothing listens here once closed
     out = asyncio.run(run_workload(_specs(["ok"]), ClientConfig(url=f"http://127.0.0.1:{port}", protocol="openai")))
     assert out.records[0].error_code == "connection_error"
+
+
+@pytest.mark.parametrize("protocol", ["ws", "openai"])
+async def test_drain_timeout_abandons_unfinished_requests(fake_server, protocol: str) -> None:
+    script, url = fake_server
+    # "ok" with 400 tokens streams for ~4 s on the fake server; the drain deadline is 0.3 s after arrival
+    specs = [
+        RequestSpec(index=0, arrival_s=0.0, adapter="ok", prompt=[1], input_len=1, max_tokens=2),
+        RequestSpec(index=1, arrival_s=0.05, adapter="ok", prompt=[1], input_len=1, max_tokens=400),
+    ]
+    cfg = ClientConfig(url=url, protocol=protocol, drain_timeout_s=0.3)
+    out = await run_workload(specs, cfg)
+    assert out.records[0].ok
+    slow = out.records[1]
+    assert slow.error_code == "drain_timeout" and slow.mid_stream and 0 < slow.output_tokens < 400
+    if protocol == "ws":  # the server read the cancel before the socket's close handshake finished
+        assert {"type": "cancel", "id": "r1"} in script.ws_frames
+
+
+async def test_drain_timeout_counts_requests_never_sent(fake_server) -> None:
+    _, url = fake_server
+    specs = [
+        RequestSpec(index=i, arrival_s=0.0, adapter="ok", prompt=[1], input_len=1, max_tokens=300) for i in range(3)
+    ]
+    cfg = ClientConfig(url=url, protocol="openai", max_concurrency=1, drain_timeout_s=0.2)
+    out = await run_workload(specs, cfg)
+    assert [r.error_code for r in out.records] == ["drain_timeout"] * 3
+    assert [r.send_s is None for r in out.records] == [False, True, True]
+    assert summarize(out.records, out.duration_s, 1.0)["errors_by_code"] == {"drain_timeout": 3}
