@@ -1,0 +1,115 @@
+"""Admission: bounds the waiting queue (429 + Retry-After) and early-aborts requests whose first token
+cannot meet their TTFT SLO (S-LoRA's early abort), before they reach the scheduler.
+
+`AdmissionPolicy` is the plain decision logic (no event loop, unit-tested); `AdmissionActor` owns one and
+a mailbox: it receives Submit/Cancel from the frontend and SchedulerStats from the scheduler, forwards
+what it admits to the scheduler (in order, so a Cancel never overtakes its Submit) and answers refusals
+directly to the frontend's router.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from lorafleet.actors.channels import Channel
+from lorafleet.actors.hub import RequestRecord, ServeHub
+from lorafleet.actors.schema import Cancel, Drain, Rejected, SchedulerStats, Submit
+
+QUEUE_FULL = "queue_full"
+SLO_UNATTAINABLE = "slo_unattainable"
+SHUTTING_DOWN = "server_shutting_down"
+
+
+@dataclass
+class AdmissionPolicy:
+    """Queue bound and first-token-time estimate from the scheduler's latest stats.
+
+    The waiting queue seen by a new request = the scheduler's waiting count + the submits forwarded that
+    the scheduler has not seen yet. The first-token estimate: the prompt tokens ahead of it (and its
+    own), prefilled at `max_batch_tokens - running` tokens per step, plus one step, times the smoothed
+    step time. With no step measured yet, nothing is refused for its SLO.
+    """
+
+    max_queue: int
+    max_batch_tokens: int
+    stats: SchedulerStats | None = None
+    forwarded_seq: int = 0
+    unseen_tokens: int = 0
+
+    def observe(self, stats: SchedulerStats) -> None:
+        self.stats = stats
+        if stats.seen_seq >= self.forwarded_seq:
+            self.unseen_tokens = 0
+
+    def queue_length(self) -> int:
+        if self.stats is None:
+            return self.forwarded_seq
+        return self.stats.num_waiting + max(0, self.forwarded_seq - self.stats.seen_seq)
+
+    def estimate_ttft_ms(self, prompt_tokens: int) -> float | None:
+        if self.stats is None or self.stats.step_ms <= 0:
+            return None
+        ahead = self.stats.waiting_tokens + self.unseen_tokens + prompt_tokens
+        per_step = max(1, self.max_batch_tokens - self.stats.num_running)
+        return (math.ceil(ahead / per_step) + 1) * self.stats.step_ms
+
+    def retry_after(self) -> float:
+        """Seconds until the queue has likely drained a slot (at least 1, at most 60)."""
+        step_ms = self.stats.step_ms if self.stats and self.stats.step_ms > 0 else 100.0
+        return float(min(60, max(1, math.ceil(self.queue_length() * step_ms * 4 / 1000))))
+
+    def decide(self, submit: Submit) -> Rejected | None:
+        """None to admit, else the refusal."""
+        if self.queue_length() >= self.max_queue:
+            return Rejected(submit.request_id, QUEUE_FULL, f"the queue is full ({self.max_queue} waiting); retry "
+                            "later", 429, None, self.retry_after())
+        estimate = self.estimate_ttft_ms(len(submit.prompt_ids))
+        if submit.slo_ttft_ms is not None and estimate is not None and estimate > submit.slo_ttft_ms:
+            return Rejected(submit.request_id, SLO_UNATTAINABLE, f"slo_ttft_ms: the first token is estimated at "
+                            f"{estimate:.0f} ms, over the {submit.slo_ttft_ms:.0f} ms SLO", 429, "slo_ttft_ms",
+                            self.retry_after())
+        return None
+
+    def admitted(self, submit: Submit) -> int:
+        self.forwarded_seq += 1
+        self.unseen_tokens += len(submit.prompt_ids)
+        return self.forwarded_seq
+
+
+class AdmissionActor:
+    """Mailbox owner around an AdmissionPolicy."""
+
+    def __init__(self, policy: AdmissionPolicy, inbox: Channel, scheduler: Channel, router: Channel,
+                 hub: ServeHub) -> None:
+        self.policy, self.inbox, self.scheduler, self.router, self.hub = policy, inbox, scheduler, router, hub
+        self.draining = False
+
+    async def run(self) -> None:
+        while True:
+            msg = await self.inbox.recv()
+            if isinstance(msg, Submit):
+                self._submit(msg)
+            elif isinstance(msg, Cancel):
+                self.scheduler.send(msg)
+            elif isinstance(msg, SchedulerStats):
+                self.policy.observe(msg)
+            elif isinstance(msg, Drain):
+                self.draining = True
+                self.scheduler.send(msg)
+            else:
+                raise TypeError(f"admission got unexpected message {type(msg).__name__}")
+
+    def _submit(self, submit: Submit) -> None:
+        refusal = self.policy.decide(submit)
+        if self.draining:
+            refusal = Rejected(submit.request_id, SHUTTING_DOWN, "the server is shutting down", 503)
+        if refusal is None:
+            seq = self.policy.admitted(submit)
+            self.scheduler.send(Submit(submit.request_id, submit.prompt_ids, submit.params, submit.adapter,
+                                       submit.slo_ttft_ms, submit.arrival, seq))
+            return
+        self.router.send(refusal)
+        self.hub.count("early_aborted" if refusal.code == SLO_UNATTAINABLE else "rejected_429")
+        self.hub.publish_record(RequestRecord(submit.request_id, submit.adapter, len(submit.prompt_ids), 0, None,
+                                              refusal.code, slo_ttft_ms=submit.slo_ttft_ms))

@@ -1,0 +1,145 @@
+"""The aiohttp application: routes, API-key middleware, admin adapter load/unload, health, debug state."""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import os
+from pathlib import Path
+
+from aiohttp import web
+
+from lorafleet.actors import openai_api
+from lorafleet.actors.frontend import Frontend, ws_stream
+from lorafleet.actors.protocol import ApiError, bad
+
+ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/debug/state")
+
+
+def _bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return request.headers.get("X-API-Key") or request.query.get("api_key")
+
+
+def _matches(given: str | None, expected: str) -> bool:
+    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    """--api-key guards /v1/*; --admin-key (when set) guards the admin paths and also opens /v1/*."""
+    frontend: Frontend = request.app["frontend"]
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    given = _bearer(request)
+    is_admin = frontend.admin_key is not None and _matches(given, frontend.admin_key)
+    if request.path in ADMIN_PATHS and frontend.admin_key is not None and not is_admin:
+        return openai_api.error_response(ApiError(403, "forbidden", "this endpoint needs the admin key"))
+    if frontend.api_key is not None and not is_admin and not _matches(given, frontend.api_key):
+        return openai_api.error_response(ApiError(401, "invalid_api_key", "missing or wrong API key "
+                                                  "(Authorization: Bearer <key>)"))
+    return await handler(request)
+
+
+def _adapter_path(frontend: Frontend, raw: object) -> str:
+    """The realpath of `raw`, which must lie under --adapter-root (relative paths are taken from there)."""
+    if not isinstance(raw, str) or not raw:
+        raise bad("lora_path", "must be a non-empty string")
+    if frontend.adapter_root is None:
+        raise ApiError(403, "forbidden_path", "lora_path: runtime loading needs the server started with "
+                       "--adapter-root", "lora_path")
+    root = os.path.realpath(frontend.adapter_root)
+    path = os.path.realpath(os.path.join(root, raw))
+    if os.path.commonpath([root, path]) != root:
+        raise ApiError(403, "forbidden_path", "lora_path: resolves outside the adapter root", "lora_path")
+    if not Path(path).is_dir():
+        raise ApiError(404, "adapter_not_found", f"lora_path: {raw!r} is not a directory under the adapter root",
+                       "lora_path")
+    return path
+
+
+_ADMIN_STATUS = {"adapter_exists": 400, "adapter_in_use": 409, "model_not_found": 404, "adapter_invalid": 400}
+
+
+async def _admin(request: web.Request, op: str) -> web.Response:
+    frontend: Frontend = request.app["frontend"]
+    try:
+        body = await openai_api.read_json(request, frontend)
+        if not isinstance(body, dict):
+            raise bad("body", "must be a JSON object")
+        name = body.get("lora_name")
+        if not isinstance(name, str) or not name or name == frontend.ctx.base_name:
+            raise bad("lora_name", "must be a non-empty string other than the base model's name")
+        path = _adapter_path(frontend, body.get("lora_path")) if op == "load" else None
+    except ApiError as exc:
+        return openai_api.error_response(exc)
+    result = await frontend.admin(op, name, path)
+    if not result.ok:
+        code = result.code or "adapter_invalid"
+        param = "lora_name" if code != "adapter_invalid" else "lora_path"
+        return openai_api.error_response(ApiError(_ADMIN_STATUS.get(code, 400), code, result.message, param))
+    frontend.ctx.adapters = set(frontend.hub.adapters)
+    return web.json_response({"status": "ok", "message": result.message})
+
+
+async def load_lora_adapter(request: web.Request) -> web.Response:
+    return await _admin(request, "load")
+
+
+async def unload_lora_adapter(request: web.Request) -> web.Response:
+    return await _admin(request, "unload")
+
+
+async def health(request: web.Request) -> web.Response:
+    hub = request.app["frontend"].hub
+    body = {"status": "ok", "executors": hub.executors, "step": hub.timing.step}
+    if not hub.healthy:
+        body.update(status="unhealthy", reason=hub.health_reason)
+        return web.json_response(body, status=503)
+    if hub.draining:
+        body.update(status="draining")
+        return web.json_response(body, status=503)
+    return web.json_response(body)
+
+
+async def debug_state(request: web.Request) -> web.Response:
+    """The latest engine snapshot (pool usage, page owners, queues) as JSON."""
+    hub = request.app["frontend"].hub
+    snapshot = hub.snapshot
+    return web.json_response({
+        "snapshot": dataclasses.asdict(snapshot) if snapshot is not None else None,
+        "step": dataclasses.asdict(hub.timing),
+        "prefetch": dataclasses.asdict(hub.prefetch),
+        "healthy": hub.healthy,
+    })
+
+
+async def _close_sockets(app: web.Application) -> None:
+    for ws in list(app["frontend"].sockets):
+        await ws.close(code=1001, message=b"server shutting down")
+
+
+def build_app(frontend: Frontend) -> web.Application:
+    """The aiohttp app; calls lorafleet.dashboard.setup_routes(app, hub) when the dashboard provides it."""
+    app = web.Application(middlewares=[auth_middleware], client_max_size=frontend.max_body_bytes)
+    app["frontend"] = frontend
+    app.router.add_get("/v1/stream", ws_stream)
+    app.router.add_post("/v1/completions", openai_api.completions)
+    app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
+    app.router.add_get("/v1/models", openai_api.models)
+    app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
+    app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
+    app.router.add_get("/v1/debug/state", debug_state)
+    app.router.add_get("/health", health)
+    app.on_shutdown.append(_close_sockets)
+    try:
+        from lorafleet.dashboard import setup_routes
+    except ImportError:
+        setup_routes = None
+    if setup_routes is not None:
+        info = frontend.hub.info
+        setup_routes(app, frontend.hub, max_lora=info.get("config", {}).get("max_adapters_per_batch"),
+                     default_slo_ttft_ms=info.get("slo_ttft_ms"), title=f"lorafleet · {frontend.ctx.base_name}")
+    return app

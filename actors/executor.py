@@ -1,0 +1,306 @@
+"""Executor processes: one spawned OS process per device rank runs the ModelRunner over its pool.
+
+The event-loop process never touches the model or the device. It sends `RunStep` messages (a StepPlan
+plus where the adapters to load are staged) over a shared-memory ring and awaits `StepResult`s. Adapter
+pages (bulk tensors) are copied by the `Stager` into a shared memory segment; the executor's
+`fetch_adapter` reads them from there, never from a msgpack frame.
+
+Ranks: every rank receives every plan; rank 0 samples and returns the token ids. World size 1 is what
+runs today; tensor parallelism adds ranks and a process group here without changing the protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import sys
+import time
+import traceback
+import types
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+from multiprocessing.connection import Connection
+
+import torch
+
+from lorafleet.actors.channels import ChannelClosed, RingChannel, RingEndpoint, ShmRing
+from lorafleet.actors.schema import ExecutorFailed, ExecutorReady, RunStep, Shutdown, StagedAdapter, StepResult
+from lorafleet.engine.adapter_store import AdapterInfo, PackedAdapter
+from lorafleet.engine.plan import StepPlan
+
+_ALIGN = 64
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ExecutorDied(RuntimeError):
+    """An executor process exited or failed; `rank` names it."""
+
+    def __init__(self, rank: int, message: str) -> None:
+        super().__init__(f"executor rank {rank}: {message}")
+        self.rank = rank
+
+
+@dataclass(frozen=True)
+class ExecutorSpec:
+    """Everything a spawned executor needs to build its model shard and pool (picklable)."""
+
+    rank: int
+    world_size: int
+    model_dir: str
+    engine_config: dict
+    plan_ring: str
+    result_ring: str
+    torch_threads: int = 0
+
+
+# the main process side: staging adapter pages -------------------------------------------------------
+class Stager:
+    """One shared memory segment, reused every step, holding the packed pages of the step's loads.
+
+    Steps run in lockstep (the next plan is sent after the previous result arrived), so the segment is
+    free again when the next step is staged. It grows (a new segment) when a step needs more room.
+    """
+
+    def __init__(self, initial_bytes: int = 1 << 20) -> None:
+        self.segment = shared_memory.SharedMemory(create=True, size=initial_bytes)
+        self._retired: list[shared_memory.SharedMemory] = []
+
+    def stage(self, packed: list[PackedAdapter]) -> list[StagedAdapter]:
+        sizes = [p.pages.numel() * p.pages.element_size() for p in packed]
+        need = sum(-(-s // _ALIGN) * _ALIGN for s in sizes)
+        if need > self.segment.size:
+            self._retired.append(self.segment)
+            self.segment = shared_memory.SharedMemory(create=True, size=max(need, 2 * self.segment.size))
+        staged, offset = [], 0
+        for item, size in zip(packed, sizes):
+            pages = item.pages.contiguous()
+            target = torch.frombuffer(self.segment.buf, dtype=pages.dtype, count=pages.numel(), offset=offset)
+            target.copy_(pages.reshape(-1))
+            del target
+            dtype = str(pages.dtype).removeprefix("torch.")
+            info = item.info
+            staged.append(StagedAdapter(info.name, self.segment.name, offset, list(pages.shape), dtype,
+                                        info.scale, dict(info.ranks)))
+            offset += -(-size // _ALIGN) * _ALIGN
+        return staged
+
+    def release_retired(self) -> None:
+        """Unlink segments replaced by a larger one (call after the step that used the new one)."""
+        for segment in self._retired:
+            segment.close()
+            segment.unlink()
+        self._retired.clear()
+
+    def close(self) -> None:
+        self.release_retired()
+        self.segment.close()
+        self.segment.unlink()
+
+
+# the executor process side ----------------------------------------------------------------------------
+class StagedReader:
+    """Executor side of the staging area: builds PackedAdapters that view the shared memory."""
+
+    def __init__(self, module_dims: dict[str, tuple[int, int]], page_elements: int) -> None:
+        self.module_dims, self.page_elements = module_dims, page_elements
+        self.segments: dict[str, shared_memory.SharedMemory] = {}
+        self.current: dict[str, StagedAdapter] = {}
+
+    def set_step(self, staged: list[StagedAdapter]) -> None:
+        self.current = {s.name: s for s in staged}
+        names = {s.segment for s in staged}
+        for name in names - set(self.segments):
+            for old in self.segments.values():
+                old.close()
+            self.segments = {name: shared_memory.SharedMemory(name=name)}
+
+    def fetch(self, name: str) -> PackedAdapter:
+        from lorafleet.engine.layout import AdapterLayout
+
+        staged = self.current.get(name)
+        if staged is None:
+            raise KeyError(f"adapter {name!r} is loaded by the plan but was not staged")
+        count = 1
+        for dim in staged.shape:
+            count *= dim
+        buffer = self.segments[staged.segment].buf
+        pages = torch.frombuffer(buffer, dtype=_DTYPES[staged.dtype], count=count, offset=staged.offset)
+        layout = AdapterLayout.build(staged.ranks, self.module_dims, self.page_elements)
+        info = AdapterInfo(name, "", max(staged.ranks.values()), staged.scale, dict(staged.ranks), layout)
+        return PackedAdapter(info, pages.view(*staged.shape).clone())
+
+    def close(self) -> None:
+        for segment in self.segments.values():
+            segment.close()
+        self.segments.clear()
+
+
+def _build_runner(spec: ExecutorSpec, reader_box: list[StagedReader]):
+    from lorafleet.engine.build import build_model
+    from lorafleet.engine.config import EngineConfig, ModelConfig, page_geometry
+    from lorafleet.engine.runner import ModelRunner
+    from lorafleet.engine.weights import Shard
+
+    if spec.world_size != 1:
+        raise NotImplementedError("tensor parallelism (world_size > 1) is not wired into executors yet")
+    config = EngineConfig(**spec.engine_config)
+    model_cfg = ModelConfig.from_dir(spec.model_dir)
+    block_tokens, page_elements = page_geometry(model_cfg, config.block_tokens)
+    model = build_model(__import__("pathlib").Path(spec.model_dir), config, Shard(spec.rank, spec.world_size))
+    reader = StagedReader(model_cfg.module_dims(), page_elements)
+    reader_box.append(reader)
+    return ModelRunner(model, config.num_pages, page_elements, block_tokens, reader.fetch,
+                       sample_on_this_rank=spec.rank == 0)
+
+
+def executor_main(spec: ExecutorSpec, plan_wake: Connection, result_wake: Connection) -> None:
+    """Entry point of a spawned executor process."""
+    if spec.torch_threads > 0:
+        torch.set_num_threads(spec.torch_threads)
+    endpoint = RingEndpoint(ShmRing.attach(spec.result_ring), ShmRing.attach(spec.plan_ring),
+                            result_wake.fileno(), plan_wake.fileno())
+    readers: list[StagedReader] = []
+    try:
+        runner = _build_runner(spec, readers)
+        endpoint.send(ExecutorReady(spec.rank, os.getpid(), spec.engine_config.get("device", "cpu")))
+        code = _serve(spec, runner, readers[0], endpoint)
+    except ChannelClosed:
+        code = 0
+    except Exception as exc:  # report any failure to the scheduler, then exit non-zero
+        endpoint.send(ExecutorFailed(spec.rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        code = 1
+    for reader in readers:
+        reader.close()
+    endpoint.close()
+    sys.exit(code)
+
+
+def _serve(spec: ExecutorSpec, runner, reader: StagedReader, endpoint: RingEndpoint) -> int:
+    while True:
+        msg = endpoint.recv()
+        if isinstance(msg, Shutdown):
+            return 0
+        if not isinstance(msg, RunStep):
+            raise TypeError(f"executor got unexpected message {type(msg).__name__}")
+        started = time.perf_counter()
+        plan = StepPlan.from_wire(msg.plan)
+        reader.set_step(msg.staged)
+        sampled = runner.execute(plan)
+        endpoint.send(StepResult(plan.step, spec.rank, [int(t) for t in sampled], time.perf_counter() - started))
+
+
+# the main process side: handles on running executors ---------------------------------------------------
+@dataclass
+class _Rank:
+    rank: int
+    process: multiprocessing.process.BaseProcess
+    channel: RingChannel
+    rings: tuple[ShmRing, ShmRing]
+    pid: int = 0
+    device: str = ""
+
+
+class ExecutorGroup:
+    """The executor processes of one engine (one per rank), driven in lockstep."""
+
+    def __init__(self, ranks: list[_Rank], stager: Stager) -> None:
+        self.ranks, self.stager = ranks, stager
+        self.dead: str | None = None
+
+    @classmethod
+    async def start(cls, model_dir: str, engine_config: object, world_size: int = 1, torch_threads: int = 0,
+                    start_timeout: float = 600.0) -> ExecutorGroup:
+        """Spawn every rank and wait until each reports ready (or raise ExecutorDied)."""
+        ranks = [_spawn(rank, world_size, model_dir, engine_config, torch_threads) for rank in range(world_size)]
+        group = cls(ranks, Stager())
+        try:
+            for r in ranks:
+                msg = await asyncio.wait_for(r.channel.recv(), start_timeout)
+                if not isinstance(msg, ExecutorReady):
+                    raise ExecutorDied(r.rank, getattr(msg, "message", f"unexpected {type(msg).__name__}"))
+                r.pid, r.device = msg.pid, msg.device
+        except (ChannelClosed, TimeoutError, asyncio.TimeoutError) as exc:
+            await group.stop()
+            raise ExecutorDied(0, f"did not start: {exc}") from exc
+        except ExecutorDied:
+            await group.stop()
+            raise
+        return group
+
+    def info(self) -> list[dict]:
+        return [{"rank": r.rank, "pid": r.pid, "device": r.device, "alive": r.process.is_alive()} for r in self.ranks]
+
+    async def run(self, plan: StepPlan, packed: list[PackedAdapter]) -> StepResult:
+        """Execute one step on every rank; rank 0's result. Raises ExecutorDied on any failure."""
+        if self.dead is not None:
+            raise ExecutorDied(0, self.dead)
+        try:
+            msg = RunStep(plan.to_wire(), self.stager.stage(packed))
+            for r in self.ranks:
+                r.channel.send(msg)
+            results = [await r.channel.recv() for r in self.ranks]
+        except (ChannelClosed, OSError) as exc:
+            self.dead = f"process exited ({exc})"
+            raise ExecutorDied(0, self.dead) from exc
+        self.stager.release_retired()
+        for result in results:
+            if not isinstance(result, StepResult):
+                self.dead = getattr(result, "message", f"unexpected {type(result).__name__}")
+                raise ExecutorDied(getattr(result, "rank", 0), self.dead)
+        return results[0]
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Ask every rank to exit, wait (without blocking the loop), then kill stragglers."""
+        for r in self.ranks:
+            try:
+                r.channel.send(Shutdown())
+            except (ChannelClosed, OSError):
+                pass  # already gone: nothing to ask
+        deadline = time.monotonic() + timeout
+        for r in self.ranks:
+            while r.process.is_alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if r.process.is_alive():
+                r.process.kill()
+            await asyncio.to_thread(r.process.join, 5.0)
+            r.channel.close()
+            for ring in r.rings:
+                ring.close()
+        self.stager.close()
+
+
+@contextlib.contextmanager
+def _plain_main_module():
+    """Spawned children re-import the parent's __main__; when that is `python -m lorafleet` (a module that
+    runs the CLI on import) the child would start a server. Present an empty __main__ while spawning."""
+    saved = sys.modules["__main__"]
+    needs_swap = getattr(saved, "__spec__", None) is not None and saved.__spec__.name.startswith("lorafleet")
+    if needs_swap:
+        sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = saved
+
+
+def _spawn(rank: int, world_size: int, model_dir: str, engine_config: object, torch_threads: int) -> _Rank:
+    ctx = multiprocessing.get_context("spawn")
+    plan_ring, result_ring = ShmRing.create(), ShmRing.create()
+    plan_r, plan_w = ctx.Pipe(duplex=False)
+    result_r, result_w = ctx.Pipe(duplex=False)
+    config = dataclasses.asdict(engine_config)
+    spec = ExecutorSpec(rank, world_size, model_dir, config, plan_ring.name, result_ring.name, torch_threads)
+    process = ctx.Process(target=executor_main, args=(spec, plan_r, result_w), name=f"lorafleet-executor-{rank}",
+                          daemon=True)
+    with _plain_main_module():
+        process.start()
+    plan_r.close()
+    result_w.close()
+    tx_fd, rx_fd = os.dup(plan_w.fileno()), os.dup(result_r.fileno())
+    plan_w.close()
+    result_r.close()
+    channel = RingChannel(plan_ring, result_ring, tx_fd, rx_fd)
+    return _Rank(rank, process, channel, (plan_ring, result_ring))

@@ -1,0 +1,273 @@
+"""The frontend actor: aiohttp routes for WebSocket streaming, OpenAI-compatible HTTP, admin and health.
+
+Requests are validated here (actors/protocol.py), submitted to admission, and their per-step news comes
+back through the `Router`, which owns the one inbox every producer (admission, scheduler) answers to and
+hands each request's messages to that request's `Generation`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from aiohttp import WSMsgType, web
+
+from lorafleet.actors.channels import Channel, LocalChannel
+from lorafleet.actors.hub import ServeHub
+from lorafleet.actors.protocol import ApiError, GenerationSpec, ParseContext, bad, client_id, parse_ws_generate
+from lorafleet.actors.schema import AdminOp, AdminResult, Admitted, Cancel, DeltaItem, Rejected, StepDeltas, Submit
+
+MSGPACK_PROTOCOL = "lorafleet.msgpack"
+_ERROR_STATUS = {"executor_failed": 503, "slo_unattainable": 429, "server_shutting_down": 503}
+
+
+class Router:
+    """Routes Admitted / Rejected / StepDeltas / AdminResult messages to the waiting request's queue."""
+
+    def __init__(self, inbox: LocalChannel) -> None:
+        self.inbox = inbox
+        self.queues: dict[str, asyncio.Queue[object]] = {}
+
+    def open(self, request_id: str) -> asyncio.Queue[object]:
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        self.queues[request_id] = queue
+        return queue
+
+    def close(self, request_id: str) -> None:
+        self.queues.pop(request_id, None)
+
+    async def run(self) -> None:
+        while True:
+            msg = await self.inbox.recv()
+            if isinstance(msg, StepDeltas):
+                for item in msg.items:
+                    self._deliver(item.request_id, item)
+            elif isinstance(msg, (Admitted, Rejected, AdminResult)):
+                self._deliver(msg.request_id, msg)
+            else:
+                raise TypeError(f"router got unexpected message {type(msg).__name__}")
+
+    def _deliver(self, request_id: str, msg: object) -> None:
+        queue = self.queues.get(request_id)
+        if queue is not None:
+            queue.put_nowait(msg)
+
+
+@dataclass
+class Generation:
+    """One submitted generation as seen by a handler: wait for admission, then read its items."""
+
+    frontend: Frontend
+    request_id: str
+    spec: GenerationSpec
+    queue: asyncio.Queue[object]
+    finished: bool = False
+    cancel_sent: bool = False
+
+    async def admitted(self) -> None:
+        """Returns when admitted; raises ApiError when refused."""
+        msg = await self.queue.get()
+        if isinstance(msg, Rejected):
+            self.finished = True
+            raise ApiError(msg.status, msg.code, msg.message, msg.param, msg.retry_after)
+        assert isinstance(msg, Admitted), f"unexpected first message {msg!r}"
+
+    async def next(self) -> DeltaItem:
+        item = await self.queue.get()
+        assert isinstance(item, DeltaItem), f"unexpected message {item!r}"
+        self.finished = self.finished or item.finished
+        return item
+
+    def cancel(self) -> None:
+        """Ask the scheduler to stop it (idempotent); a final `cancelled` item will still arrive."""
+        if not self.finished and not self.cancel_sent:
+            self.cancel_sent = True
+            self.frontend.admission.send(Cancel(self.request_id))
+
+    def close(self) -> None:
+        """Stop listening; cancels the request if it has not finished."""
+        self.cancel()
+        self.frontend.router.close(self.request_id)
+
+
+@dataclass
+class Frontend:
+    """Shared state of the HTTP/WS handlers (read-only except the id counter and open sockets)."""
+
+    ctx: ParseContext
+    admission: Channel
+    scheduler: Channel
+    router: Router
+    hub: ServeHub
+    api_key: str | None = None
+    admin_key: str | None = None
+    adapter_root: Path | None = None
+    max_body_bytes: int = 1 << 20
+    sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    _ids: itertools.count = field(default_factory=itertools.count)
+
+    def new_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    def start(self, spec: GenerationSpec) -> Generation:
+        request_id = self.new_id()
+        queue = self.router.open(request_id)
+        self.admission.send(Submit(request_id, spec.prompt_ids, spec.params, spec.adapter, spec.slo_ttft_ms,
+                                   time.monotonic()))
+        return Generation(self, request_id, spec, queue)
+
+    async def admin(self, op: str, name: str, path: str | None) -> AdminResult:
+        request_id = self.new_id("admin")
+        queue = self.router.open(request_id)
+        try:
+            self.scheduler.send(AdminOp(request_id, op, name, path))
+            result = await queue.get()
+        finally:
+            self.router.close(request_id)
+        assert isinstance(result, AdminResult)
+        return result
+
+
+def item_error(item: DeltaItem) -> ApiError:
+    return ApiError(_ERROR_STATUS.get(item.error_code or "", 500), item.error_code or "internal_error",
+                    item.error_message or "")
+
+
+# WebSocket /v1/stream -------------------------------------------------------------------------------
+class WsConnection:
+    """One socket: many generations told apart by the client's id; one lock serialises writes."""
+
+    def __init__(self, frontend: Frontend, ws: web.WebSocketResponse) -> None:
+        self.frontend, self.ws = frontend, ws
+        self.binary = ws.ws_protocol == MSGPACK_PROTOCOL
+        self.lock = asyncio.Lock()
+        self.active: dict[str, Generation] = {}
+        self.tasks: set[asyncio.Task] = set()
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        if self.ws.closed:
+            return
+        async with self.lock:
+            if self.binary:
+                await self.ws.send_bytes(msgpack.packb(frame, use_bin_type=True))
+            else:
+                await self.ws.send_str(json.dumps(frame, separators=(",", ":")))
+
+    async def error(self, cid: str | None, exc: ApiError) -> None:
+        await self.send({"type": "error", "id": cid, "error": {"code": exc.code, "message": exc.message,
+                                                               "param": exc.param}})
+
+    def decode(self, msg) -> dict:
+        try:
+            frame = json.loads(msg.data) if msg.type == WSMsgType.TEXT else msgpack.unpackb(msg.data, raw=False)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+            raise ApiError(400, "invalid_json", f"the frame is not valid {self._format(msg)}: {exc}") from exc
+        if not isinstance(frame, dict):
+            raise ApiError(400, "invalid_json", "a frame must be an object")
+        return frame
+
+    @staticmethod
+    def _format(msg) -> str:
+        return "JSON" if msg.type == WSMsgType.TEXT else "msgpack"
+
+    async def handle(self, msg) -> None:
+        frame = self.decode(msg)
+        kind = frame.get("type")
+        if kind == "generate":
+            await self.generate(frame)
+        elif kind == "cancel":
+            cid = client_id(frame)
+            if cid in self.active:
+                self.active[cid].cancel()
+        else:
+            raise ApiError(400, "unknown_type", f"type: unknown frame type {kind!r} (generate, cancel)", "type")
+
+    async def generate(self, frame: dict) -> None:
+        cid = client_id(frame)
+        if cid in self.active:
+            raise ApiError(400, "duplicate_id", f"id: {cid!r} is already generating on this socket", "id")
+        try:
+            spec = parse_ws_generate(frame, self.frontend.ctx)
+        except ApiError as exc:
+            await self.error(cid, exc)
+            return
+        generation = self.frontend.start(spec)
+        self.active[cid] = generation
+        task = asyncio.create_task(self.pump(cid, generation), name=f"ws-{cid}")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def pump(self, cid: str, generation: Generation) -> None:
+        try:
+            try:
+                await generation.admitted()
+            except ApiError as exc:
+                await self.error(cid, exc)
+                return
+            await self.send({"type": "accepted", "id": cid})
+            await self._stream(cid, generation)
+        finally:
+            self.active.pop(cid, None)
+            generation.close()
+
+    async def _stream(self, cid: str, generation: Generation) -> None:
+        while True:
+            item = await generation.next()
+            if item.token_ids or item.text:
+                await self.send({"type": "delta", "id": cid, "text": item.text, "token_ids": item.token_ids})
+            if item.error_code is not None:
+                await self.error(cid, item_error(item))
+                return
+            if item.finished:
+                await self.send({
+                    "type": "done", "id": cid, "finish_reason": item.finish_reason,
+                    "usage": {"prompt_tokens": item.prompt_tokens, "completion_tokens": item.completion_tokens},
+                    "timing": {"queue_ms": item.queue_ms, "ttft_ms": item.ttft_ms, "e2e_ms": item.e2e_ms},
+                })
+                return
+
+    async def close(self) -> None:
+        for generation in list(self.active.values()):
+            generation.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def ws_stream(request: web.Request) -> web.WebSocketResponse:
+    frontend: Frontend = request.app["frontend"]
+    ws = web.WebSocketResponse(protocols=(MSGPACK_PROTOCOL,), max_msg_size=frontend.max_body_bytes)
+    await ws.prepare(request)
+    conn = WsConnection(frontend, ws)
+    frontend.sockets.add(ws)
+    try:
+        async for msg in ws:
+            if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                continue
+            try:
+                await conn.handle(msg)
+            except ApiError as exc:
+                await conn.error(None if exc.code in ("invalid_json", "unknown_type") else _safe_id(msg), exc)
+    finally:
+        frontend.sockets.discard(ws)
+        await conn.close()
+    return ws
+
+
+def _safe_id(msg) -> str | None:
+    try:
+        frame = json.loads(msg.data) if msg.type == WSMsgType.TEXT else msgpack.unpackb(msg.data, raw=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return None
+    value = frame.get("id") if isinstance(frame, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def bad_body(exc: Exception) -> ApiError:
+    return bad("body", f"is not valid JSON: {exc}", "invalid_json")

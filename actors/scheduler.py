@@ -1,0 +1,263 @@
+"""The scheduler actor: owns the Engine's planning side and drives the executors step by step.
+
+    loop: drain mailbox (submit / cancel / admin / prefetched adapters)
+          plan_step  →  stage adapter pages + send the plan to every executor rank  →  await result
+          complete_step  →  one StepDeltas message with every request's news  →  stats, snapshot
+
+Cancels and disconnects wait at most one step (the one in flight) before their pages are freed. If an
+executor dies, every in-flight request gets an `executor_failed` error and the actor stops stepping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from lorafleet.actors.admission import SHUTTING_DOWN, SLO_UNATTAINABLE
+from lorafleet.actors.channels import Channel, LocalChannel
+from lorafleet.actors.executor import ExecutorDied
+from lorafleet.actors.hub import RequestRecord, ServeHub, StepRecord
+from lorafleet.actors.protocol import params_from_wire
+from lorafleet.actors.schema import (
+    AdapterFetched,
+    AdminOp,
+    AdminResult,
+    Admitted,
+    Cancel,
+    DeltaItem,
+    Drain,
+    Prefetch,
+    Rejected,
+    SchedulerStats,
+    StepDeltas,
+    Submit,
+)
+from lorafleet.engine.adapters import AdapterError
+from lorafleet.engine.engine import Engine
+from lorafleet.engine.request import ParamError, Request, RequestOutput
+from lorafleet.engine.scheduler import Schedule
+
+EXECUTOR_FAILED = "executor_failed"
+
+
+@dataclass
+class Live:
+    """A request the scheduler has accepted, with its timing."""
+
+    request: Request
+    arrival: float
+    slo_ttft_ms: float | None
+    first_token: float | None = None
+
+
+class SchedulerActor:
+    def __init__(self, engine: Engine, executors, inbox: LocalChannel, router: Channel, admission: Channel,
+                 prefetcher: Channel, hub: ServeHub) -> None:
+        self.engine, self.executors = engine, executors
+        self.inbox, self.router, self.admission, self.prefetcher, self.hub = inbox, router, admission, prefetcher, hub
+        self.live: dict[str, Live] = {}
+        self.dead: str | None = None
+        self.draining = False
+        self.seen_seq = 0
+        self.step_ms = 0.0
+        self._asked: set[str] = set()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.failed = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            if self.dead is not None or not self.engine.has_unfinished():
+                self.idle.set()
+                await self._handle(await self.inbox.recv())
+            while (msg := self.inbox.poll()) is not None:
+                await self._handle(msg)
+            self._drop_expired()
+            if self.dead is not None or not self.engine.has_unfinished():
+                continue
+            self.idle.clear()
+            planned = self.engine.plan_step()
+            if planned is None:
+                await self._handle(await self.inbox.recv())
+                continue
+            await self._run_step(*planned)
+
+    async def wait_idle(self) -> None:
+        """Return once no accepted request is unfinished."""
+        await self.idle.wait()
+
+    # one step -------------------------------------------------------------------------------------------
+    async def _run_step(self, schedule: Schedule, plan) -> None:
+        packed = [self.engine.store.fetch(load.name) for load in plan.loads]
+        started = time.perf_counter()
+        try:
+            result = await self.executors.run(plan, packed)
+        except ExecutorDied as exc:
+            self._executor_died(str(exc))
+            return
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        self.step_ms = elapsed_ms if self.step_ms == 0 else 0.8 * self.step_ms + 0.2 * elapsed_ms
+        outputs = self.engine.complete_step(schedule, result.sampled)
+        items = [self._item(out) for out in outputs]
+        if items:
+            self.router.send(StepDeltas(plan.step, items))
+        self._after_step(plan, elapsed_ms)
+
+    def _item(self, out: RequestOutput) -> DeltaItem:
+        live = self.live[out.request_id]
+        now = time.monotonic()
+        live.first_token = live.first_token or now
+        if not out.finished:
+            return DeltaItem(out.request_id, out.new_token_ids, out.new_text)
+        del self.live[out.request_id]
+        item = DeltaItem(out.request_id, out.new_token_ids, out.new_text, True, out.finish_reason,
+                         out.prompt_tokens, out.completion_tokens, None, None, *self._timing(live, now))
+        self._record(live, item)
+        return item
+
+    def _timing(self, live: Live, now: float) -> tuple[float | None, float | None, float]:
+        scheduled = live.request.scheduled_time
+        queue_ms = (scheduled - live.arrival) * 1000 if scheduled is not None else None
+        ttft_ms = (live.first_token - live.arrival) * 1000 if live.first_token is not None else None
+        return queue_ms, ttft_ms, (now - live.arrival) * 1000
+
+    def _record(self, live: Live, item: DeltaItem) -> None:
+        r = live.request
+        tpot = None
+        if item.e2e_ms is not None and item.ttft_ms is not None and len(r.output_ids) > 1:
+            tpot = (item.e2e_ms - item.ttft_ms) / (len(r.output_ids) - 1)
+        self.hub.publish_record(RequestRecord(
+            item.request_id, r.adapter, len(r.prompt_ids), len(r.output_ids), item.finish_reason, item.error_code,
+            item.queue_ms, item.ttft_ms, item.e2e_ms, tpot, live.slo_ttft_ms))
+
+    def _after_step(self, plan, elapsed_ms: float) -> None:
+        timing = self.hub.timing
+        timing.step, timing.step_ms, timing.step_ms_avg = plan.step, elapsed_ms, self.step_ms
+        timing.batch_tokens, timing.batch_seqs = plan.num_tokens, len(plan.seqs)
+        self.hub.publish_step(StepRecord(plan.step, len(plan.seqs), plan.num_tokens, elapsed_ms, list(plan.slots),
+                                         adapter_loads=[load.name for load in plan.loads]))
+        self._publish()
+        self._ask_prefetch()
+
+    def _publish(self) -> None:
+        waiting = self.engine.scheduler.waiting
+        self.admission.send(SchedulerStats(
+            self.hub.timing.step, self.seen_seq, len(waiting), len(self.engine.scheduler.running),
+            sum(r.num_tokens - r.num_computed for r in waiting), self.step_ms))
+        self.hub.publish_snapshot(self.engine.snapshot())
+
+    def _ask_prefetch(self) -> None:
+        store = self.engine.store
+        wanted = {}
+        for request in self.engine.scheduler.waiting:
+            name = request.adapter
+            if name is None or name in self._asked or store.is_cached(name) or self.engine.pool.is_resident(name):
+                continue
+            wanted[name] = store.infos[name].path
+        if wanted:
+            self._asked.update(wanted)
+            self.prefetcher.send(Prefetch(wanted))
+
+    # mailbox --------------------------------------------------------------------------------------------
+    async def _handle(self, msg: object) -> None:
+        if isinstance(msg, Submit):
+            self._submit(msg)
+        elif isinstance(msg, Cancel):
+            self._cancel(msg.request_id, "cancelled")
+        elif isinstance(msg, AdminOp):
+            await self._admin(msg)
+        elif isinstance(msg, AdapterFetched):
+            self._fetched(msg)
+        elif isinstance(msg, Drain):
+            self.draining = True
+            if msg.cancel_all:
+                for request_id in list(self.live):
+                    self._cancel(request_id, "cancelled")
+        else:
+            raise TypeError(f"scheduler got unexpected message {type(msg).__name__}")
+
+    def _submit(self, msg: Submit) -> None:
+        self.seen_seq = max(self.seen_seq, msg.seq)
+        refusal = self._check_submit(msg)
+        if refusal is None:
+            try:
+                self.engine.add_request(msg.request_id, msg.prompt_ids, params_from_wire(msg.params), msg.adapter)
+            except ParamError as exc:
+                refusal = Rejected(msg.request_id, "invalid_parameter", str(exc), 400, exc.field)
+            except AdapterError as exc:
+                refusal = Rejected(msg.request_id, "model_not_found", str(exc), 404, "model")
+        if refusal is not None:
+            self.router.send(refusal)
+            self._publish()
+            return
+        request = self.engine.requests[msg.request_id].request
+        self.live[msg.request_id] = Live(request, msg.arrival, msg.slo_ttft_ms)
+        self.idle.clear()
+        self.router.send(Admitted(msg.request_id))
+
+    def _check_submit(self, msg: Submit) -> Rejected | None:
+        if self.dead is not None:
+            return Rejected(msg.request_id, EXECUTOR_FAILED, f"the executor failed: {self.dead}", 503)
+        if self.draining:
+            return Rejected(msg.request_id, SHUTTING_DOWN, "the server is shutting down", 503)
+        return None
+
+    def _cancel(self, request_id: str, reason: str, code: str | None = None, message: str | None = None) -> None:
+        live = self.live.pop(request_id, None)
+        if live is None:
+            return
+        self.engine.abort(request_id)
+        now = time.monotonic()
+        item = DeltaItem(request_id, [], "", True, reason if code is None else None, len(live.request.prompt_ids),
+                         len(live.request.output_ids), code, message, *self._timing(live, now))
+        self._record(live, item)
+        self.router.send(StepDeltas(self.hub.timing.step, [item]))
+        self._publish()
+
+    def _drop_expired(self) -> None:
+        """Early abort: waiting requests past their first-token deadline leave the queue."""
+        now = time.monotonic()
+        for request_id, live in list(self.live.items()):
+            if live.slo_ttft_ms is None or live.first_token is not None or live.request.scheduled_time is not None:
+                continue
+            waited_ms = (now - live.arrival) * 1000
+            if waited_ms > live.slo_ttft_ms:
+                self.hub.count("early_aborted")
+                self._cancel(request_id, "cancelled", SLO_UNATTAINABLE,
+                             f"slo_ttft_ms: waited {waited_ms:.0f} ms without being scheduled "
+                             f"(SLO {live.slo_ttft_ms:.0f} ms); dropped")
+
+    def _executor_died(self, reason: str) -> None:
+        self.dead = reason
+        self.hub.mark_unhealthy(f"executor failed: {reason}")
+        self.failed.set()
+        for request_id in list(self.live):
+            self._cancel(request_id, "cancelled", EXECUTOR_FAILED, f"the executor failed: {reason}")
+
+    async def _admin(self, msg: AdminOp) -> None:
+        try:
+            if msg.op == "load":
+                await asyncio.to_thread(self.engine.add_adapter, msg.name, msg.path)
+            elif msg.op == "unload":
+                self.engine.remove_adapter(msg.name)
+            else:
+                raise AdapterError(f"op: unknown admin operation {msg.op!r}")
+        except AdapterError as exc:
+            code = "adapter_in_use" if "in use" in str(exc) else "adapter_invalid"
+            if "already loaded" in str(exc):
+                code = "adapter_exists"
+            elif "is not loaded" in str(exc):
+                code = "model_not_found"
+            self.router.send(AdminResult(msg.request_id, False, code, str(exc)))
+            return
+        self.hub.adapters = {name: info.path for name, info in self.engine.store.infos.items()}
+        self._publish()
+        self.router.send(AdminResult(msg.request_id, True, None, f"{msg.op} {msg.name}: ok"))
+
+    def _fetched(self, msg: AdapterFetched) -> None:
+        self._asked.discard(msg.name)
+        info = self.engine.store.infos.get(msg.name)
+        if info is None or info.path != msg.path or self.engine.store.is_cached(msg.name):
+            return
+        self.engine.store._put(msg.packed)  # the store's LRU insert (bounded in bytes)

@@ -1,0 +1,158 @@
+"""`lorafleet serve`: build the planning engine, spawn the executor(s), run the actors and the web app.
+
+Exit codes: 0 after a clean shutdown (SIGTERM/SIGINT drains first), 2 for bad arguments or assets,
+3 when an executor died (in-flight requests got errors and /health answered 503 meanwhile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+EXIT_EXECUTOR_FAILED = 3
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="lorafleet serve", description="Serve a base model and its LoRA adapters.")
+    p.add_argument("--model", default=None, help="HF model directory or synthetic:NAME (default: the demo model)")
+    p.add_argument("--served-model-name", default=None, help="name of the base model in the API")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="serve a PEFT adapter")
+    p.add_argument("--adapter-root", default=None, help="every PEFT dir below it is served by its relative path; "
+                   "runtime loads are restricted to it")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
+    p.add_argument("--num-pages", type=int, default=512)
+    p.add_argument("--block-tokens", type=int, default=16)
+    p.add_argument("--max-batch-tokens", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-adapters-per-batch", type=int, default=16)
+    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--host-cache-mb", type=int, default=4096, help="host LRU cache of packed adapters (MiB)")
+    p.add_argument("--slo-ttft-ms", type=float, default=None, help="default first-token SLO (early abort)")
+    p.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 429")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight work")
+    p.add_argument("--failure-linger", type=float, default=2.0,
+                   help="seconds to keep answering (503) after an executor died, before exiting 3")
+    p.add_argument("--api-key", default=os.environ.get("LORAFLEET_API_KEY"))
+    p.add_argument("--admin-key", default=os.environ.get("LORAFLEET_ADMIN_KEY"))
+    p.add_argument("--torch-threads", type=int, default=0, help="torch threads per executor (0 = default)")
+    return p.parse_args(argv)
+
+
+@dataclass
+class Assets:
+    """The model directory, the base model's API name and the adapters to register at start."""
+
+    model_ref: str
+    model_dir: Path
+    base_name: str
+    adapters: dict[str, str]
+
+
+def default_assets() -> tuple[str, dict[str, str], str]:
+    """(model ref, adapters, base name) with no --model: the demo model if shipped, else synthetic tiny."""
+    from lorafleet.engine import demo
+
+    model_dir = demo.demo_model_dir()
+    if (model_dir / "config.json").is_file():
+        adapters = {n: str(d) for n, d in demo.demo_adapter_dirs().items() if (d / "adapter_config.json").is_file()}
+        return str(model_dir), adapters, demo.BASE_MODEL_NAME
+    from lorafleet.engine.build import cache_dir, resolve_model
+    from lorafleet.engine.synthetic import write_adapter
+
+    model_dir = resolve_model("synthetic:tiny")
+    adapters = {}
+    for name, rank, seed in (("tiny-r4", 4, 1), ("tiny-r8", 8, 2), ("tiny-r16", 16, 3)):
+        out = cache_dir() / "synthetic" / "tiny-adapters" / name
+        if not (out / "adapter_config.json").is_file():
+            _write_once(out, lambda tmp, r=rank, s=seed: write_adapter(tmp, model_dir, r, seed=s))
+        adapters[name] = str(out)
+    return str(model_dir), adapters, "synthetic-tiny"
+
+
+def _write_once(out: Path, write) -> None:
+    """Write into a private temporary dir, then rename into place (another process may win the race)."""
+    import shutil
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}")
+    write(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:
+        if not (out / "adapter_config.json").is_file():
+            raise
+        shutil.rmtree(tmp)
+
+
+def scan_adapter_root(root: Path) -> dict[str, str]:
+    """name (path relative to root, '/'-separated) -> dir, for every dir below root with adapter_config.json."""
+    found = {}
+    for config in sorted(root.rglob("adapter_config.json")):
+        found[config.parent.relative_to(root).as_posix()] = str(config.parent)
+    return found
+
+
+def resolve_assets(args: argparse.Namespace) -> Assets:
+    from lorafleet.engine.build import resolve_model
+
+    if args.model is None:
+        ref, adapters, base = default_assets()
+    else:
+        ref, adapters = args.model, {}
+        base = args.model.replace("synthetic:", "synthetic-") if args.model.startswith("synthetic:") \
+            else Path(args.model).resolve().name
+    if args.adapter_root is not None:
+        root = Path(args.adapter_root)
+        if not root.is_dir():
+            raise ValueError(f"--adapter-root: {root} is not a directory")
+        adapters.update(scan_adapter_root(root))
+    for spec in args.adapter:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter: expected NAME=DIR, got {spec!r}")
+        adapters[name] = path
+    return Assets(ref, resolve_model(ref), args.served_model_name or base, adapters)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    from lorafleet.actors.server import Server
+
+    try:
+        assets = resolve_assets(args)
+        server = Server.from_args(args, assets)
+    except ValueError as exc:
+        print(f"lorafleet serve: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(run(server))
+
+
+async def run(server) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    started = time.monotonic()
+    try:
+        await server.start()
+    except Exception as exc:  # startup failed: report and exit non-zero after cleaning up
+        print(f"lorafleet serve: startup failed: {exc}", file=sys.stderr)
+        traceback.print_exc()
+        await server.stop()
+        return 1
+    server.print_urls(time.monotonic() - started)
+    try:
+        return await server.serve_until(stop)
+    finally:
+        await server.stop()

@@ -1,0 +1,184 @@
+"""The server's assembly and lifecycle: planning engine, executors, actors, web app; drain and stop.
+
+Every actor task is created here, and cancelled and awaited in `stop()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import traceback
+from argparse import Namespace
+
+from aiohttp import web
+
+from lorafleet.actors.admission import AdmissionActor, AdmissionPolicy
+from lorafleet.actors.app import build_app
+from lorafleet.actors.channels import LocalChannel
+from lorafleet.actors.executor import ExecutorGroup
+from lorafleet.actors.frontend import Frontend, Router
+from lorafleet.actors.hub import ServeHub
+from lorafleet.actors.prefetcher import AdapterLoader, PrefetcherActor
+from lorafleet.actors.protocol import ParseContext
+from lorafleet.actors.scheduler import SchedulerActor
+from lorafleet.actors.serve import EXIT_EXECUTOR_FAILED, Assets
+from lorafleet.engine.adapter_store import AdapterStore
+from lorafleet.engine.adapters import AdapterError
+from lorafleet.engine.config import ConfigError, EngineConfig, ModelConfig, page_geometry
+from lorafleet.engine.engine import Engine
+from lorafleet.engine.plan import StepPlan
+from lorafleet.engine.tokenizer import load_tokenizer
+
+
+class RemoteOnly:
+    """The planning engine's executor slot: steps run in executor processes, never in this process."""
+
+    def execute(self, plan: StepPlan) -> list[int]:
+        raise RuntimeError("the serving engine runs steps through plan_step/complete_step and the executors")
+
+
+def engine_config(args: Namespace) -> EngineConfig:
+    return EngineConfig(
+        num_pages=args.num_pages, block_tokens=args.block_tokens, max_batch_tokens=args.max_batch_tokens,
+        max_num_seqs=args.max_num_seqs, max_adapters_per_batch=args.max_adapters_per_batch,
+        max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len, dtype=args.dtype, device=args.device,
+    )
+
+
+def build_planning_engine(assets: Assets, config: EngineConfig, host_cache_bytes: int):
+    """(engine without a model, tokenizer, page_elements); registers the start-up adapters."""
+    cfg = ModelConfig.from_dir(assets.model_dir)
+    block_tokens, page_elements = page_geometry(cfg, config.block_tokens)
+    store = AdapterStore(cfg, page_elements, config.torch_dtype, config.max_lora_rank, host_cache_bytes)
+    tokenizer = load_tokenizer(assets.model_dir)
+    decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None
+    engine = Engine(cfg, config, store, RemoteOnly(), decode, block_tokens)
+    for name, path in assets.adapters.items():
+        try:
+            engine.add_adapter(name, path)
+        except AdapterError as exc:
+            raise ValueError(f"adapter {name!r} ({path}): {exc}") from exc
+    return engine, tokenizer, page_elements
+
+
+class Server:
+    def __init__(self, args: Namespace, assets: Assets, config: EngineConfig, engine: Engine, tokenizer,
+                 page_elements: int) -> None:
+        self.args, self.assets, self.config, self.engine = args, assets, config, engine
+        self.hub = ServeHub(info={"model": assets.base_name, "model_path": str(assets.model_dir),
+                                  "started": time.time(), "config": dict(config.__dict__),
+                                  "slo_ttft_ms": args.slo_ttft_ms, "max_queue": args.max_queue})
+        self.hub.adapters = {name: info.path for name, info in engine.store.infos.items()}
+        self.ctx = ParseContext(assets.base_name, set(self.hub.adapters), engine.max_model_len,
+                                engine.model.vocab_size, tokenizer, args.slo_ttft_ms)
+        self.loader = AdapterLoader(engine.model, page_elements, config.torch_dtype, config.max_lora_rank)
+        self.executors: ExecutorGroup | None = None
+        self.tasks: list[asyncio.Task] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    @classmethod
+    def from_args(cls, args: Namespace, assets: Assets) -> Server:
+        try:
+            config = engine_config(args)
+            engine, tokenizer, page_elements = build_planning_engine(assets, config, args.host_cache_mb << 20)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
+        return cls(args, assets, config, engine, tokenizer, page_elements)
+
+    async def start(self) -> None:
+        args = self.args
+        self.executors = await ExecutorGroup.start(str(self.assets.model_dir), self.config, 1, args.torch_threads)
+        self.hub.executors = self.executors.info()
+        admission_box, scheduler_box, router_box, prefetch_box = (LocalChannel() for _ in range(4))
+        self.router = Router(router_box)
+        self.scheduler = SchedulerActor(self.engine, self.executors, scheduler_box, router_box, admission_box,
+                                        prefetch_box, self.hub)
+        self.admission_box = admission_box
+        policy = AdmissionPolicy(args.max_queue, self.config.max_batch_tokens)
+        actors = {
+            "router": self.router.run(),
+            "scheduler": self.scheduler.run(),
+            "admission": AdmissionActor(policy, admission_box, scheduler_box, router_box, self.hub).run(),
+            "prefetcher": PrefetcherActor(self.loader, prefetch_box, scheduler_box, self.hub).run(),
+        }
+        self.tasks = [asyncio.create_task(coro, name=name) for name, coro in actors.items()]
+        self.scheduler._publish()
+        frontend = Frontend(self.ctx, admission_box, scheduler_box, self.router, self.hub, args.api_key,
+                            args.admin_key, _root(args), args.max_body_bytes)
+        self.runner = web.AppRunner(build_app(frontend), handler_cancellation=True, shutdown_timeout=5.0,
+                                    access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, args.host, args.port)
+        await site.start()
+        port = self.runner.addresses[0][1]
+        self.url = f"http://{args.host}:{port}"
+
+    def print_urls(self, seconds: float) -> None:
+        ws = self.url.replace("http", "ws", 1)
+        names = ", ".join(sorted(self.hub.adapters)) or "(none)"
+        print(f"lorafleet: serving {self.assets.base_name} with {len(self.hub.adapters)} adapter(s): {names}\n"
+              f"  OpenAI API  {self.url}/v1  (completions, chat/completions, models)\n"
+              f"  WebSocket   {ws}/v1/stream\n"
+              f"  dashboard   {self.url}/dashboard\n"
+              f"  health      {self.url}/health\n"
+              f"lorafleet: ready on {self.url} in {seconds:.1f}s", flush=True)
+
+    async def serve_until(self, stop: asyncio.Event) -> int:
+        """Run until SIGTERM/SIGINT (drain, 0), an executor death (3) or an actor crash (1)."""
+        stop_wait = asyncio.create_task(stop.wait(), name="stop-signal")
+        dead_wait = asyncio.create_task(self.scheduler.failed.wait(), name="executor-failure")
+        try:
+            done, _ = await asyncio.wait([stop_wait, dead_wait, *self.tasks], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (stop_wait, dead_wait):
+                task.cancel()
+            await asyncio.gather(stop_wait, dead_wait, return_exceptions=True)
+        crashed = [t for t in self.tasks if t in done]
+        if crashed:
+            for task in crashed:
+                print(f"lorafleet: actor {task.get_name()} stopped: {task.exception()!r}", file=sys.stderr)
+                if task.exception() is not None:
+                    traceback.print_exception(task.exception())
+            return 1
+        if self.scheduler.failed.is_set():
+            print(f"lorafleet: {self.hub.health_reason}; exiting in {self.args.failure_linger:.0f}s", file=sys.stderr)
+            try:
+                await asyncio.wait_for(stop.wait(), self.args.failure_linger)
+            except TimeoutError:
+                pass  # the linger elapsed: exit now
+            return EXIT_EXECUTOR_FAILED
+        await self.drain()
+        return 0
+
+    async def drain(self) -> None:
+        """Stop admitting, let in-flight requests finish within --drain-timeout, cancel the rest."""
+        from lorafleet.actors.schema import Drain
+
+        print("lorafleet: draining", flush=True)
+        self.hub.draining = True
+        self.admission_box.send(Drain())
+        try:
+            await asyncio.wait_for(self.scheduler.wait_idle(), self.args.drain_timeout)
+        except TimeoutError:
+            self.admission_box.send(Drain(cancel_all=True))
+            await asyncio.wait_for(self.scheduler.wait_idle(), 5.0)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks = []
+        if self.executors is not None:
+            await self.executors.stop()
+            self.executors = None
+
+
+def _root(args: Namespace):
+    from pathlib import Path
+
+    return Path(args.adapter_root) if args.adapter_root else None
