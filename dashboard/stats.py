@@ -9,7 +9,8 @@ Definitions (also in docs/dashboard.md):
 - SLO attainment: requests finished in the window that succeeded with TTFT <= their SLO (the request's
   `slo_ttft_ms`, else `default_slo_ttft_ms`, else any TTFT), divided by ALL requests finished or failed in
   the window — the same definition as the load generator's.
-- adapter load: an adapter observed entering the GPU pool between two snapshots; its load wait is the
+- adapter load: an adapter observed entering the GPU pool between two snapshots (those resident at the
+  first snapshot seen are not counted); its load wait is the
   time from the first snapshot in which a waiting request needed it (not resident) to the first snapshot
   in which it is resident.
 - prefetch hit: a request first seen running whose adapter was already resident in the previous snapshot.
@@ -136,6 +137,7 @@ class FleetStats:
         self._resident: set[str] = set()
         self._running: set[str] = set()
         self._needed_since: dict[str, float] = {}
+        self._seen = False
         for record in list(hub.records):
             self.on_record(record)
         if hub.snapshot is not None:
@@ -188,8 +190,10 @@ class FleetStats:
         """Derive adapter loads, load waits, prefetch hits and the occupancy history."""
         now = time.time() if now is None else now
         resident = set(snapshot.resident_adapters)
-        self._count_prefetch(snapshot, self._resident)
-        for name in resident - self._resident:
+        first = not self._seen
+        self._seen = True
+        self._count_prefetch(snapshot, self._resident, first)
+        for name in resident - self._resident if not first else ():
             self.adapter_loads += 1
             totals = self.adapter(name)
             totals.loads += 1
@@ -210,10 +214,10 @@ class FleetStats:
             usage = snapshot.usage
             self.occupancy.append((now, usage.get("free", 0), usage.get("kv", 0), usage.get("adapter", 0)))
 
-    def _count_prefetch(self, snapshot: EngineSnapshot, was_resident: set[str]) -> None:
+    def _count_prefetch(self, snapshot: EngineSnapshot, was_resident: set[str], first: bool) -> None:
         running = {rid for rid, _ in snapshot.running}
         for rid, adapter in snapshot.running:
-            if rid in self._running or adapter is None:
+            if first or rid in self._running or adapter is None:
                 continue
             if adapter in was_resident:
                 self.prefetch_hits += 1
