@@ -76,7 +76,7 @@ def _shrink_kernel(
 @triton.jit
 def _expand_kernel(
     v_ptr, pool_ptr, b_rows_ptr, ranks_ptr, scales_ptr, order_ptr, tiles_ptr, out_ptr,
-    out_dim, num_tiles, stride_vt, stride_br, stride_ot,
+    out_dim, v_width, num_tiles, stride_vt, stride_br, stride_ot,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     slot, first, end = _tile_of(tiles_ptr, num_tiles, tl.program_id(0))
@@ -93,7 +93,7 @@ def _expand_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        r_mask = offs_r < rank
+        r_mask = (offs_r < rank) & (offs_r < v_width)
         rows = tl.load(b_rows_ptr + slot * stride_br + offs_r, mask=r_mask, other=0)
         vt = tl.load(v_ptr + tokens[:, None] * stride_vt + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
                      other=0.0)
@@ -170,11 +170,13 @@ def lora_expand(
     token_slots: torch.Tensor,
     out: torch.Tensor,
 ) -> None:
-    """out[t] += scale · v[t, :r] · Bᵀ for the adapter of token t, in place; base-only tokens untouched."""
+    """out[t] += scale · v[t, :r] · Bᵀ for the adapter of token t, in place; base-only tokens untouched.
+    `ranks` are the Bᵀ row counts (under tensor parallelism they may differ from the shrink ranks)."""
     _check_rows(pool_flat, b_rows, ranks, token_slots)
     num_tokens, out_dim = out.shape
-    num_slots, max_rank = b_rows.shape
-    assert v.shape == (num_tokens, max_rank) and v.dtype == torch.float32 and v.stride(1) == 1, "v: [T, max_rank] fp32"
+    num_slots = b_rows.shape[0]
+    assert v.dim() == 2 and v.shape[0] == num_tokens and v.dtype == torch.float32 and v.stride(1) == 1, \
+        "v: [T, >= rank] fp32"
     assert out.stride(1) == 1 and token_slots.shape == (num_tokens,), "out: [T, out_dim] with unit inner stride"
     assert scales.shape == (num_slots,) and scales.dtype == torch.float32, "scales: [S] fp32"
     if num_tokens == 0:
@@ -185,7 +187,7 @@ def lora_expand(
     grid = (tiles.num_tiles, triton.cdiv(out_dim, block_n))
     _expand_kernel[grid](
         v, pool_flat, b_rows, ranks, scales, tiles.order, tiles.tiles, out,
-        out_dim, tiles.num_tiles, v.stride(0), b_rows.stride(0), out.stride(0),
+        out_dim, v.shape[1], tiles.num_tiles, v.stride(0), b_rows.stride(0), out.stride(0),
         BLOCK_M=tiles.block_m, BLOCK_R=BLOCK_R, BLOCK_N=block_n, PRECISION=_precision(pool_flat.dtype),
         num_warps=4,
     )

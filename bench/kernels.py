@@ -1,0 +1,497 @@
+"""Kernel benchmarks on one GPU, every comparison measured side by side in one run.
+
+    python bench/kernels.py --out bench/results/kernels-h200.json --markdown kernels.md
+    TRITON_INTERPRET=1 python bench/kernels.py --smoke      # tiny shapes on the CPU: checks the script only
+
+Sections: device copy bandwidth (the roofline), LoRA shrink+expand (ours vs the same kernel with ranks
+padded to the max vs gather+bmm), paged decode/prefill attention vs torch SDPA on contiguous K/V, RMSNorm and
+rotary (Triton vs torch eager vs torch.compile), and one whole decode step of a Llama-2-7B-shaped model with
+and without a CUDA graph against the time to read its bytes. Times are medians of triton's do_bench (L2 is
+flushed before every repetition), in microseconds."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lorafleet.kernels import norm_ref, triton_ops
+
+RANK_CHOICES = (8, 16, 32, 64)
+MAX_RANK = 64
+SHAPES = {  # hidden, intermediate, heads, kv_heads, head_dim, LoRA targets
+    "llama-2-7b": (4096, 11008, 32, 32, 128, ("q_proj", "k_proj", "v_proj", "o_proj")),
+    "llama-3-8b": (4096, 14336, 32, 8, 128, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                              "down_proj")),
+}
+SMOKE_SHAPES = {
+    "llama-2-7b": (64, 96, 4, 4, 16, ("q_proj", "o_proj")),
+    "llama-3-8b": (64, 96, 4, 1, 16, ("k_proj", "gate_proj", "down_proj")),
+}
+
+
+# ------------------------------------------------------------------------------------------- timing
+@dataclass
+class Clock:
+    """do_bench medians (or one wall-clock run in smoke mode on the CPU), optionally over a CUDA graph."""
+
+    cuda: bool
+
+    def eager(self, fn: Callable[[], object]) -> float:
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e6
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+
+    def graph(self, fn: Callable[[], object]) -> float:
+        """Time the replay of a CUDA graph of fn (launch overhead excluded)."""
+        if not self.cuda:
+            return self.eager(fn)
+        graph = capture(fn)
+        return self.eager(graph.replay)
+
+
+def capture(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph
+
+
+def copy_bandwidth(clock: Clock, device: str, smoke: bool) -> float:
+    """Device-to-device copy, bytes read + written per second (GB/s)."""
+    n = (1 << 20) if smoke else (1 << 30)
+    src = torch.randn(n // 2, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    us = clock.eager(lambda: dst.copy_(src))
+    return 2 * src.numel() * 2 / us / 1e3
+
+
+# --------------------------------------------------------------------------------------------- LoRA
+def module_dims(shape: tuple) -> dict[str, tuple[int, int]]:
+    h, inter, heads, kv_heads, head_dim, _ = shape
+    q, kv = heads * head_dim, kv_heads * head_dim
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, inter),
+            "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+@dataclass
+class LoraSetup:
+    """One layer's worth of LoRA work, replicated over `layers` pool buffers: row tables, inputs, outputs."""
+
+    pools: list[torch.Tensor]
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # module -> a_rows, b_rows, ranks
+    xs: dict[str, torch.Tensor]
+    outs: dict[str, torch.Tensor]
+    scales: torch.Tensor
+    token_slots: torch.Tensor
+
+
+def _pack(ranks: list[int], dims: dict[str, tuple[int, int]], page_elements: int):
+    """Rows of every adapter and module packed one after another, no row straddling a page."""
+    cursor, tables = 0, {}
+    for module, (d_in, d_out) in dims.items():
+        a_rows = torch.zeros(len(ranks), MAX_RANK, dtype=torch.long)
+        b_rows = torch.zeros(len(ranks), MAX_RANK, dtype=torch.long)
+        for s, rank in enumerate(ranks):
+            for table, width in ((a_rows, d_in), (b_rows, d_out)):
+                for i in range(rank):
+                    if cursor % page_elements + width > page_elements:
+                        cursor += page_elements - cursor % page_elements
+                    table[s, i] = cursor
+                    cursor += width
+        tables[module] = (a_rows, b_rows, torch.tensor(ranks, dtype=torch.int32))
+    return tables, cursor
+
+
+def lora_setup(shape, ranks, token_slots, layers, device, dtype=torch.bfloat16) -> LoraSetup:
+    dims = {m: d for m, d in module_dims(shape).items() if m in shape[5]}
+    tables, size = _pack(ranks, dims, page_elements=4 * max(max(d) for d in dims.values()))
+    pools = [torch.randn(size, device=device, dtype=dtype) * 0.05 for _ in range(layers)]
+    rows = {m: tuple(t.to(device) for t in tab) for m, tab in tables.items()}
+    num_tokens = len(token_slots)
+    xs = {m: torch.randn(num_tokens, d_in, device=device, dtype=dtype) for m, (d_in, _) in dims.items()}
+    outs = {m: torch.randn(num_tokens, d_out, device=device, dtype=dtype) for m, (_, d_out) in dims.items()}
+    return LoraSetup(pools, rows, xs, outs, torch.rand(len(ranks), device=device) + 0.5,
+                     torch.tensor(token_slots, dtype=torch.int32, device=device))
+
+
+def run_lora(setup: LoraSetup) -> None:
+    for pool in setup.pools:
+        for module, (a_rows, b_rows, ranks) in setup.rows.items():
+            v = triton_ops.lora_shrink(setup.xs[module], pool, a_rows, ranks, setup.token_slots)
+            triton_ops.lora_expand(v, pool, b_rows, ranks, setup.scales, setup.token_slots, setup.outs[module])
+
+
+def gather_bmm(setup: LoraSetup, ranks: list[int]) -> Callable[[], None]:
+    """Baseline: adapters as dense [S, max_rank, dim] stacks (zero past each rank); per token, gather its
+    adapter's A and B and run torch.bmm (what a framework without custom kernels does)."""
+    dense = []
+    for pool in setup.pools:
+        layer = {}
+        for module, (a_rows, b_rows, _) in setup.rows.items():
+            d_in, d_out = setup.xs[module].shape[1], setup.outs[module].shape[1]
+            a = torch.zeros(len(ranks), MAX_RANK, d_in, device=pool.device, dtype=pool.dtype)
+            b = torch.zeros(len(ranks), MAX_RANK, d_out, device=pool.device, dtype=pool.dtype)
+            for s, r in enumerate(ranks):
+                a[s, :r] = pool[a_rows[s, :r, None] + torch.arange(d_in, device=pool.device)]
+                b[s, :r] = pool[b_rows[s, :r, None] + torch.arange(d_out, device=pool.device)]
+            layer[module] = (a, b)
+        dense.append(layer)
+    index = setup.token_slots.long()
+    token_scales = setup.scales[index][:, None].to(torch.bfloat16)
+
+    def run() -> None:
+        for layer in dense:
+            for module, (a, b) in layer.items():
+                v = torch.bmm(a[index], setup.xs[module][:, :, None])  # [T, R, 1]
+                delta = torch.bmm(v.transpose(1, 2), b[index])[:, 0]
+                setup.outs[module].add_(delta * token_scales)
+
+    return run
+
+
+def lora_bytes(shape, ranks: list[int], num_tokens: int) -> tuple[int, int]:
+    """(adapter bytes, all bytes) one layer must move: each adapter row once, x once, out read + written."""
+    dims = {m: d for m, d in module_dims(shape).items() if m in shape[5]}
+    adapter = sum(2 * r * (d_in + d_out) for r in ranks for d_in, d_out in dims.values())
+    io = sum(num_tokens * (2 * d_in + 4 * d_out + 8 * MAX_RANK) for d_in, d_out in dims.values())
+    return adapter, adapter + io
+
+
+def bench_lora(clock: Clock, device: str, shapes: dict, batches, adapter_counts, copy_gbps: float) -> list[dict]:
+    rows = []
+    for model, shape in shapes.items():
+        for batch in batches:
+            for count in adapter_counts:
+                if count > batch:
+                    continue
+                rng = random.Random(batch * 100 + count)
+                ranks = [rng.choice(RANK_CHOICES) for _ in range(count)]
+                slots = [i % count for i in range(batch)]
+                rng.shuffle(slots)
+                adapter_b, total_b = lora_bytes(shape, ranks, batch)
+                layers = max(1, min(8, math.ceil(64e6 / total_b)))
+                ours = lora_setup(shape, ranks, slots, layers, device)
+                padded = lora_setup(shape, [MAX_RANK] * count, slots, layers, device)
+                row = dict(model=model, batch=batch, adapters=count, ranks=ranks, layers_timed=layers,
+                           adapter_bytes=adapter_b, total_bytes=total_b)
+                row["ours_graph_us"] = clock.graph(lambda s=ours: run_lora(s)) / layers
+                row["ours_eager_us"] = clock.eager(lambda s=ours: run_lora(s)) / layers
+                row["padded_graph_us"] = clock.graph(lambda s=padded: run_lora(s)) / layers
+                row["gather_bmm_graph_us"] = clock.graph(gather_bmm(ours, ranks)) / layers
+                row["achieved_GBps"] = total_b / row["ours_graph_us"] / 1e3
+                row["fraction_of_copy_bw"] = row["achieved_GBps"] / copy_gbps
+                row["speedup_vs_padded"] = row["padded_graph_us"] / row["ours_graph_us"]
+                row["speedup_vs_gather_bmm"] = row["gather_bmm_graph_us"] / row["ours_graph_us"]
+                row["adapter_bytes_dominate"] = adapter_b >= 0.5 * total_b
+                rows.append(row)
+                print(f"lora {model} B={batch} A={count}: {row['ours_graph_us']:.1f} us "
+                      f"({row['fraction_of_copy_bw']:.0%} of copy bw), x{row['speedup_vs_padded']:.2f} vs padded, "
+                      f"x{row['speedup_vs_gather_bmm']:.1f} vs gather+bmm", flush=True)
+                del ours, padded
+    return rows
+
+
+def bench_tile_metadata(clock: Clock, device: str) -> dict:
+    """The once-per-step cost of grouping tokens by slot (cached across layers and modules)."""
+    from lorafleet.kernels.segments import slot_tiles
+
+    slots = torch.randint(-1, 16, (256,), dtype=torch.int32, device=device)
+    return {"batch": 256, "slots": 16, "eager_us": clock.eager(lambda: slot_tiles(slots, 16, 16))}
+
+
+# ---------------------------------------------------------------------------------------- attention
+def paged_kv(batch: int, context: int, kv_heads: int, head_dim: int, block_tokens: int, device: str):
+    """K/V of `batch` sequences of `context` tokens in shuffled pages, plus the contiguous copies."""
+    blocks = -(-context // block_tokens)
+    num_pages = batch * blocks + 7
+    keys = torch.randn(batch, context, kv_heads, head_dim, device=device, dtype=torch.bfloat16)
+    values = torch.randn_like(keys)
+    perm = torch.randperm(num_pages, device=device)[: batch * blocks].view(batch, blocks)
+    kv = torch.empty(num_pages, 2, block_tokens, kv_heads, head_dim, device=device, dtype=torch.bfloat16)
+    pad = blocks * block_tokens - context
+    kv[perm, 0] = F.pad(keys, (0, 0, 0, 0, 0, pad)).view(batch, blocks, block_tokens, kv_heads, head_dim)
+    kv[perm, 1] = F.pad(values, (0, 0, 0, 0, 0, pad)).view(batch, blocks, block_tokens, kv_heads, head_dim)
+    return kv, perm.to(torch.int32), keys.transpose(1, 2).contiguous(), values.transpose(1, 2).contiguous()
+
+
+def sdpa(q, k, v, causal: bool):
+    """torch SDPA on contiguous [B, H, n, D] inputs with GQA (kv heads broadcast, not copied)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+
+def bench_decode_attention(clock: Clock, device: str, heads, kv_heads, head_dim, cases, copy_gbps) -> list[dict]:
+    rows = []
+    for batch, context in cases:
+        kv, tables, keys, values = paged_kv(batch, context, kv_heads, head_dim, 16, device)
+        lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+        q = torch.randn(batch, heads, head_dim, device=device, dtype=torch.bfloat16)
+        scale = head_dim**-0.5
+        ours = clock.graph(lambda a=(q, kv, tables, lens, scale): triton_ops.paged_decode_attention(*a))
+        base = clock.graph(lambda a=(q[:, :, None, :], keys, values): sdpa(*a, causal=False))
+        kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
+        row = dict(heads=heads, kv_heads=kv_heads, batch=batch, context=context, ours_us=ours, sdpa_contiguous_us=base,
+                   ratio_to_sdpa=ours / base, kv_GBps=kv_bytes / ours / 1e3, fraction_of_copy_bw=kv_bytes / ours / 1e3
+                   / copy_gbps)
+        rows.append(row)
+        print(f"decode attn H={heads}/{kv_heads} B={batch} ctx={context}: {ours:.1f} us vs SDPA {base:.1f} us "
+              f"({row['ratio_to_sdpa']:.2f}x)", flush=True)
+        del kv, keys, values
+    return rows
+
+
+def bench_prefill_attention(clock: Clock, device: str, heads, kv_heads, head_dim, cases) -> list[dict]:
+    rows = []
+    for batch, new in cases:
+        kv, tables, keys, values = paged_kv(batch, new, kv_heads, head_dim, 16, device)
+        lens = torch.full((batch,), new, dtype=torch.int32, device=device)
+        starts = torch.arange(batch + 1, dtype=torch.int32, device=device) * new
+        q = torch.randn(batch * new, heads, head_dim, device=device, dtype=torch.bfloat16)
+        scale = head_dim**-0.5
+        ours = clock.graph(lambda a=(q, kv, tables, lens, starts, scale): triton_ops.paged_prefill_attention(*a))
+        q4 = q.view(batch, new, heads, head_dim).transpose(1, 2).contiguous()
+        base = clock.graph(lambda a=(q4, keys, values): sdpa(*a, causal=True))
+        flops = 4 * batch * heads * head_dim * new * new / 2
+        row = dict(heads=heads, kv_heads=kv_heads, batch=batch, new_tokens=new, ours_us=ours, sdpa_contiguous_us=base,
+                   ratio_to_sdpa=ours / base, ours_TFLOPs=flops / ours / 1e6)
+        rows.append(row)
+        print(f"prefill attn H={heads}/{kv_heads} B={batch} n={new}: {ours:.1f} us vs SDPA {base:.1f} us "
+              f"({row['ratio_to_sdpa']:.2f}x)", flush=True)
+        del kv, keys, values
+    return rows
+
+
+# --------------------------------------------------------------------------------------- norms, rope
+def bench_norms(clock: Clock, device: str, tokens_list, hidden: int, compile_torch: bool) -> list[dict]:
+    rows = []
+    compiled = {}
+    if compile_torch:
+        compiled = {name: torch.compile(getattr(norm_ref, name + "_ref")) for name in ("rms_norm", "add_rms_norm",
+                                                                                         "rotary")}
+    for tokens in tokens_list:
+        x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
+        res, w = torch.randn_like(x), torch.randn(hidden, device=device, dtype=torch.bfloat16)
+        freqs = torch.outer(torch.arange(8192.0, device=device), torch.rand(64, device=device))
+        cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+        q = torch.randn(tokens, 32, 128, device=device, dtype=torch.bfloat16)
+        k = torch.randn(tokens, 8, 128, device=device, dtype=torch.bfloat16)
+        pos = torch.randint(0, 8192, (tokens,), device=device)
+        ops = {"rms_norm": (x, w, 1e-5), "add_rms_norm": (x, res, w, 1e-5), "rotary": (q, k, pos, cos_sin)}
+        for name, args in ops.items():
+            row = dict(op=name, tokens=tokens,
+                       triton_us=clock.graph(lambda n=name, a=args: getattr(triton_ops, n)(*a)),
+                       torch_eager_us=clock.graph(lambda n=name, a=args: getattr(norm_ref, n + "_ref")(*a)))
+            if name in compiled:
+                try:
+                    row["torch_compile_us"] = clock.graph(lambda n=name, a=args: compiled[n](*a))
+                except Exception as exc:  # report, don't hide: the table says why the column is missing
+                    row["torch_compile_error"] = f"{type(exc).__name__}: {exc}"[:200]
+            rows.append(row)
+            print(f"{name} T={tokens}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k.endswith("_us")),
+                  flush=True)
+    return rows
+
+
+# -------------------------------------------------------------------------------------- decode step
+def bench_decode_step(clock: Clock, device: str, smoke: bool, copy_gbps: float) -> dict:
+    """One decode step (forward + logits) of a Llama-2-7B-shaped model over the unified pool at batch 64,
+    16 distinct adapters (q/k/v/o, ranks from {8..64}), context 512; eager vs CUDA graph vs read roofline."""
+    from lorafleet.engine.config import ModelConfig, page_geometry
+    from lorafleet.engine.model import AttentionBatch, CausalLM, LoraBatch, ModuleLora, rope_table
+    from lorafleet.engine.synthetic import SHAPES as MODEL_SHAPES
+
+    raw = dict(MODEL_SHAPES["tiny" if smoke else "llama-2-7b"])
+    cfg = ModelConfig.from_dict(raw)
+    batch, count, context = (4, 2, 40) if smoke else (64, 16, 512)
+    dtype = torch.bfloat16 if not smoke else torch.float32
+    block_tokens, page_elements = page_geometry(cfg, 16)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = CausalLM(cfg)
+    torch.set_default_dtype(previous)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.fill_(1.0) if "norm" in name else param.normal_(0.0, 0.02)
+    model.cos_sin = rope_table(cfg, cfg.max_position_embeddings, torch.device(device))
+    blocks = -(-context // block_tokens)
+    rng = random.Random(0)
+    ranks = [rng.choice(RANK_CHOICES) for _ in range(count)]
+    dims = {m: d for m, d in cfg.module_dims().items() if m in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    tables, adapter_elements = _pack(ranks, dims, page_elements)
+    kv_pages = batch * blocks
+    num_pages = kv_pages + -(-adapter_elements // page_elements) + 1
+    pool = torch.randn(cfg.num_layers, num_pages, page_elements, device=device, dtype=dtype) * 0.05
+    offset = kv_pages * page_elements  # adapter rows live after the KV pages
+    modules = {m: module_lora(ModuleLora, (a + offset).to(device), (b + offset).to(device), r.to(device))
+               for m, (a, b, r) in tables.items()}
+    page_of = torch.randperm(kv_pages).view(batch, blocks)
+    positions = torch.full((batch,), context - 1, dtype=torch.long)
+    slots = page_of[:, -1] * block_tokens + (context - 1) % block_tokens
+    attn = AttentionBatch(positions.to(device), slots.to(device), page_of.to(torch.int32).to(device),
+                          torch.full((batch,), context, dtype=torch.int32, device=device),
+                          torch.arange(batch + 1, dtype=torch.int32, device=device), True)
+    token_slots = torch.tensor([i % count for i in range(batch)], dtype=torch.int32, device=device)
+    lora = LoraBatch(token_slots, torch.rand(count, device=device) + 0.5, modules)
+    input_ids = torch.randint(0, cfg.vocab_size, (batch,), device=device)
+
+    @torch.inference_mode()
+    def step():
+        return model.logits(model(input_ids, attn, lora, pool, block_tokens))
+
+    eager = clock.eager(step)
+    graphed = clock.graph(step)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - \
+        model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
+    adapter_bytes = cfg.num_layers * sum(r * (a + b) for r in ranks for a, b in dims.values()) * pool.element_size()
+    kv_bytes = cfg.num_layers * batch * context * 2 * cfg.kv_width * pool.element_size()
+    roofline = (weight_bytes + adapter_bytes + kv_bytes) / copy_gbps / 1e3
+    row = dict(model="llama-2-7b" if not smoke else "tiny", batch=batch, adapters=count, ranks=ranks, context=context,
+               eager_us=eager, cuda_graph_us=graphed, weight_bytes=weight_bytes, adapter_bytes=adapter_bytes,
+               kv_bytes=kv_bytes, read_roofline_us=roofline, graph_over_roofline=graphed / roofline,
+               eager_over_roofline=eager / roofline)
+    print(f"decode step: eager {eager:.0f} us, graph {graphed:.0f} us, roofline {roofline:.0f} us "
+          f"(graph {row['graph_over_roofline']:.2f}x)", flush=True)
+    return row
+
+
+def module_lora(cls, a_rows, b_rows, ranks):
+    """The engine's ModuleLora for one module at tensor-parallel size 1 (expand rows = shrink rows)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    extra = {"expand_ranks": ranks} if "expand_ranks" in fields else {}
+    return cls(a_rows=a_rows, b_rows=b_rows, ranks=ranks, **extra)
+
+
+# ----------------------------------------------------------------------------------------- reporting
+def targets(result: dict) -> dict:
+    lora = [r for r in result["lora"] if r["adapter_bytes_dominate"]]
+    mixed = [r for r in result["lora"] if len(set(r["ranks"])) > 1]
+    every = result["lora"]
+    out = {
+        "lora_min_fraction_of_copy_bw_where_adapter_bytes_dominate (>= 0.60)":
+            min((r["fraction_of_copy_bw"] for r in lora), default=None),
+        "lora_min_speedup_vs_padded_at_mixed_ranks (>= 1.5)": min((r["speedup_vs_padded"] for r in mixed),
+                                                                   default=None),
+        "lora_min_speedup_vs_gather_bmm (>= 3)": min((r["speedup_vs_gather_bmm"] for r in every), default=None),
+        "decode_attention_max_ratio_to_sdpa (<= 1.3)": max((r["ratio_to_sdpa"] for r in result["decode_attention"]),
+                                                          default=None),
+        "prefill_attention_max_ratio_to_sdpa (<= 1.5)": max((r["ratio_to_sdpa"] for r in result["prefill_attention"]),
+                                                           default=None),
+    }
+    if result.get("decode_step"):
+        out["decode_step_graph_over_roofline (<= 1.5)"] = result["decode_step"]["graph_over_roofline"]
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Machine: {result['device']}; torch {result['torch']}, triton {result['triton']}. "
+             f"Copy bandwidth measured in the same run: {result['copy_GBps']:.0f} GB/s (read + write).", "",
+             "LoRA shrink+expand, one layer, all targets of the model, bf16, CUDA-graph replay (µs):", "",
+             "| model | batch | adapters | ours | % copy bw | padded to 64 | gather+bmm | vs padded | vs gather+bmm |"
+             " ours eager |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["lora"]:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['adapters']} | {r['ours_graph_us']:.1f} | "
+                     f"{100 * r['fraction_of_copy_bw']:.0f}%{'' if r['adapter_bytes_dominate'] else '*'} | "
+                     f"{r['padded_graph_us']:.1f} | {r['gather_bmm_graph_us']:.1f} | {r['speedup_vs_padded']:.2f}x | "
+                     f"{r['speedup_vs_gather_bmm']:.1f}x | {r['ours_eager_us']:.1f} |")
+    lines += ["", "(* = adapter bytes are under half of the bytes moved.)", "",
+              "Paged decode attention vs SDPA on contiguous K/V (µs):", "",
+              "| heads/kv | batch | context | ours | SDPA | ratio | % copy bw |", "|---|---|---|---|---|---|---|"]
+    for r in result["decode_attention"]:
+        lines.append(f"| {r['heads']}/{r['kv_heads']} | {r['batch']} | {r['context']} | {r['ours_us']:.1f} | "
+                     f"{r['sdpa_contiguous_us']:.1f} | {r['ratio_to_sdpa']:.2f} | "
+                     f"{100 * r['fraction_of_copy_bw']:.0f}% |")
+    lines += ["", "Paged prefill attention (causal) vs SDPA on contiguous K/V (µs):", "",
+              "| heads/kv | batch | new tokens | ours | SDPA | ratio | ours TFLOP/s |", "|---|---|---|---|---|---|---|"]
+    for r in result["prefill_attention"]:
+        lines.append(f"| {r['heads']}/{r['kv_heads']} | {r['batch']} | {r['new_tokens']} | {r['ours_us']:.1f} | "
+                     f"{r['sdpa_contiguous_us']:.1f} | {r['ratio_to_sdpa']:.2f} | {r['ours_TFLOPs']:.0f} |")
+    lines += ["", "RMSNorm / rotary, hidden 4096, 32/8 heads (µs):", "",
+              "| op | tokens | Triton | torch eager | torch.compile |", "|---|---|---|---|---|"]
+    for r in result["norms"]:
+        comp = f"{r['torch_compile_us']:.1f}" if "torch_compile_us" in r else r.get("torch_compile_error", "-")
+        lines.append(f"| {r['op']} | {r['tokens']} | {r['triton_us']:.1f} | {r['torch_eager_us']:.1f} | {comp} |")
+    step = result.get("decode_step")
+    if step:
+        lines += ["", f"Decode step, {step['model']}, batch {step['batch']}, {step['adapters']} adapters, context "
+                  f"{step['context']}: eager {step['eager_us']:.0f} µs, CUDA graph {step['cuda_graph_us']:.0f} µs, "
+                  f"read roofline {step['read_roofline_us']:.0f} µs (graph = {step['graph_over_roofline']:.2f}x)."]
+    lines += ["", "Targets:", ""]
+    for name, value in result["targets"].items():
+        lines.append(f"- {name}: {'n/a' if value is None else f'{value:.2f}'}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/kernels-h200.json")
+    parser.add_argument("--markdown", default=None, help="also write the tables as markdown here")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (the CPU interpreter works)")
+    parser.add_argument("--sections", default="lora,decode,prefill,norms,step")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    clock = Clock(cuda)
+    sections = set(args.sections.split(","))
+    import triton
+
+    result: dict = {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke)", "torch": torch.__version__,
+                    "triton": triton.__version__, "smoke": args.smoke}
+    result["copy_GBps"] = copy_bandwidth(clock, device, args.smoke)
+    print(f"copy bandwidth {result['copy_GBps']:.0f} GB/s", flush=True)
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    small = args.smoke
+    result["lora"] = bench_lora(clock, device, shapes, (1, 16) if small else (1, 16, 64, 256),
+                                (1, 8) if small else (1, 8, 64), result["copy_GBps"]) if "lora" in sections else []
+    result["tile_metadata"] = bench_tile_metadata(clock, device)
+    heads = (4, 1, 16) if small else (32, 8, 128)
+    decode_cases = [(1, 40), (4, 100)] if small else [(1, 128), (1, 2048), (1, 8192), (16, 512), (16, 2048),
+                                                     (16, 8192), (64, 512), (64, 2048), (64, 8192), (256, 128),
+                                                     (256, 512), (256, 2048)]
+    result["decode_attention"] = bench_decode_attention(clock, device, *heads, decode_cases, result["copy_GBps"]) \
+        if "decode" in sections else []
+    if "decode" in sections and not small:
+        result["decode_attention"] += bench_decode_attention(clock, device, 32, 32, 128, [(1, 4096), (64, 512),
+                                                                                          (64, 2048)],
+                                                             result["copy_GBps"])
+    prefill_cases = [(1, 40)] if small else [(1, 512), (1, 2048), (1, 8192), (8, 1024), (32, 256)]
+    result["prefill_attention"] = bench_prefill_attention(clock, device, *heads, prefill_cases) \
+        if "prefill" in sections else []
+    result["norms"] = bench_norms(clock, device, (4,) if small else (64, 4096), 64 if small else 4096,
+                                  cuda and not args.no_compile) if "norms" in sections else []
+    result["decode_step"] = bench_decode_step(clock, device, small, result["copy_GBps"]) if "step" in sections \
+        else None
+    result["targets"] = targets(result)
+    text = markdown(result)
+    print(text)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
