@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lorafleet.engine.adapters import AdapterError, AdapterWeights, load_adapter, pack_adapter
+from lorafleet.engine.adapters import AdapterError, load_adapter, pack_adapter, shard_adapter
 from lorafleet.engine.config import ModelConfig
 from lorafleet.engine.layout import AdapterLayout
 
@@ -37,10 +37,15 @@ class AdapterInfo:
 
 @dataclass(frozen=True)
 class PackedAdapter:
-    """An adapter in page format: `pages[layer, j]` goes to pool page `page_table[j]` of that layer."""
+    """An adapter in page format: `pages[layer, j]` goes to pool page `page_table[j]` of that layer.
+    Under tensor parallelism `pages` is [ranks, layers, n, page_elements], one shard per rank."""
 
     info: AdapterInfo
     pages: torch.Tensor
+    shards: int = 1
+
+    def for_rank(self, rank: int) -> torch.Tensor:
+        return self.pages if self.shards == 1 else self.pages[rank]
 
 
 @dataclass
@@ -59,6 +64,7 @@ class AdapterStore:
     dtype: torch.dtype
     max_rank: int
     host_cache_bytes: int = 8 << 30
+    shards: int = 1
     infos: dict[str, AdapterInfo] = field(default_factory=dict)
     cache: OrderedDict[str, PackedAdapter] = field(default_factory=OrderedDict)
     stats: CacheStats = field(default_factory=CacheStats)
@@ -69,12 +75,20 @@ class AdapterStore:
             raise AdapterError("lora_name: must be a non-empty string")
         if name in self.infos:
             raise AdapterError(f"lora_name: adapter {name!r} is already loaded")
-        weights = load_adapter(name, path, self.model, self.max_rank)
-        layout = AdapterLayout.build(weights.ranks(), self.model.module_dims(), self.page_elements)
-        info = AdapterInfo(name, str(path), weights.rank, weights.scale, weights.ranks(), layout)
+        info, packed = self._load(name, str(path))
         self.infos[name] = info
-        self._put(PackedAdapter(info, pack_adapter(weights, layout, self.dtype)))
+        self._put(packed)
         return info
+
+    def _load(self, name: str, path: str) -> tuple[AdapterInfo, PackedAdapter]:
+        """Read, validate, shard (one part per tensor-parallel rank) and pack an adapter."""
+        weights = load_adapter(name, path, self.model, self.max_rank)
+        parts = [shard_adapter(weights, rank, self.shards) for rank in range(self.shards)]
+        layout = AdapterLayout.from_matrices(parts[0].matrices(), self.page_elements)
+        info = AdapterInfo(name, path, weights.rank, weights.scale, weights.ranks(), layout)
+        pages = [pack_adapter(part, layout, self.dtype) for part in parts]
+        stacked = pages[0] if self.shards == 1 else torch.stack(pages)
+        return info, PackedAdapter(info, stacked, self.shards)
 
     def unregister(self, name: str) -> None:
         if name not in self.infos:
@@ -92,10 +106,8 @@ class AdapterStore:
             self.cache.move_to_end(name)
             return self.cache[name]
         self.stats.misses += 1
-        info = self.infos[name]
         started = time.perf_counter()
-        weights: AdapterWeights = load_adapter(name, info.path, self.model, self.max_rank)
-        packed = PackedAdapter(info, pack_adapter(weights, info.layout, self.dtype))
+        _, packed = self._load(name, self.infos[name].path)
         self.stats.load_seconds += time.perf_counter() - started
         self._put(packed)
         return packed

@@ -44,6 +44,11 @@ class AdapterWeights:
     def ranks(self) -> dict[str, int]:
         return {m: self.rank for m in self.targets}
 
+    def matrices(self) -> dict[str, tuple[int, int, int, int]]:
+        """Per module (A rows, A row width, Bᵀ rows, Bᵀ row width) as held here (sharded or not)."""
+        return {m: (self.a[m].shape[1], self.a[m].shape[2], self.b[m].shape[2], self.b[m].shape[1])
+                for m in self.targets}
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self.a.values(), *self.b.values()])
 
@@ -143,6 +148,27 @@ def _check_pairs(a: dict, b: dict) -> None:
         raise AdapterError("adapter_model.safetensors: no LoRA weights found")
     for module in set(a) ^ set(b):
         raise AdapterError(f"{module}: lora_A and lora_B must both be present")
+
+
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+
+
+def shard_adapter(weights: AdapterWeights, rank: int, size: int) -> AdapterWeights:
+    """This rank's part of an adapter under S-LoRA partitioning (docs/tensor-parallel.md):
+    column-parallel modules split A by rank rows and B by output rows (the base weight's split);
+    row-parallel modules split A by input columns (the base weight's split) and B by rank columns."""
+    if size == 1:
+        return weights
+    if weights.rank % size:
+        raise AdapterError(f"r: rank {weights.rank} is not divisible by the tensor-parallel size {size}")
+
+    def part(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        step = tensor.shape[dim] // size
+        return tensor.narrow(dim, rank * step, step).contiguous()
+
+    a = {m: part(t, 1) if m in COLUMN_PARALLEL else part(t, 2) for m, t in weights.a.items()}
+    b = {m: part(t, 1) if m in COLUMN_PARALLEL else part(t, 2) for m, t in weights.b.items()}
+    return AdapterWeights(weights.name, weights.rank, weights.scale, a, b)
 
 
 def pack_adapter(weights: AdapterWeights, layout: AdapterLayout, dtype: torch.dtype) -> torch.Tensor:

@@ -12,6 +12,7 @@ from lorafleet.engine.adapter_store import AdapterStore
 from lorafleet.engine.config import ConfigError, EngineConfig, ModelConfig, page_geometry
 from lorafleet.engine.engine import Engine
 from lorafleet.engine.model import CausalLM, ParallelGroup
+from lorafleet.engine.parallel import ProcessGroupExecutor
 from lorafleet.engine.runner import ModelRunner
 from lorafleet.engine.synthetic import RandomSource, write_model
 from lorafleet.engine.tokenizer import load_tokenizer
@@ -67,10 +68,14 @@ def build_engine(model: str, config: EngineConfig, adapters: dict[str, str] | No
     """(engine with an in-process executor, tokenizer or None)."""
     model_dir = resolve_model(model)
     cfg = ModelConfig.from_dir(model_dir)
-    block_tokens, page_elements = page_geometry(cfg, config.block_tokens)
-    torch_model = build_model(model_dir, config)
-    store = AdapterStore(cfg, page_elements, config.torch_dtype, config.max_lora_rank, host_cache_bytes)
-    runner = ModelRunner(torch_model, config.num_pages, page_elements, block_tokens, store.fetch)
+    tp = config.tensor_parallel_size
+    block_tokens, page_elements = page_geometry(cfg, config.block_tokens, tp)
+    store = AdapterStore(cfg, page_elements, config.torch_dtype, config.max_lora_rank, host_cache_bytes, shards=tp)
+    if tp > 1:
+        runner = ProcessGroupExecutor(str(model_dir), config, block_tokens, page_elements, store.fetch)
+    else:
+        runner = ModelRunner(build_model(model_dir, config), config.num_pages, page_elements, block_tokens,
+                             store.fetch)
     tokenizer = load_tokenizer(model_dir)
     decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None
     engine = Engine(cfg, config, store, runner, decode, block_tokens)

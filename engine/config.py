@@ -150,10 +150,11 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     fairness_window: int = 32
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         for name in ("num_pages", "block_tokens", "max_batch_tokens", "max_num_seqs",
-                     "max_adapters_per_batch", "max_lora_rank", "fairness_window"):
+                     "max_adapters_per_batch", "max_lora_rank", "fairness_window", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.dtype not in DTYPES:
@@ -164,12 +165,14 @@ class EngineConfig:
         return DTYPES[self.dtype]
 
 
-def page_geometry(model: ModelConfig, block_tokens: int) -> tuple[int, int]:
-    """(block_tokens, page_elements) for the pool: a page holds the K and V of `block_tokens` tokens, and
-    must also hold the longest adapter row (an A row or a Bᵀ row of any target module). If the requested
-    block is too small for that, the block grows to the next power of two that fits."""
+def page_geometry(model: ModelConfig, block_tokens: int, tp: int = 1) -> tuple[int, int]:
+    """(block_tokens, page_elements) for one rank's pool: a page holds the K and V of `block_tokens` tokens
+    (this rank's kv heads), and must also hold the longest adapter row (an A row or a Bᵀ row of any target
+    module). If the requested block is too small for that, the block grows to the next power of two that fits."""
+    if model.num_kv_heads % tp or model.num_heads % tp or model.intermediate_size % tp:
+        raise ConfigError(f"tensor_parallel_size {tp} must divide the kv heads, heads and intermediate size")
     longest_row = max(max(dims) for dims in model.module_dims().values())
-    per_token = 2 * model.kv_width
+    per_token = 2 * model.kv_width // tp
     needed = math.ceil(longest_row / per_token)
     while block_tokens < needed:
         block_tokens *= 2

@@ -35,16 +35,22 @@ class AdapterLayout:
     def build(
         cls, ranks: dict[str, int], module_dims: dict[str, tuple[int, int]], page_elements: int
     ) -> AdapterLayout:
-        """Pack the targeted modules (`ranks[m] > 0`) in `TARGET_MODULES` order."""
+        """Unsharded adapter: module m has `ranks[m]` A rows of in_features and as many Bᵀ rows of out_features."""
+        matrices = {m: (r, module_dims[m][0], r, module_dims[m][1]) for m, r in ranks.items() if r > 0}
+        return cls.from_matrices(matrices, page_elements)
+
+    @classmethod
+    def from_matrices(cls, matrices: dict[str, tuple[int, int, int, int]], page_elements: int) -> AdapterLayout:
+        """Pack modules in `TARGET_MODULES` order; matrices[m] = (A rows, A row width, Bᵀ rows, Bᵀ row width).
+        Under tensor parallelism the rows and widths are the rank's shard (the same on every rank)."""
         cursor = 0
         modules: dict[str, ModuleRows] = {}
         for name in TARGET_MODULES:
-            rank = ranks.get(name, 0)
-            if rank == 0:
+            if name not in matrices:
                 continue
-            in_dim, out_dim = module_dims[name]
-            a_rows, cursor = _pack_rows(cursor, rank, in_dim, page_elements)
-            b_rows, cursor = _pack_rows(cursor, rank, out_dim, page_elements)
+            a_count, a_width, b_count, b_width = matrices[name]
+            a_rows, cursor = _pack_rows(cursor, a_count, a_width, page_elements)
+            b_rows, cursor = _pack_rows(cursor, b_count, b_width, page_elements)
             modules[name] = ModuleRows(tuple(a_rows), tuple(b_rows))
         num_pages = -(-cursor // page_elements)
         return cls(page_elements=page_elements, modules=modules, num_pages=num_pages)

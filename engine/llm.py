@@ -26,10 +26,22 @@ class GenerationResult:
 class LLM:
     """Runs the engine synchronously in this process. Engine options are EngineConfig fields."""
 
-    def __init__(self, model: str, adapters: dict[str, str] | None = None, device: str = "cpu",
+    def __init__(self, model: str, adapters: dict[str, str] | None = None, device: str = "cpu", tp: int = 1,
                  **engine_options) -> None:
-        config = EngineConfig(device=device, **engine_options)
+        config = EngineConfig(device=device, tensor_parallel_size=tp, **engine_options)
         self.engine, self.tokenizer = build_engine(str(model), config, adapters)
+
+    def close(self) -> None:
+        """Stop executor processes (tensor parallelism); the in-process executor needs nothing."""
+        close = getattr(self.engine.executor, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def add_adapter(self, name: str, path: str) -> None:
         self.engine.add_adapter(name, str(path))

@@ -22,11 +22,15 @@ from lorafleet.engine.weights import Shard, TensorSource, shard_dim
 
 @dataclass
 class ModuleLora:
-    """One target module's slice of the batch's adapters: row tables [S, max_rank] and ranks [S]."""
+    """One target module's slice of the batch's adapters: row tables [S, max rows] and row counts [S]
+    of A (shrink) and Bᵀ (expand). Under tensor parallelism `cols` [S, expand width] picks, per slot,
+    the columns of the collected intermediate that this rank's Bᵀ rows multiply (None at tp=1)."""
 
     a_rows: torch.Tensor
     b_rows: torch.Tensor
     ranks: torch.Tensor
+    expand_ranks: torch.Tensor
+    cols: torch.Tensor | None = None
 
 
 @dataclass
@@ -63,13 +67,25 @@ class ParallelGroup:
             torch.distributed.all_reduce(x, group=self.process_group)
         return x
 
+    def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, W] on each rank -> [T, size*W]: rank k's columns at k*W..(k+1)*W-1."""
+        parts = [torch.empty_like(x) for _ in range(self.shard.size)]
+        torch.distributed.all_gather(parts, x.contiguous(), group=self.process_group)
+        return torch.cat(parts, dim=1)
+
 
 class LoraLinear(nn.Module):
-    """y = x·Wᵀ (+ b) for all tokens, plus scale·x·Aᵀ·Bᵀ for each token's adapter."""
+    """y = x·Wᵀ (+ b) for all tokens, plus scale·x·Aᵀ·Bᵀ for each token's adapter.
 
-    def __init__(self, name: str, in_features: int, out_features: int, bias: bool) -> None:
+    Under tensor parallelism (docs/tensor-parallel.md) a column-parallel layer all-gathers the small
+    rank-sized intermediate x·Aᵀ (A split by rank rows); a row-parallel layer all-reduces it (A split
+    by input columns) and its B product joins the base layer's partial sums, reduced by the caller's
+    all-reduce of the output."""
+
+    def __init__(self, name: str, in_features: int, out_features: int, bias: bool, group: ParallelGroup,
+                 column: bool) -> None:
         super().__init__()
-        self.target = name
+        self.target, self.group, self.column = name, group, column
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
@@ -78,7 +94,10 @@ class LoraLinear(nn.Module):
         rows = lora.modules.get(self.target) if lora is not None else None
         if rows is not None:
             v = kernels.lora_shrink(x, pool_flat, rows.a_rows, rows.ranks, lora.token_slots)
-            kernels.lora_expand(v, pool_flat, rows.b_rows, rows.ranks, lora.scales, lora.token_slots, y)
+            if rows.cols is not None:
+                v = self.group.all_gather_columns(v) if self.column else self.group.all_reduce(v)
+                v = torch.gather(v, 1, rows.cols[lora.token_slots.clamp(min=0).long()])
+            kernels.lora_expand(v, pool_flat, rows.b_rows, rows.expand_ranks, lora.scales, lora.token_slots, y)
         return y
 
 
@@ -96,10 +115,10 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads = cfg.num_heads // tp, cfg.num_kv_heads // tp
         self.head_dim, self.group = cfg.head_dim, group
         q, kv = self.num_heads * cfg.head_dim, self.num_kv_heads * cfg.head_dim
-        self.q_proj = LoraLinear("q_proj", cfg.hidden_size, q, cfg.qkv_bias)
-        self.k_proj = LoraLinear("k_proj", cfg.hidden_size, kv, cfg.qkv_bias)
-        self.v_proj = LoraLinear("v_proj", cfg.hidden_size, kv, cfg.qkv_bias)
-        self.o_proj = LoraLinear("o_proj", q, cfg.hidden_size, False)
+        self.q_proj = LoraLinear("q_proj", cfg.hidden_size, q, cfg.qkv_bias, group, column=True)
+        self.k_proj = LoraLinear("k_proj", cfg.hidden_size, kv, cfg.qkv_bias, group, column=True)
+        self.v_proj = LoraLinear("v_proj", cfg.hidden_size, kv, cfg.qkv_bias, group, column=True)
+        self.o_proj = LoraLinear("o_proj", q, cfg.hidden_size, False, group, column=False)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
     def forward(self, x, attn: AttentionBatch, lora, pool_layer, cos_sin, block_tokens) -> torch.Tensor:
@@ -123,9 +142,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, group: ParallelGroup) -> None:
         super().__init__()
         inter = cfg.intermediate_size // group.shard.size
-        self.gate_proj = LoraLinear("gate_proj", cfg.hidden_size, inter, False)
-        self.up_proj = LoraLinear("up_proj", cfg.hidden_size, inter, False)
-        self.down_proj = LoraLinear("down_proj", inter, cfg.hidden_size, False)
+        self.gate_proj = LoraLinear("gate_proj", cfg.hidden_size, inter, False, group, column=True)
+        self.up_proj = LoraLinear("up_proj", cfg.hidden_size, inter, False, group, column=True)
+        self.down_proj = LoraLinear("down_proj", inter, cfg.hidden_size, False, group, column=False)
         self.group = group
 
     def forward(self, x, lora, pool_flat) -> torch.Tensor:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from lorafleet.engine.adapter_store import PackedAdapter
+from lorafleet.engine.adapters import COLUMN_PARALLEL
 from lorafleet.engine.model import AttentionBatch, CausalLM, LoraBatch, ModuleLora
 from lorafleet.engine.plan import SeqPlan, StepPlan
 from lorafleet.engine.sampling import SampleSpec, sample
@@ -19,9 +20,11 @@ from lorafleet.engine.sampling import SampleSpec, sample
 
 @dataclass(frozen=True)
 class ResidentAdapter:
-    """Physical row offsets (in a layer's flat pool buffer) of one adapter's A and Bᵀ rows per module."""
+    """Physical row offsets (in a layer's flat pool buffer) of one adapter's A and Bᵀ rows per module
+    (this rank's shard), and its full rank."""
 
     scale: float
+    rank: int
     rows: dict[str, tuple[list[int], list[int]]]
 
 
@@ -37,6 +40,7 @@ class ModelRunner:
     ) -> None:
         param = model.model.norm.weight
         self.model, self.device, self.dtype = model, param.device, param.dtype
+        self.shard = model.group.shard
         self.block_tokens = block_tokens
         self.fetch_adapter = fetch_adapter
         self.sample_on_this_rank = sample_on_this_rank
@@ -66,15 +70,16 @@ class ModelRunner:
 
     def _load_adapter(self, name: str, pages: list[int]) -> None:
         packed = self.fetch_adapter(name)
-        assert packed.pages.shape[1] == len(pages), f"adapter {name}: page table length mismatch"
+        shard_pages = packed.for_rank(self.shard.rank)
+        assert shard_pages.shape[1] == len(pages), f"adapter {name}: page table length mismatch"
         index = torch.tensor(pages, device=self.device)
-        self.pool[:, index] = packed.pages.to(self.device, self.dtype, non_blocking=True)
+        self.pool[:, index] = shard_pages.to(self.device, self.dtype, non_blocking=True)
         layout = packed.info.layout
         rows = {
             module: ([layout.physical(v, pages) for v in r.a_rows], [layout.physical(v, pages) for v in r.b_rows])
             for module, r in layout.modules.items()
         }
-        self.resident[name] = ResidentAdapter(packed.info.scale, rows)
+        self.resident[name] = ResidentAdapter(packed.info.scale, packed.info.rank, rows)
 
     def _attention_batch(self, plan: StepPlan) -> AttentionBatch:
         bt = self.block_tokens
@@ -114,12 +119,35 @@ class ModelRunner:
         )
 
     def _module_rows(self, adapters: list[ResidentAdapter], module: str) -> ModuleLora:
-        ranks = [len(a.rows[module][0]) if module in a.rows else 0 for a in adapters]
-        width = max(ranks)
-        a_rows = [list(a.rows[module][0]) + [0] * (width - r) if r else [0] * width for a, r in zip(adapters, ranks)]
-        b_rows = [list(a.rows[module][1]) + [0] * (width - r) if r else [0] * width for a, r in zip(adapters, ranks)]
+        a_tables = [list(a.rows[module][0]) if module in a.rows else [] for a in adapters]
+        b_tables = [list(a.rows[module][1]) if module in a.rows else [] for a in adapters]
         tensor = lambda data, dtype: torch.tensor(data, dtype=dtype, device=self.device)  # noqa: E731
-        return ModuleLora(tensor(a_rows, torch.long), tensor(b_rows, torch.long), tensor(ranks, torch.int32))
+        cols = None
+        if self.shard.size > 1:
+            cols = tensor(_padded([self._cols(a, module, a_tables) for a in adapters]), torch.long)
+        return ModuleLora(
+            a_rows=tensor(_padded(a_tables), torch.long),
+            b_rows=tensor(_padded(b_tables), torch.long),
+            ranks=tensor([len(t) for t in a_tables], torch.int32),
+            expand_ranks=tensor([len(t) for t in b_tables], torch.int32),
+            cols=cols,
+        )
+
+    def _cols(self, adapter: ResidentAdapter, module: str, a_tables: list[list[int]]) -> list[int]:
+        """Columns of the collected intermediate that feed this rank's Bᵀ rows, for one slot."""
+        if module not in adapter.rows:
+            return []
+        size, rank, full = self.shard.size, self.shard.rank, adapter.rank
+        local = full // size
+        if module not in COLUMN_PARALLEL:
+            return [rank * local + j for j in range(local)]  # row-parallel: all-reduced v, my rank slice
+        width = max(1, max(len(t) for t in a_tables))  # column-parallel: all-gathered blocks of `width`
+        return [(c // local) * width + c % local for c in range(full)]
+
+
+def _padded(tables: list[list[int]]) -> list[list[int]]:
+    width = max(1, max(len(t) for t in tables))
+    return [t + [0] * (width - len(t)) for t in tables]
 
 
 def _spec(seq: SeqPlan) -> SampleSpec:
