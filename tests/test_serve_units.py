@@ -1,0 +1,273 @@
+"""Serving building blocks without a server: message schema, shared-memory ring channels, the admission
+policy, request parsing, and the scheduler actor driving an in-process executor."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import threading
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lorafleet.actors.admission import AdmissionPolicy
+from lorafleet.actors.channels import ChannelClosed, LocalChannel, RingChannel, RingEndpoint, RingFull, ShmRing
+from lorafleet.actors.protocol import ApiError, ParseContext, parse_generation, parse_ws_generate
+from lorafleet.actors.schema import (
+    AdapterFetched,
+    DeltaItem,
+    RunStep,
+    SchedulerStats,
+    SchemaError,
+    StagedAdapter,
+    StepDeltas,
+    StepResult,
+    Submit,
+    decode,
+    encode,
+)
+
+# schema -------------------------------------------------------------------------------------------
+
+
+def test_schema_round_trips_nested_messages():
+    staged = StagedAdapter("a", "seg", 128, [2, 3, 64], "float32", 2.0, {"q_proj": 4})
+    msgs = [
+        RunStep({"step": 1, "seqs": []}, [staged]),
+        StepResult(3, 0, [1, 2, 3], 0.5),
+        StepDeltas(7, [DeltaItem("r1", [5], "x"), DeltaItem("r2", [], "", True, "stop", 3, 4, None, None, 1.0)]),
+        Submit("r", [1, 2], {"max_tokens": 3, "stop": ["a"]}, None, None, 1.5, 9),
+    ]
+    for msg in msgs:
+        assert decode(encode(msg)) == msg
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    ({"type": "nope"}, "unknown message type"),
+    ({"step": 1}, "unknown message type"),
+    ({"type": "step_result", "step": 1, "rank": 0, "sampled": [1]}, "step_result.seconds: missing"),
+    ({"type": "step_result", "step": 1, "rank": 0, "sampled": [1], "seconds": 1.0, "x": 1}, ".x: unknown field"),
+    ({"type": "step_result", "step": "1", "rank": 0, "sampled": [1], "seconds": 1.0}, ".step: must be int"),
+    ({"type": "step_result", "step": 1, "rank": 0, "sampled": [1, "2"], "seconds": 1.0}, "sampled[1]: must be int"),
+    ({"type": "step_result", "step": True, "rank": 0, "sampled": [], "seconds": 1.0}, ".step: must be int"),
+    ({"type": "run_step", "plan": {}, "staged": [{"type": "shutdown"}]}, "staged[0]: must be a 'staged_adapter'"),
+])
+def test_schema_rejects_malformed_frames(raw, fragment):
+    with pytest.raises(SchemaError, match=None) as info:
+        decode(msgpack.packb(raw))
+    assert fragment in str(info.value)
+
+
+def test_schema_rejects_garbage_and_in_process_only_messages():
+    with pytest.raises(SchemaError, match="not valid msgpack"):
+        decode(b"\xc1\xc1")
+    with pytest.raises(SchemaError, match="must be a map"):
+        decode(msgpack.packb([1, 2]))
+    with pytest.raises(SchemaError, match="in-process only"):
+        encode(AdapterFetched("a", "/p", object(), 0.1))
+
+
+# shared-memory ring ---------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.binary(min_size=0, max_size=300), min_size=1, max_size=60))
+def test_ring_preserves_frames_across_wraparound(frames):
+    ring = ShmRing.create(capacity=1024)
+    try:
+        pending: list[bytes] = []
+        got: list[bytes] = []
+        rng = random.Random(len(frames))
+        for frame in frames:
+            try:
+                ring.write(frame)
+                pending.append(frame)
+            except RingFull:
+                got.append(ring.read())
+                ring.write(frame)
+                pending.append(frame)
+            if rng.random() < 0.5:
+                got.append(ring.read())
+        while (frame := ring.read()) is not None:
+            got.append(frame)
+        assert [g for g in got if g is not None] == pending
+    finally:
+        ring.close()
+
+
+def test_ring_refuses_a_frame_larger_than_its_space():
+    ring = ShmRing.create(capacity=64)
+    try:
+        with pytest.raises(RingFull):
+            ring.write(b"x" * 61)
+        ring.write(b"x" * 60)
+        assert ring.read() == b"x" * 60
+    finally:
+        ring.close()
+
+
+async def test_ring_channel_talks_to_a_blocking_endpoint_and_sees_its_end():
+    a_to_b, b_to_a = ShmRing.create(), ShmRing.create()
+    wake_b_r, wake_b_w = os.pipe()
+    wake_a_r, wake_a_w = os.pipe()
+    channel = RingChannel(a_to_b, b_to_a, wake_b_w, wake_a_r)
+    endpoint = RingEndpoint(b_to_a, a_to_b, wake_a_w, wake_b_r)
+
+    def echo() -> None:
+        while True:
+            msg = endpoint.recv()
+            if isinstance(msg, StepResult) and msg.step < 0:
+                break
+            endpoint.send(StepResult(msg.step + 1, msg.rank, msg.sampled[::-1], msg.seconds))
+        os.close(wake_a_w)
+
+    thread = threading.Thread(target=echo)
+    thread.start()
+    for i in range(50):
+        channel.send(StepResult(i, 0, [i, i + 1], 0.0))
+    replies = [await asyncio.wait_for(channel.recv(), 10) for _ in range(50)]
+    channel.send(StepResult(-1, 0, [], 0.0))
+    with pytest.raises(ChannelClosed):
+        await asyncio.wait_for(channel.recv(), 10)
+    await asyncio.to_thread(thread.join)
+    assert [r.step for r in replies] == list(range(1, 51))
+    assert replies[3].sampled == [4, 3]
+    channel.close()
+    os.close(wake_b_r)
+    a_to_b.close()
+    b_to_a.close()
+
+
+# admission ------------------------------------------------------------------------------------------
+
+
+def _submit(n_tokens: int = 10, slo: float | None = None) -> Submit:
+    return Submit("r", list(range(n_tokens)), {}, None, slo, 0.0)
+
+
+def test_admission_bounds_the_queue_counting_unseen_submits():
+    policy = AdmissionPolicy(max_queue=2, max_batch_tokens=100)
+    assert policy.decide(_submit()) is None
+    policy.admitted(_submit())
+    assert policy.decide(_submit()) is None
+    policy.admitted(_submit())
+    refusal = policy.decide(_submit())
+    assert refusal is not None and refusal.code == "queue_full" and refusal.status == 429
+    assert refusal.retry_after >= 1
+    policy.observe(SchedulerStats(1, seen_seq=2, num_waiting=0, num_running=2, waiting_tokens=0, step_ms=10.0))
+    assert policy.queue_length() == 0 and policy.decide(_submit()) is None
+
+
+def test_admission_early_aborts_requests_that_cannot_meet_their_slo():
+    policy = AdmissionPolicy(max_queue=100, max_batch_tokens=100)
+    assert policy.decide(_submit(50, slo=1.0)) is None  # nothing measured yet: no estimate, no refusal
+    policy.observe(SchedulerStats(5, seen_seq=0, num_waiting=3, num_running=0, waiting_tokens=350, step_ms=20.0))
+    # 350 waiting + 50 own tokens at 100 per step = 4 steps, + 1 step = 100 ms
+    assert policy.estimate_ttft_ms(50) == pytest.approx(100.0)
+    assert policy.decide(_submit(50, slo=150.0)) is None
+    refusal = policy.decide(_submit(50, slo=99.0))
+    assert refusal is not None and refusal.code == "slo_unattainable" and refusal.param == "slo_ttft_ms"
+    assert policy.decide(_submit(50, slo=None)) is None
+
+
+# request parsing ------------------------------------------------------------------------------------
+
+
+class _Tok:
+    chat_template = None
+
+    def encode(self, text: str) -> list[int]:
+        return [3 + (ord(c) % 200) for c in text]
+
+
+CTX = ParseContext("base", {"a1"}, max_model_len=64, vocab_size=300, tokenizer=_Tok())
+
+
+@pytest.mark.parametrize("body, code, param", [
+    ({"prompt": "x", "model": "zz"}, "model_not_found", "model"),
+    ({"prompt": "x", "model": 3}, "invalid_parameter", "model"),
+    ({"prompt": ""}, "invalid_parameter", "prompt"),
+    ({"prompt": [1, 2, 999]}, "invalid_parameter", "prompt"),
+    ({"prompt": ["a", "b"]}, "invalid_parameter", "prompt"),
+    ({"prompt": "x", "max_tokens": 0}, "invalid_parameter", "max_tokens"),
+    ({"prompt": "x", "max_tokens": True}, "invalid_parameter", "max_tokens"),
+    ({"prompt": "x", "temperature": "hot"}, "invalid_parameter", "temperature"),
+    ({"prompt": "x", "top_k": -5}, "invalid_parameter", "top_k"),
+    ({"prompt": "x", "n": 3}, "unsupported_parameter", "n"),
+    ({"prompt": "x", "logprobs": 2}, "unsupported_parameter", "logprobs"),
+    ({"prompt": "x", "stop": ["s"] * 17}, "invalid_parameter", "stop"),
+    ({"prompt": "x", "stop": 5}, "invalid_parameter", "stop"),
+    ({"prompt": "x" * 64}, "context_length_exceeded", "prompt"),
+    ({"prompt": "x" * 60, "max_tokens": 10}, "context_length_exceeded", "max_tokens"),
+    ({"prompt": "x", "slo_ttft_ms": -1}, "invalid_parameter", "slo_ttft_ms"),
+    ({"prompt": "x", "stream": "yes"}, "invalid_parameter", "stream"),
+])
+def test_parse_rejects_bad_fields_naming_them(body, code, param):
+    with pytest.raises(ApiError) as info:
+        parse_generation(body, CTX, chat=False)
+    assert (info.value.code, info.value.param) == (code, param)
+    assert info.value.body()["error"]["param"] == param
+
+
+def test_parse_accepts_openai_and_ws_shapes():
+    spec = parse_generation({"prompt": "hi", "model": "a1", "stop": "x", "max_tokens": 5, "stream": True,
+                             "stream_options": {"include_usage": True}, "return_token_ids": True}, CTX, chat=False)
+    assert spec.adapter == "a1" and spec.params["stop"] == ("x",) and spec.include_usage and spec.return_token_ids
+    chat = parse_ws_generate({"type": "generate", "id": "c", "messages": [{"role": "user", "content": "yo"}]}, CTX)
+    assert chat.adapter is None and chat.prompt_ids == _Tok().encode("user: yo\nassistant:")
+    with pytest.raises(ApiError):
+        parse_ws_generate({"messages": [{"role": "user", "content": "x"}], "prompt": "x"}, CTX)
+
+
+# the scheduler actor over an in-process executor --------------------------------------------------------
+
+
+class _InProcessGroup:
+    """ExecutorGroup stand-in: runs the plan on the engine's own ModelRunner."""
+
+    def __init__(self, runner) -> None:
+        self.runner, self.steps = runner, 0
+
+    async def run(self, plan, packed):
+        self.steps += 1
+        return StepResult(plan.step, 0, self.runner.execute(plan), 0.0)
+
+
+async def test_scheduler_actor_emits_one_message_per_step_matching_offline(tiny_llama, tmp_path):
+    from conftest import make_peft_adapter
+    from lorafleet.actors.hub import ServeHub
+    from lorafleet.actors.scheduler import SchedulerActor
+    from lorafleet.engine import LLM
+    from lorafleet.engine.build import build_engine
+    from lorafleet.engine.config import EngineConfig
+
+    adapters = {f"r{r}": str(make_peft_adapter(tiny_llama, tmp_path / f"r{r}", r, seed=r)) for r in (2, 8)}
+    prompts = [[5 + i, 9, 30 + i] for i in range(6)]
+    names = ["r2", "r8", None, "r2", "r8", None]
+    want = LLM(str(tiny_llama), adapters=adapters).generate(prompts, adapters=names, max_tokens=6)
+    engine, _ = build_engine(str(tiny_llama), EngineConfig(), adapters)
+    boxes = [LocalChannel() for _ in range(4)]
+    inbox, router, admission, prefetch = boxes
+    actor = SchedulerActor(engine, _InProcessGroup(engine.executor), inbox, router, admission, prefetch, ServeHub())
+    task = asyncio.create_task(actor.run())
+    for i, (prompt, name) in enumerate(zip(prompts, names)):
+        inbox.send(Submit(f"q{i}", prompt, {"max_tokens": 6, "temperature": 0.0}, name, None, 0.0, i + 1))
+    tokens: dict[str, list[int]] = {f"q{i}": [] for i in range(6)}
+    finished, messages = set(), 0
+    while len(finished) < 6:
+        msg = await asyncio.wait_for(router.recv(), 60)
+        if isinstance(msg, StepDeltas):
+            messages += 1
+            assert len({item.request_id for item in msg.items}) == len(msg.items)
+            for item in msg.items:
+                tokens[item.request_id] += item.token_ids
+                if item.finished:
+                    finished.add(item.request_id)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert [tokens[f"q{i}"] for i in range(6)] == [w.token_ids for w in want]
+    assert messages == actor.executors.steps  # every step samples here: one StepDeltas message each
+    assert engine.pool.usage()["kv"] == 0
