@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +148,9 @@ class Metrics:
         self.prompt_tokens = Counter("peft_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
         self.generation_tokens = Counter("peft_generation_tokens", "Generated tokens sent", registry=r)
         self.batches = Counter("peft_batches", "generate() calls", registry=r)
+        self.computed_tokens = Counter(
+            "peft_computed_tokens", "Tokens the model produced for unfinished requests", registry=r
+        )
         self.batch_size = Histogram(
             "peft_batch_size",
             "Requests per generate() call",
@@ -160,8 +164,8 @@ class Metrics:
 class _BatchStreamer(BaseStreamer):
     """A generate() streamer that turns each step's token column into per-job events."""
 
-    def __init__(self, jobs: list[Job], eos_id: int | None) -> None:
-        self._jobs, self._eos_id = jobs, eos_id
+    def __init__(self, jobs: list[Job], eos_id: int | None, metrics: Metrics) -> None:
+        self._jobs, self._eos_id, self._metrics = jobs, eos_id, metrics
         self._seen_prompt = False
 
     def put(self, value: torch.Tensor) -> None:
@@ -178,6 +182,7 @@ class _BatchStreamer(BaseStreamer):
             job.emit("done", "cancelled")
             return
         job.generated += 1
+        self._metrics.computed_tokens.inc()
         job.emit("tokens", [token])
         if job.generated >= job.max_tokens:
             job.finished = True
@@ -311,7 +316,7 @@ class PeftBackend:
             "input_ids": torch.tensor(ids, device=self.device),
             "attention_mask": torch.tensor(mask, device=self.device),
             "generation_config": gen,
-            "streamer": _BatchStreamer(batch, self.eos_id),
+            "streamer": _BatchStreamer(batch, self.eos_id, self.metrics),
             "stopping_criteria": StoppingCriteriaList([_RowsDone(batch)]),
         }
         if self.adapters:
@@ -495,8 +500,9 @@ async def job_outputs(backend: PeftBackend, job: Job, outcome: Outcome) -> Async
                 metrics.errors.labels(outcome.error[0]).inc()  # type: ignore[index]
                 return
     finally:
-        if outcome.finish_reason is None and outcome.error is None:
+        if outcome.finish_reason is None and outcome.error is None:  # the consumer gave up: client gone
             job.cancelled = True
+            metrics.finished.labels("cancelled").inc()
 
 
 BACKEND_KEY: web.AppKey[PeftBackend] = web.AppKey("backend", PeftBackend)
@@ -532,8 +538,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
         options = body.get("stream_options") if isinstance(body.get("stream_options"), dict) else {}
         return await _completions_sse(request, backend, job, bool(options.get("include_usage")))
     outcome, text = Outcome(), []
-    async for _, piece in job_outputs(backend, job, outcome):
-        text.append(piece)
+    async with aclosing(job_outputs(backend, job, outcome)) as outputs:  # closing cancels an abandoned job
+        async for _, piece in outputs:
+            text.append(piece)
     if outcome.error is not None:
         return web.json_response(ApiError(500, *outcome.error).body(), status=500)
     choice = {"index": 0, "text": "".join(text), "finish_reason": outcome.finish_reason}
@@ -568,9 +575,10 @@ async def _completions_sse(
 
     outcome = Outcome()
     usage_field = {"usage": None} if include_usage else {}
-    async for ids, text in job_outputs(backend, job, outcome):
-        choice = {"index": 0, "text": text, "token_ids": ids, "logprobs": None, "finish_reason": None}
-        await send({**_chunk_head(job), "choices": [choice], **usage_field})
+    async with aclosing(job_outputs(backend, job, outcome)) as outputs:  # a failed write cancels the job
+        async for ids, text in outputs:
+            choice = {"index": 0, "text": text, "token_ids": ids, "logprobs": None, "finish_reason": None}
+            await send({**_chunk_head(job), "choices": [choice], **usage_field})
     if outcome.error is not None:
         await send(ApiError(500, *outcome.error).body())
     else:
@@ -681,8 +689,9 @@ class WsSession:
     async def _pump(self, req_id: str, job: Job) -> None:
         outcome = Outcome()
         try:
-            async for ids, text in job_outputs(self.backend, job, outcome):
-                await self.send({"type": "delta", "id": req_id, "text": text, "token_ids": ids})
+            async with aclosing(job_outputs(self.backend, job, outcome)) as outputs:
+                async for ids, text in outputs:
+                    await self.send({"type": "delta", "id": req_id, "text": text, "token_ids": ids})
             if outcome.error is not None:
                 code, message = outcome.error
                 await self.send({"type": "error", "id": req_id, "error": {"code": code, "message": message}})

@@ -506,3 +506,25 @@ async def test_synthetic_backend_and_adapter_dir(tiny) -> None:
     finally:
         await backend.stop()
     assert outcome.finish_reason == "length" and sum(len(ids) for ids in got) == 3
+
+
+async def test_sse_client_disconnect_cancels_the_generation(server) -> None:
+    import aiohttp
+
+    key = "peft_requests_finished_total{finish_reason=cancelled}"
+    before = scrape(server)
+    body = {"model": "code", "prompt": [5, 6], "max_tokens": 240, "stream": True, "ignore_eos": True, "temperature": 0}
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(f"{server}/v1/completions", json=body)
+        assert resp.status == 200
+        assert (await resp.content.readline()).startswith(b"data: ")
+        resp.close()  # drop the connection mid-stream
+    deadline = time.monotonic() + 60
+    # wait until the request is counted as cancelled AND the model has no batch running
+    while (delta(before, after := scrape(server), key) < 1 or after["peft_requests_running"] > 0) and (
+        time.monotonic() < deadline
+    ):
+        await asyncio.sleep(0.2)  # polling the other process's counters
+    assert delta(before, after, key) == 1
+    assert delta(before, after, "peft_generation_tokens_total") < 240
+    assert delta(before, after, "peft_computed_tokens_total") < 240  # the model stopped working on it
