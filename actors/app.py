@@ -33,14 +33,26 @@ async def auth_middleware(request: web.Request, handler):
     frontend: Frontend = request.app["frontend"]
     if not request.path.startswith("/v1/"):
         return await handler(request)
+    refusal = _check_keys(request, frontend)
+    if refusal is not None:
+        return openai_api.error_response(refusal)
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+        return openai_api.error_response(ApiError(exc.status, code, f"{request.method} {request.path}: {exc.reason}"))
+
+
+def _check_keys(request: web.Request, frontend: Frontend) -> ApiError | None:
     given = _bearer(request)
     is_admin = frontend.admin_key is not None and _matches(given, frontend.admin_key)
     if request.path in ADMIN_PATHS and frontend.admin_key is not None and not is_admin:
-        return openai_api.error_response(ApiError(403, "forbidden", "this endpoint needs the admin key"))
+        return ApiError(403, "forbidden", "this endpoint needs the admin key")
     if frontend.api_key is not None and not is_admin and not _matches(given, frontend.api_key):
-        return openai_api.error_response(ApiError(401, "invalid_api_key", "missing or wrong API key "
-                                                  "(Authorization: Bearer <key>)"))
-    return await handler(request)
+        return ApiError(401, "invalid_api_key", "missing or wrong API key (Authorization: Bearer <key>)")
+    return None
 
 
 def _adapter_path(frontend: Frontend, raw: object) -> str:
