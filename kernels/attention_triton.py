@@ -15,14 +15,34 @@ token by token through the block table, so the key block size BLOCK_N is indepen
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from lorafleet.kernels.segments import TensorKeyedCache, query_tiles
+from lorafleet.kernels.segments import new_cache, query_tiles
 
-_TILE_CACHE = TensorKeyedCache()
+_TILE_CACHE = new_cache()
 _LOG2E = 1.4426950408889634
+
+
+@dataclass
+class AttentionTuning:
+    """Launch parameters on CUDA (measured on an H200, see docs/kernels.md; the benchmark sweeps them).
+    The interpreter uses 16-row blocks so that tests on tiny shapes still cross several blocks."""
+
+    decode_block_n: int = 64
+    decode_min_blocks_per_split: int = 2
+    decode_warps: int = 4
+    decode_stages: int = 2
+    prefill_block_m: int = 128
+    prefill_block_n: int = 64
+    prefill_warps: int = 8
+    prefill_stages: int = 3
+
+
+TUNE = AttentionTuning()
 
 
 @triton.jit
@@ -48,19 +68,28 @@ def _write_kv_kernel(
 def _attend_block(
     q, m_i, l_i, acc, kv_ptr, table_ptr, offs_n, n_valid, kv_head, qk_scale,
     stride_page, stride_kind, stride_row, stride_head, offs_d, d_mask,
-    BLOCK_TOKENS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr, PRECISION: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """One online-softmax step over the keys offs_n (n_valid: [M, N] mask, already causal)."""
-    column = tl.max(n_valid.to(tl.int32), 0) > 0
-    page = tl.load(table_ptr + offs_n // BLOCK_TOKENS, mask=column, other=0).to(tl.int64)
+    """One online-softmax step over the keys offs_n. MASKED: n_valid ([M, N], causal and length) applies;
+    otherwise every key is visible to every query row."""
+    if MASKED:
+        column = tl.max(n_valid.to(tl.int32), 0) > 0
+        page = tl.load(table_ptr + offs_n // BLOCK_TOKENS, mask=column, other=0).to(tl.int64)
+        ld_mask = column[:, None] & d_mask[None, :]
+    else:
+        page = tl.load(table_ptr + offs_n // BLOCK_TOKENS).to(tl.int64)
+        ld_mask = d_mask[None, :]
     base = page * stride_page + (offs_n % BLOCK_TOKENS) * stride_row + kv_head * stride_head
-    ld_mask = column[:, None] & d_mask[None, :]
     key = tl.load(kv_ptr + base[:, None] + offs_d[None, :], mask=ld_mask, other=0.0)
     value = tl.load(kv_ptr + stride_kind + base[:, None] + offs_d[None, :], mask=ld_mask, other=0.0)
     s = tl.dot(q, tl.trans(key), input_precision=PRECISION) * qk_scale
-    s = tl.where(n_valid, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if MASKED:
+        s = tl.where(n_valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = m_new
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -91,12 +120,20 @@ def _decode_kernel(
     m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_D), tl.float32)
-    for n0 in range(start, stop, BLOCK_N):
+    table = tables_ptr + b * stride_tb
+    full_stop = start + tl.maximum(stop - start, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(start, full_stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
+        m_i, l_i, acc = _attend_block(
+            q, m_i, l_i, acc, kv_ptr, table, offs_n, offs_n, kv_head, qk_scale,
+            stride_page, stride_kind, stride_row, stride_head, offs_d, d_mask, BLOCK_TOKENS, PRECISION, False,
+        )
+    if full_stop < stop:
+        offs_n = full_stop + tl.arange(0, BLOCK_N)
         n_valid = (offs_n < stop)[None, :] & h_mask[:, None]
         m_i, l_i, acc = _attend_block(
-            q, m_i, l_i, acc, kv_ptr, tables_ptr + b * stride_tb, offs_n, n_valid, kv_head, qk_scale,
-            stride_page, stride_kind, stride_row, stride_head, offs_d, d_mask, BLOCK_TOKENS, PRECISION,
+            q, m_i, l_i, acc, kv_ptr, table, offs_n, n_valid, kv_head, qk_scale,
+            stride_page, stride_kind, stride_row, stride_head, offs_d, d_mask, BLOCK_TOKENS, PRECISION, True,
         )
     mask = h_mask[:, None] & d_mask[None, :]
     if SPLIT:
@@ -150,7 +187,8 @@ def _prefill_kernel(
     context = tl.load(lens_ptr + seq)
     offs_m = first + tl.arange(0, BLOCK_M)
     m_mask = offs_m < end
-    positions = context - tl.load(starts_ptr + seq + 1) + offs_m  # query t sits at context - (q_end - t)
+    q_end = tl.load(starts_ptr + seq + 1)
+    positions = context - q_end + offs_m  # query t sits at context - (q_end - t)
     kv_head = head // group
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
@@ -159,13 +197,21 @@ def _prefill_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    stop = tl.minimum(context, tl.max(tl.where(m_mask, positions, 0), 0) + 1)
-    for n0 in range(0, stop, BLOCK_N):
+    table = tables_ptr + seq * stride_tb
+    stop = context - q_end + end  # one past the last valid query's position
+    full_stop = (context - q_end + first + 1) // BLOCK_N * BLOCK_N  # keys every query of the tile sees
+    for n0 in range(0, full_stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        m_i, l_i, acc = _attend_block(
+            q, m_i, l_i, acc, kv_ptr, table, offs_n, offs_n, kv_head, qk_scale,
+            stride_page, stride_kind, stride_row, stride_head, offs_d, d_mask, BLOCK_TOKENS, PRECISION, False,
+        )
+    for n0 in range(full_stop, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_valid = (offs_n[None, :] <= positions[:, None]) & m_mask[:, None] & (offs_n < stop)[None, :]
         m_i, l_i, acc = _attend_block(
-            q, m_i, l_i, acc, kv_ptr, tables_ptr + seq * stride_tb, offs_n, n_valid, kv_head, qk_scale,
-            stride_page, stride_kind, stride_row, stride_head, offs_d, d_mask, BLOCK_TOKENS, PRECISION,
+            q, m_i, l_i, acc, kv_ptr, table, offs_n, n_valid, kv_head, qk_scale,
+            stride_page, stride_kind, stride_row, stride_head, offs_d, d_mask, BLOCK_TOKENS, PRECISION, True,
         )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_ot + head * stride_oh + offs_d[None, :],
@@ -208,9 +254,9 @@ def write_kv(kv: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Te
 
 
 def _decode_splits(batch: int, kv_heads: int, max_context: int, block_n: int, device: torch.device) -> int:
-    """Context splits so that about two programs per SM exist; each split keeps >= 4 key blocks."""
+    """Context splits so that about two programs per SM exist; each split keeps a few key blocks."""
     want = triton.cdiv(2 * _num_sms(device), batch * kv_heads)
-    return max(1, min(want, triton.cdiv(max_context, 4 * block_n), 64))
+    return max(1, min(want, triton.cdiv(max_context, TUNE.decode_min_blocks_per_split * block_n), 64))
 
 
 def paged_decode_attention(
@@ -225,7 +271,7 @@ def paged_decode_attention(
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    group, block_n, block_tokens = heads // kv_heads, 64 if q.is_cuda else 16, kv.shape[2]
+    group, block_n, block_tokens = heads // kv_heads, TUNE.decode_block_n if q.is_cuda else 16, kv.shape[2]
     splits = _decode_splits(batch, kv_heads, block_tables.shape[1] * block_tokens, block_n, q.device)
     tokens_per_split = triton.cdiv(triton.cdiv(block_tables.shape[1] * block_tokens, splits), block_n) * block_n
     splits = triton.cdiv(block_tables.shape[1] * block_tokens, tokens_per_split)
@@ -237,7 +283,7 @@ def paged_decode_attention(
         group, head_dim, tokens_per_split, splits,
         q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), *strides,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_TOKENS=block_tokens,
-        SPLIT=splits > 1, PRECISION=_precision(q.dtype), num_warps=4,
+        SPLIT=splits > 1, PRECISION=_precision(q.dtype), num_warps=TUNE.decode_warps, num_stages=TUNE.decode_stages,
     )
     if splits > 1:
         _merge_splits_kernel[(batch, heads)](
@@ -267,14 +313,16 @@ def paged_prefill_attention(
     out = torch.empty_like(q)
     if num_tokens == 0:
         return out
-    block_m = 64 if q.is_cuda else 16
+    tune = TUNE
+    block_m, block_n = (tune.prefill_block_m, tune.prefill_block_n) if q.is_cuda else (16, 16)
     tiles = _TILE_CACHE.get(query_starts, (block_m, num_tokens), lambda: query_tiles(query_starts, block_m, num_tokens))
     _prefill_kernel[(tiles.shape[1], heads)](
         q, kv, block_tables, context_lens, query_starts, tiles, out, scale * _LOG2E,
         tiles.shape[1], heads // kv_heads, head_dim,
         q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), *strides,
-        BLOCK_M=block_m, BLOCK_N=64 if q.is_cuda else 16, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_TOKENS=kv.shape[2], PRECISION=_precision(q.dtype), num_warps=4, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_TOKENS=kv.shape[2], PRECISION=_precision(q.dtype), num_warps=tune.prefill_warps,
+        num_stages=tune.prefill_stages,
     )
     return out
 

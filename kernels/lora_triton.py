@@ -16,14 +16,32 @@ expand: out[t, n] += scale[s] · sum_r v[t, r] · pool[b_rows[s, r] + n]   grid 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from lorafleet.kernels.segments import SlotTiles, TensorKeyedCache, slot_tiles
+from lorafleet.kernels.segments import SlotTiles, new_cache, slot_tiles
 
 BLOCK_R = 16
-_TILE_CACHE = TensorKeyedCache()
+
+
+@dataclass
+class LoraTuning:
+    """Launch parameters (measured on an H200, see docs/kernels.md; the benchmark sweeps them)."""
+
+    shrink_k_chunk: int = 512  # K columns per shrink program (split-K, fp32 atomics) for decode tiles
+    shrink_block_k: int = 256
+    shrink_warps: int = 4
+    shrink_stages: int = 3
+    expand_block_n: int = 128
+    expand_warps: int = 4
+    expand_stages: int = 2
+
+
+TUNE = LoraTuning()
+_TILE_CACHE = new_cache()
 
 
 @triton.jit
@@ -116,10 +134,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def tiles_for(token_slots: torch.Tensor, num_slots: int) -> SlotTiles:
     """The step's token grouping, built once per token_slots tensor and reused by every layer and module."""
     block_m = _block_m(token_slots.shape[0], num_slots)
@@ -146,17 +160,18 @@ def lora_shrink(
         return v
     tiles = tiles_for(token_slots, num_slots)
     rank_blocks = triton.cdiv(max_rank, BLOCK_R)
-    block_k = 128 if in_dim >= 128 else max(16, triton.next_power_of_2(in_dim))
-    # split K until the grid has about two programs per SM; each split keeps >= 512 columns
-    splits = max(1, min(triton.cdiv(2 * _num_sms(x.device), tiles.num_tiles * rank_blocks), in_dim // 512))
-    k_per_split = triton.cdiv(triton.cdiv(in_dim, splits), block_k) * block_k
+    tune = TUNE
+    block_k = min(tune.shrink_block_k, max(16, triton.next_power_of_2(in_dim)))
+    # decode tiles are few: split K so every program streams one chunk; prefill tiles are many: 4x chunks
+    chunk = tune.shrink_k_chunk * (1 if tiles.block_m == 16 else 4)
+    k_per_split = triton.cdiv(min(chunk, in_dim), block_k) * block_k
     splits = triton.cdiv(in_dim, k_per_split)
     grid = (tiles.num_tiles, rank_blocks, splits)
     _shrink_kernel[grid](
         x, pool_flat, a_rows, ranks, tiles.order, tiles.tiles, v,
         in_dim, k_per_split, tiles.num_tiles, x.stride(0), a_rows.stride(0), v.stride(0),
         BLOCK_M=tiles.block_m, BLOCK_R=BLOCK_R, BLOCK_K=block_k, ATOMIC=splits > 1,
-        PRECISION=_precision(pool_flat.dtype), num_warps=4,
+        PRECISION=_precision(pool_flat.dtype), num_warps=tune.shrink_warps, num_stages=tune.shrink_stages,
     )
     return v
 
@@ -182,12 +197,12 @@ def lora_expand(
     if num_tokens == 0:
         return
     tiles = tiles_for(token_slots, num_slots)
-    block_n = 128 if tiles.block_m == 16 else 64
-    block_n = min(block_n, max(16, triton.next_power_of_2(out_dim)))
+    tune = TUNE
+    block_n = min(tune.expand_block_n, max(16, triton.next_power_of_2(out_dim)))
     grid = (tiles.num_tiles, triton.cdiv(out_dim, block_n))
     _expand_kernel[grid](
         v, pool_flat, b_rows, ranks, scales, tiles.order, tiles.tiles, out,
         out_dim, v.shape[1], tiles.num_tiles, v.stride(0), b_rows.stride(0), out.stride(0),
         BLOCK_M=tiles.block_m, BLOCK_R=BLOCK_R, BLOCK_N=block_n, PRECISION=_precision(pool_flat.dtype),
-        num_warps=4,
+        num_warps=tune.expand_warps, num_stages=tune.expand_stages,
     )

@@ -71,16 +71,34 @@ def query_tiles(query_starts: torch.Tensor, block_m: int, total_rows: int) -> to
     return segment_tiles(counts, starts, block_m, num_tiles)
 
 
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter; None for inference tensors, which have none (identity is the key)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+def _capturing(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class TensorKeyedCache:
     """Remembers the last few values computed from a tensor, keyed by the tensor object, its version
-    counter and a hashable extra key; an entry dies with its tensor."""
+    counter and a hashable extra key; an entry dies with its tensor.
+
+    Entries made while a CUDA graph is being captured are kept apart from eager ones, so a captured graph
+    always contains the ops that build its metadata from its (static) input buffer and replays them.
+    The runner must call `clear_caches()` before capturing another graph from the same input tensor.
+    Inference tensors have no version counter: changing one in place outside a capture and calling again
+    returns stale metadata, so pass a new tensor per step (the runner does)."""
 
     def __init__(self, size: int = 8) -> None:
         self.size = size
-        self.entries: list[tuple[weakref.ref, int, object, object]] = []
+        self.entries: list[tuple[weakref.ref, tuple, object, object]] = []
 
     def get(self, tensor: torch.Tensor, extra: object, build: Callable[[], object]) -> object:
-        version = tensor._version
+        version = (_version(tensor), _capturing(tensor))
         self.entries = [e for e in self.entries if e[0]() is not None]
         for ref, ver, key, value in self.entries:
             if ref() is tensor and ver == version and key == extra:
@@ -89,3 +107,21 @@ class TensorKeyedCache:
         self.entries.append((weakref.ref(tensor), version, extra, value))
         del self.entries[: -self.size]
         return value
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+CACHES: list[TensorKeyedCache] = []
+
+
+def new_cache() -> TensorKeyedCache:
+    cache = TensorKeyedCache()
+    CACHES.append(cache)
+    return cache
+
+
+def clear_caches() -> None:
+    """Forget all cached step metadata (call before capturing a CUDA graph)."""
+    for cache in CACHES:
+        cache.clear()

@@ -89,6 +89,14 @@ def test_lora_tiles_follow_in_place_changes_of_token_slots():
     _check_lora(case, torch.float32, 16)
 
 
+@interpreter
+def test_lora_under_inference_mode():
+    """The engine runs under torch.inference_mode, whose tensors have no version counter."""
+    with torch.inference_mode():
+        case = make_lora_case([4, 2], [1, 0, -1], in_dim=16, out_dim=16, seed=4)
+        _check_lora(case, torch.float32, 16)
+
+
 # ----------------------------------------------------------------------------------------- attention
 def _prefill_case(lens, new, heads, kv_heads, head_dim, block_tokens, dtype, device="cpu"):
     case = make_kv_case(lens, kv_heads, head_dim, block_tokens, dtype=dtype, device=device)
