@@ -74,7 +74,8 @@ class RequestRecord:
     def fail(self, code: str, message: str, at: float, status: int | None = None) -> None:
         """Mark the request failed (the first error wins)."""
         if self.error_code is None:
-            self.error_code, self.error_message, self.http_status = code, message, status
+            self.error_code, self.error_message = code, message
+            self.http_status = status if status is not None else self.http_status
         self.done_s = at if self.done_s is None else self.done_s
 
     def finish(self, reason: str | None, at: float) -> None:
