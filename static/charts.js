@@ -21,9 +21,14 @@ function prepare(canvas) {
   return [ctx, w, h];
 }
 
-function label(ctx, text, x, y, color) {
-  ctx.fillStyle = color;
-  ctx.fillText(text, x, y);
+/** Draw labels left to right on the top line. */
+function labels(ctx, items) {
+  let x = 4;
+  for (const [text, color] of items) {
+    ctx.fillStyle = color;
+    ctx.fillText(text, x, 10);
+    x += ctx.measureText(text).width + 14;
+  }
 }
 
 /** Stacked area of [t, free, kv, adapter] samples over the last SPAN_S seconds. */
@@ -52,9 +57,8 @@ export function drawOccupancy(canvas, samples, now) {
   }
   ctx.globalAlpha = 1;
   const last = pts[pts.length - 1];
-  label(ctx, `KV ${last[2]}`, 4, 10, "#3d8bfd");
-  label(ctx, `adapters ${last[3]}`, 60, 10, "#f59f00");
-  label(ctx, `free ${last[1]} of ${total} pages · last ${span.toFixed(0)} s`, 140, 10, "#8591a5");
+  labels(ctx, [[`KV ${last[2]}`, "#3d8bfd"], [`adapters ${last[3]}`, "#f59f00"],
+    [`free ${last[1]} of ${total} pages · last ${span.toFixed(0)} s`, "#8591a5"]]);
 }
 
 function line(ctx, pts, x, y, color) {
@@ -83,7 +87,6 @@ export function drawLoad(canvas, samples, now) {
   line(ctx, pts.map((s) => [s[0], s[1]]), x, (v) => h - (v / maxTps) * (h - 14), "#51cf66");
   line(ctx, pts.map((s) => [s[0], s[2]]), x, (v) => h - (v / maxMs) * (h - 14), "#74c0fc");
   line(ctx, pts.map((s) => [s[0], s[3]]), x, (v) => h - (v / maxMs) * (h - 14), "#ff6b6b");
-  label(ctx, `tokens/s (max ${maxTps.toFixed(0)})`, 4, 10, "#51cf66");
-  label(ctx, "TTFT p50", 130, 10, "#74c0fc");
-  label(ctx, `TTFT p99 (max ${maxMs.toFixed(0)} ms)`, 190, 10, "#ff6b6b");
+  labels(ctx, [[`tokens/s (max ${maxTps.toFixed(0)})`, "#51cf66"], ["TTFT p50", "#74c0fc"],
+    [`TTFT p99 (max ${maxMs.toFixed(0)} ms) · last ${span.toFixed(0)} s`, "#ff6b6b"]]);
 }

@@ -14,6 +14,8 @@ window.lorafleetDashboard = state; // for operators' consoles and the browser te
 const pool = new PoolMap($("pool-canvas"), $("pool-tip"), $("pool-legend"));
 const table = new AdapterTable($("adapter-head"), $("adapter-scroller"), $("adapter-spacer"), $("adapter-rows"),
   $("adapter-search"), $("adapter-tier"), $("adapter-count"));
+state.pool = pool;
+state.table = table;
 
 function fmtNum(v, digits = 0) {
   if (v === null || v === undefined || Number.isNaN(v)) return "–";

@@ -1,0 +1,266 @@
+"""The dashboard in a real headless Chromium (Debian's, never a downloaded one) against a real server on a
+loopback port while a test client sends mixed-adapter traffic: the pool map, the adapter list and the load
+and SLO figures appear, change, and agree with /metrics at the same moment; the playground streams a
+generation; admin load/unload works; no console errors. Screenshots go to test-artifacts/."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+from dashboard_harness import Harness, make_assets, traffic
+from prometheus_client.parser import text_string_to_metric_families
+
+from lorafleet.dashboard import Hub, setup_routes
+from lorafleet.engine.engine import EngineSnapshot
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+DOCS_SHOT = Path(__file__).resolve().parent.parent / "docs" / "dashboard.png"
+P = "lorafleet:"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium at /usr/bin/chromium"),
+]
+playwright_api = pytest.importorskip("playwright.async_api")
+
+VALUES_JS = "Object.fromEntries([...document.querySelectorAll('[data-value]')].map(e => [e.id, e.dataset.value]))"
+OWNERS_JS = "(() => { const p = window.lorafleetDashboard.pool; return Array.from(p.codes, c => p.names[c]); })()"
+
+
+class Browser:
+    """One Chromium page that records console errors and uncaught exceptions."""
+
+    def __init__(self, page) -> None:
+        self.page = page
+        self.errors: list[str] = []
+        page.on("console", lambda m: self.errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+
+    async def values(self) -> dict[str, float | None]:
+        raw = await self.page.evaluate(VALUES_JS)
+        return {k: (float(v) if v not in ("", None) else None) for k, v in raw.items()}
+
+    async def wait_for(self, predicate, what: str, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            values = await self.values()
+            if predicate(values):
+                return values
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"timed out waiting for {what}; last values {values}")
+
+
+@pytest.fixture
+async def chromium():
+    async with playwright_api.async_playwright() as p:
+        browser = await p.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        page = await browser.new_page(viewport={"width": 1400, "height": 1250})
+        yield Browser(page)
+        await browser.close()
+
+
+@pytest.fixture
+async def harness(tmp_path):
+    model, adapters = make_assets(tmp_path, [4, 8, 8, 16, 16, 32, 32, 64, 8, 16, 4, 8])
+    h = Harness(model, adapters, num_pages=180, max_adapters_per_batch=4, max_num_seqs=10, step_delay=0.01)
+    url = await h.start()
+    yield h, url, list(adapters), tmp_path
+    await h.stop()
+
+
+async def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """/metrics as {(sample name, sorted labels): value}."""
+    async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def metric(samples: dict, name: str, **labels) -> float:
+    return samples[(P + name, tuple(sorted(labels.items())))]
+
+
+def assert_dom_agrees(values: dict, samples: dict) -> None:
+    """The dashboard's figures equal the /metrics samples of the same moment."""
+    pairs = {
+        "stat-step": metric(samples, "engine_step"),
+        "pool-free": metric(samples, "pool_pages", kind="free"),
+        "pool-kv": metric(samples, "pool_pages", kind="kv"),
+        "pool-adapter": metric(samples, "pool_pages", kind="adapter"),
+        "pool-total": metric(samples, "pool_pages_total"),
+        "pool-evictions": metric(samples, "adapter_evictions_total"),
+        "pool-preemptions": metric(samples, "num_preemptions_total"),
+        "load-queue": metric(samples, "num_requests_waiting"),
+        "load-running": metric(samples, "num_requests_running"),
+        "load-early-aborted": metric(samples, "early_aborted_requests_total"),
+        "load-rejected": metric(samples, "rejected_requests_total"),
+        "load-window-requests": metric(samples, "window_requests"),
+        "ad-gpu": metric(samples, "adapters", tier="gpu"),
+        "ad-host": metric(samples, "adapters", tier="host"),
+        "ad-disk": metric(samples, "adapters", tier="disk"),
+        "ad-loads": metric(samples, "adapter_loads_total"),
+    }
+    for element, expected in pairs.items():
+        assert values[element] == expected, f"#{element} shows {values[element]}, /metrics says {expected}"
+    succeeded = sum(v for (name, _), v in samples.items() if name == P + "request_success_total")
+    assert values["load-succeeded"] == succeeded
+    slo = metric(samples, "slo_attainment")
+    assert values["load-slo"] == pytest.approx(slo) if slo == slo else values["load-slo"] is None
+
+
+async def settled_moment(h: Harness, browser: Browser, url: str) -> tuple[dict, dict, list[str]]:
+    """Pause the engine; once the page shows the paused state, read the page and /metrics together."""
+    await h.pause()
+    for _ in range(20):
+        await asyncio.sleep(0.4)
+        snap = h.hub.snapshot
+        stamp = time.time()
+        await browser.page.wait_for_function(f"window.lorafleetDashboard.at > {stamp}", timeout=10_000)
+        values = await browser.values()
+        owners = await browser.page.evaluate(OWNERS_JS)
+        samples = await scrape(url)
+        if h.hub.snapshot is snap and values["stat-step"] == snap.step:
+            assert owners == snap.page_owner, "the pool map differs from the engine's pool"
+            return values, samples, owners
+    raise AssertionError("the hub never settled")
+
+
+async def test_dashboard_live_against_engine_traffic(harness, chromium):
+    h, url, names, tmp_path = harness
+    page = chromium.page
+    await page.goto(url + "/dashboard")
+    await page.wait_for_selector("#conn.on")
+    load = asyncio.create_task(traffic(url, [None, *names], count=70, concurrency=10, seed=3, max_tokens=(16, 48)))
+    first = await chromium.wait_for(lambda v: v["pool-kv"] and v["load-running"] and v["ad-gpu"], "traffic to show")
+    await chromium.wait_for(lambda v: v["load-succeeded"] and v["load-slo"] is not None and v["load-ttft-p50"],
+                            "finished requests and SLO figures")
+    rows = await page.eval_on_selector_all("#adapter-rows .row", "rows => rows.map(r => r.dataset.name)")
+    assert set(rows) == set(names), "every adapter is listed"
+
+    values_a, samples_a, owners_a = await settled_moment(h, chromium, url)
+    assert_dom_agrees(values_a, samples_a)
+    assert any(o.startswith("kv:") for o in owners_a) and any(o.startswith("adapter:") for o in owners_a)
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "dashboard-under-load.png"), full_page=True)
+    if os.environ.get("LORAFLEET_DOCS_SCREENSHOT"):
+        await page.screenshot(path=str(DOCS_SHOT), full_page=True)
+    h.resume()
+
+    await asyncio.sleep(1.5)
+    values_b, samples_b, owners_b = await settled_moment(h, chromium, url)
+    assert_dom_agrees(values_b, samples_b)
+    assert values_b["stat-step"] > values_a["stat-step"] and owners_b != owners_a, "the figures change"
+    assert values_b["load-succeeded"] >= values_a["load-succeeded"] >= first["load-succeeded"]
+    h.resume()
+
+    await playground_streams(chromium, names[3])
+    finals = await asyncio.wait_for(load, 300)
+    assert len(finals) == 70
+    await admin_load_unload(chromium, tmp_path)
+    await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    assert not chromium.errors, chromium.errors
+
+
+async def playground_streams(browser: Browser, adapter: str) -> None:
+    page = browser.page
+    await page.wait_for_selector(f"#pg-model option[value='{adapter}']", state="attached")
+    await page.select_option("#pg-model", adapter)
+    await page.fill("#pg-prompt", "The unified pool")
+    await page.fill("#pg-max-tokens", "40")
+    await page.evaluate("""() => {
+        window.pgLengths = [];
+        new MutationObserver(() => window.pgLengths.push(document.getElementById('pg-output').textContent.length))
+            .observe(document.getElementById('pg-output'), {childList: true, characterData: true, subtree: true});
+    }""")
+    await page.click("#pg-send")
+    await page.wait_for_function("document.getElementById('pg-status').textContent.startsWith('done')",
+                                 timeout=120_000)
+    status = await page.text_content("#pg-status")
+    lengths = await page.evaluate("window.pgLengths")
+    assert "40 tokens" in status, status
+    assert len(lengths) >= 3 and lengths == sorted(lengths) and lengths[-1] > 0, "tokens streamed in"
+
+
+async def admin_load_unload(browser: Browser, tmp_path: Path) -> None:
+    from lorafleet.engine.synthetic import write_adapter
+
+    page = browser.page
+    path = write_adapter(tmp_path / "fresh", tmp_path / "model", rank=8, seed=77)
+    await page.fill("#admin-key", "secret")
+    await page.fill("#admin-name", "fresh-adapter")
+    await page.fill("#admin-path", str(path))
+    await page.click("#admin-load")
+    await page.wait_for_selector("#admin-result[data-status='200']")
+    await page.fill("#adapter-search", "fresh")
+    await page.wait_for_selector("#adapter-rows .row[data-name='fresh-adapter']")
+    await page.wait_for_selector("#pg-model option[value='fresh-adapter']", state="attached")
+    await page.click("#admin-unload")
+    await page.wait_for_function("document.getElementById('admin-result').textContent.startsWith('200')")
+    await page.wait_for_selector("#adapter-rows .row[data-name='fresh-adapter']", state="detached")
+    await page.fill("#adapter-search", "")
+
+
+# scale: 100,000 pages and 2,000 adapters --------------------------------------------------------------------
+def big_snapshot(step: int, num_pages: int, adapters: list[str], shift: int) -> EngineSnapshot:
+    owners = [""] * num_pages
+    page = 0
+    for name in adapters[:1200]:
+        for _ in range(20):
+            owners[page] = f"adapter:{name}"
+            page += 1
+    for r in range(3000):
+        for _ in range(8 + (r + shift) % 5):
+            owners[page] = f"kv:{r + shift}"
+            page += 1
+    usage = {"free": owners.count(""), "kv": sum(o.startswith("kv:") for o in owners)}
+    usage["adapter"] = num_pages - usage["free"] - usage["kv"]
+    running = [(f"r{r}", adapters[r % 300]) for r in range(200)]
+    waiting = [(f"w{r}", adapters[(r * 7) % 2000]) for r in range(400)]
+    return EngineSnapshot(step, num_pages, owners, usage, 5, 2, waiting, running, adapters[:1200],
+                          adapters[1200:1700], adapters, 10, 3)
+
+
+async def test_dashboard_scales_to_100k_pages_and_2000_adapters(chromium):
+    from aiohttp import web
+
+    hub = Hub()
+    adapters = [f"tenant-{i:04d}" for i in range(2000)]
+    hub.publish_snapshot(big_snapshot(1, 100_000, adapters, 0))
+    app = web.Application()
+    models = {"object": "list", "data": [{"id": "base", "object": "model"}] + [{"id": a, "object": "model"}
+                                                                                for a in adapters]}
+    app.router.add_get("/v1/models", lambda request: web.json_response(models))
+    setup_routes(app, hub, max_lora=32)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        page = chromium.page
+        await page.goto(url + "/dashboard")
+        await chromium.wait_for(lambda v: v["stat-step"] == 1, "the first state")
+        owners = await page.evaluate(OWNERS_JS)
+        assert owners == hub.snapshot.page_owner
+        assert await page.evaluate("document.querySelectorAll('#adapter-rows .row').length") < 80
+        assert (await page.text_content("#adapter-count")) == "2000 of 2000"
+        hub.publish_snapshot(big_snapshot(2, 100_000, adapters, 7))
+        await chromium.wait_for(lambda v: v["stat-step"] == 2, "the delta")
+        assert await page.evaluate(OWNERS_JS) == hub.snapshot.page_owner
+        values = await chromium.values()
+        assert values["ad-gpu"] == 1200 and values["ad-host"] == 500 and values["ad-disk"] == 300
+        await page.fill("#adapter-search", "tenant-1999")
+        await page.wait_for_selector("#adapter-rows .row[data-name='tenant-1999'][data-tier='disk']")
+        assert (await page.text_content("#adapter-count")) == "1 of 2000"
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "dashboard-100k-pages.png"), full_page=True)
+        assert not chromium.errors, chromium.errors
+    finally:
+        await runner.cleanup()
+
