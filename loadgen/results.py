@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
+import subprocess
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -116,7 +118,20 @@ def _cpu_name() -> str:
 
 
 def _gpu_names() -> list[str]:
-    """GPU names as torch sees them; empty when torch is missing or there is no CUDA device."""
+    """GPU names from nvidia-smi (creates no CUDA context in this process), else from torch if importable."""
+    smi = shutil.which("nvidia-smi")
+    if smi is not None:
+        try:
+            out = subprocess.run(
+                [smi, "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=True,
+            ).stdout
+            return [line.strip() for line in out.splitlines() if line.strip()]
+        except (OSError, subprocess.SubprocessError):
+            pass  # fall through to torch
     try:
         import torch
     except ImportError:
