@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lorafleet.kernels import norm_ref, triton_ops
+from lorafleet.kernels import norm_ref, segments, triton_ops
 
 RANK_CHOICES = (8, 16, 32, 64)
 MAX_RANK = 64
@@ -215,10 +215,100 @@ def bench_lora(clock: Clock, device: str, shapes: dict, batches, adapter_counts,
 
 def bench_tile_metadata(clock: Clock, device: str) -> dict:
     """The once-per-step cost of grouping tokens by slot (cached across layers and modules)."""
-    from lorafleet.kernels.segments import slot_tiles
-
     slots = torch.randint(-1, 16, (256,), dtype=torch.int32, device=device)
-    return {"batch": 256, "slots": 16, "eager_us": clock.eager(lambda: slot_tiles(slots, 16, 16))}
+    return {"batch": 256, "slots": 16, "eager_us": clock.eager(lambda: segments.slot_tiles(slots, 16, 16))}
+
+
+# ------------------------------------------------------------------------------------------- tuning
+SHRINK_CONFIGS = [dict(shrink_k_chunk=c, shrink_block_k=k, shrink_warps=w, shrink_stages=st)
+                  for c, k, w, st in [(512, 128, 4, 2), (512, 256, 4, 3), (1024, 256, 4, 3), (256, 128, 4, 2),
+                                      (256, 256, 4, 2), (1024, 128, 4, 4), (2048, 256, 8, 3), (512, 512, 8, 2)]]
+EXPAND_CONFIGS = [dict(expand_block_n=n, expand_warps=w, expand_stages=st)
+                  for n, w, st in [(128, 4, 2), (64, 4, 2), (128, 4, 3), (256, 4, 3), (256, 8, 3), (64, 2, 3),
+                                   (512, 8, 2), (128, 2, 2)]]
+PREFILL_CONFIGS = [dict(prefill_block_m=m, prefill_block_n=n, prefill_warps=w, prefill_stages=st)
+                   for m, n, w, st in [(128, 64, 8, 3), (64, 64, 4, 2), (128, 64, 4, 3), (64, 64, 4, 3),
+                                       (128, 128, 8, 3), (128, 32, 4, 3), (64, 32, 4, 4), (128, 64, 8, 2)]]
+DECODE_CONFIGS = [dict(decode_block_n=n, decode_min_blocks_per_split=b, decode_warps=w, decode_stages=st)
+                  for n, b, w, st in [(64, 2, 4, 2), (64, 4, 4, 2), (32, 2, 4, 2), (64, 1, 4, 3), (128, 2, 4, 2),
+                                      (128, 1, 8, 2), (32, 4, 2, 3)]]
+
+
+def _pick(module, configs: list[dict], cases: list[Callable[[], float]], label: str) -> dict:
+    """Time every config on every case; keep the config with the smallest sum of time / best time."""
+    import dataclasses as dc
+
+    default = module.TUNE
+    table = []
+    for config in configs:
+        module.TUNE = dc.replace(default, **config)
+        try:
+            table.append([case() for case in cases])
+        except Exception as exc:  # a config that does not compile (shared memory) is reported and skipped
+            print(f"tune {label} {config}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+            table.append([math.inf] * len(cases))
+    best = [min(col) for col in zip(*table)]
+    scores = [sum(t / b for t, b in zip(row, best)) for row in table]
+    choice = min(range(len(configs)), key=scores.__getitem__)
+    module.TUNE = dc.replace(default, **configs[choice])
+    for config, row, score in zip(configs, table, scores):
+        print(f"tune {label} {config}: " + " ".join(f"{t:.1f}" for t in row) + f" score {score:.2f}", flush=True)
+    return {"configs": configs, "times_us": table, "chosen": configs[choice]}
+
+
+def run_shrink(setup: LoraSetup) -> None:
+    for pool in setup.pools:
+        for module, (a_rows, _, ranks) in setup.rows.items():
+            triton_ops.lora_shrink(setup.xs[module], pool, a_rows, ranks, setup.token_slots)
+
+
+def expand_only(setup: LoraSetup) -> Callable[[], None]:
+    vs = {m: triton_ops.lora_shrink(setup.xs[m], setup.pools[0], a, r, setup.token_slots)
+          for m, (a, _, r) in setup.rows.items()}
+
+    def run() -> None:
+        for pool in setup.pools:
+            for module, (_, b_rows, ranks) in setup.rows.items():
+                triton_ops.lora_expand(vs[module], pool, b_rows, ranks, setup.scales, setup.token_slots,
+                                       setup.outs[module])
+
+    return run
+
+
+def tune(clock: Clock, device: str) -> dict:
+    """Sweep the launch parameters on representative shapes and keep the best for the rest of the run."""
+    from lorafleet.kernels import attention_triton, lora_triton
+
+    shape = SHAPES["llama-3-8b"]
+    setups = []
+    for batch, count in ((256, 64), (64, 8), (16, 1), (2048, 4)):
+        rng = random.Random(batch + count)
+        slots = [i % count for i in range(batch)] if batch <= 256 else sorted(i % count for i in range(batch))
+        setups.append(lora_setup(shape, [rng.choice(RANK_CHOICES) for _ in range(count)], slots, 1, device))
+    result = {"lora_cases": ["llama-3-8b B=256 A=64", "B=64 A=8", "B=16 A=1", "prefill T=2048 A=4"]}
+    result["shrink"] = _pick(lora_triton, SHRINK_CONFIGS, [lambda s=s: clock.graph(lambda: run_shrink(s))
+                                                            for s in setups], "shrink")
+    result["expand"] = _pick(lora_triton, EXPAND_CONFIGS, [lambda s=s: clock.graph(expand_only(s)) for s in setups],
+                             "expand")
+    del setups
+    prefill, decode = [], []
+    for batch, new in ((1, 2048), (1, 8192), (32, 256)):
+        kv, tables, _, _ = paged_kv(batch, new, 8, 128, 16, device)
+        lens = torch.full((batch,), new, dtype=torch.int32, device=device)
+        starts = torch.arange(batch + 1, dtype=torch.int32, device=device) * new
+        q = torch.randn(batch * new, 32, 128, device=device, dtype=torch.bfloat16)
+        args = (q, kv, tables, lens, starts, 128**-0.5)
+        prefill.append(lambda a=args: clock.graph(lambda: triton_ops.paged_prefill_attention(*a)))
+    result["prefill"] = _pick(attention_triton, PREFILL_CONFIGS, prefill, "prefill")
+    del prefill
+    for batch, context in ((1, 128), (1, 2048), (16, 512), (64, 2048), (256, 512)):
+        kv, tables, _, _ = paged_kv(batch, context, 8, 128, 16, device)
+        lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+        q = torch.randn(batch, 32, 128, device=device, dtype=torch.bfloat16)
+        args = (q, kv, tables, lens, 128**-0.5)
+        decode.append(lambda a=args: clock.graph(lambda: triton_ops.paged_decode_attention(*a)))
+    result["decode"] = _pick(attention_triton, DECODE_CONFIGS, decode, "decode")
+    return result
 
 
 # ---------------------------------------------------------------------------------------- attention
@@ -448,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results/kernels-h200.json")
     parser.add_argument("--markdown", default=None, help="also write the tables as markdown here")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (the CPU interpreter works)")
-    parser.add_argument("--sections", default="lora,decode,prefill,norms,step")
+    parser.add_argument("--sections", default="tune,lora,decode,prefill,norms,step")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -462,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     result["copy_GBps"] = copy_bandwidth(clock, device, args.smoke)
     print(f"copy bandwidth {result['copy_GBps']:.0f} GB/s", flush=True)
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    segments.REBUILD_IN_CAPTURE = False  # kernel timings exclude the once-per-step tile metadata
+    if "tune" in sections and cuda:
+        result["tuning"] = tune(clock, device)
     small = args.smoke
     result["lora"] = bench_lora(clock, device, shapes, (1, 16) if small else (1, 16, 64, 256),
                                 (1, 8) if small else (1, 8, 64), result["copy_GBps"]) if "lora" in sections else []
@@ -481,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         if "prefill" in sections else []
     result["norms"] = bench_norms(clock, device, (4,) if small else (64, 4096), 64 if small else 4096,
                                   cuda and not args.no_compile) if "norms" in sections else []
+    segments.REBUILD_IN_CAPTURE = True  # the decode step's graph rebuilds its metadata, as the engine's would
     result["decode_step"] = bench_decode_step(clock, device, small, result["copy_GBps"]) if "step" in sections \
         else None
     result["targets"] = targets(result)

@@ -79,8 +79,11 @@ def _version(tensor: torch.Tensor) -> int | None:
         return None
 
 
+REBUILD_IN_CAPTURE = True  # benchmarks of single kernels turn this off to time the kernels alone
+
+
 def _capturing(tensor: torch.Tensor) -> bool:
-    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+    return REBUILD_IN_CAPTURE and tensor.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 class TensorKeyedCache:
