@@ -149,7 +149,7 @@ class Feed:
         return out
 
     def _adapters(self, snap: EngineSnapshot | None, codes: np.ndarray, now: float) -> dict[str, list]:
-        """name → [tier, in_batch, running, waiting, requests, tokens, req/s, load wait ms, pages, loads]."""
+        """name → [tier, in_batch, running, waiting, requests, tokens, req/s, load ms, pages, loads]."""
         s = self.stats
         if snap is None:
             return {}
@@ -164,7 +164,7 @@ class Feed:
             tier = "gpu" if name in resident else "host" if name in cached else "disk"
             if name not in snap.registered_adapters:
                 tier = "gone"
-            wait = totals.mean_load_wait_ms if totals else None
+            wait = totals.mean_load_ms if totals else None
             rows[name] = [
                 tier, int(name in running), running.get(name, 0), waiting.get(name, 0),
                 totals.requests if totals else 0,

@@ -112,6 +112,8 @@ class FleetCollector(Collector):
         yield _counter("adapter_cache_misses", "Host adapter cache misses (read from disk).",
                        snap.cache_misses if snap else 0)
         yield _counter("adapter_loads", "Adapters observed entering the GPU pool.", s.adapter_loads)
+        yield _histogram("adapter_load_seconds", "Adapter load latency into the pool (see docs/dashboard.md).",
+                         s.adapter_load)
         yield _counter("adapter_prefetch_hits", "Requests scheduled with their adapter already resident.",
                        s.prefetch_hits)
         yield _counter("adapter_prefetch_misses", "Requests scheduled that had to wait for an adapter load.",

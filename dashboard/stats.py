@@ -10,9 +10,11 @@ Definitions (also in docs/dashboard.md):
   `slo_ttft_ms`, else `default_slo_ttft_ms`, else any TTFT), divided by ALL requests finished or failed in
   the window — the same definition as the load generator's.
 - adapter load: an adapter observed entering the GPU pool between two snapshots (those resident at the
-  first snapshot seen are not counted); its load wait is the
-  time from the first snapshot in which a waiting request needed it (not resident) to the first snapshot
-  in which it is resident.
+  first snapshot seen are not counted). Its load wait is the time from the first snapshot in which a
+  waiting request needed it (not resident) to the first snapshot in which it is resident.
+- adapter load latency: from the step records that carry `adapter_loads`: the measured copy time
+  (`adapter_load_ms`) when the serving layer provides it, else the duration of the step that loaded it
+  (an upper bound: the copy happens inside that step).
 - prefetch hit: a request first seen running whose adapter was already resident in the previous snapshot.
 """
 
@@ -77,10 +79,17 @@ class AdapterTotals:
     load_wait_ms: float = 0.0
     load_waits: int = 0
     last_load_wait_ms: float | None = None
+    load_ms: float = 0.0
+    load_timings: int = 0
 
     @property
     def mean_load_wait_ms(self) -> float | None:
         return self.load_wait_ms / self.load_waits if self.load_waits else None
+
+    @property
+    def mean_load_ms(self) -> float | None:
+        """Mean load latency from step records, else the mean load wait from snapshots."""
+        return self.load_ms / self.load_timings if self.load_timings else self.mean_load_wait_ms
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -125,6 +134,7 @@ class FleetStats:
         self.tpot = Histogram(TPOT_BUCKETS)
         self.e2e = Histogram(E2E_BUCKETS)
         self.queue = Histogram(E2E_BUCKETS)
+        self.adapter_load = Histogram(TTFT_BUCKETS)
         self.success: dict[str, int] = {}
         self.failures: dict[str, int] = {}
         self.prompt_tokens = 0
@@ -152,6 +162,8 @@ class FleetStats:
             self.on_record(item)  # type: ignore[arg-type]
         elif kind == "snapshot":
             self.on_snapshot(item)  # type: ignore[arg-type]
+        elif kind == "step":
+            self.on_step(item)  # type: ignore[arg-type]
 
     def adapter(self, name: str) -> AdapterTotals:
         totals = self.adapters.get(name)
@@ -184,6 +196,15 @@ class FleetStats:
             totals.errors += record.error_code is not None
             totals.prompt_tokens += record.prompt_tokens
             totals.completion_tokens += record.completion_tokens
+
+    def on_step(self, step: StepRecord) -> None:
+        """Time the adapter loads a step reports (see the module docstring)."""
+        for name in step.adapter_loads:
+            ms = step.adapter_load_ms.get(name, step.duration_ms)
+            totals = self.adapter(name)
+            totals.load_ms += ms
+            totals.load_timings += 1
+            self.adapter_load.observe(ms / 1e3)
 
     # snapshots --------------------------------------------------------------------------------------
     def on_snapshot(self, snapshot: EngineSnapshot, now: float | None = None) -> None:

@@ -4,19 +4,19 @@
 import { escapeHtml } from "./poolmap.js";
 
 const ROW_HEIGHT = 22;
-// Row layout from the feed: [tier, in_batch, running, waiting, requests, tokens, req/s, load wait ms, pages, loads]
+// Row layout from the feed: [tier, in_batch, running, waiting, requests, tokens, req/s, load ms, pages, loads]
 export const COLUMNS = [
-  { key: "name", label: "adapter" },
-  { key: 0, label: "tier" },
-  { key: 1, label: "batch" },
-  { key: 2, label: "run", num: true },
-  { key: 3, label: "wait", num: true },
-  { key: 4, label: "requests", num: true },
-  { key: 5, label: "tokens", num: true },
-  { key: 6, label: "req/s", num: true },
-  { key: 7, label: "load ms", num: true },
-  { key: 8, label: "pages", num: true },
-  { key: 9, label: "loads", num: true },
+  { key: "name", label: "adapter", title: "adapter name" },
+  { key: 0, label: "tier", title: "gpu: resident in the pool; host: in the host cache; disk: on disk only" },
+  { key: 1, label: "batch", title: "used by a request of the running batch" },
+  { key: 2, label: "run", num: true, title: "running requests" },
+  { key: 3, label: "wait", num: true, title: "waiting requests" },
+  { key: 4, label: "requests", num: true, title: "finished requests (all time)" },
+  { key: 5, label: "tokens", num: true, title: "prompt + generated tokens of finished requests" },
+  { key: 6, label: "req/s", num: true, title: "finished requests per second, recent window" },
+  { key: 7, label: "load ms", num: true, title: "mean load latency into the pool" },
+  { key: 8, label: "pages", num: true, title: "pool pages holding its weights" },
+  { key: 9, label: "loads", num: true, title: "times loaded into the pool" },
 ];
 const TIER_ORDER = { gpu: 0, host: 1, disk: 2, gone: 3 };
 
@@ -28,7 +28,8 @@ export class AdapterTable {
     this.sortDesc = true;
     this.view = [];
     this.dirty = true;
-    head.innerHTML = COLUMNS.map((c, i) => `<span data-col="${i}" class="${c.num ? "num" : ""}">${c.label}</span>`).join("");
+    head.innerHTML = COLUMNS.map((c, i) =>
+      `<span data-col="${i}" class="${c.num ? "num" : ""}" title="${c.title}">${c.label}</span>`).join("");
     head.addEventListener("click", (e) => this.sortBy(e.target.closest("span")?.dataset.col));
     scroller.addEventListener("scroll", () => this.render());
     search.addEventListener("input", () => { this.dirty = true; this.refresh(); });

@@ -13,7 +13,7 @@ from dashboard_harness import Harness, make_assets, traffic
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from lorafleet.dashboard import Hub, RequestRecord
+from lorafleet.dashboard import Hub, RequestRecord, StepRecord
 from lorafleet.dashboard.feed import OwnerTable, patches, rle, unrle
 from lorafleet.dashboard.prom import adapter_tiers
 from lorafleet.dashboard.stats import FleetStats, Histogram, percentile
@@ -79,6 +79,9 @@ def test_stats_derive_loads_waits_and_prefetch_hits():
     assert stats.adapter_loads == 1 and stats.adapters["a"].loads == 1
     assert stats.adapters["a"].last_load_wait_ms == pytest.approx(500.0)
     assert (stats.prefetch_hits, stats.prefetch_misses) == (1, 1)
+    hub.publish_step(StepRecord(3, 2, 2, 12.0, ["a"], adapter_loads=["a", "b"], adapter_load_ms={"b": 3.0}))
+    assert stats.adapters["a"].mean_load_ms == 12.0 and stats.adapters["b"].mean_load_ms == 3.0
+    assert stats.adapter_load.count == 2
     now = time.time()
     hub.publish_record(RequestRecord("x", "a", 5, 9, "length", ttft_ms=50.0, e2e_ms=300.0, tpot_ms=20.0,
                                      finished_at=now))
