@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import socket
 import subprocess
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peft-arg", action="append", default=[], help="extra argument for the PEFT server")
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for /health")
     parser.add_argument("--log-dir", default=None, help="server logs go here (default: a temporary dir)")
-    parser.add_argument("--out", default=None, help="results JSON path")
+    parser.add_argument("--out", default=None, help="results JSON path (rewritten after every row)")
+    parser.add_argument("--append", action="store_true", help="add rows to an existing --out file")
     parser.add_argument("--records", action="store_true", help="include per-request records in runs")
     add_workload_args(parser, several_n=True)
     parser.set_defaults(no_lora=False, write_trace=None, sweep_rates=None, dry_run=False)
@@ -191,34 +193,64 @@ def make_row(backend: str, entry: dict, target: Target, args: argparse.Namespace
     }
 
 
-def run_group(kind: str, backends: list[str], args: argparse.Namespace, gpu: str, log_dir: Path) -> list[tuple]:
-    """Start the group's server (unless --url), run each backend and adapter count, stop the server."""
+def run_group(
+    kind: str, backends: list[str], args: argparse.Namespace, gpu: str, log_dir: Path, document: dict
+) -> None:
+    """Start the group's server (unless --url), run each backend and adapter count, stop the server.
+
+    Rows are appended to `document` (and the file rewritten) as they finish, so a failure later keeps
+    what was measured; a failure is recorded in `document["failures"]` and re-raised.
+    """
     server = None
     url = args.url
     if url is None:
         port = free_port()
-        server = ServerProcess(
-            kind, server_command(kind, args, port), f"http://127.0.0.1:{port}", log_dir / f"{kind}.log"
-        )
-    results = []
+        command = server_command(kind, args, port)
+        server = ServerProcess(kind, command, f"http://127.0.0.1:{port}", log_dir / f"{kind}.log")
+    backend = kind
     try:
         if server is not None:
             server.start(args.startup_timeout)
             url = server.url
         for backend in backends:
-            peft_counts = args.peft_num_adapters or args.num_adapters
-            counts = parse_counts(peft_counts if backend == "peft" else args.num_adapters, "--num-adapters")
-            for n in counts:
+            for n in _counts_for(backend, args):
                 entry, target = asyncio.run(measure(args, url, backend, n))
-                results.append((make_row(backend, entry, target, args, gpu), entry))
+                document["rows"].append(make_row(backend, entry, target, args, gpu))
+                document["runs"].append(entry)
+                _save(args, document)
+    except (ValueError, RuntimeError, OSError) as exc:
+        document["failures"].append({"backend": backend, "error": str(exc)})
+        _save(args, document)
+        raise
     finally:
         if server is not None:
             server.stop()
-    return results
+
+
+def _counts_for(backend: str, args: argparse.Namespace) -> list[int | None]:
+    if backend == "peft" and args.peft_num_adapters:
+        return parse_counts(args.peft_num_adapters, "--peft-num-adapters")
+    return parse_counts(args.num_adapters, "--num-adapters")
+
+
+def _save(args: argparse.Namespace, document: dict) -> None:
+    if args.out:
+        write_json(args.out, document)
+
+
+def _new_document(args: argparse.Namespace, env: dict) -> dict:
+    """A fresh results document, or the existing --out file's with --append."""
+    if args.append and args.out and Path(args.out).exists():
+        document = json.loads(Path(args.out).read_text(encoding="utf-8"))
+        if document.get("schema") != SCHEMA:
+            raise ValueError(f"--append: {args.out} is not a {SCHEMA} file")
+        document.setdefault("failures", [])
+        return document
+    return {"schema": SCHEMA, "environment": env, "rows": [], "runs": [], "failures": []}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `lorafleet bench`."""
+    """Entry point of `lorafleet bench`; 0 when every row completed requests and nothing failed."""
     parser = build_parser()
     try:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -226,29 +258,25 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         backends = parse_backends(args.backend)
+        for backend in backends:
+            _counts_for(backend, args)
         env = environment()
-        gpu = (env["gpus"] or ["none"])[0]
-        log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="lorafleet-bench-"))
-        log_dir.mkdir(parents=True, exist_ok=True)
-        results = [
-            item for kind, group in server_groups(backends) for item in run_group(kind, group, args, gpu, log_dir)
-        ]
+        document = _new_document(args, env)
     except ValueError as exc:
         print(f"lorafleet bench: error: {exc}", file=sys.stderr)
         return 2
-    except (RuntimeError, OSError) as exc:
-        print(f"lorafleet bench: {exc}", file=sys.stderr)
-        return 1
-    document = {
-        "schema": SCHEMA,
-        "environment": env,
-        "rows": [row for row, _ in results],
-        "runs": [entry for _, entry in results],
-    }
-    if args.out:
-        write_json(args.out, document)
+    gpu = (env["gpus"] or ["none"])[0]
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="lorafleet-bench-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    failed = False
+    for kind, group in server_groups(backends):
+        try:
+            run_group(kind, group, args, gpu, log_dir, document)
+        except (ValueError, RuntimeError, OSError) as exc:
+            print(f"lorafleet bench: {', '.join(group)}: {exc}", file=sys.stderr)
+            failed = True
     _print_rows(document["rows"])
-    return 0 if all(row["completed"] for row in document["rows"]) else 1
+    return 0 if not failed and all(row["completed"] for row in document["rows"]) else 1
 
 
 def _print_rows(rows: list[dict]) -> None:

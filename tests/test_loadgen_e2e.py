@@ -528,3 +528,46 @@ async def test_sse_client_disconnect_cancels_the_generation(server) -> None:
     assert delta(before, after, key) == 1
     assert delta(before, after, "peft_generation_tokens_total") < 240
     assert delta(before, after, "peft_computed_tokens_total") < 240  # the model stopped working on it
+
+
+def test_bench_appends_rows_and_records_a_failing_backend(server, tmp_path) -> None:
+    out = tmp_path / "b.json"
+    common = [
+        "--rate",
+        "6",
+        "--duration",
+        "1",
+        "--input-len",
+        "2:3",
+        "--output-len",
+        "1:2",
+        "--out",
+        str(out),
+        "--log-dir",
+        str(tmp_path),
+        *COMMON,
+    ]
+    assert bench.main(["--backend", "lorafleet", "--url", server, "--num-adapters", "1", *common]) == 0
+    # a PEFT server that cannot load its model: the failure is recorded, earlier rows are kept
+    rc = bench.main(
+        [
+            "--backend",
+            "peft",
+            "--model",
+            str(tmp_path / "missing"),
+            "--num-adapters",
+            "1",
+            "--append",
+            "--startup-timeout",
+            "120",
+            *common,
+        ]
+    )
+    assert rc == 1
+    doc = json.loads(out.read_text())
+    assert [r["backend"] for r in doc["rows"]] == ["lorafleet"]
+    assert [f["backend"] for f in doc["failures"]] == ["peft"] and "exited" in doc["failures"][0]["error"]
+    assert (
+        bench.main(["--backend", "lorafleet-nolora", "--url", server, "--num-adapters", "1", "--append", *common]) == 0
+    )
+    assert [r["backend"] for r in json.loads(out.read_text())["rows"]] == ["lorafleet", "lorafleet-nolora"]
