@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -63,6 +64,29 @@ def _max_len(cfg: ModelConfig, config: EngineConfig) -> int:
     return min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
 
 
+def auto_num_pages(cfg: ModelConfig, config: EngineConfig, page_elements: int) -> int:
+    """Pages that fit in `gpu_memory_utilization` of the GPU after this rank's weights, keeping room for
+    activations and logits of a full step. CPU: 512."""
+    if not config.device.startswith("cuda"):
+        return 512
+    tp = config.tensor_parallel_size
+    total = torch.cuda.get_device_properties(torch.device(config.device)).total_memory
+    weights = torch.cuda.memory_allocated() if tp == 1 else _param_bytes(cfg, config) // tp
+    step = config.max_batch_tokens * (cfg.vocab_size * 4 + 16 * cfg.intermediate_size * 2)
+    page_bytes = cfg.num_layers * page_elements * config.torch_dtype.itemsize
+    pages = int((total * config.gpu_memory_utilization - weights - step - (1 << 30)) // page_bytes)
+    if pages < 16:
+        raise ConfigError(f"num_pages: only {pages} pages fit in GPU memory; lower the model size or raise "
+                          "gpu_memory_utilization")
+    return pages
+
+
+def _param_bytes(cfg: ModelConfig, config: EngineConfig) -> int:
+    per_layer = sum(i * o for i, o in cfg.module_dims().values())
+    embeddings = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    return (cfg.num_layers * per_layer + embeddings) * config.torch_dtype.itemsize
+
+
 def build_engine(model: str, config: EngineConfig, adapters: dict[str, str] | None = None,
                  host_cache_bytes: int = 8 << 30) -> tuple[Engine, object]:
     """(engine with an in-process executor, tokenizer or None)."""
@@ -71,11 +95,18 @@ def build_engine(model: str, config: EngineConfig, adapters: dict[str, str] | No
     tp = config.tensor_parallel_size
     block_tokens, page_elements = page_geometry(cfg, config.block_tokens, tp)
     store = AdapterStore(cfg, page_elements, config.torch_dtype, config.max_lora_rank, host_cache_bytes, shards=tp)
+    torch_model = build_model(model_dir, config) if tp == 1 else None
+    if config.num_pages == 0:
+        config = dataclasses.replace(config, num_pages=auto_num_pages(cfg, config, page_elements))
     if tp > 1:
         runner = ProcessGroupExecutor(str(model_dir), config, block_tokens, page_elements, store.fetch)
     else:
-        runner = ModelRunner(build_model(model_dir, config), config.num_pages, page_elements, block_tokens,
+        runner = ModelRunner(torch_model, config.num_pages, page_elements, block_tokens,
                              store.fetch)
+        if config.cuda_graphs:
+            max_blocks = -(-_max_len(cfg, config) // block_tokens)
+            runner.enable_cuda_graphs(config.max_num_seqs, max_blocks, config.max_adapters_per_batch,
+                                      config.max_lora_rank)
     tokenizer = load_tokenizer(model_dir)
     decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None
     engine = Engine(cfg, config, store, runner, decode, block_tokens)

@@ -140,7 +140,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class EngineConfig:
     """Limits of the engine: pool size, batch shape, adapter policy, sampling defaults."""
 
-    num_pages: int = 512
+    num_pages: int = 512  # 0 = size the pool from free GPU memory (gpu_memory_utilization)
+    gpu_memory_utilization: float = 0.9
     block_tokens: int = 16
     max_batch_tokens: int = 512
     max_num_seqs: int = 64
@@ -151,9 +152,12 @@ class EngineConfig:
     device: str = "cpu"
     fairness_window: int = 32
     tensor_parallel_size: int = 1
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("num_pages", "block_tokens", "max_batch_tokens", "max_num_seqs",
+        if self.num_pages < 0 or not 0.05 <= self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("num_pages must be >= 0 (0 = auto) and gpu_memory_utilization in [0.05, 1]")
+        for name in ("block_tokens", "max_batch_tokens", "max_num_seqs",
                      "max_adapters_per_batch", "max_lora_rank", "fairness_window", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -13,6 +13,7 @@ import torch
 
 from lorafleet.engine.adapter_store import PackedAdapter
 from lorafleet.engine.adapters import COLUMN_PARALLEL
+from lorafleet.engine.cuda_graphs import DecodeGraphs, DecodeInputs
 from lorafleet.engine.model import AttentionBatch, CausalLM, LoraBatch, ModuleLora
 from lorafleet.engine.plan import SeqPlan, StepPlan
 from lorafleet.engine.sampling import SampleSpec, sample
@@ -44,9 +45,10 @@ class ModelRunner:
         self.block_tokens = block_tokens
         self.fetch_adapter = fetch_adapter
         self.sample_on_this_rank = sample_on_this_rank
-        shape = (model.config.num_layers, num_pages, page_elements)
+        shape = (model.config.num_layers, num_pages + 1, page_elements)  # + a scratch page no plan names
         self.pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.resident: dict[str, ResidentAdapter] = {}
+        self.graphs: DecodeGraphs | None = None
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[int]:
@@ -55,10 +57,7 @@ class ModelRunner:
             self.resident.pop(name, None)
         for load in plan.loads:
             self._load_adapter(load.name, load.pages)
-        input_ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], device=self.device)
-        attn = self._attention_batch(plan)
-        lora = self._lora_batch(plan)
-        hidden = self.model(input_ids, attn, lora, self.pool, self.block_tokens)
+        hidden = self._forward(plan)
         if not self.sample_on_this_rank:
             return []
         ends = torch.cumsum(torch.tensor([len(s.token_ids) for s in plan.seqs]), 0) - 1
@@ -67,6 +66,36 @@ class ModelRunner:
             return []
         logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
         return sample(logits, [_spec(s) for s in plan.seqs if s.sample])
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor:
+        """Hidden states of every token of the step: a CUDA-graph replay for decode steps that fit one,
+        eager execution otherwise."""
+        token_slots, scales, tables = self._lora_tables(plan)
+        graphs = self.graphs
+        if graphs is not None and plan.is_decode and graphs.fits(
+            len(plan.seqs), len(scales), max((len(t[0][0]) for t in tables.values()), default=0),
+            max(len(s.block_table) for s in plan.seqs),
+        ):
+            positions, slots = self._positions(plan)
+            inputs = DecodeInputs([s.token_ids[0] for s in plan.seqs], positions, slots,
+                                  [s.block_table for s in plan.seqs], token_slots, scales, tables)
+            return graphs.run(inputs)
+        input_ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], device=self.device)
+        lora = None
+        if scales:
+            tensor = lambda data, dtype: torch.tensor(data, dtype=dtype, device=self.device)  # noqa: E731
+            modules = {m: ModuleLora(tensor(a, torch.long), tensor(b, torch.long), tensor(r, torch.int32),
+                                     tensor(e, torch.int32), tensor(c, torch.long) if c is not None else None)
+                       for m, (a, b, r, e, c) in tables.items()}
+            lora = LoraBatch(tensor(token_slots, torch.int32), tensor(scales, torch.float32), modules)
+        return self.model(input_ids, self._attention_batch(plan), lora, self.pool, self.block_tokens)
+
+    def enable_cuda_graphs(self, max_batch: int, max_blocks: int, max_slots: int, max_rank: int) -> None:
+        """Replay decode steps from CUDA graphs (CUDA, single rank only; the scratch page is the pool's last)."""
+        if self.device.type != "cuda" or self.shard.size > 1:
+            return
+        self.graphs = DecodeGraphs(self.model, self.pool, self.block_tokens, self.pool.shape[1] - 1,
+                                   max_batch, max_blocks, max_slots, max_rank)
 
     def _load_adapter(self, name: str, pages: list[int]) -> None:
         packed = self.fetch_adapter(name)
@@ -81,19 +110,23 @@ class ModelRunner:
         }
         self.resident[name] = ResidentAdapter(packed.info.scale, packed.info.rank, rows)
 
-    def _attention_batch(self, plan: StepPlan) -> AttentionBatch:
+    def _positions(self, plan: StepPlan) -> tuple[list[int], list[int]]:
+        """Each token's position and KV slot (page * block_tokens + row)."""
         bt = self.block_tokens
         positions, slots = [], []
         for s in plan.seqs:
             for pos in range(s.start, s.start + len(s.token_ids)):
                 positions.append(pos)
                 slots.append(s.block_table[pos // bt] * bt + pos % bt)
+        return positions, slots
+
+    def _attention_batch(self, plan: StepPlan) -> AttentionBatch:
+        positions, slots = self._positions(plan)
         width = max(len(s.block_table) for s in plan.seqs)
         tables = [s.block_table + [0] * (width - len(s.block_table)) for s in plan.seqs]
-        lengths = [len(s.token_ids) for s in plan.seqs]
         starts = [0]
-        for n in lengths:
-            starts.append(starts[-1] + n)
+        for s in plan.seqs:
+            starts.append(starts[-1] + len(s.token_ids))
         tensor = lambda data, dtype: torch.tensor(data, dtype=dtype, device=self.device)  # noqa: E731
         return AttentionBatch(
             positions=tensor(positions, torch.long),
@@ -104,34 +137,23 @@ class ModelRunner:
             is_decode=plan.is_decode,
         )
 
-    def _lora_batch(self, plan: StepPlan) -> LoraBatch | None:
+    def _lora_tables(self, plan: StepPlan) -> tuple[list[int], list[float], dict[str, tuple]]:
+        """Host-side LoRA metadata: per-token slots, per-slot scales, and per targeted module the padded
+        row tables, row counts (shrink, expand) and, under tensor parallelism, the column maps."""
         if not plan.slots:
-            return None
+            return [], [], {}
         adapters = [self.resident[name] for name in plan.slots]
         token_slots = [s.slot for s in plan.seqs for _ in s.token_ids]
-        modules = {}
-        for module in {m for a in adapters for m in a.rows}:
-            modules[module] = self._module_rows(adapters, module)
-        return LoraBatch(
-            token_slots=torch.tensor(token_slots, dtype=torch.int32, device=self.device),
-            scales=torch.tensor([a.scale for a in adapters], dtype=torch.float32, device=self.device),
-            modules=modules,
-        )
+        tables = {m: self._module_tables(adapters, m) for m in {m for a in adapters for m in a.rows}}
+        return token_slots, [a.scale for a in adapters], tables
 
-    def _module_rows(self, adapters: list[ResidentAdapter], module: str) -> ModuleLora:
+    def _module_tables(self, adapters: list[ResidentAdapter], module: str) -> tuple:
         a_tables = [list(a.rows[module][0]) if module in a.rows else [] for a in adapters]
         b_tables = [list(a.rows[module][1]) if module in a.rows else [] for a in adapters]
-        tensor = lambda data, dtype: torch.tensor(data, dtype=dtype, device=self.device)  # noqa: E731
         cols = None
         if self.shard.size > 1:
-            cols = tensor(_padded([self._cols(a, module, a_tables) for a in adapters]), torch.long)
-        return ModuleLora(
-            a_rows=tensor(_padded(a_tables), torch.long),
-            b_rows=tensor(_padded(b_tables), torch.long),
-            ranks=tensor([len(t) for t in a_tables], torch.int32),
-            expand_ranks=tensor([len(t) for t in b_tables], torch.int32),
-            cols=cols,
-        )
+            cols = _padded([self._cols(a, module, a_tables) for a in adapters])
+        return (_padded(a_tables), _padded(b_tables), [len(t) for t in a_tables], [len(t) for t in b_tables], cols)
 
     def _cols(self, adapter: ResidentAdapter, module: str, a_tables: list[list[int]]) -> list[int]:
         """Columns of the collected intermediate that feed this rank's Bᵀ rows, for one slot."""
