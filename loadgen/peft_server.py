@@ -378,6 +378,10 @@ def _add_adapters(model: torch.nn.Module, config: ServerConfig) -> torch.nn.Modu
             model.add_adapter(name, lora)
         else:
             model = get_peft_model(model, lora, adapter_name=name)
+    with torch.no_grad():  # small random A and B (like trained adapters' scale), not nn.Linear's init
+        for param_name, param in model.named_parameters():
+            if ".lora_A.synthetic-" in param_name or ".lora_B.synthetic-" in param_name:
+                param.normal_(0.0, 0.02)
     return model
 
 
