@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
-from dashboard_harness import Harness, make_assets, traffic
+from dashboard_harness import BASE, Harness, make_assets, traffic
 from prometheus_client.parser import text_string_to_metric_families
 
 from lorafleet.dashboard import Hub, setup_routes
@@ -264,3 +267,105 @@ async def test_dashboard_scales_to_100k_pages_and_2000_adapters(chromium):
     finally:
         await runner.cleanup()
 
+# against the real server: `python -m lorafleet serve` in a subprocess ---------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+async def served(tmp_path):
+    """A real `lorafleet serve` on a free loopback port, serving every adapter under the adapter root."""
+    if not (ROOT / "actors" / "serve.py").is_file():
+        pytest.skip("lorafleet serve is not built yet")
+    root = tmp_path / "assets"
+    model, adapters = make_assets(root, [4, 8, 8, 16, 16, 32, 32, 64])
+    log_path = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "lorafleet", "serve", "--model", str(model), "--served-model-name", BASE,
+           "--adapter-root", str(root), "--port", "0", "--admin-key", "secret", "--torch-threads", "1",
+           "--num-pages", "160", "--max-adapters-per-batch", "4", "--max-num-seqs", "10", "--slo-ttft-ms", "5000"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        url = await _ready_url(proc, log_path)
+        yield url, sorted(Path(p).name for p in adapters.values()), root
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def _ready_url(proc: subprocess.Popen, log_path: Path, timeout: float = 180.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(r"ready on (http://\S+)", log_path.read_text())
+        if match:
+            return match.group(1)
+        if proc.poll() is not None:
+            raise AssertionError(f"lorafleet serve exited {proc.returncode}:\n{log_path.read_text()}")
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"lorafleet serve did not start:\n{log_path.read_text()}")
+
+
+async def quiet_moment(browser: Browser, url: str) -> tuple[dict, dict, list[str]]:
+    """Once the server is idle: /metrics, then the page once it has rendered a later update, then
+    /metrics again; accepted when both scrapes and the page show the same engine step."""
+    for _ in range(30):
+        before = await scrape(url)
+        stamp = time.time()
+        await browser.page.wait_for_function(f"window.lorafleetDashboard.at > {stamp}", timeout=10_000)
+        values = await browser.values()
+        owners = await browser.page.evaluate(OWNERS_JS)
+        after = await scrape(url)
+        step = metric(before, "engine_step")
+        if metric(after, "engine_step") == step == values["stat-step"] and metric(after, "num_requests_running") == 0:
+            return values, after, owners
+        await asyncio.sleep(0.3)
+    raise AssertionError("the server never went quiet")
+
+
+async def test_dashboard_against_lorafleet_serve(served, chromium):
+    url, names, root = served
+    page = chromium.page
+    await page.goto(url + "/dashboard")
+    await page.wait_for_selector("#conn.on")
+    load = asyncio.create_task(traffic(url, [None, *names], count=50, concurrency=10, seed=5, max_tokens=(16, 48)))
+    first = await chromium.wait_for(lambda v: v["pool-kv"] and v["load-running"] and v["ad-gpu"], "traffic to show")
+    later = await chromium.wait_for(lambda v: v["load-succeeded"] and v["load-slo"] is not None
+                                    and v["stat-step"] > first["stat-step"], "finished requests and SLO figures")
+    assert later["load-ttft-p50"] and later["load-tps"] > 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "dashboard-serve-under-load.png"), full_page=True)
+    if os.environ.get("LORAFLEET_DOCS_SCREENSHOT"):
+        await page.screenshot(path=str(DOCS_SHOT), full_page=True)
+    await playground_streams(chromium, names[2])
+    finals = await asyncio.wait_for(load, 300)
+    assert len(finals) == 50 and all(e["type"] == "done" for e in finals)
+
+    values, samples, owners = await quiet_moment(chromium, url)
+    assert_dom_agrees(values, samples)
+    for kind, prefix in (("kv", "kv:"), ("adapter", "adapter:")):
+        assert sum(o.startswith(prefix) for o in owners) == metric(samples, "pool_pages", kind=kind)
+    assert metric(samples, "request_success_total", finished_reason="length") == 51
+    rows = await page.eval_on_selector_all("#adapter-rows .row",
+                                           "rows => rows.map(r => [r.dataset.name, r.dataset.tier])")
+    assert sorted(n for n, _ in rows) == names
+    assert sum(t == "gpu" for _, t in rows) == metric(samples, "adapters", tier="gpu")
+
+    from lorafleet.engine.synthetic import write_adapter
+
+    write_adapter(root / "fresh", root / "model", rank=8, seed=77)
+    await page.fill("#admin-key", "secret")
+    await page.fill("#admin-name", "fresh-adapter")
+    await page.fill("#admin-path", "fresh")
+    await page.click("#admin-load")
+    await page.wait_for_selector("#admin-result[data-status='200']")
+    await page.fill("#adapter-search", "fresh")
+    await page.wait_for_selector("#adapter-rows .row[data-name='fresh-adapter']")
+    await page.click("#admin-unload")
+    await page.wait_for_function("document.getElementById('admin-result').textContent.startsWith('200')")
+    await page.wait_for_selector("#adapter-rows .row[data-name='fresh-adapter']", state="detached")
+    await page.fill("#adapter-search", "")
+    await page.screenshot(path=str(ARTIFACTS / "dashboard-serve.png"), full_page=True)
+    assert not chromium.errors, chromium.errors
