@@ -40,13 +40,15 @@ def resolve_model(model: str) -> Path:
     return path
 
 
-def weight_source(model_dir: Path) -> TensorSource:
+def weight_source(model_dir: Path, device: str = "cpu") -> TensorSource:
+    """The model's weights: its safetensors files, or seeded random weights (generated on `device`, which
+    is fast on a GPU) for a synthetic model written without weights."""
     has_files = (model_dir / "model.safetensors").is_file() or (model_dir / "model.safetensors.index.json").is_file()
     if has_files:
         return SafetensorsSource(model_dir)
     raw = json.loads((model_dir / "config.json").read_text())
     if "lorafleet_synthetic_seed" in raw:
-        return RandomSource(raw, raw["lorafleet_synthetic_seed"])
+        return RandomSource(raw, raw["lorafleet_synthetic_seed"], device=device)
     raise ConfigError(f"model: no safetensors weights in {model_dir}")
 
 
@@ -56,7 +58,7 @@ def build_model(model_dir: Path, config: EngineConfig, shard: Shard = Shard(), p
     with torch.device("meta"):
         model = CausalLM(cfg, ParallelGroup(shard, process_group))
     model = model.to(config.torch_dtype).to_empty(device=torch.device(config.device))
-    model.load(weight_source(model_dir), max_positions=_max_len(cfg, config))
+    model.load(weight_source(model_dir, config.device), max_positions=_max_len(cfg, config))
     return model.eval()
 
 

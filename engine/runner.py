@@ -49,6 +49,7 @@ class ModelRunner:
         self.pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.resident: dict[str, ResidentAdapter] = {}
         self.graphs: DecodeGraphs | None = None
+        self.last_logits: dict[int, torch.Tensor] = {}
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[int]:
@@ -65,7 +66,9 @@ class ModelRunner:
         if not rows:
             return []
         logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
-        return sample(logits, [_spec(s) for s in plan.seqs if s.sample])
+        sampled = [s for s in plan.seqs if s.sample]
+        self.last_logits = {s.request_id: logits[i] for i, s in enumerate(sampled)}  # for tests and scoring
+        return sample(logits, [_spec(s) for s in sampled])
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         """Hidden states of every token of the step: a CUDA-graph replay for decode steps that fit one,

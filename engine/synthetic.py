@@ -62,19 +62,19 @@ def checkpoint_shapes(raw: dict) -> dict[str, tuple[int, ...]]:
 class RandomSource:
     """Seeded random weights by HF name: N(0, std) for matrices, ~1 for norm weights."""
 
-    def __init__(self, raw: dict, seed: int = 0, std: float = 0.02) -> None:
+    def __init__(self, raw: dict, seed: int = 0, std: float = 0.02, device: str = "cpu") -> None:
         self.shapes = checkpoint_shapes(raw)
-        self.seed, self.std = seed, std
+        self.seed, self.std, self.device = seed, std, torch.device(device)
+        self._order = {name: i for i, name in enumerate(sorted(self.shapes))}
 
     def names(self) -> Iterator[str]:
         return iter(self.shapes)
 
     def get(self, name: str) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 7919 + sorted(self.shapes).index(name))
+        generator = torch.Generator(self.device).manual_seed(self.seed * 7919 + self._order[name])
         shape = self.shapes[name]
-        if name.endswith("norm.weight"):
-            return 1.0 + 0.1 * torch.randn(shape, generator=generator)
-        return self.std * torch.randn(shape, generator=generator)
+        noise = torch.randn(shape, generator=generator, device=self.device)
+        return 1.0 + 0.1 * noise if name.endswith("norm.weight") else self.std * noise
 
 
 def write_model(shape: str, out_dir: str | Path, seed: int = 0) -> Path:
