@@ -36,9 +36,8 @@ def workload(num_requests: int, adapters: list[str], seed: int, in_range, out_ra
 
 
 def run_engine(model: str, adapters: dict, tp: int, prompts, which, max_tokens: int, options: dict) -> dict:
-    with LLM(model, adapters=adapters, device="cuda", dtype="bfloat16", tp=tp, **options) as llm:
+    with LLM(model, adapters=adapters, tp=tp, **options) as llm:
         llm.generate(prompts[:4], adapters=which[:4], max_tokens=4, ignore_eos=True)  # warm up kernels
-        torch.cuda.synchronize()
         started = time.perf_counter()
         outs = llm.generate(prompts, adapters=which, max_tokens=max_tokens, ignore_eos=True)
         seconds = time.perf_counter() - started
@@ -95,6 +94,7 @@ def main() -> None:
     parser.add_argument("--num-adapters", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--out", default="bench/results/tp-h200x2.json")
+    parser.add_argument("--device", default="cuda", help="cpu runs a smoke test (gloo, no collective timings)")
     args = parser.parse_args()
     model_dir = resolve_model(args.model)
     root = Path(tempfile.mkdtemp(prefix="lorafleet-tp-adapters-"))
@@ -103,15 +103,19 @@ def main() -> None:
                                            dtype=torch.bfloat16)) for i in range(args.num_adapters)}
     config = json.loads((model_dir / "config.json").read_text())
     prompts, which, _ = workload(args.requests, list(adapters), 0, (8, 512), (8, 512), config["vocab_size"])
-    options = dict(num_pages=0, max_num_seqs=128, max_batch_tokens=2048, max_adapters_per_batch=16)
+    options = dict(num_pages=0, max_num_seqs=128, max_batch_tokens=2048, max_adapters_per_batch=16,
+                   device=args.device, dtype="bfloat16" if args.device == "cuda" else "float32")
+    if args.device == "cpu":
+        prompts, which = [p[:16] for p in prompts], which
     rows = [run_engine(str(model_dir), adapters, tp, prompts, which, args.max_tokens, options) for tp in (1, 2)]
     rows.append(run_engine(str(model_dir), {}, 2, prompts, [None] * len(prompts), args.max_tokens, options))
+    gpu = torch.cuda.is_available()
     result = {
         "command": "python bench/tp.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-        "gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(), "torch": torch.__version__,
-        "machine": f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}", "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if gpu else "none", "gpus": torch.cuda.device_count(),
+        "torch": torch.__version__, "python": platform.python_version(),
         "model": args.model, "rows": rows,
-        "collectives_at_128_tokens": collective_latencies(config["hidden_size"], 128, 64),
+        "collectives_at_128_tokens": collective_latencies(config["hidden_size"], 128, 64) if gpu else {},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

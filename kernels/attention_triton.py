@@ -40,6 +40,7 @@ class AttentionTuning:
     prefill_block_n: int = 64
     prefill_warps: int = 8
     prefill_stages: int = 3
+    prefill_mask_all: bool = False  # True: every key block takes the masked path (no unmasked fast loop)
 
 
 TUNE = AttentionTuning()
@@ -175,7 +176,7 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_tb, stride_ot, stride_oh,
     stride_page, stride_kind, stride_row, stride_head,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, MASK_ALL: tl.constexpr,
 ):
     tile, head = tl.program_id(0), tl.program_id(1)
     seq = tl.load(tiles_ptr + tile)
@@ -200,6 +201,8 @@ def _prefill_kernel(
     table = tables_ptr + seq * stride_tb
     stop = context - q_end + end  # one past the last valid query's position
     full_stop = (context - q_end + first + 1) // BLOCK_N * BLOCK_N  # keys every query of the tile sees
+    if MASK_ALL:
+        full_stop = 0
     for n0 in range(0, full_stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         m_i, l_i, acc = _attend_block(
@@ -321,7 +324,8 @@ def paged_prefill_attention(
         tiles.shape[1], heads // kv_heads, head_dim,
         q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), *strides,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_TOKENS=kv.shape[2], PRECISION=_precision(q.dtype), num_warps=tune.prefill_warps,
+        BLOCK_TOKENS=kv.shape[2], PRECISION=_precision(q.dtype), MASK_ALL=tune.prefill_mask_all,
+        num_warps=tune.prefill_warps,
         num_stages=tune.prefill_stages,
     )
     return out

@@ -41,6 +41,7 @@ class LoraTuning:
 
 
 TUNE = LoraTuning()
+ASSUME_ALIGNED_ROWS = True  # row offsets are multiples of 8 elements whenever the row width is (see _aligned)
 _TILE_CACHE = new_cache()
 
 
@@ -58,7 +59,7 @@ def _shrink_kernel(
     x_ptr, pool_ptr, a_rows_ptr, ranks_ptr, order_ptr, tiles_ptr, v_ptr,
     in_dim, k_per_split, num_tiles, stride_xt, stride_ar, stride_vt,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    ATOMIC: tl.constexpr, PRECISION: tl.constexpr,
+    ATOMIC: tl.constexpr, PRECISION: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     slot, first, end = _tile_of(tiles_ptr, num_tiles, tl.program_id(0))
     if slot < 0:
@@ -73,6 +74,8 @@ def _shrink_kernel(
     offs_r = r0 + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     rows = tl.load(a_rows_ptr + slot * stride_ar + offs_r, mask=r_mask, other=0)
+    if ALIGNED:
+        rows = tl.multiple_of(rows, 8)  # 16-byte vector loads along the row
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     k_begin = tl.program_id(2) * k_per_split
     k_stop = tl.minimum(k_begin + k_per_split, in_dim)
@@ -96,6 +99,7 @@ def _expand_kernel(
     v_ptr, pool_ptr, b_rows_ptr, ranks_ptr, scales_ptr, order_ptr, tiles_ptr, out_ptr,
     out_dim, v_width, num_tiles, stride_vt, stride_br, stride_ot,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     slot, first, end = _tile_of(tiles_ptr, num_tiles, tl.program_id(0))
     if slot < 0:
@@ -113,6 +117,8 @@ def _expand_kernel(
         offs_r = r0 + tl.arange(0, BLOCK_R)
         r_mask = (offs_r < rank) & (offs_r < v_width)
         rows = tl.load(b_rows_ptr + slot * stride_br + offs_r, mask=r_mask, other=0)
+        if ALIGNED:
+            rows = tl.multiple_of(rows, 8)
         vt = tl.load(v_ptr + tokens[:, None] * stride_vt + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
                      other=0.0)
         bt = tl.load(pool_ptr + rows[:, None] + offs_n[None, :], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
@@ -132,6 +138,13 @@ def _block_m(num_tokens: int, num_slots: int) -> int:
 def _precision(dtype: torch.dtype) -> str:
     """fp32 pools use exact fp32 products (the fp32 engine must equal the reference), others tensor cores."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _aligned(pool_flat: torch.Tensor, width: int) -> bool:
+    """Whether rows may be read as 16-byte vectors. The pool layout starts every row at a multiple of the
+    gcd of all row widths and the page size; for Llama-family models (all widths multiples of 8) that
+    makes every row offset a multiple of 8 elements. Set ASSUME_ALIGNED_ROWS = False for other layouts."""
+    return ASSUME_ALIGNED_ROWS and width % 8 == 0 and pool_flat.data_ptr() % 16 == 0
 
 
 def tiles_for(token_slots: torch.Tensor, num_slots: int) -> SlotTiles:
@@ -171,7 +184,8 @@ def lora_shrink(
         x, pool_flat, a_rows, ranks, tiles.order, tiles.tiles, v,
         in_dim, k_per_split, tiles.num_tiles, x.stride(0), a_rows.stride(0), v.stride(0),
         BLOCK_M=tiles.block_m, BLOCK_R=BLOCK_R, BLOCK_K=block_k, ATOMIC=splits > 1,
-        PRECISION=_precision(pool_flat.dtype), num_warps=tune.shrink_warps, num_stages=tune.shrink_stages,
+        PRECISION=_precision(pool_flat.dtype), ALIGNED=_aligned(pool_flat, in_dim), num_warps=tune.shrink_warps,
+        num_stages=tune.shrink_stages,
     )
     return v
 
@@ -204,5 +218,5 @@ def lora_expand(
         v, pool_flat, b_rows, ranks, scales, tiles.order, tiles.tiles, out,
         out_dim, v.shape[1], tiles.num_tiles, v.stride(0), b_rows.stride(0), out.stride(0),
         BLOCK_M=tiles.block_m, BLOCK_R=BLOCK_R, BLOCK_N=block_n, PRECISION=_precision(pool_flat.dtype),
-        num_warps=tune.expand_warps, num_stages=tune.expand_stages,
+        ALIGNED=_aligned(pool_flat, out_dim), num_warps=tune.expand_warps, num_stages=tune.expand_stages,
     )
