@@ -257,7 +257,8 @@ def test_unknown_adapter_errors_are_counted_on_both_sides(server, tmp_path) -> N
     trace_path, out = tmp_path / "t.jsonl", tmp_path / "r.json"
     write_trace(trace_path, trace)
     before = scrape(server)
-    assert loadgen_main(["--url", server, "--trace", str(trace_path), "--out", str(out), *COMMON]) == 0
+    with_progress = [arg for arg in COMMON if arg != "--no-progress"]  # exercise the live display too
+    assert loadgen_main(["--url", server, "--trace", str(trace_path), "--out", str(out), *with_progress]) == 0
     after = scrape(server)
     m = json.loads(out.read_text())["metrics"]
     bad = sum(s.adapter == "nope" for s in trace)
