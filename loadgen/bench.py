@@ -193,9 +193,7 @@ def make_row(backend: str, entry: dict, target: Target, args: argparse.Namespace
     }
 
 
-def run_group(
-    kind: str, backends: list[str], args: argparse.Namespace, gpu: str, log_dir: Path, document: dict
-) -> None:
+def run_group(kind: str, backends: list[str], args: argparse.Namespace, gpu: str, document: dict) -> None:
     """Start the group's server (unless --url), run each backend and adapter count, stop the server.
 
     Rows are appended to `document` (and the file rewritten) as they finish, so a failure later keeps
@@ -206,6 +204,8 @@ def run_group(
     if url is None:
         port = free_port()
         command = server_command(kind, args, port)
+        log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="lorafleet-bench-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
         server = ServerProcess(kind, command, f"http://127.0.0.1:{port}", log_dir / f"{kind}.log")
     backend = kind
     try:
@@ -266,12 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lorafleet bench: error: {exc}", file=sys.stderr)
         return 2
     gpu = (env["gpus"] or ["none"])[0]
-    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="lorafleet-bench-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
     failed = False
     for kind, group in server_groups(backends):
         try:
-            run_group(kind, group, args, gpu, log_dir, document)
+            run_group(kind, group, args, gpu, document)
         except (ValueError, RuntimeError, OSError) as exc:
             print(f"lorafleet bench: {', '.join(group)}: {exc}", file=sys.stderr)
             failed = True
