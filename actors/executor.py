@@ -175,7 +175,9 @@ def executor_main(spec: ExecutorSpec, plan_wake: Connection, result_wake: Connec
     for reader in readers:
         reader.close()
     endpoint.close()
-    sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip interpreter teardown (seconds with torch loaded); nothing is left to flush
 
 
 def _serve(spec: ExecutorSpec, runner, reader: StagedReader, endpoint: RingEndpoint) -> int:
@@ -211,13 +213,16 @@ class ExecutorGroup:
         self.dead: str | None = None
 
     @classmethod
-    async def start(cls, model_dir: str, engine_config: object, world_size: int = 1, torch_threads: int = 0,
-                    start_timeout: float = 600.0) -> ExecutorGroup:
-        """Spawn every rank and wait until each reports ready (or raise ExecutorDied)."""
+    def spawn(cls, model_dir: str, engine_config: object, world_size: int = 1, torch_threads: int = 0) -> ExecutorGroup:
+        """Spawn every rank (they load the model meanwhile); call `wait_ready()` before the first step."""
         ranks = [_spawn(rank, world_size, model_dir, engine_config, torch_threads) for rank in range(world_size)]
-        group = cls(ranks, Stager())
+        return cls(ranks, Stager())
+
+    async def wait_ready(self, start_timeout: float = 600.0) -> None:
+        """Wait until every rank reports ready; on failure stop them all and raise ExecutorDied."""
+        group = self
         try:
-            for r in ranks:
+            for r in self.ranks:
                 msg = await asyncio.wait_for(r.channel.recv(), start_timeout)
                 if not isinstance(msg, ExecutorReady):
                     raise ExecutorDied(r.rank, getattr(msg, "message", f"unexpected {type(msg).__name__}"))
@@ -228,7 +233,6 @@ class ExecutorGroup:
         except ExecutorDied:
             await group.stop()
             raise
-        return group
 
     def info(self) -> list[dict]:
         return [{"rank": r.rank, "pid": r.pid, "device": r.device, "alive": r.process.is_alive()} for r in self.ranks]
@@ -274,12 +278,11 @@ class ExecutorGroup:
 
 @contextlib.contextmanager
 def _plain_main_module():
-    """Spawned children re-import the parent's __main__; when that is `python -m lorafleet` (a module that
-    runs the CLI on import) the child would start a server. Present an empty __main__ while spawning."""
+    """Spawned children re-run the parent's __main__ (module or file). The executor needs none of it, and
+    it may harm: `python -m lorafleet` runs the CLI on import (the child would start a server), and a
+    program read from stdin has no file to re-run. Present an empty __main__ while spawning."""
     saved = sys.modules["__main__"]
-    needs_swap = getattr(saved, "__spec__", None) is not None and saved.__spec__.name.startswith("lorafleet")
-    if needs_swap:
-        sys.modules["__main__"] = types.ModuleType("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
     try:
         yield
     finally:

@@ -127,26 +127,39 @@ def resolve_assets(args: argparse.Namespace) -> Assets:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    from lorafleet.actors.server import Server
+    from lorafleet.actors.server import engine_config
+    from lorafleet.engine.config import ConfigError
 
     try:
         assets = resolve_assets(args)
-        server = Server.from_args(args, assets)
-    except ValueError as exc:
+        config = engine_config(args)
+    except (ValueError, ConfigError) as exc:
         print(f"lorafleet serve: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(run(server))
+    return asyncio.run(run(args, assets, config))
 
 
-async def run(server) -> int:
+async def run(args: argparse.Namespace, assets: Assets, config) -> int:
+    """Spawn the executors first (they load the model while this process builds its planning engine),
+    start the actors and the web app, serve until a signal or a failure, then stop everything."""
+    from lorafleet.actors.executor import ExecutorGroup
+    from lorafleet.actors.server import Server
+
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     started = time.monotonic()
+    executors = ExecutorGroup.spawn(str(assets.model_dir), config, 1, args.torch_threads)
+    try:
+        server = Server.build(args, assets, config, executors)
+    except ValueError as exc:
+        print(f"lorafleet serve: {exc}", file=sys.stderr)
+        await executors.stop()
+        return 2
     try:
         await server.start()
-    except Exception as exc:  # startup failed: report and exit non-zero after cleaning up
+    except Exception as exc:  # startup failed: report, clean up, exit non-zero
         print(f"lorafleet serve: startup failed: {exc}", file=sys.stderr)
         traceback.print_exc()
         await server.stop()

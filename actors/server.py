@@ -79,17 +79,19 @@ class Server:
         self.url = ""
 
     @classmethod
-    def from_args(cls, args: Namespace, assets: Assets) -> Server:
+    def build(cls, args: Namespace, assets: Assets, config: EngineConfig, executors: ExecutorGroup) -> Server:
+        """The server around already spawned executors; ValueError for a bad model/adapter/option."""
         try:
-            config = engine_config(args)
             engine, tokenizer, page_elements = build_planning_engine(assets, config, args.host_cache_mb << 20)
         except ConfigError as exc:
             raise ValueError(str(exc)) from exc
-        return cls(args, assets, config, engine, tokenizer, page_elements)
+        server = cls(args, assets, config, engine, tokenizer, page_elements)
+        server.executors = executors
+        return server
 
     async def start(self) -> None:
         args = self.args
-        self.executors = await ExecutorGroup.start(str(self.assets.model_dir), self.config, 1, args.torch_threads)
+        await self.executors.wait_ready()
         self.hub.executors = self.executors.info()
         admission_box, scheduler_box, router_box, prefetch_box = (LocalChannel() for _ in range(4))
         self.router = Router(router_box)
