@@ -41,11 +41,11 @@ def run_engine(model: str, adapters: dict, tp: int, prompts, which, max_tokens: 
         started = time.perf_counter()
         outs = llm.generate(prompts, adapters=which, max_tokens=max_tokens, ignore_eos=True)
         seconds = time.perf_counter() - started
-        steps = llm.engine._step
+        steps, pages = llm.engine._step, llm.engine.config.num_pages
     tokens = sum(len(o.token_ids) for o in outs)
     return {"tp": tp, "requests": len(prompts), "seconds": seconds, "output_tokens": tokens,
             "output_tok_per_s": tokens / seconds, "req_per_s": len(prompts) / seconds, "steps": steps,
-            "lora": any(which), "num_pages": options.get("num_pages")}
+            "lora": any(which), "num_pages": pages}
 
 
 def _collective_worker(rank: int, init: str, result: dict, shapes: list) -> None:
