@@ -335,11 +335,12 @@ async def test_dashboard_against_lorafleet_serve(served, chromium):
     later = await chromium.wait_for(lambda v: v["load-succeeded"] and v["load-slo"] is not None
                                     and v["stat-step"] > first["stat-step"], "finished requests and SLO figures")
     assert later["load-ttft-p50"] and later["load-tps"] > 0
+    await playground_streams(chromium, names[2])
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "dashboard-serve-under-load.png"), full_page=True)
     if os.environ.get("LORAFLEET_DOCS_SCREENSHOT"):
+        await chromium.wait_for(lambda v: v["load-succeeded"] >= 20 and v["load-running"], "a busy moment")
         await page.screenshot(path=str(DOCS_SHOT), full_page=True)
-    await playground_streams(chromium, names[2])
     finals = await asyncio.wait_for(load, 300)
     assert len(finals) == 50 and all(e["type"] == "done" for e in finals)
 
