@@ -21,31 +21,29 @@ PREFIX = "lorafleet:"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def _histogram(name: str, doc: str, hist: Histogram) -> HistogramMetricFamily:
-    return HistogramMetricFamily(PREFIX + name, doc, buckets=hist.cumulative(), sum_value=hist.total)
-
-
-def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-    return CounterMetricFamily(PREFIX + name, doc, value=value)
-
-
-def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(PREFIX + name, doc, value=value)
-
-
-def _labelled_counter(name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
-    family = CounterMetricFamily(PREFIX + name, doc, labels=[label])
-    for key, value in sorted(values.items()):
-        family.add_metric([key], value)
-    return family
-
-
 class FleetCollector(Collector):
-    """Yields every lorafleet family from one read of the hub and the stats."""
+    """Yields every lorafleet family from one read of the hub and the stats. `prefix` is prepended to
+    every name ("lorafleet:" by default; "vllm:" makes the vLLM-named families drop-in for vLLM tooling)."""
 
-    def __init__(self, stats: FleetStats, max_lora: int | None = None) -> None:
+    def __init__(self, stats: FleetStats, max_lora: int | None = None, prefix: str = PREFIX) -> None:
         self.stats = stats
         self.max_lora = max_lora
+        self.prefix = prefix
+
+    def _histogram(self, name: str, doc: str, hist: Histogram) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self.prefix + name, doc, buckets=hist.cumulative(), sum_value=hist.total)
+
+    def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
+        return CounterMetricFamily(self.prefix + name, doc, value=value)
+
+    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
+        return GaugeMetricFamily(self.prefix + name, doc, value=value)
+
+    def _labelled(self, name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
+        family = CounterMetricFamily(self.prefix + name, doc, labels=[label])
+        for key, value in sorted(values.items()):
+            family.add_metric([key], value)
+        return family
 
     def collect(self) -> Iterator[Metric]:
         yield from self._engine_families()
@@ -57,29 +55,29 @@ class FleetCollector(Collector):
         snap = self.stats.hub.snapshot
         num_pages = snap.num_pages if snap else 0
         usage = snap.usage if snap else {}
-        yield _gauge("engine_step", "Engine steps completed at the latest snapshot.", snap.step if snap else 0)
-        yield _gauge("num_requests_running", "Requests in the running batch.", len(snap.running) if snap else 0)
-        yield _gauge("num_requests_waiting", "Requests waiting to be scheduled.", len(snap.waiting) if snap else 0)
+        yield self._gauge("engine_step", "Engine steps completed at the latest snapshot.", snap.step if snap else 0)
+        yield self._gauge("num_requests_running", "Requests in the running batch.", len(snap.running) if snap else 0)
+        yield self._gauge("num_requests_waiting", "Requests waiting to be scheduled.", len(snap.waiting) if snap else 0)
         kv = usage.get("kv", 0)
-        yield _gauge("kv_cache_usage_perc", "Fraction (0-1) of the unified pool's pages holding KV cache.",
+        yield self._gauge("kv_cache_usage_perc", "Fraction (0-1) of the unified pool's pages holding KV cache.",
                      kv / num_pages if num_pages else 0.0)
-        yield _gauge("pool_usage_perc", "Fraction (0-1) of the unified pool's pages in use (KV + adapters).",
+        yield self._gauge("pool_usage_perc", "Fraction (0-1) of the unified pool's pages in use (KV + adapters).",
                      (num_pages - usage.get("free", num_pages)) / num_pages if num_pages else 0.0)
-        yield _gauge("pool_pages_total", "Pages in the unified pool.", num_pages)
-        pages = GaugeMetricFamily(PREFIX + "pool_pages", "Unified pool pages by kind.", labels=["kind"])
+        yield self._gauge("pool_pages_total", "Pages in the unified pool.", num_pages)
+        pages = GaugeMetricFamily(self.prefix + "pool_pages", "Unified pool pages by kind.", labels=["kind"])
         for kind in ("free", "kv", "adapter"):
             pages.add_metric([kind], usage.get(kind, 0))
         yield pages
-        yield _counter("num_preemptions", "Requests preempted (KV freed, recomputed later).",
+        yield self._counter("num_preemptions", "Requests preempted (KV freed, recomputed later).",
                        snap.preemptions if snap else 0)
-        yield _counter("adapter_evictions", "Adapters evicted from the pool.", snap.evictions if snap else 0)
+        yield self._counter("adapter_evictions", "Adapters evicted from the pool.", snap.evictions if snap else 0)
         yield self._lora_info(snap)
 
     def _lora_info(self, snap) -> GaugeMetricFamily:
         running = sorted({a for _, a in snap.running if a}) if snap else []
         waiting = sorted({a for _, a in snap.waiting if a}) if snap else []
         family = GaugeMetricFamily(
-            PREFIX + "lora_requests_info", "Running and waiting LoRA adapters; value is the scrape time.",
+            self.prefix + "lora_requests_info", "Running and waiting LoRA adapters; value is the scrape time.",
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
         max_lora = "" if self.max_lora is None else str(self.max_lora)
         family.add_metric([",".join(running), ",".join(waiting), max_lora], time.time())
@@ -87,48 +85,48 @@ class FleetCollector(Collector):
 
     def _request_families(self) -> Iterator[Metric]:
         s = self.stats
-        yield _histogram("time_to_first_token_seconds", "Time to first token.", s.ttft)
-        yield _histogram("inter_token_latency_seconds",
+        yield self._histogram("time_to_first_token_seconds", "Time to first token.", s.ttft)
+        yield self._histogram("inter_token_latency_seconds",
                          "Inter-token latency (each request's mean, counted once per gap).", s.itl)
-        yield _histogram("time_per_output_token_seconds", "Mean time per output token of a request.", s.tpot)
-        yield _histogram("e2e_request_latency_seconds", "End-to-end request latency.", s.e2e)
-        yield _histogram("request_queue_time_seconds", "Time a request waited before it was scheduled.", s.queue)
-        yield _labelled_counter("request_success", "Requests finished, by finish reason.",
+        yield self._histogram("time_per_output_token_seconds", "Mean time per output token of a request.", s.tpot)
+        yield self._histogram("e2e_request_latency_seconds", "End-to-end request latency.", s.e2e)
+        yield self._histogram("request_queue_time_seconds", "Time a request waited before it was scheduled.", s.queue)
+        yield self._labelled("request_success", "Requests finished, by finish reason.",
                                 "finished_reason", s.success)
-        yield _labelled_counter("request_failure", "Requests that failed or were refused, by error code.",
+        yield self._labelled("request_failure", "Requests that failed or were refused, by error code.",
                                 "code", s.failures)
-        yield _counter("prompt_tokens", "Prompt tokens of finished requests.", s.prompt_tokens)
-        yield _counter("generation_tokens", "Generated tokens of finished requests.", s.generation_tokens)
-        yield _counter("early_aborted_requests", "Requests early-aborted for their TTFT SLO.",
+        yield self._counter("prompt_tokens", "Prompt tokens of finished requests.", s.prompt_tokens)
+        yield self._counter("generation_tokens", "Generated tokens of finished requests.", s.generation_tokens)
+        yield self._counter("early_aborted_requests", "Requests early-aborted for their TTFT SLO.",
                        s.counter(EARLY_ABORTED))
-        yield _counter("rejected_requests", "Requests refused with 429 (queue full).", s.counter(REJECTED))
-        yield _labelled_counter("events", "Named server events counted by the serving layer.",
+        yield self._counter("rejected_requests", "Requests refused with 429 (queue full).", s.counter(REJECTED))
+        yield self._labelled("events", "Named server events counted by the serving layer.",
                                 "event", dict(s.hub.counters))
 
     def _adapter_families(self) -> Iterator[Metric]:
         s = self.stats
         snap = s.hub.snapshot
-        yield _counter("adapter_cache_hits", "Host adapter cache hits.", snap.cache_hits if snap else 0)
-        yield _counter("adapter_cache_misses", "Host adapter cache misses (read from disk).",
+        yield self._counter("adapter_cache_hits", "Host adapter cache hits.", snap.cache_hits if snap else 0)
+        yield self._counter("adapter_cache_misses", "Host adapter cache misses (read from disk).",
                        snap.cache_misses if snap else 0)
-        yield _counter("adapter_loads", "Adapters observed entering the GPU pool.", s.adapter_loads)
-        yield _histogram("adapter_load_seconds", "Adapter load latency into the pool (see docs/dashboard.md).",
+        yield self._counter("adapter_loads", "Adapters observed entering the GPU pool.", s.adapter_loads)
+        yield self._histogram("adapter_load_seconds", "Adapter load latency into the pool (see docs/dashboard.md).",
                          s.adapter_load)
-        yield _counter("adapter_prefetch_hits", "Requests scheduled with their adapter already resident.",
+        yield self._counter("adapter_prefetch_hits", "Requests scheduled with their adapter already resident.",
                        s.prefetch_hits)
-        yield _counter("adapter_prefetch_misses", "Requests scheduled that had to wait for an adapter load.",
+        yield self._counter("adapter_prefetch_misses", "Requests scheduled that had to wait for an adapter load.",
                        s.prefetch_misses)
-        tiers = GaugeMetricFamily(PREFIX + "adapters", "Registered adapters by storage tier.", labels=["tier"])
+        tiers = GaugeMetricFamily(self.prefix + "adapters", "Registered adapters by storage tier.", labels=["tier"])
         for tier, count in adapter_tiers(snap).items():
             tiers.add_metric([tier], count)
         yield tiers
 
     def _window_families(self) -> Iterator[Metric]:
         summary = self.stats.summary()
-        yield _gauge("slo_attainment", f"Fraction of requests of the last {summary.window_s:g}s that met their "
+        yield self._gauge("slo_attainment", f"Fraction of requests of the last {summary.window_s:g}s that met their "
                      "TTFT SLO (NaN when none finished).",
                      float("nan") if summary.slo_attainment is None else summary.slo_attainment)
-        yield _gauge("window_requests", "Requests finished or failed in the sliding window.", summary.requests)
+        yield self._gauge("window_requests", "Requests finished or failed in the sliding window.", summary.requests)
 
 
 def adapter_tiers(snap) -> dict[str, int]:
@@ -141,10 +139,10 @@ def adapter_tiers(snap) -> dict[str, int]:
     return {"gpu": len(gpu), "host": len(host), "disk": len(registered) - len(gpu) - len(host)}
 
 
-def make_registry(stats: FleetStats, max_lora: int | None = None) -> CollectorRegistry:
+def make_registry(stats: FleetStats, max_lora: int | None = None, prefix: str = PREFIX) -> CollectorRegistry:
     """A fresh registry (never the process-global one) holding the fleet collector."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(stats, max_lora))
+    registry.register(FleetCollector(stats, max_lora, prefix))
     return registry
 
 

@@ -249,3 +249,18 @@ async def test_load_and_unload_adapter_are_admin_only(harness, tmp_path):
         async with session.post(url + "/v1/unload_lora_adapter", json={"lora_name": "extra"}, headers=auth) as r:
             assert r.status == 200
     assert "extra" not in h.hub.snapshot.registered_adapters
+
+
+def test_metric_prefix_and_per_app_registries():
+    from lorafleet.dashboard.prom import make_registry, render
+
+    hub = Hub()
+    hub.publish_snapshot(_snap(3, [("w", "b")], [("r", "a")], ["a"], {"free": 1, "kv": 2, "adapter": 1}))
+    stats = FleetStats(hub)
+    vllm = _families(render(make_registry(stats, 8, prefix="vllm:")).decode())
+    ours = _families(render(make_registry(stats, 8)).decode())
+    assert vllm["vllm:num_requests_running"].samples[0].value == 1
+    assert vllm["vllm:kv_cache_usage_perc"].samples[0].value == 0.5
+    assert {n.replace("vllm:", P) for n in vllm} == set(ours)
+    info = ours[P + "lora_requests_info"].samples[0].labels
+    assert info == {"running_lora_adapters": "a", "waiting_lora_adapters": "b", "max_lora": "8"}
