@@ -77,6 +77,7 @@ class SchedulerActor:
             if self.dead is not None or not self.engine.has_unfinished():
                 continue
             self.idle.clear()
+            self._ensure_readable()
             planned = self.engine.plan_step()
             if planned is None:
                 await self._handle(await self.inbox.recv())
@@ -89,7 +90,11 @@ class SchedulerActor:
 
     # one step -------------------------------------------------------------------------------------------
     async def _run_step(self, schedule: Schedule, plan) -> None:
-        packed = [self.engine.store.fetch(load.name) for load in plan.loads]
+        try:
+            packed = [self.engine.store.fetch(load.name) for load in plan.loads]
+        except AdapterError as exc:
+            self._staging_failed(plan, exc)
+            return
         started = time.perf_counter()
         try:
             result = await self.executors.run(plan, packed)
@@ -227,6 +232,49 @@ class SchedulerActor:
                 self._cancel(request_id, "cancelled", SLO_UNATTAINABLE,
                              f"slo_ttft_ms: waited {waited_ms:.0f} ms without being scheduled "
                              f"(SLO {live.slo_ttft_ms:.0f} ms); dropped")
+
+    def _ensure_readable(self) -> None:
+        """Before planning, read into the host cache any adapter the scheduler may load now that the
+        prefetcher has not brought in yet; an unreadable one fails its requests (`adapter_invalid`)
+        and is unregistered, so a plan never loads an adapter that cannot be staged."""
+        store, pool = self.engine.store, self.engine.pool
+        window = list(self.engine.scheduler.waiting)[: self.engine.config.fairness_window]
+        for name in dict.fromkeys(r.adapter for r in window if r.adapter is not None):
+            if name in store.infos and not store.is_cached(name) and not pool.is_resident(name):
+                try:
+                    store.fetch(name)
+                except AdapterError as exc:
+                    self._adapter_unreadable(name, exc)
+
+    def _adapter_unreadable(self, name: str, exc: AdapterError) -> None:
+        for request_id, live in list(self.live.items()):
+            if live.request.adapter == name:
+                self._cancel(request_id, "cancelled", "adapter_invalid", f"adapter {name!r} can no longer be "
+                             f"read: {exc}")
+        if self.engine.pool.is_resident(name):
+            self.engine.pool.evict_adapter(name)
+        self.engine.store.unregister(name)
+        self.hub.adapters = {n: info.path for n, info in self.engine.store.infos.items()}
+        self.hub.count("adapter_read_failures")
+
+    def _staging_failed(self, plan, exc: AdapterError) -> None:
+        """An adapter this plan loads can no longer be read (e.g. its files changed on disk). The plan is
+        not sent: requests on the plan's new adapters fail with `adapter_invalid`, those adapters leave the
+        pool's books (the executor never received them) and the unreadable one is unregistered. The
+        plan's other requests simply run again in the next step."""
+        loads = {load.name for load in plan.loads}
+        for request_id, live in list(self.live.items()):
+            if live.request.adapter in loads:
+                self._cancel(request_id, "cancelled", "adapter_invalid", f"adapter {live.request.adapter!r} "
+                             f"could not be staged: {exc}")
+        for name in loads:
+            if self.engine.pool.is_resident(name):
+                self.engine.pool.evict_adapter(name)
+            if name not in self.engine.store.cache:
+                self.engine.store.unregister(name)
+        self.hub.adapters = {name: info.path for name, info in self.engine.store.infos.items()}
+        self.hub.count("adapter_staging_failures")
+        self._publish()
 
     def _executor_died(self, reason: str) -> None:
         self.dead = reason

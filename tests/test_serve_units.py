@@ -271,3 +271,40 @@ async def test_scheduler_actor_emits_one_message_per_step_matching_offline(tiny_
     assert [tokens[f"q{i}"] for i in range(6)] == [w.token_ids for w in want]
     assert messages == actor.executors.steps  # every step samples here: one StepDeltas message each
     assert engine.pool.usage()["kv"] == 0
+
+
+async def test_scheduler_actor_fails_only_requests_whose_adapter_cannot_be_staged(tiny_llama, tmp_path):
+    from conftest import make_peft_adapter
+    from lorafleet.actors.hub import ServeHub
+    from lorafleet.actors.scheduler import SchedulerActor
+    from lorafleet.engine import LLM
+    from lorafleet.engine.build import build_engine
+    from lorafleet.engine.config import EngineConfig
+
+    good = str(make_peft_adapter(tiny_llama, tmp_path / "good", 4, seed=1))
+    bad = str(make_peft_adapter(tiny_llama, tmp_path / "bad", 2, seed=2))
+    want = LLM(str(tiny_llama), adapters={"good": good}).generate([[7, 8, 9], [4, 5]], adapters=["good", None],
+                                                                   max_tokens=5)
+    engine, _ = build_engine(str(tiny_llama), EngineConfig(), {"good": good, "bad": bad})
+    engine.store.cache.pop("bad")  # not in the host cache, and its file is now corrupt: staging must fail
+    (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(b"garbage")
+    inbox, router, admission, prefetch = (LocalChannel() for _ in range(4))
+    hub = ServeHub()
+    actor = SchedulerActor(engine, _InProcessGroup(engine.executor), inbox, router, admission, prefetch, hub)
+    task = asyncio.create_task(actor.run())
+    for rid, prompt, name in (("g", [7, 8, 9], "good"), ("b", [1, 2, 3], "bad"), ("n", [4, 5], None)):
+        inbox.send(Submit(rid, prompt, {"max_tokens": 5, "temperature": 0.0}, name, None, 0.0))
+    tokens: dict[str, list[int]] = {"g": [], "n": []}
+    ends: dict[str, DeltaItem] = {}
+    while len(ends) < 3:
+        msg = await asyncio.wait_for(router.recv(), 60)
+        for item in msg.items if isinstance(msg, StepDeltas) else []:
+            tokens.setdefault(item.request_id, []).extend(item.token_ids)
+            if item.finished:
+                ends[item.request_id] = item
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert ends["b"].error_code == "adapter_invalid" and "bad" not in engine.store.infos
+    assert [tokens["g"], tokens["n"]] == [w.token_ids for w in want]
+    assert engine.pool.usage()["kv"] == 0
+    engine.pool.check()
