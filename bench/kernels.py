@@ -226,10 +226,9 @@ SHRINK_CONFIGS = [dict(shrink_k_chunk=c, shrink_block_k=k, shrink_warps=w, shrin
 EXPAND_CONFIGS = [dict(expand_block_n=n, expand_warps=w, expand_stages=st)
                   for n, w, st in [(128, 4, 2), (64, 4, 2), (128, 4, 3), (256, 4, 3), (256, 8, 3), (64, 2, 3),
                                    (512, 8, 2), (128, 2, 2)]]
-PREFILL_CONFIGS = [dict(prefill_block_m=m, prefill_block_n=n, prefill_warps=w, prefill_stages=st, prefill_mask_all=a)
-                   for m, n, w, st, a in [(64, 64, 4, 2, False), (64, 64, 4, 2, True), (128, 64, 8, 3, False),
-                                          (128, 64, 8, 3, True), (128, 128, 8, 3, False), (128, 128, 8, 3, True),
-                                          (64, 128, 4, 3, True), (128, 64, 8, 2, True)]]
+PREFILL_CONFIGS = [dict(prefill_block_m=m, prefill_block_n=n, prefill_warps=w, prefill_stages=st)
+                   for m, n, w, st in [(64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 4, 2), (64, 32, 4, 2),
+                                       (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2)]]
 DECODE_CONFIGS = [dict(decode_block_n=n, decode_min_blocks_per_split=b, decode_warps=w, decode_stages=st)
                   for n, b, w, st in [(64, 2, 4, 2), (64, 4, 4, 2), (32, 2, 4, 2), (64, 1, 4, 3), (128, 2, 4, 2),
                                       (128, 1, 8, 2), (32, 4, 2, 3)]]

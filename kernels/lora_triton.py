@@ -31,13 +31,13 @@ BLOCK_R = 16
 class LoraTuning:
     """Launch parameters (measured on an H200, see docs/kernels.md; the benchmark sweeps them)."""
 
-    shrink_k_chunk: int = 512  # K columns per shrink program (split-K, fp32 atomics) for decode tiles
-    shrink_block_k: int = 256
+    shrink_k_chunk: int = 1024  # K columns per shrink program (split-K, fp32 atomics) for decode tiles
+    shrink_block_k: int = 128
     shrink_warps: int = 4
-    shrink_stages: int = 3
+    shrink_stages: int = 4
     expand_block_n: int = 128
     expand_warps: int = 4
-    expand_stages: int = 2
+    expand_stages: int = 3
 
 
 TUNE = LoraTuning()
