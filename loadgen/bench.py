@@ -152,7 +152,7 @@ def server_groups(backends: list[str]) -> list[tuple[str, list[str]]]:
 async def measure(args: argparse.Namespace, url: str, backend: str, n: int | None) -> tuple[dict, Target]:
     """One loadgen run of `backend` with the first n adapters; returns its results entry and target."""
     sub = argparse.Namespace(**vars(args))
-    sub.num_adapters, sub.no_lora = n, backend == "lorafleet-nolora"
+    sub.url, sub.num_adapters, sub.no_lora = url, n, backend == "lorafleet-nolora"
     if not sub.adapters and args.adapter:
         sub.adapters = ",".join(spec.partition("=")[0] for spec in args.adapter)
     target = await resolve_target(sub, need_adapters=not args.trace and n != 0)

@@ -362,7 +362,7 @@ def test_bench_against_a_running_server_and_cli_errors(server, tmp_path) -> None
 
 
 def test_bench_starts_and_stops_the_peft_server(tiny, tmp_path, monkeypatch) -> None:
-    base, adapters = tiny
+    base, _ = tiny
     port = free_port()
     monkeypatch.setattr(bench, "free_port", lambda: port)
     out = tmp_path / "bench.json"
@@ -386,13 +386,15 @@ def test_bench_starts_and_stops_the_peft_server(tiny, tmp_path, monkeypatch) -> 
         "--log-dir",
         str(tmp_path),
         "--peft-arg=--torch-threads=1",
+        f"--peft-arg=--adapter-dir={base.parent}",  # names come from the started server's /v1/models
         *COMMON,
     ]
-    for name, path in adapters.items():
-        args += ["--adapter", f"{name}={path}"]
     assert bench.main(args) == 0
-    rows = json.loads(out.read_text())["rows"]
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
     assert [r["num_adapters"] for r in rows] == [1, 3]
+    assert [run["config"]["workload"]["adapters"] for run in doc["runs"]] == [["chat"], ["chat", "code", "sql"]]
+    assert doc["runs"][0]["config"]["base_model"] == "base" and doc["failures"] == []
     required = {"backend", "num_adapters", "req_per_s", "first_token_latency_s", "slo_attainment", "duration_s", "gpu"}
     for row in rows:
         assert required <= row.keys() and row["backend"] == "peft"
