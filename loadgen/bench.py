@@ -39,6 +39,7 @@ SCHEMA = "lorafleet.bench/1"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `lorafleet bench` argument parser (workload options shared with loadgen)."""
     parser = argparse.ArgumentParser(prog="lorafleet bench", description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="peft", help=f"comma-separated, of {', '.join(BACKENDS)}")
     parser.add_argument("--model", default=None, help="base model directory (or a name lorafleet serve knows)")
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def free_port() -> int:
+    """A loopback TCP port that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -134,6 +136,7 @@ def parse_counts(text: str | None, name: str) -> list[int | None]:
 
 
 def parse_backends(text: str) -> list[str]:
+    """The --backend list, validated against BACKENDS."""
     backends = [b.strip() for b in text.split(",") if b.strip()]
     unknown = [b for b in backends if b not in BACKENDS]
     if not backends or unknown:

@@ -82,6 +82,7 @@ def add_workload_args(parser: argparse.ArgumentParser, several_n: bool = False) 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `lorafleet loadgen` argument parser."""
     parser = argparse.ArgumentParser(prog="lorafleet loadgen", description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
     add_workload_args(parser)
@@ -134,6 +135,7 @@ async def resolve_target(args: argparse.Namespace, need_adapters: bool) -> Targe
 
 
 def workload_config(args: argparse.Namespace, target: Target, rate: float) -> WorkloadConfig:
+    """The WorkloadConfig the arguments describe, at `rate`."""
     lo, hi = parse_range(args.token_range, "--token-range")
     base_fraction = 1.0 if not target.adapters else args.base_fraction
     return WorkloadConfig(
@@ -152,6 +154,7 @@ def workload_config(args: argparse.Namespace, target: Target, rate: float) -> Wo
 
 
 def client_config(args: argparse.Namespace, url: str, target: Target) -> ClientConfig:
+    """The ClientConfig the arguments describe, for the server at `url`."""
     return ClientConfig(
         url=url.rstrip("/"),
         protocol=args.protocol,
@@ -254,6 +257,7 @@ async def run_one(
 
 
 def parse_rates(text: str | None, default: float) -> list[float]:
+    """The --sweep-rates list, or [default] when not given."""
     if not text:
         return [default]
     try:
@@ -266,6 +270,7 @@ def parse_rates(text: str | None, default: float) -> list[float]:
 
 
 async def amain(args: argparse.Namespace) -> int:
+    """Resolve the target, run one workload per rate, print and write the results; the exit status."""
     rates = parse_rates(args.sweep_rates, args.rate)
     if args.trace and args.sweep_rates:
         raise ValueError("--sweep-rates needs a generated workload, not --trace")

@@ -615,11 +615,13 @@ async def models(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: the server's counters in Prometheus text."""
     body = generate_latest(request.app[BACKEND_KEY].metrics.registry)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 async def health(request: web.Request) -> web.Response:
+    """GET /health: 200 once the model is loaded (the server listens only then)."""
     return web.json_response({"status": "ok"})
 
 
@@ -780,6 +782,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The baseline server's argument parser."""
     parser = argparse.ArgumentParser(
         prog="python -m lorafleet.loadgen.peft_server",
         description="HF transformers + PEFT baseline server (static mixed-adapter batches).",
@@ -804,6 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> ServerConfig:
+    """The ServerConfig the command line describes (raises ValueError naming a bad option)."""
     args = build_parser().parse_args(argv)
     adapters = list(args.adapter) + (adapters_below(args.adapter_dir) if args.adapter_dir else [])
     return ServerConfig(
@@ -825,6 +829,7 @@ def parse_args(argv: list[str]) -> ServerConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: load the model, then serve until SIGINT/SIGTERM; the exit status."""
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)
     except ValueError as exc:

@@ -52,16 +52,19 @@ def stats(values: list[float]) -> dict[str, float | int | None]:
 
 
 def tpot(record: RequestRecord) -> float | None:
+    """Time per output token after the first, for completed requests with >= 2 tokens."""
     if not record.ok or record.output_tokens < 2 or not record.token_times or record.done_s is None:
         return None
     return (record.done_s - record.token_times[0]) / (record.output_tokens - 1)
 
 
 def itls(record: RequestRecord) -> list[float]:
+    """Gaps between consecutive token arrivals of a completed request."""
     return list(np.diff(record.token_times)) if record.ok and len(record.token_times) > 1 else []
 
 
 def meets_slo(record: RequestRecord, slo_ttft_s: float | None) -> bool:
+    """Completed with a first token within the SLO (any first token when there is no SLO)."""
     ttft = record.ttft
     return record.ok and ttft is not None and (slo_ttft_s is None or ttft <= slo_ttft_s)
 
@@ -161,6 +164,7 @@ def environment() -> dict[str, object]:
 
 
 def write_json(path: str | Path, document: dict[str, object]) -> None:
+    """Write a results document as indented JSON."""
     Path(path).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
