@@ -61,6 +61,7 @@ class Harness:
         self.running = asyncio.Event()
         self.running.set()
         self.idle = asyncio.Event()
+        self.parked = asyncio.Event()
         self.wake = asyncio.Event()
         self._next = 0
         self.app = web.Application()
@@ -92,9 +93,13 @@ class Harness:
             await self.runner.cleanup()
 
     async def pause(self) -> None:
-        """Stop stepping after the current step (the hub then holds this moment's state)."""
+        """Stop stepping after the current step; returns once the stepping task is parked and frames the
+        clients had in flight have landed (the hub then holds this moment's state)."""
         self.running.clear()
-        await asyncio.sleep(0.05)
+        self.wake.set()
+        while not self.parked.is_set():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
 
     def resume(self) -> None:
         self.running.set()
@@ -102,12 +107,16 @@ class Harness:
     # the stepping task ----------------------------------------------------------------------------
     async def _drive(self) -> None:
         while True:
-            await self.running.wait()
+            if not self.running.is_set():
+                self.parked.set()
+                await self.running.wait()
+                self.parked.clear()
             await self._early_abort()
             if not self.engine.has_unfinished():
                 self.idle.set()
                 self.wake.clear()
-                await self.wake.wait()
+                if self.running.is_set():
+                    await self.wake.wait()
                 continue
             self.idle.clear()
             await self._step()
