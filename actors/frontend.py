@@ -24,6 +24,7 @@ from lorafleet.actors.protocol import ApiError, GenerationSpec, ParseContext, ba
 from lorafleet.actors.schema import AdminOp, AdminResult, Admitted, Cancel, DeltaItem, Rejected, StepDeltas, Submit
 
 MSGPACK_PROTOCOL = "lorafleet.msgpack"
+_UNTIED = ("invalid_json", "unknown_type", "duplicate_id")  # error frames that must not end a generation
 _ERROR_STATUS = {"executor_failed": 503, "slo_unattainable": 429, "server_shutting_down": 503}
 
 
@@ -253,7 +254,7 @@ async def ws_stream(request: web.Request) -> web.WebSocketResponse:
             try:
                 await conn.handle(msg)
             except ApiError as exc:
-                await conn.error(None if exc.code in ("invalid_json", "unknown_type") else _safe_id(msg), exc)
+                await conn.error(None if exc.code in _UNTIED else _safe_id(msg), exc)
     finally:
         frontend.sockets.discard(ws)
         await conn.close()

@@ -155,7 +155,7 @@ async def run(args: argparse.Namespace, assets: Assets, config) -> int:
         server = Server.build(args, assets, config, executors)
     except ValueError as exc:
         print(f"lorafleet serve: {exc}", file=sys.stderr)
-        await executors.stop()
+        await executors.stop(timeout=0.0)
         return 2
     try:
         await server.start()

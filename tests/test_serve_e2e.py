@@ -273,3 +273,32 @@ async def test_runtime_load_unload_and_path_checks(server, assets, tmp_path):
         assert (status, body["error"]["code"]) == (404, "model_not_found")
         status, body, _ = await post_json(session, unload, {"lora_name": "late"}, AUTH)
         assert (status, body["error"]["code"]) == (404, "model_not_found")
+
+
+async def test_sse_client_disconnect_frees_pages(server):
+    body = {"prompt": "sse disconnect", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(server.url + "/v1/completions", json=body)
+        assert resp.status == 200
+        first = await resp.content.readline()
+        assert first.startswith(b"data: ")
+        await wait_state(session, server.url, lambda s: s["usage"]["kv"] > 0, AUTH)
+        resp.connection.transport.abort()
+        resp.close()
+        snapshot = await wait_state(session, server.url, _idle, AUTH)
+    assert not any(owner.startswith("kv:") for owner in snapshot["page_owner"])
+
+
+def test_bad_startup_adapter_exits_2(assets, tmp_path):
+    import subprocess
+    import sys
+
+    from lorafleet.engine.synthetic import write_adapter
+
+    dora = write_adapter(tmp_path / "dora", assets["model"], 2)
+    config = (dora / "adapter_config.json").read_text().replace('"use_dora": false', '"use_dora": true')
+    (dora / "adapter_config.json").write_text(config)
+    proc = subprocess.run([sys.executable, "-m", "lorafleet", "serve", "--model", str(assets["model"]), "--port", "0",
+                           "--adapter", f"dora={dora}"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "use_dora" in proc.stderr

@@ -23,27 +23,57 @@ def _adapter_args(adapters) -> list[str]:
     return [arg for name, path in list(adapters.items())[:2] for arg in ("--adapter", f"{name}={path}")]
 
 
-async def test_overload_gets_429_with_retry_after(assets):
+KEY = "k-123"
+BEARER = {"Authorization": f"Bearer {KEY}"}
+
+
+async def _post(session, url: str, body: dict, headers: dict | None = BEARER) -> tuple[int, dict, str | None]:
+    async with session.post(url + "/v1/completions", json=body, headers=headers) as resp:
+        return resp.status, await resp.json(), resp.headers.get("Retry-After")
+
+
+async def test_limits_api_key_overload_429_and_slo_early_abort(assets):
     model, adapters = assets
-    server = start_server(["--model", str(model), *_adapter_args(adapters), "--max-queue", "1", "--max-num-seqs", "1"])
+    server = start_server(["--model", str(model), *_adapter_args(adapters), "--max-queue", "1", "--max-num-seqs", "1",
+                           "--api-key", KEY])
+    long = {"prompt": "overload", "max_tokens": 300, "ignore_eos": True, "temperature": 0}
     try:
-        body = {"prompt": "overload", "max_tokens": 300, "ignore_eos": True, "temperature": 0}
         async with aiohttp.ClientSession() as session:
-
-            async def one() -> tuple[int, dict, str | None]:
-                async with session.post(server.url + "/v1/completions", json=body) as resp:
-                    return resp.status, await resp.json(), resp.headers.get("Retry-After")
-
-            answers = await asyncio.gather(*[one() for _ in range(6)])
+            unauthorized = await _post(session, server.url, long, headers=None)
+            answers = await asyncio.gather(*[_post(session, server.url, long) for _ in range(6)])
+            slo_answers = await _slo_cases(session, server)
     finally:
         assert stop_server(server) == 0, server.output()
+    assert unauthorized[0] == 401 and unauthorized[1]["error"]["code"] == "invalid_api_key"
     refused = [(body, retry) for status, body, retry in answers if status == 429]
     served = [body for status, body, _ in answers if status == 200]
-    assert refused and served, answers
-    assert len(served) + len(refused) == 6
+    assert refused and served and len(served) + len(refused) == 6, answers
     assert all(b["error"]["code"] == "queue_full" and b["error"]["type"] == "rate_limit_error" for b, _ in refused)
     assert all(retry is not None and int(retry) >= 1 for _, retry in refused)
     assert all(b["usage"]["completion_tokens"] == 300 for b in served)
+    refused_now, dropped = slo_answers
+    assert refused_now[0] == 429 and refused_now[1]["error"]["code"] == "slo_unattainable"
+    assert refused_now[1]["error"]["param"] == "slo_ttft_ms" and refused_now[2] is not None
+    assert dropped["type"] == "error" and dropped["error"]["code"] == "slo_unattainable"
+
+
+async def _slo_cases(session, server) -> tuple[tuple, dict]:
+    """While one long request holds the only sequence slot: a 0.001 ms SLO is refused at admission (any
+    measured step is longer); a 300 ms SLO passes admission but waits behind it and is dropped."""
+    async with session.ws_connect(server.ws_url, headers=BEARER) as ws:
+        client = WsClient(ws)
+        reader = asyncio.create_task(client.read_loop())
+        await client.send({"type": "generate", "id": "hog", "prompt": "hog", "max_tokens": 900, "ignore_eos": True})
+        while sum(f["type"] == "delta" for f in client.frames.get("hog", [])) < 3:
+            await asyncio.sleep(0.02)
+        refused_now = await _post(session, server.url, {"prompt": "x", "max_tokens": 2, "slo_ttft_ms": 0.001})
+        await client.send({"type": "generate", "id": "late", "prompt": "x", "max_tokens": 2, "slo_ttft_ms": 300})
+        dropped = await asyncio.wait_for(client.expect("late"), 60)
+        await client.send({"type": "cancel", "id": "hog"})
+        await asyncio.wait_for(client.expect("hog"), 60)
+        await ws.close()
+        await reader
+    return refused_now, dropped
 
 
 async def test_killed_executor_errors_503_and_exit_nonzero(assets):
