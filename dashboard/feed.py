@@ -69,8 +69,9 @@ class OwnerTable:
         if len(self.names) > max(4096, 4 * len(owners)):
             self.generation += 1
             self.names, self.index = [""], {"": 0}
-        code = self.code
-        return np.fromiter((code(o) for o in owners), dtype=np.int32, count=len(owners))
+        for name in dict.fromkeys(owners).keys() - self.index.keys():
+            self.code(name)
+        return np.fromiter(map(self.index.__getitem__, owners), dtype=np.int32, count=len(owners))
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Feed:
         self.min_interval = min_interval
         self._view: View | None = None
         self._encoded: tuple[EngineSnapshot | None, np.ndarray] = (None, np.zeros(0, dtype=np.int32))
+        self._pages: tuple[np.ndarray | None, dict[str, int]] = (None, {})
 
     def view(self, now: float | None = None) -> View:
         now = time.time() if now is None else now
@@ -155,6 +157,7 @@ class Feed:
             return {}
         pages = self._adapter_pages(codes)
         resident, cached = set(snap.resident_adapters), set(snap.host_cached_adapters)
+        registered = set(snap.registered_adapters)
         running = _count(a for _, a in snap.running)
         waiting = _count(a for _, a in snap.waiting)
         rates = s.adapter_rates(now)
@@ -162,7 +165,7 @@ class Feed:
         for name in dict.fromkeys([*snap.registered_adapters, *s.adapters]):
             totals = s.adapters.get(name)
             tier = "gpu" if name in resident else "host" if name in cached else "disk"
-            if name not in snap.registered_adapters:
+            if name not in registered:
                 tier = "gone"
             wait = totals.mean_load_ms if totals else None
             rows[name] = [
@@ -175,9 +178,13 @@ class Feed:
         return rows
 
     def _adapter_pages(self, codes: np.ndarray) -> dict[str, int]:
-        counts = np.bincount(codes, minlength=len(self.owners.names)) if codes.size else np.zeros(0, np.int64)
-        names = self.owners.names
-        return {names[c][8:]: int(counts[c]) for c in np.flatnonzero(counts) if names[c].startswith("adapter:")}
+        """Pages per adapter (computed once per encoded snapshot)."""
+        if self._pages[0] is not codes:
+            counts = np.bincount(codes) if codes.size else np.zeros(0, np.int64)
+            names = self.owners.names
+            pages = {names[c][8:]: int(counts[c]) for c in np.flatnonzero(counts) if names[c].startswith("adapter:")}
+            self._pages = (codes, pages)
+        return self._pages[1]
 
 
 def _count(names) -> dict[str, int]:
