@@ -226,9 +226,10 @@ SHRINK_CONFIGS = [dict(shrink_k_chunk=c, shrink_block_k=k, shrink_warps=w, shrin
 EXPAND_CONFIGS = [dict(expand_block_n=n, expand_warps=w, expand_stages=st)
                   for n, w, st in [(128, 4, 2), (64, 4, 2), (128, 4, 3), (256, 4, 3), (256, 8, 3), (64, 2, 3),
                                    (512, 8, 2), (128, 2, 2)]]
-PREFILL_CONFIGS = [dict(prefill_block_m=m, prefill_block_n=n, prefill_warps=w, prefill_stages=st)
-                   for m, n, w, st in [(64, 64, 4, 2), (128, 64, 8, 3), (128, 64, 4, 2), (64, 32, 4, 2),
-                                       (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2), (32, 64, 4, 2)]]
+PREFILL_CONFIGS = [dict(prefill_block_m=m, prefill_block_n=n, prefill_warps=w, prefill_stages=st, prefill_pack_gqa=p)
+                   for m, n, w, st, p in [(64, 64, 4, 2, False), (64, 64, 4, 2, True), (128, 64, 8, 3, True),
+                                          (128, 64, 4, 2, True), (128, 128, 8, 2, True), (64, 64, 4, 3, True),
+                                          (128, 64, 8, 3, False), (64, 32, 4, 2, True)]]
 DECODE_CONFIGS = [dict(decode_block_n=n, decode_min_blocks_per_split=b, decode_warps=w, decode_stages=st)
                   for n, b, w, st in [(64, 2, 4, 2), (64, 4, 4, 2), (32, 2, 4, 2), (64, 1, 4, 3), (128, 2, 4, 2),
                                       (128, 1, 8, 2), (32, 4, 2, 3)]]
@@ -275,9 +276,14 @@ def expand_only(setup: LoraSetup) -> Callable[[], None]:
     return run
 
 
-def tune(clock: Clock, device: str) -> dict:
+def tune(clock: Clock, device: str, parts: set[str]) -> dict:
     """Sweep the launch parameters on representative shapes and keep the best for the rest of the run."""
-    from lorafleet.kernels import attention_triton, lora_triton
+    result = tune_lora(clock, device) if "lora" in parts else {}
+    return {**result, **(tune_attention(clock, device, parts))}
+
+
+def tune_lora(clock: Clock, device: str) -> dict:
+    from lorafleet.kernels import lora_triton
 
     shape = SHAPES["llama-3-8b"]
     setups = []
@@ -290,8 +296,13 @@ def tune(clock: Clock, device: str) -> dict:
                                                             for s in setups], "shrink")
     result["expand"] = _pick(lora_triton, EXPAND_CONFIGS, [lambda s=s: clock.graph(expand_only(s)) for s in setups],
                              "expand")
-    del setups
-    prefill, decode = [], []
+    return result
+
+
+def tune_attention(clock: Clock, device: str, parts: set[str]) -> dict:
+    from lorafleet.kernels import attention_triton
+
+    result, prefill, decode = {}, [], []
     for batch, new in ((1, 2048), (1, 8192), (32, 256)):
         kv, tables, _, _ = paged_kv(batch, new, 8, 128, 16, device)
         lens = torch.full((batch,), new, dtype=torch.int32, device=device)
@@ -299,8 +310,11 @@ def tune(clock: Clock, device: str) -> dict:
         q = torch.randn(batch * new, 32, 128, device=device, dtype=torch.bfloat16)
         args = (q, kv, tables, lens, starts, 128**-0.5)
         prefill.append(lambda a=args: clock.graph(lambda: triton_ops.paged_prefill_attention(*a)))
-    result["prefill"] = _pick(attention_triton, PREFILL_CONFIGS, prefill, "prefill")
+    if "prefill" in parts:
+        result["prefill"] = _pick(attention_triton, PREFILL_CONFIGS, prefill, "prefill")
     del prefill
+    if "decode" not in parts:
+        return result
     for batch, context in ((1, 128), (1, 2048), (16, 512), (64, 2048), (256, 512)):
         kv, tables, _, _ = paged_kv(batch, context, 8, 128, 16, device)
         lens = torch.full((batch,), context, dtype=torch.int32, device=device)
@@ -553,8 +567,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"copy bandwidth {result['copy_GBps']:.0f} GB/s", flush=True)
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     segments.REBUILD_IN_CAPTURE = False  # kernel timings exclude the once-per-step tile metadata
-    if "tune" in sections and cuda:
-        result["tuning"] = tune(clock, device)
+    tune_parts = {"lora", "prefill", "decode"} if "tune" in sections else \
+        {p.removeprefix("tune_") for p in sections if p.startswith("tune_")}
+    if tune_parts and cuda:
+        result["tuning"] = tune(clock, device, tune_parts)
     small = args.smoke
     result["lora"] = bench_lora(clock, device, shapes, (1, 16) if small else (1, 16, 64, 256),
                                 (1, 8) if small else (1, 8, 64), result["copy_GBps"]) if "lora" in sections else []

@@ -40,6 +40,7 @@ class AttentionTuning:
     prefill_block_n: int = 64
     prefill_warps: int = 4
     prefill_stages: int = 2
+    prefill_pack_gqa: bool = False  # one program per (query tile, kv head) covering the whole GQA group
 
 
 TUNE = AttentionTuning()
@@ -175,9 +176,12 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_tb, stride_ot, stride_oh,
     stride_page, stride_kind, stride_row, stride_head,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_TOKENS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, PACK: tl.constexpr,
 ):
-    tile, head = tl.program_id(0), tl.program_id(1)
+    """Rows of a tile are (query, head) pairs: BLOCK_M // PACK queries times PACK consecutive query heads.
+    PACK = 1: one query head per program (grid axis 1 = heads). PACK = group: the whole GQA group of one kv
+    head (grid axis 1 = kv heads), so each key/value block is loaded once for the group."""
+    tile, head_block = tl.program_id(0), tl.program_id(1)
     seq = tl.load(tiles_ptr + tile)
     if seq < 0:
         return
@@ -185,15 +189,17 @@ def _prefill_kernel(
     end = tl.load(tiles_ptr + 2 * num_tiles + tile)
     seq = seq.to(tl.int64)
     context = tl.load(lens_ptr + seq)
-    offs_m = first + tl.arange(0, BLOCK_M)
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = first + rows // PACK  # query index of each row
+    heads = head_block * PACK + rows % PACK
     m_mask = offs_m < end
     q_end = tl.load(starts_ptr + seq + 1)
     positions = context - q_end + offs_m  # query t sits at context - (q_end - t)
-    kv_head = head // group
+    kv_head = head_block * PACK // group
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
-    q = tl.load(q_ptr + offs_m[:, None].to(tl.int64) * stride_qt + head * stride_qh + offs_d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q_rows = offs_m.to(tl.int64) * stride_qt + heads * stride_qh
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -209,8 +215,9 @@ def _prefill_kernel(
             stride_page, stride_kind, stride_row, stride_head, offs_d, d_mask, BLOCK_TOKENS, PRECISION, True,
         )
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_ot + head * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    o_rows = offs_m.to(tl.int64) * stride_ot + heads * stride_oh
+    tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & d_mask[None, :])
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -308,15 +315,18 @@ def paged_prefill_attention(
     out = torch.empty_like(q)
     if num_tokens == 0:
         return out
-    tune = TUNE
+    tune, group = TUNE, heads // kv_heads
     block_m, block_n = (tune.prefill_block_m, tune.prefill_block_n) if q.is_cuda else (16, 16)
-    tiles = _TILE_CACHE.get(query_starts, (block_m, num_tokens), lambda: query_tiles(query_starts, block_m, num_tokens))
-    _prefill_kernel[(tiles.shape[1], heads)](
+    pack_ok = tune.prefill_pack_gqa and group > 1 and group & (group - 1) == 0 and block_m >= 2 * group
+    pack = group if pack_ok else 1
+    block_q = block_m // pack
+    tiles = _TILE_CACHE.get(query_starts, (block_q, num_tokens), lambda: query_tiles(query_starts, block_q, num_tokens))
+    _prefill_kernel[(tiles.shape[1], heads // pack)](
         q, kv, block_tables, context_lens, query_starts, tiles, out, scale * _LOG2E,
         tiles.shape[1], heads // kv_heads, head_dim,
         q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1), *strides,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_TOKENS=kv.shape[2], PRECISION=_precision(q.dtype), num_warps=tune.prefill_warps,
+        BLOCK_TOKENS=kv.shape[2], PRECISION=_precision(q.dtype), PACK=pack, num_warps=tune.prefill_warps,
         num_stages=tune.prefill_stages,
     )
     return out

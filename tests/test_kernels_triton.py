@@ -6,6 +6,7 @@ in bf16, plus the engine on the GPU against HF+PEFT."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -107,8 +108,14 @@ def _prefill_case(lens, new, heads, kv_heads, head_dim, block_tokens, dtype, dev
 
 @interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (8, 2), (8, 1)])
-def test_paged_prefill_attention(dtype, heads, kv_heads):
+@pytest.mark.parametrize("heads,kv_heads,pack", [(2, 2, False), (8, 2, False), (8, 1, False), (8, 2, True),
+                                                 (8, 1, True)])
+def test_paged_prefill_attention(dtype, heads, kv_heads, pack, monkeypatch):
+    from lorafleet.kernels import attention_triton
+
+    if pack and dtype == torch.float16:
+        pytest.skip("GQA packing is covered in fp32 (keeps the interpreter suite short)")
+    monkeypatch.setattr(attention_triton, "TUNE", dataclasses.replace(attention_triton.TUNE, prefill_pack_gqa=pack))
     case, q, starts = _prefill_case([5, 19, 40, 1, 3], [5, 2, 21, 1, 0], heads, kv_heads, 16, 4, dtype)
     out = tops.paged_prefill_attention(q, case.kv, case.block_tables, case.context_lens, starts, 0.25)
     ref = attention_ref.paged_prefill_attention_ref(q, case.kv, case.block_tables, case.context_lens, starts, 0.25)
