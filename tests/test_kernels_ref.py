@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_cases import dense_attention, dense_lora, make_kv_case, make_lora_case
+
 from lorafleet.kernels.attention_ref import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
