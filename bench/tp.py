@@ -8,6 +8,7 @@ engine, plus the latency of the collectives a step issues (base all-reduce vs th
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -42,6 +43,10 @@ def run_engine(model: str, adapters: dict, tp: int, prompts, which, max_tokens: 
         outs = llm.generate(prompts, adapters=which, max_tokens=max_tokens, ignore_eos=True)
         seconds = time.perf_counter() - started
         steps, pages = llm.engine._step, llm.engine.config.num_pages
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # give the pool back before the next run's processes need the memory
     tokens = sum(len(o.token_ids) for o in outs)
     return {"tp": tp, "requests": len(prompts), "seconds": seconds, "output_tokens": tokens,
             "output_tok_per_s": tokens / seconds, "req_per_s": len(prompts) / seconds, "steps": steps,
