@@ -8,6 +8,7 @@ building adapter rows, windowed percentiles) happens once per view and is shared
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -138,6 +139,7 @@ class Feed:
             "prefetch_hit_rate": s.prefetch_hit_rate,
             "adapter_loads": s.adapter_loads,
             "tiers": adapter_tiers(snap),
+            **serving_extras(s.hub),
         }
 
     def _load(self, now: float) -> dict:
@@ -185,6 +187,18 @@ class Feed:
             pages = {names[c][8:]: int(counts[c]) for c in np.flatnonzero(counts) if names[c].startswith("adapter:")}
             self._pages = (codes, pages)
         return self._pages[1]
+
+
+def serving_extras(hub: object) -> dict:
+    """Health and the disk → host prefetcher's counters, when the serving layer's hub carries them."""
+    out: dict = {}
+    if hasattr(hub, "healthy"):
+        out["health"] = {"healthy": bool(hub.healthy), "reason": str(getattr(hub, "health_reason", "")),
+                         "draining": bool(getattr(hub, "draining", False))}
+    prefetch = getattr(hub, "prefetch", None)
+    if dataclasses.is_dataclass(prefetch) and not isinstance(prefetch, type):
+        out["prefetcher"] = dataclasses.asdict(prefetch)
+    return out
 
 
 def _count(names) -> dict[str, int]:

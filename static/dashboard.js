@@ -94,6 +94,24 @@ function renderTiles() {
   tile("ad-loads", e.adapter_loads);
   tile("ad-prefetch-hit", e.prefetch_hit_rate, fmtPct(e.prefetch_hit_rate));
   tile("ad-host-hit", e.host_hit_rate, fmtPct(e.host_hit_rate));
+  renderServing(e);
+}
+
+/** Health and prefetcher figures, shown only when the server reports them. */
+function renderServing(e) {
+  const health = $("stat-health");
+  health.hidden = !e.health;
+  if (e.health) {
+    const ok = e.health.healthy && !e.health.draining;
+    health.className = `conn ${ok ? "on" : "off"}`;
+    health.textContent = !e.health.healthy ? `unhealthy: ${e.health.reason}` : e.health.draining ? "draining" : "healthy";
+  }
+  $("prefetcher-tile").hidden = !e.prefetcher;
+  if (e.prefetcher) {
+    const p = e.prefetcher;
+    const mean = p.loaded ? ` · ${((1000 * p.load_seconds) / p.loaded).toFixed(0)} ms` : "";
+    tile("ad-prefetcher", p.loaded, `${p.loaded}/${p.requested}${p.failed ? ` (${p.failed} failed)` : ""}${mean}`);
+  }
 }
 
 let framePending = false;

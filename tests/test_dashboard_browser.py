@@ -335,6 +335,7 @@ async def test_dashboard_against_lorafleet_serve(served, chromium):
     later = await chromium.wait_for(lambda v: v["load-succeeded"] and v["load-slo"] is not None
                                     and v["stat-step"] > first["stat-step"], "finished requests and SLO figures")
     assert later["load-ttft-p50"] and later["load-tps"] > 0
+    assert await page.text_content("#stat-health") == "healthy"
     await playground_streams(chromium, names[2])
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "dashboard-serve-under-load.png"), full_page=True)

@@ -275,3 +275,22 @@ def test_metric_prefix_and_per_app_registries():
     assert {n.replace("vllm:", P) for n in vllm} == set(ours)
     info = ours[P + "lora_requests_info"].samples[0].labels
     assert info == {"running_lora_adapters": "a", "waiting_lora_adapters": "b", "max_lora": "8"}
+
+
+def test_serving_extras_only_when_the_hub_has_them():
+    from dataclasses import dataclass
+
+    from lorafleet.dashboard.feed import serving_extras
+
+    @dataclass
+    class Counters:
+        requested: int = 3
+        loaded: int = 2
+
+    class ServingHub(Hub):
+        healthy, health_reason, prefetch = False, "executor failed", Counters()
+
+    assert serving_extras(Hub()) == {}
+    extras = serving_extras(ServingHub())
+    assert extras["health"] == {"healthy": False, "reason": "executor failed", "draining": False}
+    assert extras["prefetcher"] == {"requested": 3, "loaded": 2}
