@@ -14,8 +14,8 @@ Definitions (also in docs/loadgen.md); times are seconds, on the client's clock:
 - ``send_lag_s``: send time - scheduled arrival time, over all sent requests: large values mean the
   client (or --max-concurrency) could not keep the schedule.
 - errors_by_code counts failed requests by error code; ``mid_stream_errors`` those failing after the
-  server accepted them; ``early_aborts`` those whose code contains "abort" (the server's early-abort
-  admission control) plus HTTP 429 refusals are also visible in errors_by_code.
+  server accepted them; ``early_aborts`` those refused by the server's early-abort admission control:
+  code ``slo_unattainable`` (lorafleet's) or any code containing "abort".
 """
 
 from __future__ import annotations
@@ -34,6 +34,14 @@ import numpy as np
 from lorafleet.loadgen.clients import RequestRecord
 
 SCHEMA = "lorafleet.loadgen.results/1"
+
+
+EARLY_ABORT_CODES = ("slo_unattainable",)
+
+
+def is_early_abort(code: str | None) -> bool:
+    """Whether an error code means the server refused the request because its TTFT SLO was out of reach."""
+    return code is not None and (code in EARLY_ABORT_CODES or "abort" in code)
 
 
 def stats(values: list[float]) -> dict[str, float | int | None]:
@@ -98,7 +106,7 @@ def summarize(records: list[RequestRecord], duration_s: float, slo_ttft_s: float
         "goodput_req_per_s": good / span,
         "errors_by_code": dict(sorted(codes.items())),
         "mid_stream_errors": sum(r.mid_stream for r in failed),
-        "early_aborts": sum("abort" in (r.error_code or "") for r in failed),
+        "early_aborts": sum(is_early_abort(r.error_code) for r in failed),
     }
 
 

@@ -65,6 +65,14 @@ def test_summary_matches_hand_computed_values() -> None:
     json.dumps(m)  # JSON-ready
 
 
+def test_early_abort_codes() -> None:
+    records = [
+        _record(i, 0.0, [], 0.1, error=code)
+        for i, code in enumerate(["slo_unattainable", "early_abort", "queue_full", "http_429"])
+    ]
+    assert summarize(records, 1.0, 1.0)["early_aborts"] == 2
+
+
 def test_empty_run_has_no_statistics() -> None:
     m = summarize([], duration_s=1.0, slo_ttft_s=None)
     assert m["ttft_s"]["mean"] is None and m["slo_attainment"] is None and m["req_per_s"] == 0
