@@ -279,6 +279,7 @@ class SchedulerActor:
     def _executor_died(self, reason: str) -> None:
         self.dead = reason
         self.hub.mark_unhealthy(f"executor failed: {reason}")
+        self.hub.executors = self.executors.info()
         self.failed.set()
         for request_id in list(self.live):
             self._cancel(request_id, "cancelled", EXECUTOR_FAILED, f"the executor failed: {reason}")

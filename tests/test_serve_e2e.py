@@ -147,6 +147,8 @@ async def test_ws_errors_then_socket_still_works(server, assets):
         reader = asyncio.create_task(client.read_loop())
         await client.send_raw("{not json")
         await client.send({"type": "bogus", "id": "x"})
+        await client.send({**_frame(9, "dup", None), "id": "dup", "max_tokens": 40, "ignore_eos": True})
+        await client.send({**_frame(9, "dup", None), "id": "dup"})
         for cid, frame in {
             "e1": _frame(1, "hi", "no-such-adapter"),
             "e2": {**_frame(2, "hi", None), "temperature": -1},
@@ -159,10 +161,12 @@ async def test_ws_errors_then_socket_still_works(server, assets):
         prompt, adapter = assets["work"][5]
         await client.send(_frame(5, prompt, adapter))
         done = await asyncio.wait_for(client.expect("c5"), 60)
+        dup = await asyncio.wait_for(client.expect("dup"), 60)
         await ws.close()
         await reader
     codes = [f["error"]["code"] for f in client.errors_without_id]
-    assert codes == ["invalid_json", "unknown_type"]
+    assert codes == ["invalid_json", "unknown_type", "duplicate_id"]
+    assert dup["type"] == "done" and dup["usage"]["completion_tokens"] == 40
     assert ends["e1"]["error"]["code"] == "model_not_found"
     assert (ends["e2"]["error"]["code"], ends["e2"]["error"]["param"]) == ("invalid_parameter", "temperature")
     assert (ends["e3"]["error"]["code"], ends["e3"]["error"]["param"]) == ("invalid_parameter", "max_tokens")

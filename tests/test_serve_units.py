@@ -308,3 +308,32 @@ async def test_scheduler_actor_fails_only_requests_whose_adapter_cannot_be_stage
     assert [tokens["g"], tokens["n"]] == [w.token_ids for w in want]
     assert engine.pool.usage()["kv"] == 0
     engine.pool.check()
+
+
+async def test_prefetcher_loads_into_the_host_cache_through_the_scheduler(tiny_llama, tmp_path):
+    import torch
+
+    from conftest import make_peft_adapter
+    from lorafleet.actors.hub import ServeHub
+    from lorafleet.actors.prefetcher import AdapterLoader, PrefetcherActor
+    from lorafleet.actors.scheduler import SchedulerActor
+    from lorafleet.actors.schema import Prefetch
+    from lorafleet.engine.build import build_engine
+    from lorafleet.engine.config import EngineConfig
+
+    path = str(make_peft_adapter(tiny_llama, tmp_path / "p", 4, seed=3))
+    engine, _ = build_engine(str(tiny_llama), EngineConfig(), {"p": path})
+    reference = engine.store.cache.pop("p").pages
+    hub = ServeHub()
+    inbox, router, admission, prefetch = (LocalChannel() for _ in range(4))
+    loader = AdapterLoader(engine.model, engine.store.page_elements, engine.store.dtype, 64)
+    prefetcher = PrefetcherActor(loader, prefetch, inbox, hub)
+    actor = SchedulerActor(engine, _InProcessGroup(engine.executor), inbox, router, admission, prefetch, hub)
+    prefetch_task = asyncio.create_task(prefetcher.run())
+    prefetch.send(Prefetch({"missing": str(tmp_path / "nope"), "p": path}))  # in order: the failure first
+    fetched = await asyncio.wait_for(inbox.recv(), 60)
+    await actor._handle(fetched)
+    prefetch_task.cancel()
+    await asyncio.gather(prefetch_task, return_exceptions=True)
+    assert engine.store.is_cached("p") and torch.equal(engine.store.cache["p"].pages, reference)
+    assert (hub.prefetch.requested, hub.prefetch.loaded, hub.prefetch.failed) == (2, 1, 1)
