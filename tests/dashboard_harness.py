@@ -23,7 +23,6 @@ from lorafleet.engine.request import Request, SamplingParams
 from lorafleet.engine.synthetic import write_adapter, write_model
 
 BASE = "tiny-base"
-torch.set_num_threads(1)  # the tiny model is far slower with 2 threads on a shared 2-core machine
 
 
 def make_assets(root: Path, ranks: list[int]) -> tuple[Path, dict[str, str]]:
@@ -53,6 +52,8 @@ class Harness:
 
     def __init__(self, model: Path, adapters: dict[str, str], admin_key: str = "secret", step_delay: float = 0.0,
                  max_queue: int = 10_000, **engine_options) -> None:
+        self._threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the tiny model is far slower with 2 threads on a shared 2-core machine
         self.llm = LLM(str(model), adapters=adapters, **engine_options)
         self.engine = self.llm.engine
         self.hub = Hub()
@@ -91,6 +92,7 @@ class Harness:
             await asyncio.gather(self.task, return_exceptions=True)
         if self.runner is not None:
             await self.runner.cleanup()
+        torch.set_num_threads(self._threads)
 
     async def pause(self) -> None:
         """Stop stepping after the current step; returns once the stepping task is parked and frames the
