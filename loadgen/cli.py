@@ -183,23 +183,35 @@ async def run_with_progress(specs: list[RequestSpec], cfg: ClientConfig, show: b
 
 
 async def _show_progress(task: asyncio.Task[RunOutput], progress: Progress, label: str) -> None:
+    """A live status line on a terminal; on a pipe or file, the same line every 10 s."""
     from rich.console import Console
     from rich.live import Live
 
     console = Console(stderr=True)
     loop = asyncio.get_running_loop()
     samples: deque[tuple[float, int, int]] = deque(maxlen=10)
-    with Live(console=console, refresh_per_second=4, transient=False) as live:
+    last_print = loop.time()
+    with Live(console=console, refresh_per_second=4, transient=False, auto_refresh=console.is_terminal) as live:
         while not task.done():
             await asyncio.wait({task}, timeout=0.5)
             samples.append((loop.time(), progress.finished, progress.tokens_received()))
-            t0, f0, k0 = samples[0]
-            t1, f1, k1 = samples[-1]
-            span = max(t1 - t0, 1e-9)
-            live.update(
-                f"[bold]{label}[/bold] sent {progress.sent}/{progress.total}  finished {progress.finished}  "
-                f"failed {progress.failed}  |  {(f1 - f0) / span:.2f} req/s  {(k1 - k0) / span:.1f} tok/s"
-            )
+            line = _status_line(label, progress, samples)
+            if console.is_terminal:
+                live.update(line)
+            elif loop.time() - last_print >= 10.0 or task.done():
+                console.print(line)
+                last_print = loop.time()
+
+
+def _status_line(label: str, progress: Progress, samples: deque[tuple[float, int, int]]) -> str:
+    """sent/finished/failed and the req/s and tok/s over the last samples (about 5 s)."""
+    t0, f0, k0 = samples[0]
+    t1, f1, k1 = samples[-1]
+    span = max(t1 - t0, 1e-9)
+    return (
+        f"[bold]{label}[/bold] sent {progress.sent}/{progress.total}  finished {progress.finished}  "
+        f"failed {progress.failed}  |  {(f1 - f0) / span:.2f} req/s  {(k1 - k0) / span:.1f} tok/s"
+    )
 
 
 def load_specs(args: argparse.Namespace, target: Target, rate: float) -> tuple[list[RequestSpec], dict[str, object]]:
