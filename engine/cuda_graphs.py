@@ -37,7 +37,8 @@ class DecodeInputs:
 class StaticBatch:
     """Device buffers sized for the largest bucket; a bucket uses their leading rows."""
 
-    def __init__(self, rows: int, max_blocks: int, max_slots: int, max_rank: int, device: torch.device) -> None:
+    def __init__(self, rows: int, max_blocks: int, max_slots: int, max_rank: int, device: torch.device,
+                 parallel: bool) -> None:
         def zeros(*shape, dtype=torch.int32):
             return torch.zeros(*shape, dtype=dtype, device=device)
 
@@ -48,7 +49,8 @@ class StaticBatch:
         self.token_slots, self.scales = zeros(rows), zeros(max_slots, dtype=torch.float32)
         self.modules = {
             m: ModuleLora(zeros(max_slots, max_rank, dtype=torch.long), zeros(max_slots, max_rank, dtype=torch.long),
-                          zeros(max_slots), zeros(max_slots))
+                          zeros(max_slots), zeros(max_slots),
+                          zeros(max_slots, max_rank, dtype=torch.long) if parallel else None)
             for m in TARGET_MODULES
         }
 
@@ -69,7 +71,8 @@ class DecodeGraphs:
         self.model, self.pool, self.block_tokens, self.scratch_page = model, pool, block_tokens, scratch_page
         self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
         self.max_slots, self.max_rank = max_slots, max_rank
-        self.static = StaticBatch(self.buckets[-1], max_blocks, max_slots, max_rank, pool.device)
+        self.static = StaticBatch(self.buckets[-1], max_blocks, max_slots, max_rank, pool.device,
+                                  parallel=model.group.shard.size > 1)
         self.graphs: dict[tuple[int, frozenset[str]], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.mempool = torch.cuda.graph_pool_handle()
 
@@ -126,7 +129,7 @@ class DecodeGraphs:
         scales = inputs.scales + [0.0] * (self.max_slots - slots)
         s.scales.copy_(torch.tensor(scales, dtype=torch.float32), non_blocking=True)
         for module, static in s.modules.items():
-            a_rows, b_rows, ranks, expand_ranks, *_ = inputs.modules.get(module, ([], [], [], []))
+            a_rows, b_rows, ranks, expand_ranks, cols = inputs.modules.get(module, ([], [], [], [], None))
             static.ranks.zero_()
             static.expand_ranks.zero_()
             if not ranks:
@@ -136,3 +139,5 @@ class DecodeGraphs:
             static.b_rows[:n, : len(b_rows[0])].copy_(torch.tensor(b_rows, dtype=torch.long), non_blocking=True)
             static.ranks[:n].copy_(torch.tensor(ranks, dtype=torch.int32), non_blocking=True)
             static.expand_ranks[:n].copy_(torch.tensor(expand_ranks, dtype=torch.int32), non_blocking=True)
+            if cols is not None:
+                static.cols[:n, : len(cols[0])].copy_(torch.tensor(cols, dtype=torch.long), non_blocking=True)

@@ -26,7 +26,7 @@ from lorafleet.engine.scheduler import Chunk, Schedule, Scheduler
 
 @dataclass
 class EngineSnapshot:
-    """The engine's state at one step. page_owner[p] is "" (free), "kv:<request id>" or "adapter:<name>"."""
+    """The engine's state at one step. page_owner[p] is "" (free), "kv:<client request id>" or "adapter:<name>"."""
 
     step: int
     num_pages: int
@@ -43,8 +43,11 @@ class EngineSnapshot:
     cache_misses: int
 
 
-def _owner_label(owner: tuple[str, object] | None) -> str:
-    return "" if owner is None else f"{owner[0]}:{owner[1]}"
+def _owner_label(owner: tuple[str, object] | None, external: dict[int, str]) -> str:
+    if owner is None:
+        return ""
+    kind, key = owner
+    return f"{kind}:{external.get(key, key)}" if kind == "kv" else f"{kind}:{key}"
 
 
 class Executor(Protocol):
@@ -214,7 +217,8 @@ class Engine:
     def snapshot(self) -> EngineSnapshot:
         """Plain-data view of the engine for dashboards and metrics."""
         pool = self.pool
-        owners = [_owner_label(o) for o in pool.owner]
+        external = {t.request.id: t.request.external_id for t in self.requests.values()}
+        owners = [_owner_label(o, external) for o in pool.owner]
         return EngineSnapshot(
             step=self._step,
             num_pages=pool.num_pages,

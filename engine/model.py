@@ -69,9 +69,10 @@ class ParallelGroup:
 
     def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
         """[T, W] on each rank -> [T, size*W]: rank k's columns at k*W..(k+1)*W-1."""
-        parts = [torch.empty_like(x) for _ in range(self.shard.size)]
-        torch.distributed.all_gather(parts, x.contiguous(), group=self.process_group)
-        return torch.cat(parts, dim=1)
+        tokens, width = x.shape
+        out = torch.empty(self.shard.size * tokens, width, dtype=x.dtype, device=x.device)
+        torch.distributed.all_gather_into_tensor(out, x.contiguous(), group=self.process_group)
+        return out.view(self.shard.size, tokens, width).transpose(0, 1).reshape(tokens, -1)
 
 
 class LoraLinear(nn.Module):

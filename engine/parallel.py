@@ -65,6 +65,10 @@ def _rank_main(spec: RankSpec, conn: Connection) -> None:
         staged: dict[str, PackedAdapter] = {}
         runner = ModelRunner(model, config.num_pages, spec.page_elements, spec.block_tokens, staged.__getitem__,
                              sample_on_this_rank=spec.rank == 0)
+        if config.cuda_graphs:
+            max_blocks = -(-model.cos_sin.shape[0] // spec.block_tokens)
+            runner.enable_cuda_graphs(config.max_num_seqs, max_blocks, config.max_adapters_per_batch,
+                                      config.max_lora_rank)
         conn.send(("ready", spec.rank))
         _serve(runner, staged, conn)
     except Exception:  # report, then exit: the main process turns this into ExecutorDied

@@ -94,8 +94,9 @@ class ModelRunner:
         return self.model(input_ids, self._attention_batch(plan), lora, self.pool, self.block_tokens)
 
     def enable_cuda_graphs(self, max_batch: int, max_blocks: int, max_slots: int, max_rank: int) -> None:
-        """Replay decode steps from CUDA graphs (CUDA, single rank only; the scratch page is the pool's last)."""
-        if self.device.type != "cuda" or self.shard.size > 1:
+        """Replay decode steps from CUDA graphs (CUDA only; the scratch page is the pool's last). Under tensor
+        parallelism every rank captures the same buckets at the same step, NCCL collectives included."""
+        if self.device.type != "cuda":
             return
         self.graphs = DecodeGraphs(self.model, self.pool, self.block_tokens, self.pool.shape[1] - 1,
                                    max_batch, max_blocks, max_slots, max_rank)

@@ -63,7 +63,7 @@ class AdapterSpec:
 ADAPTERS: tuple[AdapterSpec, ...] = (
     AdapterSpec("reverse", rank=32, alpha=64, targets=ALL_TARGETS, steps=250),
     AdapterSpec("sort", rank=64, alpha=16, targets=ALL_TARGETS, steps=400, use_rslora=True),
-    AdapterSpec("reverse_words", rank=32, alpha=64, targets=ATTENTION, steps=300),
+    AdapterSpec("reverse_words", rank=32, alpha=64, targets=ALL_TARGETS, steps=600),
     AdapterSpec("novowels", rank=16, alpha=32, targets=ALL_TARGETS, steps=200),
     AdapterSpec("title", rank=8, alpha=16, targets=ALL_TARGETS, steps=150),
     AdapterSpec("upper", rank=4, alpha=8, targets=ATTENTION, steps=150),
