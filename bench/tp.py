@@ -112,8 +112,10 @@ def main() -> None:
                    device=args.device, dtype="bfloat16" if args.device == "cuda" else "float32")
     if args.device == "cpu":
         prompts, which = [p[:16] for p in prompts], which
-    rows = [run_engine(str(model_dir), adapters, tp, prompts, which, args.max_tokens, options) for tp in (1, 2)]
-    rows.append(run_engine(str(model_dir), {}, 2, prompts, [None] * len(prompts), args.max_tokens, options))
+    rows = []
+    for tp in (1, 2):
+        rows.append(run_engine(str(model_dir), adapters, tp, prompts, which, args.max_tokens, options))
+        rows.append(run_engine(str(model_dir), {}, tp, prompts, [None] * len(prompts), args.max_tokens, options))
     gpu = torch.cuda.is_available()
     result = {
         "command": "python bench/tp.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
