@@ -4,6 +4,7 @@ greedy outputs; cancel/disconnect free pages; errors keep the socket usable; run
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import pytest
@@ -244,6 +245,14 @@ async def test_runtime_load_unload_and_path_checks(server, assets, tmp_path):
     corrupt = write_adapter(assets["adapter_root"] / "broken", assets["model"], 2, seed=79)
     (corrupt / "adapter_model.safetensors").write_bytes(b"not safetensors")
     too_big = write_adapter(assets["adapter_root"] / "huge", assets["model"], 128, seed=80)
+    dora = write_adapter(assets["adapter_root"] / "dora", assets["model"], 2, seed=81)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    other = tmp_path / "other-model"  # a model of another width: its adapters' shapes do not match
+    other.mkdir()
+    raw = json.loads((assets["model"] / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**raw, "hidden_size": 32}))
+    wrong = write_adapter(assets["adapter_root"] / "wrong", other, 2, seed=82)
     load, unload = server.url + "/v1/load_lora_adapter", server.url + "/v1/unload_lora_adapter"
     async with aiohttp.ClientSession() as session:
         status, body, _ = await post_json(session, load, {"lora_name": "late", "lora_path": str(late)})
@@ -251,7 +260,7 @@ async def test_runtime_load_unload_and_path_checks(server, assets, tmp_path):
         for path in (str(outside), "../" + outside.parent.name + "/outside", "late/../../" + outside.name):
             status, body, _ = await post_json(session, load, {"lora_name": "evil", "lora_path": path}, AUTH)
             assert (status, body["error"]["code"]) == (403, "forbidden_path"), (path, body)
-        for name, path in (("broken", corrupt), ("huge", too_big)):
+        for name, path in (("broken", corrupt), ("huge", too_big), ("dora", dora), ("wrong", wrong)):
             status, body, _ = await post_json(session, load, {"lora_name": name, "lora_path": str(path)}, AUTH)
             assert (status, body["error"]["code"]) == (400, "adapter_invalid"), body
         status, body, _ = await post_json(session, load, {"lora_name": "late", "lora_path": "late/r5"}, AUTH)
