@@ -337,3 +337,35 @@ async def test_prefetcher_loads_into_the_host_cache_through_the_scheduler(tiny_l
     await asyncio.gather(prefetch_task, return_exceptions=True)
     assert engine.store.is_cached("p") and torch.equal(engine.store.cache["p"].pages, reference)
     assert (hub.prefetch.requested, hub.prefetch.loaded, hub.prefetch.failed) == (2, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_stager_moves_adapter_pages_through_shared_memory(dtype):
+    import torch
+
+    from lorafleet.actors.executor import StagedReader, Stager
+    from lorafleet.engine.adapter_store import AdapterInfo, PackedAdapter
+    from lorafleet.engine.layout import AdapterLayout
+
+    dims = {"q_proj": (64, 64), "v_proj": (64, 32)}
+    packs = []
+    for name, rank in (("a", 2), ("b", 5)):
+        layout = AdapterLayout.build({"q_proj": rank, "v_proj": rank}, dims, 256)
+        info = AdapterInfo(name, "", rank, 0.5 * rank, {"q_proj": rank, "v_proj": rank}, layout)
+        pages = torch.randn(3, layout.num_pages, 256).to(getattr(torch, dtype))
+        packs.append(PackedAdapter(info, pages))
+    stager = Stager(initial_bytes=1024)  # too small: staging must grow into a new segment
+    reader = StagedReader(dims, 256)
+    try:
+        staged = stager.stage(packs)
+        reader.set_step(staged)
+        for pack in packs:
+            got = reader.fetch(pack.info.name)
+            assert torch.equal(got.pages, pack.pages) and got.pages.dtype == pack.pages.dtype
+            assert got.info.layout == pack.info.layout and got.info.scale == pack.info.scale
+        stager.release_retired()
+        with pytest.raises(KeyError, match="not staged"):
+            reader.fetch("c")
+    finally:
+        reader.close()
+        stager.close()
