@@ -11,6 +11,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
@@ -88,6 +90,30 @@ def test_lora_tiles_follow_in_place_changes_of_token_slots():
     _check_lora(case, torch.float32, 16)
     case.token_slots.copy_(torch.tensor([1, -1, 0], dtype=torch.int32))
     _check_lora(case, torch.float32, 16)
+
+
+@interpreter
+def test_lora_expand_with_wider_v_and_own_ranks():
+    """Tensor parallelism hands expand a gathered v wider than the row tables and its own (expand) ranks."""
+    case = make_lora_case([5, 16], [1, 0, 1, -1], in_dim=16, out_dim=32, seed=6)
+    v = torch.randn(4, 20)  # 4 columns past the tables' width: never read
+    expand_ranks = torch.tensor([3, 16], dtype=torch.int32)
+    out = torch.randn(4, 32)
+    expected = out.clone()
+    lora_ref.lora_expand_ref(v, case.pool_flat, case.b_rows, expand_ranks, case.scales, case.token_slots, expected)
+    tops.lora_expand(v, case.pool_flat, case.b_rows, expand_ranks, case.scales, case.token_slots, out)
+    torch.testing.assert_close(out, expected, **TOL[torch.float32])
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.lists(st.sampled_from([0, 1, 3, 8, 17, 64]), min_size=1, max_size=4), st.integers(1, 24), st.integers(0, 99))
+def test_lora_random_batches(ranks, num_tokens, seed):
+    if not INTERPRET:
+        pytest.skip("interpreter tests need TRITON_INTERPRET=1")
+    gen = torch.Generator().manual_seed(seed)
+    slots = torch.randint(-1, len(ranks), (num_tokens,), generator=gen).tolist()
+    case = make_lora_case(ranks, slots, in_dim=32, out_dim=24, page_elements=96, seed=seed)
+    _check_lora(case, torch.float32, 24)
 
 
 @interpreter
