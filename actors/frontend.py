@@ -209,13 +209,19 @@ class WsConnection:
             try:
                 await generation.admitted()
             except ApiError as exc:
+                self._release(cid, generation)
                 await self.error(cid, exc)
                 return
             await self.send({"type": "accepted", "id": cid})
             await self._stream(cid, generation)
         finally:
-            self.active.pop(cid, None)
+            self._release(cid, generation)
             generation.close()
+
+    def _release(self, cid: str, generation: Generation) -> None:
+        """Free the id before the final frame goes out: the client may reuse it as soon as it reads it."""
+        if self.active.get(cid) is generation:
+            del self.active[cid]
 
     async def _stream(self, cid: str, generation: Generation) -> None:
         while True:
@@ -223,9 +229,11 @@ class WsConnection:
             if item.token_ids or item.text:
                 await self.send({"type": "delta", "id": cid, "text": item.text, "token_ids": item.token_ids})
             if item.error_code is not None:
+                self._release(cid, generation)
                 await self.error(cid, item_error(item))
                 return
             if item.finished:
+                self._release(cid, generation)
                 await self.send({
                     "type": "done", "id": cid, "finish_reason": item.finish_reason,
                     "usage": {"prompt_tokens": item.prompt_tokens, "completion_tokens": item.completion_tokens},

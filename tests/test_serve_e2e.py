@@ -214,9 +214,13 @@ async def test_cancel_mid_stream_frees_pages(server, assets):
         assert end["type"] == "done" and end["finish_reason"] == "cancelled"
         assert end["usage"]["completion_tokens"] < 900
         snapshot = await wait_state(session, server.url, _idle, AUTH)
+        client.ended.pop("c0")
+        await client.send({**_frame(0, "the id is free again", None), "max_tokens": 3})  # reuse the ended id
+        again = await asyncio.wait_for(client.expect("c0"), 30)
         await ws.close()
         await reader
-    assert busy["usage"]["kv"] > 0 or busy["step"] >= 0
+    assert again["type"] == "done" and again["usage"]["completion_tokens"] <= 3
+    assert busy["usage"]["kv"] > 0
     assert not any(owner.startswith("kv:") for owner in snapshot["page_owner"])
 
 
