@@ -79,6 +79,9 @@ class ModelRunner:
             len(plan.seqs), len(scales), max((len(t[0][0]) for t in tables.values()), default=0),
             max(len(s.block_table) for s in plan.seqs),
         ):
+            if scales and self.shard.size > 1:  # graphs shrink into the static width: remap the columns
+                token_slots, scales, tables = self._lora_tables(plan, shrink_width=graphs.max_rank)
+            token_slots = token_slots or [-1] * len(plan.seqs)
             positions, slots = self._positions(plan)
             inputs = DecodeInputs([s.token_ids[0] for s in plan.seqs], positions, slots,
                                   [s.block_table for s in plan.seqs], token_slots, scales, tables)
@@ -141,33 +144,34 @@ class ModelRunner:
             is_decode=plan.is_decode,
         )
 
-    def _lora_tables(self, plan: StepPlan) -> tuple[list[int], list[float], dict[str, tuple]]:
+    def _lora_tables(self, plan: StepPlan, shrink_width: int | None = None) -> tuple[list[int], list[float], dict]:
         """Host-side LoRA metadata: per-token slots, per-slot scales, and per targeted module the padded
         row tables, row counts (shrink, expand) and, under tensor parallelism, the column maps."""
         if not plan.slots:
             return [], [], {}
         adapters = [self.resident[name] for name in plan.slots]
         token_slots = [s.slot for s in plan.seqs for _ in s.token_ids]
-        tables = {m: self._module_tables(adapters, m) for m in {m for a in adapters for m in a.rows}}
+        tables = {m: self._module_tables(adapters, m, shrink_width) for m in {m for a in adapters for m in a.rows}}
         return token_slots, [a.scale for a in adapters], tables
 
-    def _module_tables(self, adapters: list[ResidentAdapter], module: str) -> tuple:
+    def _module_tables(self, adapters: list[ResidentAdapter], module: str, shrink_width: int | None) -> tuple:
         a_tables = [list(a.rows[module][0]) if module in a.rows else [] for a in adapters]
         b_tables = [list(a.rows[module][1]) if module in a.rows else [] for a in adapters]
         cols = None
         if self.shard.size > 1:
-            cols = _padded([self._cols(a, module, a_tables) for a in adapters])
+            width = shrink_width or max(1, max(len(t) for t in a_tables))
+            cols = _padded([self._cols(a, module, width) for a in adapters])
         return (_padded(a_tables), _padded(b_tables), [len(t) for t in a_tables], [len(t) for t in b_tables], cols)
 
-    def _cols(self, adapter: ResidentAdapter, module: str, a_tables: list[list[int]]) -> list[int]:
-        """Columns of the collected intermediate that feed this rank's Bᵀ rows, for one slot."""
+    def _cols(self, adapter: ResidentAdapter, module: str, width: int) -> list[int]:
+        """Columns of the collected intermediate that feed this rank's Bᵀ rows, for one slot; `width` is the
+        shrink output's width on every rank (the all-gather concatenates blocks of it)."""
         if module not in adapter.rows:
             return []
         size, rank, full = self.shard.size, self.shard.rank, adapter.rank
         local = full // size
         if module not in COLUMN_PARALLEL:
             return [rank * local + j for j in range(local)]  # row-parallel: all-reduced v, my rank slice
-        width = max(1, max(len(t) for t in a_tables))  # column-parallel: all-gathered blocks of `width`
         return [(c // local) * width + c % local for c in range(full)]
 
 
