@@ -265,15 +265,27 @@ class ExecutorGroup:
                 pass  # already gone: nothing to ask
         deadline = time.monotonic() + timeout
         for r in self.ranks:
-            while r.process.is_alive() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if r.process.is_alive():
+            if not await _exited(r.process, max(0.0, deadline - time.monotonic())):
                 r.process.kill()
             await asyncio.to_thread(r.process.join, 5.0)
             r.channel.close()
             for ring in r.rings:
                 ring.close()
         self.stager.close()
+
+
+async def _exited(process: multiprocessing.process.BaseProcess, timeout: float) -> bool:
+    """Wait (on the process sentinel fd, not by polling) up to `timeout` s for `process` to exit."""
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+    loop.add_reader(process.sentinel, lambda: gone.done() or gone.set_result(None))
+    try:
+        await asyncio.wait_for(gone, timeout)
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(process.sentinel)
+    return True
 
 
 @contextlib.contextmanager
