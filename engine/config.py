@@ -153,6 +153,7 @@ class EngineConfig:
     fairness_window: int = 32
     tensor_parallel_size: int = 1
     cuda_graphs: bool = True
+    extra_tp_graphs: bool = False  # CUDA graphs on tensor-parallel ranks: written, not yet verified on GPUs
 
     def __post_init__(self) -> None:
         if self.num_pages < 0 or not 0.05 <= self.gpu_memory_utilization <= 1.0:

@@ -65,7 +65,7 @@ def _rank_main(spec: RankSpec, conn: Connection) -> None:
         staged: dict[str, PackedAdapter] = {}
         runner = ModelRunner(model, config.num_pages, spec.page_elements, spec.block_tokens, staged.__getitem__,
                              sample_on_this_rank=spec.rank == 0)
-        if config.cuda_graphs:
+        if config.cuda_graphs and config.extra_tp_graphs:
             max_blocks = -(-model.cos_sin.shape[0] // spec.block_tokens)
             runner.enable_cuda_graphs(config.max_num_seqs, max_blocks, config.max_adapters_per_batch,
                                       config.max_lora_rank)

@@ -63,9 +63,10 @@ def test_bf16_logits_match_hf_peft_on_gpu(assets):
     assert worst < BF16_LOGIT_TOLERANCE
 
 
-def test_cuda_graph_decode_equals_eager(assets):
+@pytest.mark.parametrize("with_adapters", [True, False])
+def test_cuda_graph_decode_equals_eager(assets, with_adapters):
     base, adapters = assets
-    names = [*adapters, None]
+    names = [*adapters, None] if with_adapters else [None]
     prompts = _prompts(20)
     which = [names[i % len(names)] for i in range(len(prompts))]
     runs = []
