@@ -369,3 +369,23 @@ def test_stager_moves_adapter_pages_through_shared_memory(dtype):
     finally:
         reader.close()
         stager.close()
+
+
+_TAGS = ["submit", "cancel", "step_result", "run_step", "staged_adapter", "step_deltas", "delta_item", "nope",
+         "adapter_fetched"]
+_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-5, 2**40), st.floats(allow_nan=True), st.text(max_size=5))
+_VALUE = st.recursive(_LEAF, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                     st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                      max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(_TAGS), st.dictionaries(st.sampled_from(["request_id", "step", "rank", "sampled", "seconds",
+                                                                "items", "plan", "staged", "prompt_ids", "x"]),
+                                               _VALUE, max_size=6))
+def test_schema_decoding_fuzz_only_raises_schema_errors(tag, fields):
+    try:
+        msg = decode(msgpack.packb({"type": tag, **fields}))
+    except SchemaError:
+        return
+    assert decode(encode(msg)) == msg or msg != msg  # a decoded message re-encodes (NaN never equals itself)
