@@ -197,6 +197,25 @@ async def test_http_errors_are_openai_shaped(server):
             assert resp.status == 413 and (await resp.json())["error"]["code"] == "body_too_large"
 
 
+async def test_openai_client_chat_stream(server, assets):
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    try:
+        stream = await client.chat.completions.create(model="a2-r3", messages=messages, max_tokens=6, temperature=0,
+                                                      stream=True, stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in stream]
+        whole = await client.chat.completions.create(model="a2-r3", messages=messages, max_tokens=6, temperature=0)
+    finally:
+        await client.close()
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
 def _idle(snapshot: dict) -> bool:
     return snapshot["usage"]["kv"] == 0 and not snapshot["running"] and not snapshot["waiting"]
 

@@ -389,3 +389,15 @@ def test_schema_decoding_fuzz_only_raises_schema_errors(tag, fields):
     except SchemaError:
         return
     assert decode(encode(msg)) == msg or msg != msg  # a decoded message re-encodes (NaN never equals itself)
+
+
+def test_adapter_root_names_adapters_by_relative_path(tmp_path):
+    from lorafleet.actors.serve import scan_adapter_root
+
+    for rel in ("sql", "team-a/summarize", "team-a/deep/x"):
+        (tmp_path / rel).mkdir(parents=True)
+        (tmp_path / rel / "adapter_config.json").write_text("{}")
+    (tmp_path / "not-an-adapter").mkdir()
+    assert scan_adapter_root(tmp_path) == {
+        "sql": str(tmp_path / "sql"), "team-a/deep/x": str(tmp_path / "team-a/deep/x"),
+        "team-a/summarize": str(tmp_path / "team-a/summarize")}
