@@ -3,9 +3,9 @@
 An adapter owns a page table (its pages, in order). Its weights for one layer occupy a virtual address
 range 0..num_pages*page_elements, cut into pages. For every target module, in the fixed order of
 `TARGET_MODULES`, the rank rows of A (each `in_features` long) and then the rank rows of Bᵀ (each
-`out_features` long) are packed one after another, skipping to the next page when a row would straddle a
-page boundary. The same virtual layout is used in every layer's buffer (a page id names the same slot in
-every layer), so one row table serves all layers.
+`out_features` long) are packed one after another, each starting at a multiple of 8 elements and skipping
+to the next page when a row would straddle a page boundary. The same virtual layout is used in every
+layer's buffer (a page id names the same slot in every layer), so one row table serves all layers.
 """
 
 from __future__ import annotations
@@ -61,11 +61,17 @@ class AdapterLayout:
         return page_table[page] * self.page_elements + offset
 
 
+ROW_ALIGN = 8  # elements: rows start 16-byte aligned in fp16/bf16, so kernels may use vector loads
+
+
 def _pack_rows(cursor: int, count: int, width: int, page_elements: int) -> tuple[list[int], int]:
-    """Place `count` rows of `width` elements from `cursor` so that no row straddles a page."""
+    """Place `count` rows of `width` elements from `cursor` so that no row straddles a page and every row
+    starts at a multiple of ROW_ALIGN elements."""
     assert width <= page_elements, f"row of {width} elements does not fit a page of {page_elements}"
+    assert page_elements % ROW_ALIGN == 0, "pages hold whole aligned rows"
     starts = []
     for _ in range(count):
+        cursor += -cursor % ROW_ALIGN
         if cursor % page_elements + width > page_elements:
             cursor += page_elements - cursor % page_elements
         starts.append(cursor)

@@ -110,6 +110,7 @@ def test_packed_pages_hold_every_row_at_its_layout_offset(good_adapter, tiny_lla
                 at = layout.physical(start, page_table)
                 assert torch.equal(flat[at:at + fan_in], weights.a[module][layer, i])
                 assert start // page_elements == (start + fan_in - 1) // page_elements, "row straddles a page"
+                assert start % 8 == 0, "rows start 16-byte aligned (bf16) for vector loads"
             for i, start in enumerate(rows.b_rows):
                 at = layout.physical(start, page_table)
                 assert torch.equal(flat[at:at + fan_out], weights.b[module][layer, :, i])
