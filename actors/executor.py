@@ -20,6 +20,7 @@ import sys
 import time
 import traceback
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
@@ -203,6 +204,7 @@ class _Rank:
     rings: tuple[ShmRing, ShmRing]
     pid: int = 0
     device: str = ""
+    exited: bool = False
 
 
 class ExecutorGroup:
@@ -211,6 +213,24 @@ class ExecutorGroup:
     def __init__(self, ranks: list[_Rank], stager: Stager) -> None:
         self.ranks, self.stager = ranks, stager
         self.dead: str | None = None
+        self.stopping = False
+        self._watched: list[int] = []
+
+    def watch(self, on_death: Callable[[int, str], None]) -> None:
+        """Call `on_death(rank, reason)` as soon as a rank's process exits unasked, even between steps."""
+        loop = asyncio.get_running_loop()
+        for r in self.ranks:
+            loop.add_reader(r.process.sentinel, self._exited, r, on_death)
+            self._watched.append(r.process.sentinel)
+
+    def _exited(self, rank: _Rank, on_death: Callable[[int, str], None]) -> None:
+        asyncio.get_running_loop().remove_reader(rank.process.sentinel)
+        self._watched.remove(rank.process.sentinel)
+        rank.exited = True
+        if not self.stopping:
+            rank.process.join(0)  # may be too early to reap: the exit code is reported when known
+            code = rank.process.exitcode
+            on_death(rank.rank, f"process {rank.pid} exited" + (f" with code {code}" if code is not None else ""))
 
     @classmethod
     def spawn(cls, model_dir: str, engine_config: object, world_size: int = 1, torch_threads: int = 0) -> ExecutorGroup:
@@ -235,7 +255,8 @@ class ExecutorGroup:
             raise
 
     def info(self) -> list[dict]:
-        return [{"rank": r.rank, "pid": r.pid, "device": r.device, "alive": r.process.is_alive()} for r in self.ranks]
+        return [{"rank": r.rank, "pid": r.pid, "device": r.device, "alive": not r.exited and r.process.is_alive()}
+                for r in self.ranks]
 
     async def run(self, plan: StepPlan, packed: list[PackedAdapter]) -> StepResult:
         """Execute one step on every rank; rank 0's result. Raises ExecutorDied on any failure."""
@@ -258,6 +279,10 @@ class ExecutorGroup:
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Ask every rank to exit, wait (without blocking the loop), then kill stragglers."""
+        self.stopping = True
+        for fd in self._watched:
+            asyncio.get_running_loop().remove_reader(fd)
+        self._watched.clear()
         for r in self.ranks:
             try:
                 r.channel.send(Shutdown())

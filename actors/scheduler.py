@@ -27,6 +27,7 @@ from lorafleet.actors.schema import (
     Cancel,
     DeltaItem,
     Drain,
+    ExecutorDown,
     Prefetch,
     Rejected,
     SchedulerStats,
@@ -174,6 +175,9 @@ class SchedulerActor:
             await self._admin(msg)
         elif isinstance(msg, AdapterFetched):
             self._fetched(msg)
+        elif isinstance(msg, ExecutorDown):
+            if self.dead is None:
+                self._executor_died(f"executor rank {msg.rank}: {msg.message}")
         elif isinstance(msg, Drain):
             self.draining = True
             if msg.cancel_all:

@@ -22,6 +22,7 @@ from lorafleet.actors.hub import ServeHub
 from lorafleet.actors.prefetcher import AdapterLoader, PrefetcherActor
 from lorafleet.actors.protocol import ParseContext
 from lorafleet.actors.scheduler import SchedulerActor
+from lorafleet.actors.schema import ExecutorDown
 from lorafleet.actors.serve import EXIT_EXECUTOR_FAILED, Assets
 from lorafleet.engine.adapter_store import AdapterStore
 from lorafleet.engine.adapters import AdapterError
@@ -95,6 +96,7 @@ class Server:
         self.hub.executors = self.executors.info()
         admission_box, scheduler_box, router_box, prefetch_box = (LocalChannel() for _ in range(4))
         self.router = Router(router_box)
+        self.executors.watch(lambda rank, reason: scheduler_box.send(ExecutorDown(rank, reason)))
         self.scheduler = SchedulerActor(self.engine, self.executors, scheduler_box, router_box, admission_box,
                                         prefetch_box, self.hub)
         self.admission_box = admission_box

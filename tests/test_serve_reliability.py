@@ -131,3 +131,22 @@ async def test_sigterm_drains_in_flight_then_exits_zero(assets):
     assert end["usage"]["completion_tokens"] == 200
     assert code == 0, server.output()
     assert executor_pid is not None and wait_gone(executor_pid)
+
+
+async def test_executor_dying_while_idle_is_noticed_at_once(assets):
+    model, adapters = assets
+    server = start_server(["--model", str(model), "--failure-linger", "60"])
+    try:
+        async with aiohttp.ClientSession() as session:
+            executor_pid = (await get_json(session, server.url + "/health"))[1]["executors"][0]["pid"]
+            os.kill(executor_pid, signal.SIGKILL)
+            deadline = asyncio.get_running_loop().time() + 60
+            status, health = await get_json(session, server.url + "/health")
+            while status == 200 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.1)
+                status, health = await get_json(session, server.url + "/health")
+    finally:
+        code = stop_server(server)
+    assert status == 503 and "exited" in health["reason"], health
+    assert health["executors"][0]["alive"] is False
+    assert code == 3, server.output()
