@@ -28,6 +28,7 @@ from lorafleet.actors.schema import (
     DeltaItem,
     Drain,
     ExecutorDown,
+    ExecutorUp,
     Prefetch,
     Rejected,
     SchedulerStats,
@@ -66,6 +67,7 @@ class SchedulerActor:
         self.idle = asyncio.Event()
         self.idle.set()
         self.failed = asyncio.Event()
+        self.recovered = asyncio.Event()
 
     async def run(self) -> None:
         while True:
@@ -178,6 +180,8 @@ class SchedulerActor:
         elif isinstance(msg, ExecutorDown):
             if self.dead is None:
                 self._executor_died(f"executor rank {msg.rank}: {msg.message}")
+        elif isinstance(msg, ExecutorUp):
+            self._executor_up(msg.group)
         elif isinstance(msg, Drain):
             self.draining = True
             if msg.cancel_all:
@@ -287,6 +291,22 @@ class SchedulerActor:
         self.failed.set()
         for request_id in list(self.live):
             self._cancel(request_id, "cancelled", EXECUTOR_FAILED, f"the executor failed: {reason}")
+
+    def _executor_up(self, group) -> None:
+        """Resume on a fresh executor group: its pool is empty, so no adapter is resident any more (every
+        request was failed when the old one died, so none is pinned)."""
+        pool = self.engine.pool
+        for name in list(pool.lru):
+            pool.evict_adapter(name)
+        pool.drain_evicted()
+        pool.check()
+        self.executors, self.dead = group, None
+        self.failed.clear()
+        self.hub.healthy, self.hub.health_reason = True, ""
+        self.hub.executors = group.info()
+        self.hub.count("executor_restarts")
+        self._publish()
+        self.recovered.set()
 
     async def _admin(self, msg: AdminOp) -> None:
         try:

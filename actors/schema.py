@@ -365,3 +365,11 @@ class Drain:
     """Stop admitting; `cancel_all` aborts what is still running (the drain timeout passed)."""
 
     cancel_all: bool = False
+
+
+@message("executor_up", wire=False)
+@dataclass(frozen=True)
+class ExecutorUp:
+    """A restarted executor group (in-process only): the scheduler resets the pool's books and resumes."""
+
+    group: Any

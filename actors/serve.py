@@ -44,6 +44,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight work")
     p.add_argument("--failure-linger", type=float, default=2.0,
                    help="seconds to keep answering (503) after an executor died, before exiting 3")
+    p.add_argument("--executor-restarts", type=int, default=0,
+                   help="restart a dead executor up to N times (0: exit 3 after --failure-linger)")
     p.add_argument("--api-key", default=os.environ.get("LORAFLEET_API_KEY"))
     p.add_argument("--admin-key", default=os.environ.get("LORAFLEET_ADMIN_KEY"))
     p.add_argument("--torch-threads", type=int, default=0, help="torch threads per executor (0 = default)")

@@ -16,13 +16,13 @@ from aiohttp import web
 from lorafleet.actors.admission import AdmissionActor, AdmissionPolicy
 from lorafleet.actors.app import build_app
 from lorafleet.actors.channels import LocalChannel
-from lorafleet.actors.executor import ExecutorGroup
+from lorafleet.actors.executor import ExecutorDied, ExecutorGroup
 from lorafleet.actors.frontend import Frontend, Router
 from lorafleet.actors.hub import ServeHub
 from lorafleet.actors.prefetcher import AdapterLoader, PrefetcherActor
 from lorafleet.actors.protocol import ParseContext
 from lorafleet.actors.scheduler import SchedulerActor
-from lorafleet.actors.schema import ExecutorDown
+from lorafleet.actors.schema import ExecutorDown, ExecutorUp
 from lorafleet.actors.serve import EXIT_EXECUTOR_FAILED, Assets
 from lorafleet.engine.adapter_store import AdapterStore
 from lorafleet.engine.adapters import AdapterError
@@ -96,6 +96,7 @@ class Server:
         self.hub.executors = self.executors.info()
         admission_box, scheduler_box, router_box, prefetch_box = (LocalChannel() for _ in range(4))
         self.router = Router(router_box)
+        self.scheduler_box = scheduler_box
         self.executors.watch(lambda rank, reason: scheduler_box.send(ExecutorDown(rank, reason)))
         self.scheduler = SchedulerActor(self.engine, self.executors, scheduler_box, router_box, admission_box,
                                         prefetch_box, self.hub)
@@ -130,7 +131,17 @@ class Server:
               f"lorafleet: ready on {self.url} in {seconds:.1f}s", flush=True)
 
     async def serve_until(self, stop: asyncio.Event) -> int:
-        """Run until SIGTERM/SIGINT (drain, 0), an executor death (3) or an actor crash (1)."""
+        """Run until SIGTERM/SIGINT (drain, 0), an executor death (restart, or 3) or an actor crash (1)."""
+        restarts = 0
+        while True:
+            done = await self._wait_event(stop)
+            if self.scheduler.failed.is_set() and not stop.is_set() and restarts < self.args.executor_restarts:
+                restarts += 1
+                if await self.restart_executors():
+                    continue
+            return await self._finish(done, stop)
+
+    async def _wait_event(self, stop: asyncio.Event) -> set[asyncio.Task]:
         stop_wait = asyncio.create_task(stop.wait(), name="stop-signal")
         dead_wait = asyncio.create_task(self.scheduler.failed.wait(), name="executor-failure")
         try:
@@ -139,6 +150,26 @@ class Server:
             for task in (stop_wait, dead_wait):
                 task.cancel()
             await asyncio.gather(stop_wait, dead_wait, return_exceptions=True)
+        return done
+
+    async def restart_executors(self) -> bool:
+        """Replace a dead executor group; False if the new one does not start either."""
+        print(f"lorafleet: {self.hub.health_reason}; restarting the executor", file=sys.stderr, flush=True)
+        await self.executors.stop(timeout=0.0)
+        self.executors = ExecutorGroup.spawn(str(self.assets.model_dir), self.config, 1, self.args.torch_threads)
+        try:
+            await self.executors.wait_ready()
+        except ExecutorDied as exc:
+            self.hub.health_reason = f"executor restart failed: {exc}"
+            return False
+        self.executors.watch(lambda rank, reason: self.scheduler_box.send(ExecutorDown(rank, reason)))
+        self.scheduler.recovered.clear()
+        self.scheduler_box.send(ExecutorUp(self.executors))
+        await self.scheduler.recovered.wait()
+        print("lorafleet: executor restarted", flush=True)
+        return True
+
+    async def _finish(self, done: set[asyncio.Task], stop: asyncio.Event) -> int:
         crashed = [t for t in self.tasks if t in done]
         if crashed:
             for task in crashed:

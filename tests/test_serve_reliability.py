@@ -150,3 +150,45 @@ async def test_executor_dying_while_idle_is_noticed_at_once(assets):
     assert status == 503 and "exited" in health["reason"], health
     assert health["executors"][0]["alive"] is False
     assert code == 3, server.output()
+
+
+async def test_executor_restart_resumes_serving_with_adapters(assets):
+    model, adapters = assets
+    name = next(iter(adapters))
+    server = start_server(["--model", str(model), *_adapter_args(adapters), "--executor-restarts", "1"])
+    body = {"model": name, "prompt": "same answer twice", "max_tokens": 8, "temperature": 0, "return_token_ids": True}
+    try:
+        async with aiohttp.ClientSession() as session:
+            before = await _post(session, server.url, body, headers=None)
+            first_pid = (await get_json(session, server.url + "/health"))[1]["executors"][0]["pid"]
+            async with session.ws_connect(server.ws_url) as ws:
+                client = WsClient(ws)
+                reader = asyncio.create_task(client.read_loop())
+                await client.send({"type": "generate", "id": "x", "model": name, "prompt": "long", "max_tokens": 900,
+                                   "ignore_eos": True})
+                while not any(f["type"] == "delta" for f in client.frames.get("x", [])):
+                    await asyncio.sleep(0.02)
+                os.kill(first_pid, signal.SIGKILL)
+                failed = await asyncio.wait_for(client.expect("x"), 60)
+                await ws.close()
+                await reader
+            health = await _wait_healthy(session, server.url)
+            after = await _post(session, server.url, body, headers=None)
+    finally:
+        code = stop_server(server)
+    assert failed["type"] == "error" and failed["error"]["code"] == "executor_failed"
+    assert health["executors"][0]["pid"] != first_pid and health["executors"][0]["alive"]
+    assert before[0] == after[0] == 200
+    assert after[1]["choices"][0]["token_ids"] == before[1]["choices"][0]["token_ids"]
+    assert code == 0, server.output()
+    assert wait_gone(first_pid) and wait_gone(health["executors"][0]["pid"])
+
+
+async def _wait_healthy(session, url: str, timeout: float = 300.0) -> dict:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        status, health = await get_json(session, url + "/health")
+        if status == 200:
+            return health
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"the server never became healthy again: {health}")
