@@ -309,24 +309,36 @@ class SchedulerActor:
         self.recovered.set()
 
     async def _admin(self, msg: AdminOp) -> None:
+        refusal = self._admin_refusal(msg)
+        if refusal is not None:
+            self.router.send(refusal)
+            return
         try:
             if msg.op == "load":
                 await asyncio.to_thread(self.engine.add_adapter, msg.name, msg.path)
-            elif msg.op == "unload":
-                self.engine.remove_adapter(msg.name)
             else:
-                raise AdapterError(f"op: unknown admin operation {msg.op!r}")
+                self.engine.remove_adapter(msg.name)
         except AdapterError as exc:
-            code = "adapter_in_use" if "in use" in str(exc) else "adapter_invalid"
-            if "already loaded" in str(exc):
-                code = "adapter_exists"
-            elif "is not loaded" in str(exc):
-                code = "model_not_found"
-            self.router.send(AdminResult(msg.request_id, False, code, str(exc)))
+            self.router.send(AdminResult(msg.request_id, False, "adapter_invalid", str(exc)))
             return
         self.hub.adapters = {name: info.path for name, info in self.engine.store.infos.items()}
         self._publish()
         self.router.send(AdminResult(msg.request_id, True, None, f"{msg.op} {msg.name}: ok"))
+
+    def _admin_refusal(self, msg: AdminOp) -> AdminResult | None:
+        """The stable error of an admin op that cannot apply, decided before touching the engine."""
+        known = msg.name in self.engine.store.infos
+        if msg.op not in ("load", "unload"):
+            return AdminResult(msg.request_id, False, "invalid_parameter", f"op: unknown operation {msg.op!r}")
+        if msg.op == "load" and known:
+            return AdminResult(msg.request_id, False, "adapter_exists", f"lora_name: {msg.name!r} is already loaded")
+        if msg.op == "unload" and not known:
+            return AdminResult(msg.request_id, False, "model_not_found", f"lora_name: {msg.name!r} is not loaded")
+        users = sum(1 for live in self.live.values() if live.request.adapter == msg.name)
+        if msg.op == "unload" and users:
+            return AdminResult(msg.request_id, False, "adapter_in_use",
+                               f"lora_name: {msg.name!r} is in use by {users} request(s)")
+        return None
 
     def _fetched(self, msg: AdapterFetched) -> None:
         self._asked.discard(msg.name)

@@ -10,6 +10,7 @@ import sys
 import time
 import traceback
 from argparse import Namespace
+from pathlib import Path
 
 from aiohttp import web
 
@@ -22,7 +23,7 @@ from lorafleet.actors.hub import ServeHub
 from lorafleet.actors.prefetcher import AdapterLoader, PrefetcherActor
 from lorafleet.actors.protocol import ParseContext
 from lorafleet.actors.scheduler import SchedulerActor
-from lorafleet.actors.schema import ExecutorDown, ExecutorUp
+from lorafleet.actors.schema import Drain, ExecutorDown, ExecutorUp
 from lorafleet.actors.serve import EXIT_EXECUTOR_FAILED, Assets
 from lorafleet.engine.adapter_store import AdapterStore
 from lorafleet.engine.adapters import AdapterError
@@ -189,8 +190,6 @@ class Server:
 
     async def drain(self) -> None:
         """Stop admitting, let in-flight requests finish within --drain-timeout, cancel the rest."""
-        from lorafleet.actors.schema import Drain
-
         print("lorafleet: draining", flush=True)
         self.hub.draining = True
         self.admission_box.send(Drain())
@@ -213,7 +212,5 @@ class Server:
             self.executors = None
 
 
-def _root(args: Namespace):
-    from pathlib import Path
-
+def _root(args: Namespace) -> Path | None:
     return Path(args.adapter_root) if args.adapter_root else None

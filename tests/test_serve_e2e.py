@@ -303,6 +303,18 @@ async def test_runtime_load_unload_and_path_checks(server, assets, tmp_path):
         status, body, _ = await post_json(session, server.url + "/v1/completions", {
             "model": adapter, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True})
         assert body["choices"][0]["token_ids"] == assets["truth"][1]["token_ids"]
+        async with session.ws_connect(server.ws_url) as ws:  # an adapter in use cannot be unloaded
+            client = WsClient(ws)
+            reader = asyncio.create_task(client.read_loop())
+            await client.send({**_frame(0, "busy", "late"), "max_tokens": 900, "ignore_eos": True})
+            while not any(f["type"] == "delta" for f in client.frames.get("c0", [])):
+                await asyncio.sleep(0.02)
+            status, body, _ = await post_json(session, unload, {"lora_name": "late"}, AUTH)
+            assert (status, body["error"]["code"]) == (409, "adapter_in_use"), body
+            await client.send({"type": "cancel", "id": "c0"})
+            await asyncio.wait_for(client.expect("c0"), 30)
+            await ws.close()
+            await reader
         status, body, _ = await post_json(session, unload, {"lora_name": "late"}, AUTH)
         assert status == 200, body
         status, body, _ = await post_json(session, server.url + "/v1/completions", request)
