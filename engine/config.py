@@ -48,6 +48,7 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -99,7 +100,14 @@ class ModelConfig:
             rope_scaling=_rope_scaling(raw),
             eos_token_ids=eos_ids,
             bos_token_id=raw.get("bos_token_id"),
+            sliding_window=raw.get("sliding_window") if raw.get("use_sliding_window", True) else None,
         )
+
+    @property
+    def context_limit(self) -> int:
+        """Longest context served exactly: positions, capped by a sliding window (attention here is full,
+        which equals windowed attention while the context fits in the window)."""
+        return min(self.max_position_embeddings, self.sliding_window or self.max_position_embeddings)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelConfig:

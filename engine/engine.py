@@ -80,8 +80,7 @@ class Engine:
         self.pool = PagePool(config.num_pages)
         self.scheduler = Scheduler(config, self.pool, lambda name: store.infos[name].num_pages)
         self.requests: dict[str, Tracked] = {}
-        self.max_model_len = min(config.max_model_len or model.max_position_embeddings,
-                                 model.max_position_embeddings)
+        self.max_model_len = min(config.max_model_len or model.context_limit, model.context_limit)
         self._next_id = 0
         self._step = 0
 

@@ -99,3 +99,18 @@ def test_unknown_adapter_and_bad_tokens(llm):
         llm.generate([PROMPTS[1]], adapters=["nope"])
     with pytest.raises(ParamError, match="prompt"):
         llm.generate([[1, 2, 100_000]])
+
+
+def test_mistral_sliding_window_caps_the_context(tmp_path):
+    import json
+
+    from lorafleet.engine.config import ModelConfig
+
+    raw = {"architectures": ["MistralForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+           "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+           "max_position_embeddings": 32768, "sliding_window": 4096}
+    assert ModelConfig.from_dict(raw).context_limit == 4096
+    assert ModelConfig.from_dict({**raw, "sliding_window": None}).context_limit == 32768
+    qwen = {**raw, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": False}
+    assert ModelConfig.from_dict(qwen).context_limit == 32768
+    assert json.dumps(raw)
