@@ -10,7 +10,8 @@ directly to the frontend's router.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 from lorafleet.actors.channels import Channel
 from lorafleet.actors.hub import RequestRecord, ServeHub
@@ -35,12 +36,16 @@ class AdmissionPolicy:
     max_batch_tokens: int
     stats: SchedulerStats | None = None
     forwarded_seq: int = 0
-    unseen_tokens: int = 0
+    unseen: deque[tuple[int, int]] = field(default_factory=deque)  # (seq, prompt tokens) not yet seen
 
     def observe(self, stats: SchedulerStats) -> None:
         self.stats = stats
-        if stats.seen_seq >= self.forwarded_seq:
-            self.unseen_tokens = 0
+        while self.unseen and self.unseen[0][0] <= stats.seen_seq:
+            self.unseen.popleft()
+
+    @property
+    def unseen_tokens(self) -> int:
+        return sum(tokens for _, tokens in self.unseen)
 
     def queue_length(self) -> int:
         if self.stats is None:
@@ -73,7 +78,7 @@ class AdmissionPolicy:
 
     def admitted(self, submit: Submit) -> int:
         self.forwarded_seq += 1
-        self.unseen_tokens += len(submit.prompt_ids)
+        self.unseen.append((self.forwarded_seq, len(submit.prompt_ids)))
         return self.forwarded_seq
 
 

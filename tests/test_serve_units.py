@@ -401,3 +401,13 @@ def test_adapter_root_names_adapters_by_relative_path(tmp_path):
     assert scan_adapter_root(tmp_path) == {
         "sql": str(tmp_path / "sql"), "team-a/deep/x": str(tmp_path / "team-a/deep/x"),
         "team-a/summarize": str(tmp_path / "team-a/summarize")}
+
+
+def test_admission_counts_only_the_submits_the_scheduler_has_not_seen():
+    policy = AdmissionPolicy(max_queue=10, max_batch_tokens=100)
+    for n in (30, 40, 50):
+        policy.admitted(_submit(n))
+    policy.observe(SchedulerStats(1, seen_seq=2, num_waiting=2, num_running=0, waiting_tokens=70, step_ms=10.0))
+    assert policy.unseen_tokens == 50 and policy.queue_length() == 3
+    # 70 waiting + 50 unseen + 80 own = 200 tokens at 100 per step = 2 steps, + 1 step = 30 ms
+    assert policy.estimate_ttft_ms(80) == pytest.approx(30.0)
