@@ -350,3 +350,28 @@ def test_bad_startup_adapter_exits_2(assets, tmp_path):
                            "--adapter", f"dora={dora}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "use_dora" in proc.stderr
+
+
+async def test_ws_token_id_prompts_and_chat_messages(server):
+    ids = [40, 41, 42, 43, 44]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}]
+    async with aiohttp.ClientSession() as session:
+        status, http, _ = await post_json(session, server.url + "/v1/completions", {
+            "model": "a4-r6", "prompt": ids, "max_tokens": 6, "temperature": 0, "return_token_ids": True})
+        status_chat, chat, _ = await post_json(session, server.url + "/v1/chat/completions", {
+            "messages": messages, "max_tokens": 6, "temperature": 0})
+        async with session.ws_connect(server.ws_url, protocols=("lorafleet.msgpack",)) as ws:
+            assert ws.protocol == "lorafleet.msgpack"
+            client = WsClient(ws, binary=True)
+            reader = asyncio.create_task(client.read_loop())
+            await client.send({"type": "generate", "id": "t", "model": "a4-r6", "prompt": ids, "max_tokens": 6,
+                               "temperature": 0})
+            await client.send({"type": "generate", "id": "m", "messages": messages, "max_tokens": 6,
+                               "temperature": 0})
+            await asyncio.wait_for(asyncio.gather(client.expect("t"), client.expect("m")), 60)
+            await ws.close()
+            await reader
+    assert status == status_chat == 200
+    assert client.result("t")["token_ids"] == http["choices"][0]["token_ids"]
+    assert client.result("t")["end"]["usage"]["prompt_tokens"] == len(ids)
+    assert client.result("m")["text"] == chat["choices"][0]["message"]["content"]
