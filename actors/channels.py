@@ -3,8 +3,9 @@
 * `LocalChannel`: an asyncio queue inside the event-loop process (messages pass as objects).
 * `RingChannel`: across processes. Frames (msgpack, see schema.py) go through a single-producer,
   single-consumer ring in `multiprocessing.shared_memory`; after writing a frame the producer writes one
-  byte to a pipe, and the consumer waits on that pipe's fd (`loop.add_reader` in the event loop, a
-  blocking read in an executor process). A closed pipe (the peer process died) ends the channel.
+  byte to a pipe, and the consumer, waiting on that pipe's fd (`loop.add_reader` in the event loop, a
+  blocking read in an executor process), takes one frame per byte it reads. A closed pipe (the peer
+  process died) ends the channel.
 
 An actor only sees `send(msg)` and `await recv()`; it does not know which kind it talks to.
 """
@@ -119,6 +120,15 @@ class ShmRing:
             self.shm.unlink()
 
 
+def _take(ring: ShmRing) -> bytes:
+    """The next frame, which a wake byte has announced. Frames are consumed only as wake bytes arrive:
+    a wake byte is written (a system call) after its frame, so the frame's bytes are visible to this
+    process when its byte is, even on CPUs that reorder plain stores to shared memory."""
+    frame = ring.read()
+    assert frame is not None, "a wake byte arrived without its frame"
+    return frame
+
+
 class RingChannel:
     """The event-loop end of a cross-process channel: sends on `tx`, receives from `rx`.
 
@@ -130,6 +140,7 @@ class RingChannel:
         self.tx, self.rx, self.tx_wake, self.rx_wake = tx, rx, tx_wake, rx_wake
         self._inbox: asyncio.Queue[object] = asyncio.Queue()
         self._closed = False
+        self._credits = 0
         os.set_blocking(rx_wake, False)
         asyncio.get_running_loop().add_reader(rx_wake, self._on_readable)
 
@@ -153,9 +164,11 @@ class RingChannel:
             data = os.read(self.rx_wake, 65536)
         except BlockingIOError:
             return
-        while (frame := self.rx.read()) is not None:
+        self._credits += len(data)
+        while self._credits:
+            self._credits -= 1
             try:
-                self._inbox.put_nowait(decode(frame))
+                self._inbox.put_nowait(decode(_take(self.rx)))
             except ValueError as exc:
                 self._inbox.put_nowait(exc)
         if not data:
@@ -178,6 +191,7 @@ class RingEndpoint:
 
     def __init__(self, tx: ShmRing, rx: ShmRing, tx_wake: int, rx_wake: int) -> None:
         self.tx, self.rx, self.tx_wake, self.rx_wake = tx, rx, tx_wake, rx_wake
+        self._credits = 0
 
     def send(self, msg: object) -> None:
         self.tx.write(encode(msg))
@@ -185,16 +199,14 @@ class RingEndpoint:
 
     def recv(self) -> object:
         """Block until a message arrives; ChannelClosed when the peer's wake pipe closes."""
-        while True:
-            frame = self.rx.read()
-            if frame is not None:
-                return decode(frame)
+        while not self._credits:
             select.select([self.rx_wake], [], [])
-            if not os.read(self.rx_wake, 65536):
-                frame = self.rx.read()
-                if frame is None:
-                    raise ChannelClosed("the event-loop process closed its end")
-                return decode(frame)
+            data = os.read(self.rx_wake, 65536)
+            if not data:
+                raise ChannelClosed("the event-loop process closed its end")
+            self._credits += len(data)
+        self._credits -= 1
+        return decode(_take(self.rx))
 
     def close(self) -> None:
         self.tx.close()
