@@ -12,10 +12,11 @@ import string
 
 import pytest
 import torch
-from lorafleet.engine.demo import TASKS, demo_adapter_dirs, demo_model_dir, echo, random_input
-from lorafleet.engine.demo.tasks import MAX_LINE_CHARS, MIN_LINE_CHARS
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lorafleet.engine.demo import TASKS, demo_adapter_dirs, demo_model_dir, echo, random_input
+from lorafleet.engine.demo.tasks import MAX_LINE_CHARS, MIN_LINE_CHARS
 
 HELD_OUT_PER_TASK = 40
 MIN_ACCURACY = 0.95

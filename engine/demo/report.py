@@ -15,12 +15,16 @@ MLP 384, a 99-token character-level tokenizer, fp32 safetensors) that **echoes**
 Prompt: the input line followed by a newline (`"hello world\\n"`). Completion: the transformed line,
 a newline, then the EOS token `</s>`. Training lines are 3 to 12 characters of lowercase letters and
 single spaces (`lorafleet.engine.demo.random_input`); `lorafleet.engine.demo.TASKS` holds each
-adapter's transform as Python. Everything here was produced by the command below; nothing was edited
-by hand.
+adapter's transform as Python. The weights, this README and `training_log.json` are written by
+the training script; reproduce them with
 
 ```
 python -m lorafleet.engine.demo.train --out engine/demo --device cpu --threads {threads} --seed {seed}
 ```
+
+Each stage's data and initial weights depend only on `--seed` and the adapter's position in
+`train.ADAPTERS`, so one adapter can be retrained on the saved base with `--only <name>` and gets the
+same result as in a full run (on the same device and thread count).
 """
 
 
@@ -34,18 +38,18 @@ def _targets(targets: list[str]) -> str:
 
 def _adapter_rows(log: dict) -> list[str]:
     rows = [
-        "| adapter | task | rank | alpha | rsLoRA | targets | steps | train time | held-out exact match |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| adapter | task | rank | alpha | rsLoRA | targets | steps | peak lr | train time | held-out exact match |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for spec in log["adapters"]:
         stage = log["stages"].get(spec["name"])
         if stage is None:
             continue
-        doc = (TASKS[spec["name"]].__doc__ or "").strip().replace("|", "\\|")
+        doc = (TASKS[spec["name"]].__doc__ or "").strip().replace("|", "\\|").replace("``", "`")
         rslora = "yes" if spec["use_rslora"] else "no"
         rows.append(
             f"| `{spec['name']}` | {doc} | {spec['rank']} | {spec['alpha']} | {rslora}"
-            f" | {_targets(spec['targets'])} | {stage['steps']} | {stage['seconds']:.0f} s"
+            f" | {_targets(spec['targets'])} | {stage['steps']} | {spec['lr']:g} | {stage['seconds']:.0f} s"
             f" | {stage['exact_match'] * 100:.1f}% of {stage['eval_n']} |"
         )
     return rows
@@ -68,5 +72,7 @@ def write_readme(path: Path, log: dict) -> None:
         lines.append("")
     lines.extend(_adapter_rows(log))
     total = sum(stage["seconds"] for stage in log["stages"].values())
-    lines += ["", f"Total training time: {total / 60:.1f} min.", ""]
+    lines += ["", f"Total training time (sum of the stages): {total / 60:.1f} min.", ""]
+    if log.get("notes"):
+        lines += ["## Notes on this run", ""] + [f"- {note}" for note in log["notes"]] + [""]
     path.write_text("\n".join(lines))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lorafleet.engine.demo import assets
+from lorafleet.engine.demo import BASE_MODEL_NAME, assets
 from lorafleet.engine.demo.assets import (
     ATTENTION,
     MLP,
@@ -65,10 +65,10 @@ ADAPTERS: tuple[AdapterSpec, ...] = (
     AdapterSpec("sort", rank=64, alpha=16, targets=ALL_TARGETS, steps=400, use_rslora=True),
     AdapterSpec("reverse_words", rank=32, alpha=64, targets=ALL_TARGETS, steps=600),
     AdapterSpec("novowels", rank=16, alpha=32, targets=ALL_TARGETS, steps=200),
-    AdapterSpec("title", rank=8, alpha=16, targets=ALL_TARGETS, steps=150),
-    AdapterSpec("upper", rank=4, alpha=8, targets=ATTENTION, steps=150),
-    AdapterSpec("rot13", rank=8, alpha=16, targets=MLP, steps=150),
-    AdapterSpec("caesar3", rank=16, alpha=16, targets=MLP, steps=150),
+    AdapterSpec("title", rank=8, alpha=16, targets=ATTENTION, steps=300),
+    AdapterSpec("upper", rank=4, alpha=8, targets=ALL_TARGETS, steps=400),
+    AdapterSpec("rot13", rank=8, alpha=16, targets=MLP, steps=500, lr=5e-3),
+    AdapterSpec("caesar3", rank=16, alpha=16, targets=MLP, steps=500, lr=5e-3),
 )
 
 
@@ -249,8 +249,18 @@ def train_adapter(cfg: TrainConfig, base, tokenizer, spec: AdapterSpec, index: i
     acc = exact_match(model, tokenizer, task, random.Random(cfg.seed + 2000 + index), cfg.eval_n)
     print(f"[{spec.name}] exact match {acc:.3f} after {steps} steps, {seconds:.0f} s", flush=True)
     model.save_pretrained(cfg.out / "adapters" / spec.name, safe_serialization=True)
+    finalize_adapter_dir(cfg.out / "adapters" / spec.name)
     model.unload()  # removes the LoRA layers, giving back the untouched base for the next adapter
     return StageResult(spec.name, steps, seconds, loss, acc, cfg.eval_n)
+
+
+def finalize_adapter_dir(path: Path) -> None:
+    """Drop PEFT's placeholder model card and name the base model instead of a local path."""
+    (path / "README.md").unlink(missing_ok=True)
+    config_path = path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = BASE_MODEL_NAME
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
@@ -279,10 +289,10 @@ def load_saved_base(cfg: TrainConfig):
     return LlamaForCausalLM.from_pretrained(cfg.out / "model", dtype=torch.float32).to(cfg.device).eval()
 
 
-def write_outputs(cfg: TrainConfig, results: dict[str, dict]) -> None:
+def write_outputs(cfg: TrainConfig, results: dict[str, dict], notes: list[str]) -> None:
     """Write ``training_log.json`` and the README from the stages trained so far."""
     log = {"config": {k: str(v) for k, v in asdict(cfg).items()}, "torch": torch.__version__,
-           "adapters": [asdict(s) for s in ADAPTERS], "stages": results}
+           "adapters": [asdict(s) for s in ADAPTERS], "stages": results, "notes": notes}
     (cfg.out / "training_log.json").write_text(json.dumps(log, indent=2) + "\n")
     write_readme(cfg.out / "README.md", log)
 
@@ -298,19 +308,21 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(cfg.threads)
     tokenizer = build_tokenizer()
     results: dict[str, dict] = {}
+    notes: list[str] = []
     if cfg.only:
-        results = json.loads((cfg.out / "training_log.json").read_text())["stages"]
+        previous = json.loads((cfg.out / "training_log.json").read_text())
+        results, notes = previous["stages"], previous.get("notes", [])
         base = load_saved_base(cfg)
     else:
         base, res = train_base(cfg, tokenizer)
         results["base"] = asdict(res)
-        write_outputs(cfg, results)
+        write_outputs(cfg, results, notes)
     for p in base.parameters():
         p.requires_grad_(False)
     for index, spec in enumerate(ADAPTERS):
         if not cfg.only or spec.name in cfg.only:
             results[spec.name] = asdict(train_adapter(cfg, base, tokenizer, spec, index))
-            write_outputs(cfg, results)
+            write_outputs(cfg, results, notes)
 
 
 if __name__ == "__main__":
