@@ -149,3 +149,18 @@ def test_mixed_adapter_batch(model, tokenizer):
     tasks = {**TASKS, BASE: echo}
     hits = sum(ids == expected_ids(tokenizer, tasks[n](line)) for n, line, ids in zip(names, lines, got, strict=True))
     assert hits / len(names) >= MIN_ACCURACY
+
+
+def test_training_batches_supervise_exactly_the_completion(tokenizer):
+    """The training script's batches: prompt/pad tokens unsupervised, completion + EOS supervised."""
+    from lorafleet.engine.demo.assets import char_vocab
+    from lorafleet.engine.demo.train import encode_pairs
+
+    vocab = char_vocab()
+    assert vocab == tokenizer.get_vocab()
+    pairs = [("ab c", "c ba"), ("hello", "HELLO")]
+    ids, mask = encode_pairs(pairs, vocab, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    for row, row_mask, (line, target) in zip(ids, mask, pairs, strict=True):
+        assert tokenizer.decode(row[: len(line) + 1].tolist()) == line + "\n"
+        supervised = row[1:][row_mask].tolist()  # the tokens predicted at masked positions
+        assert supervised == expected_ids(tokenizer, target)
