@@ -17,19 +17,24 @@ import dataclasses
 import multiprocessing
 import os
 import sys
+import tempfile
 import time
 import traceback
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import torch
 
 from lorafleet.actors.channels import ChannelClosed, RingChannel, RingEndpoint, ShmRing
 from lorafleet.actors.schema import ExecutorFailed, ExecutorReady, RunStep, Shutdown, StagedAdapter, StepResult
 from lorafleet.engine.adapter_store import AdapterInfo, PackedAdapter
+from lorafleet.engine.config import EngineConfig
+from lorafleet.engine.layout import AdapterLayout, ModuleRows
 from lorafleet.engine.plan import StepPlan
 
 _ALIGN = 64
@@ -55,6 +60,7 @@ class ExecutorSpec:
     plan_ring: str
     result_ring: str
     torch_threads: int = 0
+    init_file: str = ""
 
 
 # the main process side: staging adapter pages -------------------------------------------------------
@@ -83,8 +89,9 @@ class Stager:
             del target
             dtype = str(pages.dtype).removeprefix("torch.")
             info = item.info
-            staged.append(StagedAdapter(info.name, self.segment.name, offset, list(pages.shape), dtype,
-                                        info.scale, dict(info.ranks)))
+            modules = {m: [list(rows.a_rows), list(rows.b_rows)] for m, rows in info.layout.modules.items()}
+            staged.append(StagedAdapter(info.name, self.segment.name, offset, list(pages.shape), dtype, info.scale,
+                                        info.rank, dict(info.ranks), modules, info.layout.num_pages, item.shards))
             offset += -(-size // _ALIGN) * _ALIGN
         return staged
 
@@ -105,8 +112,8 @@ class Stager:
 class StagedReader:
     """Executor side of the staging area: builds PackedAdapters that view the shared memory."""
 
-    def __init__(self, module_dims: dict[str, tuple[int, int]], page_elements: int) -> None:
-        self.module_dims, self.page_elements = module_dims, page_elements
+    def __init__(self, page_elements: int) -> None:
+        self.page_elements = page_elements
         self.segments: dict[str, shared_memory.SharedMemory] = {}
         self.current: dict[str, StagedAdapter] = {}
 
@@ -119,8 +126,6 @@ class StagedReader:
             self.segments = {name: shared_memory.SharedMemory(name=name)}
 
     def fetch(self, name: str) -> PackedAdapter:
-        from lorafleet.engine.layout import AdapterLayout
-
         staged = self.current.get(name)
         if staged is None:
             raise KeyError(f"adapter {name!r} is loaded by the plan but was not staged")
@@ -129,9 +134,10 @@ class StagedReader:
             count *= dim
         buffer = self.segments[staged.segment].buf
         pages = torch.frombuffer(buffer, dtype=_DTYPES[staged.dtype], count=count, offset=staged.offset)
-        layout = AdapterLayout.build(staged.ranks, self.module_dims, self.page_elements)
-        info = AdapterInfo(name, "", max(staged.ranks.values()), staged.scale, dict(staged.ranks), layout)
-        return PackedAdapter(info, pages.view(*staged.shape).clone())
+        modules = {m: ModuleRows(tuple(a), tuple(b)) for m, (a, b) in staged.modules.items()}
+        layout = AdapterLayout(self.page_elements, modules, staged.num_pages)
+        info = AdapterInfo(name, "", staged.rank, staged.scale, dict(staged.ranks), layout)
+        return PackedAdapter(info, pages.view(*staged.shape).clone(), staged.shards)
 
     def close(self) -> None:
         for segment in self.segments.values():
@@ -139,22 +145,44 @@ class StagedReader:
         self.segments.clear()
 
 
+def _rank_config(spec: ExecutorSpec) -> EngineConfig:
+    """This rank's EngineConfig: its own GPU under tensor parallelism; joins the process group."""
+    config = EngineConfig(**spec.engine_config)
+    if spec.world_size == 1:
+        return config
+    import torch.distributed as dist
+
+    backend = "nccl" if config.device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(spec.rank)
+        config = dataclasses.replace(config, device=f"cuda:{spec.rank}")
+    dist.init_process_group(backend, init_method=f"file://{spec.init_file}", rank=spec.rank,
+                            world_size=spec.world_size, timeout=timedelta(seconds=120))
+    return config
+
+
 def _build_runner(spec: ExecutorSpec, reader_box: list[StagedReader]):
-    from lorafleet.engine.build import build_model
-    from lorafleet.engine.config import EngineConfig, ModelConfig, page_geometry
+    """The rank's model shard and pool, like build_engine's in-process runner (auto-sized pool, CUDA graphs)."""
+    from lorafleet.engine.build import auto_num_pages, build_model
+    from lorafleet.engine.config import ModelConfig, page_geometry
     from lorafleet.engine.runner import ModelRunner
     from lorafleet.engine.weights import Shard
 
-    if spec.world_size != 1:
-        raise NotImplementedError("tensor parallelism (world_size > 1) is not wired into executors yet")
-    config = EngineConfig(**spec.engine_config)
+    config = _rank_config(spec)
     model_cfg = ModelConfig.from_dir(spec.model_dir)
-    block_tokens, page_elements = page_geometry(model_cfg, config.block_tokens)
-    model = build_model(__import__("pathlib").Path(spec.model_dir), config, Shard(spec.rank, spec.world_size))
-    reader = StagedReader(model_cfg.module_dims(), page_elements)
+    block_tokens, page_elements = page_geometry(model_cfg, config.block_tokens, spec.world_size)
+    model = build_model(Path(spec.model_dir), config, Shard(spec.rank, spec.world_size))
+    if config.num_pages == 0:
+        config = dataclasses.replace(config, num_pages=auto_num_pages(model_cfg, config, page_elements))
+    reader = StagedReader(page_elements)
     reader_box.append(reader)
-    return ModelRunner(model, config.num_pages, page_elements, block_tokens, reader.fetch,
-                       sample_on_this_rank=spec.rank == 0)
+    runner = ModelRunner(model, config.num_pages, page_elements, block_tokens, reader.fetch,
+                         sample_on_this_rank=spec.rank == 0)
+    if config.cuda_graphs and (spec.world_size == 1 or config.extra_tp_graphs):
+        max_blocks = -(-model.cos_sin.shape[0] // block_tokens)
+        runner.enable_cuda_graphs(config.max_num_seqs, max_blocks, config.max_adapters_per_batch,
+                                  config.max_lora_rank)
+    return runner, config
 
 
 def executor_main(spec: ExecutorSpec, plan_wake: Connection, result_wake: Connection) -> None:
@@ -165,8 +193,8 @@ def executor_main(spec: ExecutorSpec, plan_wake: Connection, result_wake: Connec
                             result_wake.fileno(), plan_wake.fileno())
     readers: list[StagedReader] = []
     try:
-        runner = _build_runner(spec, readers)
-        endpoint.send(ExecutorReady(spec.rank, os.getpid(), spec.engine_config.get("device", "cpu")))
+        runner, config = _build_runner(spec, readers)
+        endpoint.send(ExecutorReady(spec.rank, os.getpid(), config.device, config.num_pages))
         code = _serve(spec, runner, readers[0], endpoint)
     except ChannelClosed:
         code = 0
@@ -213,6 +241,7 @@ class ExecutorGroup:
     def __init__(self, ranks: list[_Rank], stager: Stager) -> None:
         self.ranks, self.stager = ranks, stager
         self.dead: str | None = None
+        self.num_pages = 0
         self.stopping = False
         self._watched: list[int] = []
 
@@ -233,13 +262,23 @@ class ExecutorGroup:
             on_death(rank.rank, f"process {rank.pid} exited" + (f" with code {code}" if code is not None else ""))
 
     @classmethod
-    def spawn(cls, model_dir: str, engine_config: object, world_size: int = 1, torch_threads: int = 0) -> ExecutorGroup:
-        """Spawn every rank (they load the model meanwhile); call `wait_ready()` before the first step."""
-        ranks = [_spawn(rank, world_size, model_dir, engine_config, torch_threads) for rank in range(world_size)]
+    def spawn(cls, model_dir: str, engine_config: EngineConfig, torch_threads: int = 0) -> ExecutorGroup:
+        """Spawn one rank per tensor-parallel shard (they load the model meanwhile); call `wait_ready()`
+        before the first step."""
+        size = engine_config.tensor_parallel_size
+        init_file = ""
+        if size > 1:  # the ranks rendezvous through a fresh file (torch.distributed's file:// init)
+            handle, init_file = tempfile.mkstemp(prefix="lorafleet-tp-")
+            os.close(handle)
+            os.unlink(init_file)
+        ranks = [_spawn(rank, size, model_dir, engine_config, torch_threads, init_file) for rank in range(size)]
         return cls(ranks, Stager())
 
     async def wait_ready(self, start_timeout: float = 600.0) -> None:
-        """Wait until every rank reports ready; on failure stop them all and raise ExecutorDied."""
+        """Wait until every rank reports ready (once); on failure stop them all and raise ExecutorDied.
+        `num_pages` is then the pool size every rank has (the smallest, when they sized it themselves)."""
+        if self.num_pages:
+            return
         group = self
         try:
             for r in self.ranks:
@@ -247,6 +286,7 @@ class ExecutorGroup:
                 if not isinstance(msg, ExecutorReady):
                     raise ExecutorDied(r.rank, getattr(msg, "message", f"unexpected {type(msg).__name__}"))
                 r.pid, r.device = msg.pid, msg.device
+                self.num_pages = min(self.num_pages or msg.num_pages, msg.num_pages)
         except (ChannelClosed, TimeoutError, asyncio.TimeoutError) as exc:
             await group.stop()
             raise ExecutorDied(0, f"did not start: {exc}") from exc
@@ -326,13 +366,15 @@ def _plain_main_module():
         sys.modules["__main__"] = saved
 
 
-def _spawn(rank: int, world_size: int, model_dir: str, engine_config: object, torch_threads: int) -> _Rank:
+def _spawn(rank: int, world_size: int, model_dir: str, engine_config: EngineConfig, torch_threads: int,
+           init_file: str) -> _Rank:
     ctx = multiprocessing.get_context("spawn")
     plan_ring, result_ring = ShmRing.create(), ShmRing.create()
     plan_r, plan_w = ctx.Pipe(duplex=False)
     result_r, result_w = ctx.Pipe(duplex=False)
     config = dataclasses.asdict(engine_config)
-    spec = ExecutorSpec(rank, world_size, model_dir, config, plan_ring.name, result_ring.name, torch_threads)
+    spec = ExecutorSpec(rank, world_size, model_dir, config, plan_ring.name, result_ring.name, torch_threads,
+                        init_file)
     process = ctx.Process(target=executor_main, args=(spec, plan_r, result_w), name=f"lorafleet-executor-{rank}",
                           daemon=True)
     with _plain_main_module():

@@ -17,26 +17,26 @@ import torch
 from lorafleet.actors.channels import Channel
 from lorafleet.actors.hub import ServeHub
 from lorafleet.actors.schema import AdapterFetched, Prefetch
-from lorafleet.engine.adapter_store import AdapterInfo, PackedAdapter
-from lorafleet.engine.adapters import AdapterError, load_adapter, pack_adapter
+from lorafleet.engine.adapter_store import AdapterStore, PackedAdapter
+from lorafleet.engine.adapters import AdapterError
 from lorafleet.engine.config import ModelConfig
-from lorafleet.engine.layout import AdapterLayout
 
 
 @dataclass(frozen=True)
 class AdapterLoader:
-    """Reads and packs one PEFT directory into page format (pure; safe to run in a worker thread)."""
+    """Reads, validates and packs one PEFT directory exactly as the engine's AdapterStore does (through
+    a private scratch store, so nothing the scheduler owns is touched; safe in a worker thread)."""
 
     model: ModelConfig
     page_elements: int
     dtype: torch.dtype
     max_rank: int
+    shards: int = 1
 
     def load(self, name: str, path: str) -> PackedAdapter:
-        weights = load_adapter(name, path, self.model, self.max_rank)
-        layout = AdapterLayout.build(weights.ranks(), self.model.module_dims(), self.page_elements)
-        info = AdapterInfo(name, str(path), weights.rank, weights.scale, weights.ranks(), layout)
-        return PackedAdapter(info, pack_adapter(weights, layout, self.dtype))
+        scratch = AdapterStore(self.model, self.page_elements, self.dtype, self.max_rank, 1 << 62, shards=self.shards)
+        scratch.register(name, path)
+        return scratch.cache[name]
 
 
 class PrefetcherActor:

@@ -172,8 +172,9 @@ def _scalar(value: Any, hint: Any, where: str) -> Any:
 @message("staged_adapter")
 @dataclass(frozen=True)
 class StagedAdapter:
-    """An adapter's packed pages [layers, n_pages, page_elements] at `offset` bytes into shared memory
-    segment `segment`; with its ranks and scale the executor rebuilds the layout itself."""
+    """An adapter's packed pages ([layers, n_pages, page_elements], or [ranks, layers, ...] under tensor
+    parallelism) at `offset` bytes into shared memory segment `segment`, with its page layout
+    (`modules[m] = [A row offsets, Bᵀ row offsets]`), rank, ranks per module and scale."""
 
     name: str
     segment: str
@@ -181,7 +182,11 @@ class StagedAdapter:
     shape: list[int]
     dtype: str
     scale: float
+    rank: int
     ranks: dict[str, int]
+    modules: dict[str, list[list[int]]]
+    num_pages: int
+    shards: int = 1
 
 
 @message("run_step")
@@ -207,9 +212,12 @@ class StepResult:
 @message("executor_ready")
 @dataclass(frozen=True)
 class ExecutorReady:
+    """A rank has built its model and pool (`num_pages` pages: the auto-sized count when asked for 0)."""
+
     rank: int
     pid: int
     device: str
+    num_pages: int = 0
 
 
 @message("executor_failed")

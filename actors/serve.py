@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
@@ -30,7 +31,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--num-pages", type=int, default=512)
+    p.add_argument("--num-pages", type=int, default=512, help="pool pages per device; 0 = size from free GPU memory")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="with --num-pages 0")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="executor processes (one per GPU)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="do not replay decode steps from CUDA graphs")
     p.add_argument("--block-tokens", type=int, default=16)
     p.add_argument("--max-batch-tokens", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 async def run(args: argparse.Namespace, assets: Assets, config) -> int:
     """Spawn the executors first (they load the model while this process builds its planning engine),
     start the actors and the web app, serve until a signal or a failure, then stop everything."""
-    from lorafleet.actors.executor import ExecutorGroup
+    from lorafleet.actors.executor import ExecutorDied, ExecutorGroup
     from lorafleet.actors.server import Server
 
     loop = asyncio.get_running_loop()
@@ -152,7 +156,14 @@ async def run(args: argparse.Namespace, assets: Assets, config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     started = time.monotonic()
-    executors = ExecutorGroup.spawn(str(assets.model_dir), config, 1, args.torch_threads)
+    executors = ExecutorGroup.spawn(str(assets.model_dir), config, args.torch_threads)
+    if config.num_pages == 0:  # the executors size the pool from their free memory: wait for that number
+        try:
+            await executors.wait_ready()
+        except ExecutorDied as exc:
+            print(f"lorafleet serve: startup failed: {exc}", file=sys.stderr)
+            return 1
+        config = dataclasses.replace(config, num_pages=executors.num_pages)
     try:
         server = Server.build(args, assets, config, executors)
     except ValueError as exc:

@@ -45,14 +45,17 @@ def engine_config(args: Namespace) -> EngineConfig:
         num_pages=args.num_pages, block_tokens=args.block_tokens, max_batch_tokens=args.max_batch_tokens,
         max_num_seqs=args.max_num_seqs, max_adapters_per_batch=args.max_adapters_per_batch,
         max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len, dtype=args.dtype, device=args.device,
+        gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
+        cuda_graphs=not args.no_cuda_graphs,
     )
 
 
 def build_planning_engine(assets: Assets, config: EngineConfig, host_cache_bytes: int):
     """(engine without a model, tokenizer, page_elements); registers the start-up adapters."""
     cfg = ModelConfig.from_dir(assets.model_dir)
-    block_tokens, page_elements = page_geometry(cfg, config.block_tokens)
-    store = AdapterStore(cfg, page_elements, config.torch_dtype, config.max_lora_rank, host_cache_bytes)
+    tp = config.tensor_parallel_size
+    block_tokens, page_elements = page_geometry(cfg, config.block_tokens, tp)
+    store = AdapterStore(cfg, page_elements, config.torch_dtype, config.max_lora_rank, host_cache_bytes, shards=tp)
     tokenizer = load_tokenizer(assets.model_dir)
     decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None
     engine = Engine(cfg, config, store, RemoteOnly(), decode, block_tokens)
@@ -74,7 +77,8 @@ class Server:
         self.hub.adapters = {name: info.path for name, info in engine.store.infos.items()}
         self.ctx = ParseContext(assets.base_name, set(self.hub.adapters), engine.max_model_len,
                                 engine.model.vocab_size, tokenizer, args.slo_ttft_ms)
-        self.loader = AdapterLoader(engine.model, page_elements, config.torch_dtype, config.max_lora_rank)
+        self.loader = AdapterLoader(engine.model, page_elements, config.torch_dtype, config.max_lora_rank,
+                                    config.tensor_parallel_size)
         self.executors: ExecutorGroup | None = None
         self.tasks: list[asyncio.Task] = []
         self.runner: web.AppRunner | None = None
@@ -157,7 +161,7 @@ class Server:
         """Replace a dead executor group; False if the new one does not start either."""
         print(f"lorafleet: {self.hub.health_reason}; restarting the executor", file=sys.stderr, flush=True)
         await self.executors.stop(timeout=0.0)
-        self.executors = ExecutorGroup.spawn(str(self.assets.model_dir), self.config, 1, self.args.torch_threads)
+        self.executors = ExecutorGroup.spawn(str(self.assets.model_dir), self.config, self.args.torch_threads)
         try:
             await self.executors.wait_ready()
         except ExecutorDied as exc:

@@ -34,7 +34,7 @@ from lorafleet.actors.schema import (
 
 
 def test_schema_round_trips_nested_messages():
-    staged = StagedAdapter("a", "seg", 128, [2, 3, 64], "float32", 2.0, {"q_proj": 4})
+    staged = StagedAdapter("a", "seg", 128, [2, 3, 64], "float32", 2.0, 4, {"q_proj": 4}, {"q_proj": [[0, 8], [64]]}, 3)
     msgs = [
         RunStep({"step": 1, "seqs": []}, [staged]),
         StepResult(3, 0, [1, 2, 3], 0.5),
@@ -339,8 +339,8 @@ async def test_prefetcher_loads_into_the_host_cache_through_the_scheduler(tiny_l
     assert (hub.prefetch.requested, hub.prefetch.loaded, hub.prefetch.failed) == (2, 1, 1)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_stager_moves_adapter_pages_through_shared_memory(dtype):
+@pytest.mark.parametrize("dtype, shards", [("float32", 1), ("float16", 1), ("bfloat16", 1), ("float32", 2)])
+def test_stager_moves_adapter_pages_through_shared_memory(dtype, shards):
     import torch
 
     from lorafleet.actors.executor import StagedReader, Stager
@@ -352,17 +352,18 @@ def test_stager_moves_adapter_pages_through_shared_memory(dtype):
     for name, rank in (("a", 2), ("b", 5)):
         layout = AdapterLayout.build({"q_proj": rank, "v_proj": rank}, dims, 256)
         info = AdapterInfo(name, "", rank, 0.5 * rank, {"q_proj": rank, "v_proj": rank}, layout)
-        pages = torch.randn(3, layout.num_pages, 256).to(getattr(torch, dtype))
-        packs.append(PackedAdapter(info, pages))
+        shape = (3, layout.num_pages, 256) if shards == 1 else (shards, 3, layout.num_pages, 256)
+        packs.append(PackedAdapter(info, torch.randn(shape).to(getattr(torch, dtype)), shards))
     stager = Stager(initial_bytes=1024)  # too small: staging must grow into a new segment
-    reader = StagedReader(dims, 256)
+    reader = StagedReader(256)
     try:
         staged = stager.stage(packs)
         reader.set_step(staged)
         for pack in packs:
             got = reader.fetch(pack.info.name)
             assert torch.equal(got.pages, pack.pages) and got.pages.dtype == pack.pages.dtype
-            assert got.info.layout == pack.info.layout and got.info.scale == pack.info.scale
+            assert got.info == pack.info and got.shards == shards
+            assert torch.equal(got.for_rank(shards - 1), pack.for_rank(shards - 1))
         stager.release_retired()
         with pytest.raises(KeyError, match="not staged"):
             reader.fetch("c")
