@@ -345,4 +345,4 @@ class SchedulerActor:
         info = self.engine.store.infos.get(msg.name)
         if info is None or info.path != msg.path or self.engine.store.is_cached(msg.name):
             return
-        self.engine.store._put(msg.packed)  # the store's LRU insert (bounded in bytes)
+        self.engine.store.put(msg.packed)  # the store's LRU insert (bounded in bytes)

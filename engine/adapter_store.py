@@ -112,6 +112,12 @@ class AdapterStore:
         self._put(packed)
         return packed
 
+    def put(self, packed: PackedAdapter) -> None:
+        """Insert an adapter packed elsewhere (e.g. by the prefetcher) into the host LRU cache."""
+        if packed.info.name not in self.infos:
+            raise AdapterError(f"lora_name: adapter {packed.info.name!r} is not registered")
+        self._put(packed)
+
     def _put(self, packed: PackedAdapter) -> None:
         self.cache[packed.info.name] = packed
         self.cache.move_to_end(packed.info.name)
