@@ -70,8 +70,9 @@ class OwnerTable:
         if len(self.names) > max(4096, 4 * len(owners)):
             self.generation += 1
             self.names, self.index = [""], {"": 0}
-        for name in dict.fromkeys(owners).keys() - self.index.keys():
-            self.code(name)
+        for name in dict.fromkeys(owners):  # first-seen order: codes do not depend on string hashing
+            if name not in self.index:
+                self.code(name)
         return np.fromiter(map(self.index.__getitem__, owners), dtype=np.int32, count=len(owners))
 
 
