@@ -160,6 +160,7 @@ class EngineConfig:
     device: str = "cpu"
     fairness_window: int = 32
     tensor_parallel_size: int = 1
+    prefetch_adapters: int = 2  # adapters of waiting requests loaded into free pages per step (0 = off)
     cuda_graphs: bool = True
     extra_tp_graphs: bool = False  # CUDA graphs on tensor-parallel ranks: written, not yet verified on GPUs
 

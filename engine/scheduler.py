@@ -58,6 +58,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.preemptions = 0
+        self.prefetched = 0
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.config.block_tokens)
@@ -78,7 +79,29 @@ class Scheduler:
             if request.status is Status.RUNNING:
                 budget -= self._continue(request, budget, plan)
         self._admit(budget, plan)
+        if plan.chunks:  # loads ride on a step that runs; a step with no chunks is never executed
+            self._prefetch(plan)
         return plan
+
+    def _prefetch(self, plan: Schedule) -> None:
+        """Load the adapters of the next waiting requests into FREE pages now (never evicting anything or
+        touching the KV headroom of the running requests), so they are resident when those requests are
+        admitted. Prefetched adapters are idle: eviction may take them back first."""
+        headroom = len(self.running)  # one page of KV growth per running request
+        loaded = 0
+        for request in list(self.waiting)[: self.config.fairness_window]:
+            if loaded >= self.config.prefetch_adapters:
+                return
+            name = request.adapter
+            if name is None or self.pool.is_resident(name):
+                continue
+            pages = self.adapter_pages(name)
+            if self.pool.num_free - pages < headroom:
+                return
+            self.pool.load_adapter(name, pages)
+            plan.loads.append(name)
+            self.prefetched += 1
+            loaded += 1
 
     def _continue(self, request: Request, budget: int, plan: Schedule) -> int:
         length = min(request.num_tokens - request.num_computed, budget)

@@ -111,3 +111,23 @@ def test_mistral_sliding_window_caps_the_context():
     assert ModelConfig.from_dict({**raw, "sliding_window": None}).context_limit == 32768
     qwen = {**raw, "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": False}
     assert ModelConfig.from_dict(qwen).context_limit == 32768
+
+
+def test_waiting_requests_adapters_are_prefetched_into_pages(assets):
+    base, adapters = assets
+    llm = LLM(str(base), adapters={k: str(v) for k, v in adapters.items()}, num_pages=256, max_num_seqs=1)
+    engine = llm.engine
+    for i, adapter in enumerate(["r4", "r16"]):
+        engine.add_request(f"p{i}", PROMPTS[2], SamplingParams(max_tokens=3, temperature=0.0), adapter)
+    engine.step()  # runs p0 (r4) alone; p1 waits, and its adapter is loaded into free pages meanwhile
+    assert [r.external_id for r in engine.scheduler.waiting] == ["p1"]
+    assert engine.pool.is_resident("r16") and engine.scheduler.prefetched == 1
+    while engine.has_unfinished():
+        engine.step()
+    engine.pool.check()
+    off = LLM(str(base), adapters={k: str(v) for k, v in adapters.items()}, num_pages=256, max_num_seqs=1,
+              prefetch_adapters=0)
+    on = llm.generate(PROMPTS, adapters=["r4", "r16", "r4"], max_tokens=5, ignore_eos=True)
+    want = off.generate(PROMPTS, adapters=["r4", "r16", "r4"], max_tokens=5, ignore_eos=True)
+    assert [o.token_ids for o in on] == [o.token_ids for o in want]
+    assert off.engine.scheduler.prefetched == 0
