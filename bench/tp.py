@@ -42,7 +42,7 @@ def run_engine(model: str, adapters: dict, tp: int, prompts, which, max_tokens: 
         started = time.perf_counter()
         outs = llm.generate(prompts, adapters=which, max_tokens=max_tokens, ignore_eos=True)
         seconds = time.perf_counter() - started
-        steps, pages = llm.engine._step, llm.engine.config.num_pages
+        steps, pages = llm.engine.steps, llm.engine.config.num_pages
     del llm
     gc.collect()
     if torch.cuda.is_available():

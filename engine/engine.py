@@ -235,5 +235,10 @@ class Engine:
         )
 
     @property
+    def steps(self) -> int:
+        """Steps executed so far."""
+        return self._step
+
+    @property
     def num_running(self) -> int:
         return sum(1 for r in self.scheduler.running if r.status is Status.RUNNING)
