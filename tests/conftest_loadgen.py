@@ -8,6 +8,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ADAPTERS = (
@@ -64,11 +66,34 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 180.0) -> 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"peft_server exited with {proc.returncode}")
+            raise RuntimeError(f"server exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
                 if resp.status == 200:
                     return
         except (urllib.error.URLError, OSError):
             time.sleep(0.3)
-    raise RuntimeError("peft_server did not become healthy")
+    raise RuntimeError("server did not become healthy")
+
+
+@contextmanager
+def server_subprocess(cmd: list[str], adapters: dict[str, Path], port: int, log: Path,
+                      stop_timeout: float) -> Iterator[str]:
+    """Run `cmd --adapter name=dir ...` (a server listening on `port`), yield its URL once healthy, and
+    stop it afterwards (terminate, then kill after `stop_timeout` s); a failed start shows the log's tail."""
+    cmd = [*cmd, *(a for name, path in adapters.items() for a in ("--adapter", f"{name}={path}"))]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        yield url
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}: {log.read_text()[-3000:]}") from exc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=stop_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

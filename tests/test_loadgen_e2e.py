@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -15,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest_loadgen import build_tiny_model, free_port, wait_healthy
+from conftest_loadgen import build_tiny_model, free_port, server_subprocess
 
 from lorafleet.loadgen import bench
 from lorafleet.loadgen.cli import main as loadgen_main
@@ -65,23 +64,8 @@ def server(tiny, tmp_path_factory):
         "--max-batch-size",
         "8",
     ]
-    for name, path in adapters.items():
-        cmd += ["--adapter", f"{name}={path}"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc)
+    with server_subprocess(cmd, adapters, port, log, stop_timeout=30) as url:
         yield url
-    except RuntimeError as exc:
-        raise RuntimeError(f"{exc}: {log.read_text()[-3000:]}") from exc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def check_counts(doc: dict, trace: list, before: dict, after: dict) -> None:

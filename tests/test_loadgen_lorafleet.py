@@ -4,11 +4,10 @@ JSON's counts equal the server's own /metrics counters, over WebSocket and OpenA
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
-from conftest_loadgen import build_tiny_model, free_port, wait_healthy
+from conftest_loadgen import build_tiny_model, free_port, server_subprocess
 
 from lorafleet.loadgen.cli import main as loadgen_main
 from lorafleet.loadgen.workload import read_trace
@@ -49,23 +48,8 @@ def lorafleet_server(tmp_path_factory):
         "--torch-threads",
         "1",
     ]
-    for name, path in adapters.items():
-        cmd += ["--adapter", f"{name}={path}"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc)
+    with server_subprocess(cmd, adapters, port, log, stop_timeout=60) as url:
         yield url
-    except RuntimeError as exc:
-        raise RuntimeError(f"{exc}: {log.read_text()[-3000:]}") from exc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.parametrize("protocol", ["ws", "openai"])
