@@ -23,7 +23,6 @@ import traceback
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from multiprocessing import shared_memory
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -145,44 +144,17 @@ class StagedReader:
         self.segments.clear()
 
 
-def _rank_config(spec: ExecutorSpec) -> EngineConfig:
-    """This rank's EngineConfig: its own GPU under tensor parallelism; joins the process group."""
-    config = EngineConfig(**spec.engine_config)
-    if spec.world_size == 1:
-        return config
-    import torch.distributed as dist
-
-    backend = "nccl" if config.device.startswith("cuda") else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(spec.rank)
-        config = dataclasses.replace(config, device=f"cuda:{spec.rank}")
-    dist.init_process_group(backend, init_method=f"file://{spec.init_file}", rank=spec.rank,
-                            world_size=spec.world_size, timeout=timedelta(seconds=120))
-    return config
-
-
 def _build_runner(spec: ExecutorSpec, reader_box: list[StagedReader]):
-    """The rank's model shard and pool, like build_engine's in-process runner (auto-sized pool, CUDA graphs)."""
-    from lorafleet.engine.build import auto_num_pages, build_model
+    """The rank's model shard and pool, built as the offline engine builds its runner."""
+    from lorafleet.engine.build import build_runner, join_parallel_group
     from lorafleet.engine.config import ModelConfig, page_geometry
-    from lorafleet.engine.runner import ModelRunner
     from lorafleet.engine.weights import Shard
 
-    config = _rank_config(spec)
-    model_cfg = ModelConfig.from_dir(spec.model_dir)
-    block_tokens, page_elements = page_geometry(model_cfg, config.block_tokens, spec.world_size)
-    model = build_model(Path(spec.model_dir), config, Shard(spec.rank, spec.world_size))
-    if config.num_pages == 0:
-        config = dataclasses.replace(config, num_pages=auto_num_pages(model_cfg, config, page_elements))
+    config = join_parallel_group(EngineConfig(**spec.engine_config), spec.rank, spec.world_size, spec.init_file)
+    _, page_elements = page_geometry(ModelConfig.from_dir(spec.model_dir), config.block_tokens, spec.world_size)
     reader = StagedReader(page_elements)
     reader_box.append(reader)
-    runner = ModelRunner(model, config.num_pages, page_elements, block_tokens, reader.fetch,
-                         sample_on_this_rank=spec.rank == 0)
-    if config.cuda_graphs and (spec.world_size == 1 or config.extra_tp_graphs):
-        max_blocks = -(-model.cos_sin.shape[0] // block_tokens)
-        runner.enable_cuda_graphs(config.max_num_seqs, max_blocks, config.max_adapters_per_batch,
-                                  config.max_lora_rank)
-    return runner, config
+    return build_runner(Path(spec.model_dir), config, Shard(spec.rank, spec.world_size), reader.fetch)
 
 
 def executor_main(spec: ExecutorSpec, plan_wake: Connection, result_wake: Connection) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -89,6 +90,40 @@ def _param_bytes(cfg: ModelConfig, config: EngineConfig) -> int:
     return (cfg.num_layers * per_layer + embeddings) * config.torch_dtype.itemsize
 
 
+def join_parallel_group(config: EngineConfig, rank: int, size: int, init_file: str) -> EngineConfig:
+    """Join the tensor-parallel process group (gloo on CPU, NCCL on GPUs, rendezvous through `init_file`);
+    returns this rank's config (its own GPU under NCCL). A single rank joins nothing."""
+    if size == 1:
+        return config
+    import torch.distributed as dist
+
+    backend = "nccl" if config.device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        config = dataclasses.replace(config, device=f"cuda:{rank}")
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=size,
+                            timeout=timedelta(seconds=120))
+    return config
+
+
+def build_runner(model_dir: Path, config: EngineConfig, shard: Shard, fetch) -> tuple[ModelRunner, EngineConfig]:
+    """One rank's executor: its model shard, its pool (sized from free GPU memory when num_pages is 0) and
+    CUDA graphs for decode (single rank, or tensor parallel with `extra_tp_graphs`). Returns the runner and
+    the config with the pool size it got. Rank 0 samples."""
+    cfg = ModelConfig.from_dir(model_dir)
+    block_tokens, page_elements = page_geometry(cfg, config.block_tokens, shard.size)
+    model = build_model(model_dir, config, shard)
+    if config.num_pages == 0:
+        config = dataclasses.replace(config, num_pages=auto_num_pages(cfg, config, page_elements))
+    runner = ModelRunner(model, config.num_pages, page_elements, block_tokens, fetch,
+                         sample_on_this_rank=shard.rank == 0)
+    if config.cuda_graphs and (shard.size == 1 or config.extra_tp_graphs):
+        max_blocks = -(-_max_len(cfg, config) // block_tokens)
+        runner.enable_cuda_graphs(config.max_num_seqs, max_blocks, config.max_adapters_per_batch,
+                                  config.max_lora_rank)
+    return runner, config
+
+
 def build_engine(model: str, config: EngineConfig, adapters: dict[str, str] | None = None,
                  host_cache_bytes: int = 8 << 30) -> tuple[Engine, object]:
     """(engine with an in-process executor, tokenizer or None)."""
@@ -97,18 +132,12 @@ def build_engine(model: str, config: EngineConfig, adapters: dict[str, str] | No
     tp = config.tensor_parallel_size
     block_tokens, page_elements = page_geometry(cfg, config.block_tokens, tp)
     store = AdapterStore(cfg, page_elements, config.torch_dtype, config.max_lora_rank, host_cache_bytes, shards=tp)
-    torch_model = build_model(model_dir, config) if tp == 1 else None
-    if config.num_pages == 0:
-        config = dataclasses.replace(config, num_pages=auto_num_pages(cfg, config, page_elements))
-    if tp > 1:
-        runner = ProcessGroupExecutor(str(model_dir), config, block_tokens, page_elements, store.fetch)
+    if tp == 1:
+        runner, config = build_runner(model_dir, config, Shard(), store.fetch)
     else:
-        runner = ModelRunner(torch_model, config.num_pages, page_elements, block_tokens,
-                             store.fetch)
-        if config.cuda_graphs:
-            max_blocks = -(-_max_len(cfg, config) // block_tokens)
-            runner.enable_cuda_graphs(config.max_num_seqs, max_blocks, config.max_adapters_per_batch,
-                                      config.max_lora_rank)
+        if config.num_pages == 0:  # every rank must get the same pool size: decide it here
+            config = dataclasses.replace(config, num_pages=auto_num_pages(cfg, config, page_elements))
+        runner = ProcessGroupExecutor(str(model_dir), config, store.fetch)
     tokenizer = load_tokenizer(model_dir)
     decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None
     engine = Engine(cfg, config, store, runner, decode, block_tokens)

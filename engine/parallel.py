@@ -17,7 +17,6 @@ import os
 import tempfile
 import traceback
 from dataclasses import dataclass
-from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
@@ -40,35 +39,20 @@ class RankSpec:
     model_dir: str
     config: dict
     init_file: str
-    block_tokens: int
-    page_elements: int
 
 
 def _rank_main(spec: RankSpec, conn: Connection) -> None:
     """Entry point of one rank process."""
     import torch.distributed as dist
 
-    from lorafleet.engine.build import build_model
-    from lorafleet.engine.runner import ModelRunner
+    from lorafleet.engine.build import build_runner, join_parallel_group
     from lorafleet.engine.weights import Shard
 
     torch.set_num_threads(1)
-    config = EngineConfig(**spec.config)
-    backend = "nccl" if config.device.startswith("cuda") else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(spec.rank)
-        config = dataclasses.replace(config, device=f"cuda:{spec.rank}")
-    dist.init_process_group(backend, init_method=f"file://{spec.init_file}", rank=spec.rank,
-                            world_size=spec.size, timeout=timedelta(seconds=120))
+    config = join_parallel_group(EngineConfig(**spec.config), spec.rank, spec.size, spec.init_file)
     try:
-        model = build_model(Path(spec.model_dir), config, Shard(spec.rank, spec.size))
         staged: dict[str, PackedAdapter] = {}
-        runner = ModelRunner(model, config.num_pages, spec.page_elements, spec.block_tokens, staged.__getitem__,
-                             sample_on_this_rank=spec.rank == 0)
-        if config.cuda_graphs and config.extra_tp_graphs:
-            max_blocks = -(-model.cos_sin.shape[0] // spec.block_tokens)
-            runner.enable_cuda_graphs(config.max_num_seqs, max_blocks, config.max_adapters_per_batch,
-                                      config.max_lora_rank)
+        runner, _ = build_runner(Path(spec.model_dir), config, Shard(spec.rank, spec.size), staged.__getitem__)
         conn.send(("ready", spec.rank))
         _serve(runner, staged, conn)
     except Exception:  # report, then exit: the main process turns this into ExecutorDied
@@ -94,8 +78,7 @@ def _serve(runner, staged: dict[str, PackedAdapter], conn: Connection) -> None:
 class ProcessGroupExecutor:
     """`execute(plan)` over `size` rank processes; the adapters a plan loads come from `fetch`."""
 
-    def __init__(self, model_dir: str, config: EngineConfig, block_tokens: int, page_elements: int,
-                 fetch, start_timeout: float = 600.0) -> None:
+    def __init__(self, model_dir: str, config: EngineConfig, fetch, start_timeout: float = 600.0) -> None:
         self.fetch, self.size = fetch, config.tensor_parallel_size
         handle, init_file = tempfile.mkstemp(prefix="lorafleet-tp-")
         os.close(handle)
@@ -105,8 +88,7 @@ class ProcessGroupExecutor:
         self.procs = []
         for rank in range(self.size):
             ours, theirs = ctx.Pipe()
-            spec = RankSpec(rank, self.size, model_dir, dataclasses.asdict(config), init_file, block_tokens,
-                            page_elements)
+            spec = RankSpec(rank, self.size, model_dir, dataclasses.asdict(config), init_file)
             proc = ctx.Process(target=_rank_main, args=(spec, theirs), daemon=True, name=f"lorafleet-rank{rank}")
             proc.start()
             theirs.close()
