@@ -29,8 +29,8 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(demo_model_dir())
 
 
-@pytest.fixture(scope="module")
-def model():
+def load_demo_peft() -> PeftModel:
+    """The demo base with every task adapter loaded into one PeftModel (named by task), in eval mode."""
     base = AutoModelForCausalLM.from_pretrained(demo_model_dir(), dtype=torch.float32)
     dirs = demo_adapter_dirs()
     first, *rest = dirs
@@ -38,6 +38,11 @@ def model():
     for name in rest:
         peft_model.load_adapter(dirs[name], adapter_name=name)
     return peft_model.eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_demo_peft()
 
 
 def fresh_lines(seed: int, n: int = HELD_OUT_PER_TASK) -> list[str]:

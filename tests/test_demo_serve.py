@@ -10,7 +10,7 @@ import random
 
 import aiohttp
 import pytest
-from test_demo_assets import MAX_NEW_TOKENS, generate
+from test_demo_assets import BASE, MAX_NEW_TOKENS, generate, load_demo_peft
 from test_serve_support import WsClient, get_json, start_server, stop_server
 
 from lorafleet.engine.demo import TASKS, echo, random_input
@@ -71,20 +71,11 @@ async def test_demo_adapters_through_the_server_match_peft_and_their_tasks(serve
 
 
 def _peft_outputs(work, base_name: str) -> dict[str, list[int]]:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from lorafleet.engine.demo import demo_adapter_dirs, demo_model_dir
+    from lorafleet.engine.demo import demo_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model_dir())
-    base = AutoModelForCausalLM.from_pretrained(demo_model_dir(), dtype=torch.float32)
-    dirs = demo_adapter_dirs()
-    first, *rest = dirs
-    model = PeftModel.from_pretrained(base, dirs[first], adapter_name=first)
-    for name in rest:
-        model.load_adapter(dirs[name], adapter_name=name)
-    model.eval()
-    names = ["__base__" if m == base_name else m for _, m, _ in work]
-    ids = generate(model, tokenizer, [line for _, _, line in work], adapter_names=names)
+    names = [BASE if m == base_name else m for _, m, _ in work]
+    ids = generate(load_demo_peft(), tokenizer, [line for _, _, line in work], adapter_names=names)
     return {rid: row for (rid, _, _), row in zip(work, ids)}
