@@ -65,16 +65,18 @@ def make_peft_adapter(base_dir: Path, out_dir: Path, rank: int, targets=ALL_TARG
 
 @dataclass
 class PeftOracle:
-    """HF transformers + PEFT, each adapter run alone, greedy decoding by full forward passes."""
+    """HF transformers + PEFT, each adapter run alone (or none), by full forward passes."""
 
     base_dir: Path
     adapters: dict[str, Path]
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(str(self.base_dir), dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(str(self.base_dir), dtype=self.dtype).to(self.device)
         names = list(self.adapters)
         self.model = PeftModel.from_pretrained(base, str(self.adapters[names[0]]), adapter_name=names[0])
         for name in names[1:]:
@@ -82,19 +84,19 @@ class PeftOracle:
         self.model.eval()
 
     @torch.no_grad()
+    def last_logits(self, ids: list[int], adapter: str | None) -> torch.Tensor:
+        """fp32 logits of the token after `ids`."""
+        batch = torch.tensor([ids], device=self.device)
+        if adapter is None:
+            with self.model.disable_adapter():
+                return self.model(input_ids=batch).logits[0, -1].float()
+        self.model.set_adapter(adapter)
+        return self.model(input_ids=batch).logits[0, -1].float()
+
     def greedy(self, prompt: list[int], adapter: str | None, max_tokens: int) -> list[int]:
-        ids = torch.tensor([prompt])
         out: list[int] = []
         for _ in range(max_tokens):
-            if adapter is None:
-                with self.model.disable_adapter():
-                    logits = self.model(input_ids=ids).logits[0, -1]
-            else:
-                self.model.set_adapter(adapter)
-                logits = self.model(input_ids=ids).logits[0, -1]
-            token = int(torch.argmax(logits))
-            out.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            out.append(int(torch.argmax(self.last_logits(prompt + out, adapter))))
         return out
 
 

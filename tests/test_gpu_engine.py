@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ALL_TARGETS, make_hf_model, make_peft_adapter
+from conftest import ALL_TARGETS, PeftOracle, make_hf_model, make_peft_adapter
 from lorafleet.engine import LLM
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -33,9 +33,6 @@ def _prompts(n: int) -> list[list[int]]:
 
 @torch.no_grad()
 def test_bf16_logits_match_hf_peft_on_gpu(assets):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     base, adapters = assets
     names = [*adapters, None]
     prompts = _prompts(14)
@@ -43,20 +40,10 @@ def test_bf16_logits_match_hf_peft_on_gpu(assets):
     llm = LLM(str(base), adapters=adapters, device="cuda", dtype="bfloat16", num_pages=512)
     llm.generate(prompts, adapters=which, max_tokens=1, ignore_eos=True)
     ours = llm.engine.executor.last_logits
-    hf = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16).cuda()
-    first = next(iter(adapters))
-    peft = PeftModel.from_pretrained(hf, adapters[first], adapter_name=first)
-    for name in list(adapters)[1:]:
-        peft.load_adapter(adapters[name], adapter_name=name)
+    oracle = PeftOracle(base, adapters, dtype=torch.bfloat16, device="cuda")
     worst = 0.0
     for i, (prompt, adapter) in enumerate(zip(prompts, which)):
-        ids = torch.tensor([prompt], device="cuda")
-        if adapter is None:
-            with peft.disable_adapter():
-                want = peft(input_ids=ids).logits[0, -1].float()
-        else:
-            peft.set_adapter(adapter)
-            want = peft(input_ids=ids).logits[0, -1].float()
+        want = oracle.last_logits(prompt, adapter)
         error = float((ours[i].float() - want).abs().max() / want.std())
         worst = max(worst, error)
     print(f"bf16 worst relative logit error vs HF+PEFT: {worst:.4f}")
