@@ -146,8 +146,9 @@ def _parse_key(key: str, num_layers: int, layers: set[int]) -> tuple[int, str, s
 def _check_pairs(a: dict, b: dict) -> None:
     if not a:
         raise AdapterError("adapter_model.safetensors: no LoRA weights found")
-    for module in set(a) ^ set(b):
-        raise AdapterError(f"{module}: lora_A and lora_B must both be present")
+    unpaired = sorted(set(a) ^ set(b))
+    if unpaired:
+        raise AdapterError(f"{unpaired[0]}: lora_A and lora_B must both be present")
 
 
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
