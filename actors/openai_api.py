@@ -7,6 +7,7 @@ Extensions: `return_token_ids` (choices carry `token_ids`, the response `prompt_
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -150,6 +151,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, chat=True)
 
 
+def natural_key(name: str) -> list:
+    """Sort key that orders embedded numbers by value: lora-2 before lora-10."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
 async def models(request: web.Request) -> web.Response:
     frontend: Frontend = request.app["frontend"]
     hub = frontend.hub
@@ -157,7 +163,7 @@ async def models(request: web.Request) -> web.Response:
     created = int(hub.info.get("started", time.time()))
     data = [{"id": base, "object": "model", "created": created, "owned_by": "lorafleet",
              "root": hub.info.get("model_path", base), "parent": None, "max_model_len": frontend.ctx.max_model_len}]
-    for name, path in sorted(hub.adapters.items()):
+    for name, path in sorted(hub.adapters.items(), key=lambda item: natural_key(item[0])):
         data.append({"id": name, "object": "model", "created": created, "owned_by": "lorafleet", "root": path,
                      "parent": base})
     return web.json_response({"object": "list", "data": data})

@@ -35,8 +35,7 @@ class AdapterLoader:
 
     def load(self, name: str, path: str) -> PackedAdapter:
         scratch = AdapterStore(self.model, self.page_elements, self.dtype, self.max_rank, 1 << 62, shards=self.shards)
-        scratch.register(name, path)
-        return scratch.cache[name]
+        return scratch.load_packed(name, path)
 
 
 class PrefetcherActor:

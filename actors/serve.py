@@ -27,6 +27,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="serve a PEFT adapter")
     p.add_argument("--adapter-root", default=None, help="every PEFT dir below it is served by its relative path; "
                    "runtime loads are restricted to it")
+    p.add_argument("--synthetic-adapters", type=int, default=0, metavar="N",
+                   help="also serve N random adapters synthetic-0..N-1, made in memory (for benchmarks)")
+    p.add_argument("--synthetic-ranks", default="8,16,32,64", help="their ranks, cycled (default 8,16,32,64)")
+    p.add_argument("--synthetic-targets", default="q_proj,k_proj,v_proj,o_proj", help="their target modules")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     p.add_argument("--device", default="cpu")
@@ -109,6 +113,22 @@ def scan_adapter_root(root: Path) -> dict[str, str]:
     return found
 
 
+def synthetic_adapters(args: argparse.Namespace) -> dict[str, str]:
+    """--synthetic-adapters N: synthetic-i (rank cycling through --synthetic-ranks, seed i), the names and
+    ranks the PEFT baseline server gives its own random adapters."""
+    from lorafleet.engine.synthetic import synthetic_adapter_path
+
+    try:
+        ranks = [int(r) for r in args.synthetic_ranks.split(",") if r.strip()]
+    except ValueError as exc:
+        raise ValueError(f"--synthetic-ranks: expected comma-separated integers, got {args.synthetic_ranks!r}") from exc
+    if args.synthetic_adapters < 0 or not ranks or min(ranks) < 1:
+        raise ValueError("--synthetic-adapters must be >= 0 and --synthetic-ranks positive integers")
+    targets = tuple(t.strip() for t in args.synthetic_targets.split(",") if t.strip())
+    return {f"synthetic-{i}": synthetic_adapter_path(ranks[i % len(ranks)], i, targets)
+            for i in range(args.synthetic_adapters)}
+
+
 def resolve_assets(args: argparse.Namespace) -> Assets:
     from lorafleet.engine.build import resolve_model
 
@@ -128,6 +148,7 @@ def resolve_assets(args: argparse.Namespace) -> Assets:
         if not sep or not name or not path:
             raise ValueError(f"--adapter: expected NAME=DIR, got {spec!r}")
         adapters[name] = path
+    adapters.update(synthetic_adapters(args))
     return Assets(ref, resolve_model(ref), args.served_model_name or base, adapters)
 
 

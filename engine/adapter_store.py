@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from lorafleet.engine.adapters import AdapterError, load_adapter, pack_adapter, shard_adapter
+from lorafleet.engine.adapters import AdapterError, AdapterWeights, load_adapter, pack_adapter, shard_adapter
 from lorafleet.engine.config import ModelConfig
 from lorafleet.engine.layout import AdapterLayout
+from lorafleet.engine.synthetic import SYNTHETIC_ADAPTER
 
 
 @dataclass(frozen=True)
@@ -70,25 +71,32 @@ class AdapterStore:
     stats: CacheStats = field(default_factory=CacheStats)
 
     def register(self, name: str, path: str | Path) -> AdapterInfo:
-        """Validate the PEFT directory and make it servable as `name` (replacing nothing)."""
+        """Validate the PEFT directory and make it servable as `name` (replacing nothing). A directory is
+        read, packed and cached; a `synthetic:` adapter (made in memory) is packed on first use."""
         if not name or not isinstance(name, str):
             raise AdapterError("lora_name: must be a non-empty string")
         if name in self.infos:
             raise AdapterError(f"lora_name: adapter {name!r} is already loaded")
-        info, packed = self._load(name, str(path))
+        info, parts = self._read(name, str(path))
         self.infos[name] = info
-        self._put(packed)
+        if not info.path.startswith(SYNTHETIC_ADAPTER):
+            self._put(self._pack(info, parts))
         return info
 
-    def _load(self, name: str, path: str) -> tuple[AdapterInfo, PackedAdapter]:
-        """Read, validate, shard (one part per tensor-parallel rank) and pack an adapter."""
+    def load_packed(self, name: str, path: str) -> PackedAdapter:
+        """Read, validate, shard (one part per tensor-parallel rank) and pack an adapter; touches no state."""
+        return self._pack(*self._read(name, path))
+
+    def _read(self, name: str, path: str) -> tuple[AdapterInfo, list[AdapterWeights]]:
         weights = load_adapter(name, path, self.model, self.max_rank)
         parts = [shard_adapter(weights, rank, self.shards) for rank in range(self.shards)]
         layout = AdapterLayout.from_matrices(parts[0].matrices(), self.page_elements)
-        info = AdapterInfo(name, path, weights.rank, weights.scale, weights.ranks(), layout)
-        pages = [pack_adapter(part, layout, self.dtype) for part in parts]
+        return AdapterInfo(name, path, weights.rank, weights.scale, weights.ranks(), layout), parts
+
+    def _pack(self, info: AdapterInfo, parts: list[AdapterWeights]) -> PackedAdapter:
+        pages = [pack_adapter(part, info.layout, self.dtype) for part in parts]
         stacked = pages[0] if self.shards == 1 else torch.stack(pages)
-        return info, PackedAdapter(info, stacked, self.shards)
+        return PackedAdapter(info, stacked, self.shards)
 
     def unregister(self, name: str) -> None:
         if name not in self.infos:
@@ -107,7 +115,7 @@ class AdapterStore:
             return self.cache[name]
         self.stats.misses += 1
         started = time.perf_counter()
-        _, packed = self._load(name, self.infos[name].path)
+        packed = self.load_packed(name, self.infos[name].path)
         self.stats.load_seconds += time.perf_counter() - started
         self._put(packed)
         return packed

@@ -108,7 +108,10 @@ def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_adapter(name: str, adapter_dir: str | Path, model: ModelConfig, max_rank: int) -> AdapterWeights:
-    """Load and validate a PEFT LoRA directory against the base model's shapes."""
+    """Load and validate a PEFT LoRA directory against the base model's shapes (or make the random
+    adapter a `synthetic:` path describes, see lorafleet.engine.synthetic)."""
+    if str(adapter_dir).startswith("synthetic:"):
+        return _synthetic_adapter(name, str(adapter_dir), model, max_rank)
     adapter_dir = Path(adapter_dir)
     cfg = read_adapter_config(adapter_dir, max_rank)
     rank = cfg["r"]
@@ -129,6 +132,19 @@ def load_adapter(name: str, adapter_dir: str | Path, model: ModelConfig, max_ran
         store.setdefault(module, torch.zeros(shape, dtype=torch.float32))[layer] = tensor.float()
     _check_pairs(a, b)
     return AdapterWeights(name=name, rank=rank, scale=scale, a=a, b=b)
+
+
+def _synthetic_adapter(name: str, path: str, model: ModelConfig, max_rank: int) -> AdapterWeights:
+    from lorafleet.engine.synthetic import parse_synthetic_adapter, synthetic_adapter_tensors
+
+    try:
+        rank, seed, targets = parse_synthetic_adapter(path)
+        if not 1 <= rank <= max_rank:
+            raise ValueError(f"r: rank {rank} must be in 1..{max_rank} (the configured maximum)")
+        a, b = synthetic_adapter_tensors(model, rank, seed, targets)
+    except ValueError as exc:
+        raise AdapterError(str(exc)) from exc
+    return AdapterWeights(name=name, rank=rank, scale=2.0, a=a, b=b)  # lora_alpha = 2r, as the PEFT baseline
 
 
 def _parse_key(key: str, num_layers: int, layers: set[int]) -> tuple[int, str, str]:
@@ -183,7 +199,12 @@ def pack_adapter(weights: AdapterWeights, layout: AdapterLayout, dtype: torch.dt
 
 
 def _scatter_rows(flat: torch.Tensor, starts: tuple[int, ...], rows: torch.Tensor) -> None:
-    """flat[:, start_i : start_i + width] = rows[:, i] for every row i (rows: [layers, count, width])."""
+    """flat[:, start_i : start_i + width] = rows[:, i] for every row i (rows: [layers, count, width]).
+    Rows laid back to back (most of them: a page holds whole rows) are copied as one slice per run."""
     width = rows.shape[2]
-    index = torch.tensor(starts)[:, None] + torch.arange(width)[None, :]
-    flat[:, index] = rows.to(flat.dtype)
+    first = 0
+    for i in range(1, len(starts) + 1):
+        if i == len(starts) or starts[i] != starts[i - 1] + width:
+            begin, count = starts[first], i - first
+            flat[:, begin:begin + count * width] = rows[:, first:i].reshape(rows.shape[0], count * width)
+            first = i

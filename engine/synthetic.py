@@ -122,3 +122,53 @@ def write_adapter(
               "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model_dir)}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+SYNTHETIC_ADAPTER = "synthetic:"
+_BANK_ELEMENTS = 1 << 26  # 256 MiB of fp32 noise shared by every synthetic adapter in a process
+_bank: torch.Tensor | None = None
+
+
+def synthetic_adapter_path(rank: int, seed: int, targets: tuple[str, ...] = TARGET_MODULES[:4]) -> str:
+    """The 'path' of a random adapter made in memory: `synthetic:r=8;seed=3;targets=q_proj,k_proj`."""
+    return f"{SYNTHETIC_ADAPTER}r={rank};seed={seed};targets={','.join(targets)}"
+
+
+def parse_synthetic_adapter(path: str) -> tuple[int, int, tuple[str, ...]]:
+    """(rank, seed, targets) of a synthetic adapter path; ValueError naming the bad part."""
+    fields = dict(part.partition("=")[::2] for part in path[len(SYNTHETIC_ADAPTER):].split(";") if part)
+    try:
+        rank, seed = int(fields["r"]), int(fields.get("seed", "0"))
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"lora_path: {path!r} needs r=<int> and seed=<int>") from exc
+    targets = tuple(t for t in fields.get("targets", ",".join(TARGET_MODULES[:4])).split(",") if t)
+    unknown = [t for t in targets if t not in TARGET_MODULES]
+    if unknown or not targets:
+        raise ValueError(f"lora_path: targets {unknown or targets} are not among {list(TARGET_MODULES)}")
+    return rank, seed, targets
+
+
+def _noise_bank() -> torch.Tensor:
+    global _bank
+    if _bank is None:
+        _bank = 0.05 * torch.randn(_BANK_ELEMENTS, generator=torch.Generator().manual_seed(0))
+    return _bank
+
+
+def synthetic_adapter_tensors(
+    model: ModelConfig, rank: int, seed: int, targets: tuple[str, ...]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A [layers, r, in] and B [layers, out, r] per target: views into one shared block of noise at
+    seed-dependent offsets, so making an adapter costs no memory or time (like a read that hits the page
+    cache); packing it into pages is the real copy. Different seeds see differently shifted noise."""
+    bank = _noise_bank()
+    a, b = {}, {}
+    for index, module in enumerate(targets):
+        fan_in, fan_out = model.module_dims()[module]
+        for which, (store, rows, cols) in enumerate(((a, rank, fan_in), (b, fan_out, rank))):
+            size = model.num_layers * rows * cols
+            if size > bank.numel():
+                raise ValueError(f"r: rank {rank} is too large for a synthetic adapter of this model")
+            offset = (seed * 1_000_003 + index * 7_919 + which * 104_729) % (bank.numel() - size + 1)
+            store[module] = bank.as_strided((model.num_layers, rows, cols), (rows * cols, cols, 1), offset)
+    return a, b

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", action="append", default=[], help="name=DIR (repeatable)")
     parser.add_argument("--url", default=None, help="measure this running server instead of starting one")
     parser.add_argument("--peft-num-adapters", default=None, help="n values for peft only (default: the same)")
+    parser.add_argument("--nolora-num-adapters", default=None,
+                        help="n values for lorafleet-nolora only (default: the same; n only changes which "
+                        "adapter names the trace holds, nolora ignores them)")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra argument for lorafleet serve")
     parser.add_argument("--peft-arg", action="append", default=[], help="extra argument for the PEFT server")
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for /health")
@@ -233,6 +236,8 @@ def run_group(kind: str, backends: list[str], args: argparse.Namespace, gpu: str
 def _counts_for(backend: str, args: argparse.Namespace) -> list[int | None]:
     if backend == "peft" and args.peft_num_adapters:
         return parse_counts(args.peft_num_adapters, "--peft-num-adapters")
+    if backend == "lorafleet-nolora" and args.nolora_num_adapters:
+        return parse_counts(args.nolora_num_adapters, "--nolora-num-adapters")
     return parse_counts(args.num_adapters, "--num-adapters")
 
 
