@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lorafleet.actors.admission import SHUTTING_DOWN, SLO_UNATTAINABLE
 from lorafleet.actors.channels import Channel, LocalChannel
@@ -41,6 +41,34 @@ from lorafleet.engine.request import ParamError, Request, RequestOutput
 from lorafleet.engine.scheduler import Schedule
 
 EXECUTOR_FAILED = "executor_failed"
+SNAPSHOT_EVERY_S = 0.05  # engine snapshots (pool map, queues) while busy: at most 20/s, plus one whenever the
+# engine turns busy or idle
+
+
+@dataclass
+class StepLog:
+    """Sums over the steps since the last `--log-steps` line: where a step's time went."""
+
+    interval_s: float
+    since: float = field(default_factory=time.monotonic)
+    steps: int = 0
+    seqs: int = 0
+    tokens: int = 0
+    step_ms: float = 0.0  # plan sent -> result back
+    executor_ms: float = 0.0  # inside the executor (metadata, GPU, sampling)
+    host_ms: float = 0.0  # this process between a result and the next plan sent
+
+    def add(self, seqs: int, tokens: int, step_ms: float, executor_ms: float, host_ms: float) -> None:
+        self.steps, self.seqs, self.tokens = self.steps + 1, self.seqs + seqs, self.tokens + tokens
+        self.step_ms, self.executor_ms, self.host_ms = (self.step_ms + step_ms, self.executor_ms + executor_ms,
+                                                        self.host_ms + host_ms)
+        now = time.monotonic()
+        if now - self.since >= self.interval_s:
+            n = self.steps
+            print(f"lorafleet: steps {n / (now - self.since):.1f}/s  seqs {self.seqs / n:.1f}  tokens "
+                  f"{self.tokens / n:.1f}  step {self.step_ms / n:.1f} ms (executor {self.executor_ms / n:.1f})  "
+                  f"host {self.host_ms / n:.1f} ms", flush=True)
+            self.__init__(self.interval_s)
 
 
 @dataclass
@@ -55,8 +83,11 @@ class Live:
 
 class SchedulerActor:
     def __init__(self, engine: Engine, executors, inbox: LocalChannel, router: Channel, admission: Channel,
-                 prefetcher: Channel, hub: ServeHub) -> None:
+                 prefetcher: Channel, hub: ServeHub, log_steps_s: float = 0.0) -> None:
         self.engine, self.executors = engine, executors
+        self.step_log = StepLog(log_steps_s) if log_steps_s > 0 else None
+        self._result_at: float | None = None
+        self._snapshot_at, self._snapshot_busy = 0.0, False
         self.inbox, self.router, self.admission, self.prefetcher, self.hub = inbox, router, admission, prefetcher, hub
         self.live: dict[str, Live] = {}
         self.dead: str | None = None
@@ -105,6 +136,10 @@ class SchedulerActor:
             self._executor_died(str(exc))
             return
         elapsed_ms = (time.perf_counter() - started) * 1000
+        if self.step_log is not None:
+            host_ms = (started - self._result_at) * 1000 if self._result_at is not None else 0.0
+            self.step_log.add(len(plan.seqs), plan.num_tokens, elapsed_ms, result.seconds * 1000, host_ms)
+            self._result_at = time.perf_counter()
         self.step_ms = elapsed_ms if self.step_ms == 0 else 0.8 * self.step_ms + 0.2 * elapsed_ms
         outputs = self.engine.complete_step(schedule, result.sampled)
         items = [self._item(out) for out in outputs]
@@ -145,15 +180,18 @@ class SchedulerActor:
         timing.batch_tokens, timing.batch_seqs = plan.num_tokens, len(plan.seqs)
         self.hub.publish_step(StepRecord(plan.step, len(plan.seqs), plan.num_tokens, elapsed_ms, list(plan.slots),
                                          adapter_loads=[load.name for load in plan.loads]))
-        self._publish()
+        self._publish(throttled=True)
         self._ask_prefetch()
 
-    def _publish(self) -> None:
+    def _publish(self, throttled: bool = False) -> None:
         waiting = self.engine.scheduler.waiting
         self.admission.send(SchedulerStats(
             self.hub.timing.step, self.seen_seq, len(waiting), len(self.engine.scheduler.running),
             sum(r.num_tokens - r.num_computed for r in waiting), self.step_ms))
-        self.hub.publish_snapshot(self.engine.snapshot())
+        now, busy = time.monotonic(), self.engine.has_unfinished()
+        if not throttled or now - self._snapshot_at >= SNAPSHOT_EVERY_S or busy != self._snapshot_busy:
+            self._snapshot_at, self._snapshot_busy = now, busy
+            self.hub.publish_snapshot(self.engine.snapshot())
 
     def _ask_prefetch(self) -> None:
         store = self.engine.store

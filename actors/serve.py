@@ -56,6 +56,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="restart a dead executor up to N times (0: exit 3 after --failure-linger)")
     p.add_argument("--api-key", default=os.environ.get("LORAFLEET_API_KEY"))
     p.add_argument("--admin-key", default=os.environ.get("LORAFLEET_ADMIN_KEY"))
+    p.add_argument("--log-steps", type=float, default=0.0, metavar="S",
+                   help="every S seconds print steps/s, batch size and where a step's time went (0 = off)")
     p.add_argument("--torch-threads", type=int, default=0, help="torch threads per executor (0 = default)")
     return p.parse_args(argv)
 

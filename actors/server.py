@@ -30,7 +30,7 @@ from lorafleet.engine.adapters import AdapterError
 from lorafleet.engine.config import ConfigError, EngineConfig, ModelConfig, page_geometry
 from lorafleet.engine.engine import Engine
 from lorafleet.engine.plan import StepPlan
-from lorafleet.engine.tokenizer import load_tokenizer
+from lorafleet.engine.tokenizer import load_tokenizer, text_decoder
 
 
 class RemoteOnly:
@@ -57,7 +57,7 @@ def build_planning_engine(assets: Assets, config: EngineConfig, host_cache_bytes
     block_tokens, page_elements = page_geometry(cfg, config.block_tokens, tp)
     store = AdapterStore(cfg, page_elements, config.torch_dtype, config.max_lora_rank, host_cache_bytes, shards=tp)
     tokenizer = load_tokenizer(assets.model_dir)
-    decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None
+    decode = text_decoder(tokenizer)
     engine = Engine(cfg, config, store, RemoteOnly(), decode, block_tokens)
     for name, path in assets.adapters.items():
         try:
@@ -104,7 +104,7 @@ class Server:
         self.scheduler_box = scheduler_box
         self.executors.watch(lambda rank, reason: scheduler_box.send(ExecutorDown(rank, reason)))
         self.scheduler = SchedulerActor(self.engine, self.executors, scheduler_box, router_box, admission_box,
-                                        prefetch_box, self.hub)
+                                        prefetch_box, self.hub, args.log_steps)
         self.admission_box = admission_box
         policy = AdmissionPolicy(args.max_queue, self.config.max_batch_tokens)
         actors = {

@@ -22,7 +22,8 @@ W=(--alpha 1 --cv 1 --input-len 8:512 --output-len 8:512 --rate "$RATE" --durati
    --model "$model" --out "$out" --append --log-dir "$LOGS")
 if [ "$part" = lorafleet ]; then
   S=(--device "$DEVICE" --dtype bfloat16 --num-pages 0 --max-num-seqs 256 --max-batch-tokens 4096
-     --max-adapters-per-batch 256 --host-cache-mb 65536 --max-queue 8192 --synthetic-adapters "$MAX_N")
+     --max-adapters-per-batch 256 --host-cache-mb 65536 --max-queue 8192 --synthetic-adapters "$MAX_N"
+     --log-steps 10)
   lorafleet bench --backend lorafleet,lorafleet-nolora --num-adapters "${LORAFLEET_N:-5,100,1000,2000}" \
       --nolora-num-adapters "${NOLORA_N:-100}" "${S[@]/#/--serve-arg=}" "${W[@]}"
 elif [ "$part" = peft ]; then

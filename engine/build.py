@@ -17,7 +17,7 @@ from lorafleet.engine.model import CausalLM, ParallelGroup
 from lorafleet.engine.parallel import ProcessGroupExecutor
 from lorafleet.engine.runner import ModelRunner
 from lorafleet.engine.synthetic import RandomSource, write_model
-from lorafleet.engine.tokenizer import load_tokenizer
+from lorafleet.engine.tokenizer import load_tokenizer, text_decoder
 from lorafleet.engine.weights import SafetensorsSource, Shard, TensorSource
 
 SYNTHETIC = "synthetic:"
@@ -139,7 +139,7 @@ def build_engine(model: str, config: EngineConfig, adapters: dict[str, str] | No
             config = dataclasses.replace(config, num_pages=auto_num_pages(cfg, config, page_elements))
         runner = ProcessGroupExecutor(str(model_dir), config, store.fetch)
     tokenizer = load_tokenizer(model_dir)
-    decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None
+    decode = text_decoder(tokenizer)
     engine = Engine(cfg, config, store, runner, decode, block_tokens)
     for name, path in (adapters or {}).items():
         engine.add_adapter(name, path)

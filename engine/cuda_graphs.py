@@ -11,14 +11,28 @@ scratch page no request owns.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lorafleet.engine.config import TARGET_MODULES
 from lorafleet.engine.model import AttentionBatch, CausalLM, LoraBatch, ModuleLora
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 384, 512)
+
+
+def pad_rows(rows: list[list[int]], width: int, fill: int, dtype: type = np.int32) -> torch.Tensor:
+    """[len(rows), width] on the host: each row's values, then `fill` (one numpy scatter, not a nested-list
+    conversion, which costs milliseconds for a few hundred block tables)."""
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    total = int(lengths.sum())
+    values = np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=total)
+    out = np.full((len(rows), width), fill, dtype=dtype)
+    starts = np.cumsum(lengths) - lengths
+    out[np.repeat(np.arange(len(rows)), lengths), np.arange(total) - np.repeat(starts, lengths)] = values
+    return torch.from_numpy(out)
 
 
 @dataclass
@@ -31,7 +45,8 @@ class DecodeInputs:
     block_tables: list[list[int]]
     token_slots: list[int]
     scales: list[float]
-    modules: dict[str, tuple]  # module -> (a_rows, b_rows, ranks, expand_ranks, cols) as built by the runner
+    modules: dict[str, tuple]  # module -> (a_rows, b_rows, ranks, expand_ranks, cols) as built by the runner:
+    # row tables and column maps as host int64 tensors [slots, width], row counts as lists
 
 
 class StaticBatch:
@@ -108,9 +123,8 @@ class DecodeGraphs:
         """Copy the step into the static buffers; rows past the batch become base-only scratch tokens."""
         s, batch, bt = self.static, len(inputs.input_ids), self.block_tokens
         pad = rows - batch
-        width = s.block_tables.shape[1]
-        tables = [t + [self.scratch_page] * (width - len(t)) for t in inputs.block_tables]
-        tables += [[self.scratch_page] * width] * pad
+        width = max(len(t) for t in inputs.block_tables)  # columns past it are never read this step
+        tables = pad_rows(inputs.block_tables + [[]] * pad, width, self.scratch_page)
         host = {
             "input_ids": inputs.input_ids + [0] * pad,
             "positions": inputs.positions + [0] * pad,
@@ -121,7 +135,7 @@ class DecodeGraphs:
         for name, values in host.items():
             buffer = getattr(s, name)
             buffer[:rows].copy_(torch.tensor(values, dtype=buffer.dtype), non_blocking=True)
-        s.block_tables[:rows].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        s.block_tables[:rows, :width].copy_(tables, non_blocking=True)
         self._fill_lora(inputs)
 
     def _fill_lora(self, inputs: DecodeInputs) -> None:
@@ -134,10 +148,10 @@ class DecodeGraphs:
             static.expand_ranks.zero_()
             if not ranks:
                 continue
-            n, width = len(ranks), len(a_rows[0])
-            static.a_rows[:n, :width].copy_(torch.tensor(a_rows, dtype=torch.long), non_blocking=True)
-            static.b_rows[:n, : len(b_rows[0])].copy_(torch.tensor(b_rows, dtype=torch.long), non_blocking=True)
+            n = len(ranks)
+            static.a_rows[:n, : a_rows.shape[1]].copy_(a_rows, non_blocking=True)
+            static.b_rows[:n, : b_rows.shape[1]].copy_(b_rows, non_blocking=True)
             static.ranks[:n].copy_(torch.tensor(ranks, dtype=torch.int32), non_blocking=True)
             static.expand_ranks[:n].copy_(torch.tensor(expand_ranks, dtype=torch.int32), non_blocking=True)
             if cols is not None:
-                static.cols[:n, : len(cols[0])].copy_(torch.tensor(cols, dtype=torch.long), non_blocking=True)
+                static.cols[:n, : cols.shape[1]].copy_(cols, non_blocking=True)

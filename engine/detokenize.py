@@ -1,12 +1,13 @@
 """Incremental detokenization with stop strings.
 
-The full output is re-decoded each step (outputs are short relative to the model work); text that
-might still become the start of a stop string, or ends in an incomplete UTF-8 sequence, is held back
+`Detokenizer` turns the growing output ids into text a few tokens at a time; `TextStream` holds back
+text that might still become the start of a stop string, or ends in an incomplete UTF-8 sequence,
 until it is certain.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -48,3 +49,35 @@ class TextStream:
                     end -= keep
                     break
         return end
+
+
+@dataclass
+class Detokenizer:
+    """The text of a growing list of token ids, decoding a short window per new token instead of the
+    whole output (which costs O(length) per token: quadratic over a long generation).
+
+    Tokens before `prefix` are in `text` for good; the window ids[prefix:read] was decoded last time and
+    gives the context (e.g. a leading space) the next tokens are decoded with. The text grows only when
+    the window's decode does not end in an incomplete UTF-8 sequence; `finish` takes the rest as is.
+    """
+
+    decode: Callable[[list[int]], str]
+    text: str = ""
+    prefix: int = 0
+    read: int = 0
+
+    def push(self, ids: list[int]) -> str:
+        known = self.decode(ids[self.prefix:self.read])
+        new = self.decode(ids[self.prefix:])
+        if len(new) > len(known) and not new.endswith("\ufffd"):
+            self.text += new[len(known):]
+            self.prefix, self.read = self.read, len(ids)
+        return self.text
+
+    def finish(self, ids: list[int]) -> str:
+        known = self.decode(ids[self.prefix:self.read])
+        new = self.decode(ids[self.prefix:])
+        if len(new) > len(known):
+            self.text += new[len(known):]
+        self.prefix = self.read = len(ids)
+        return self.text

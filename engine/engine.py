@@ -17,7 +17,7 @@ from typing import Protocol
 from lorafleet.engine.adapter_store import AdapterStore
 from lorafleet.engine.adapters import AdapterError
 from lorafleet.engine.config import EngineConfig, ModelConfig
-from lorafleet.engine.detokenize import TextStream
+from lorafleet.engine.detokenize import Detokenizer, TextStream
 from lorafleet.engine.plan import AdapterLoad, SeqPlan, StepPlan
 from lorafleet.engine.pool import PagePool
 from lorafleet.engine.request import ParamError, Request, RequestOutput, SamplingParams, Status
@@ -60,6 +60,7 @@ class Tracked:
 
     request: Request
     text: TextStream
+    detok: Detokenizer
 
 
 class Engine:
@@ -95,7 +96,7 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         request = Request(self._next_id, request_id, list(prompt_ids), adapter, params, seed, time.monotonic())
         self._next_id += 1
-        self.requests[request_id] = Tracked(request, TextStream(params.stop))
+        self.requests[request_id] = Tracked(request, TextStream(params.stop), Detokenizer(self.decode))
         self.scheduler.add(request)
 
     def _validate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
@@ -156,7 +157,7 @@ class Engine:
         r, p = chunk.request, chunk.request.params
         return SeqPlan(
             request_id=r.id,
-            token_ids=r.token_ids[chunk.start : chunk.start + chunk.length],
+            token_ids=r.token_slice(chunk.start, chunk.length),
             start=chunk.start,
             block_table=list(self.pool.kv_pages[r.id]),
             slot=slot_of[r.adapter] if r.adapter is not None else -1,
@@ -179,10 +180,11 @@ class Engine:
         tracked = self.requests[request.external_id]
         request.output_ids.append(token)
         request.first_token_time = request.first_token_time or time.monotonic()
-        delta = tracked.text.update(self.decode(request.output_ids))
+        delta = tracked.text.update(tracked.detok.push(request.output_ids))
         reason = self._finish_reason(request, token, tracked.text)
         if reason is not None:
             self.scheduler.finish(request, reason)
+            delta += tracked.text.update(tracked.detok.finish(request.output_ids))
             delta += tracked.text.flush()
             del self.requests[request.external_id]
         return RequestOutput(

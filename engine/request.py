@@ -57,9 +57,10 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
-    """A generation inside the engine. `num_computed` tokens of `token_ids` have KV in the pool."""
+    """A generation inside the engine. `num_computed` tokens of `token_ids` have KV in the pool.
+    Requests compare by identity (the scheduler's queues look them up on every step)."""
 
     id: int
     external_id: str
@@ -80,6 +81,15 @@ class Request:
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def token_slice(self, start: int, length: int) -> list[int]:
+        """token_ids[start:start + length] without building token_ids (a decode step's one token)."""
+        prompt = len(self.prompt_ids)
+        if start >= prompt:
+            return self.output_ids[start - prompt:start - prompt + length]
+        if start + length <= prompt:
+            return self.prompt_ids[start:start + length]
+        return self.token_ids[start:start + length]
 
     @property
     def num_tokens(self) -> int:

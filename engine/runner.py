@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lorafleet.engine.adapter_store import PackedAdapter
 from lorafleet.engine.adapters import COLUMN_PARALLEL
-from lorafleet.engine.cuda_graphs import DecodeGraphs, DecodeInputs
+from lorafleet.engine.cuda_graphs import DecodeGraphs, DecodeInputs, pad_rows
 from lorafleet.engine.model import AttentionBatch, CausalLM, LoraBatch, ModuleLora
 from lorafleet.engine.plan import SeqPlan, StepPlan
 from lorafleet.engine.sampling import SampleSpec, sample
@@ -76,7 +77,7 @@ class ModelRunner:
         token_slots, scales, tables = self._lora_tables(plan)
         graphs = self.graphs
         if graphs is not None and plan.is_decode and graphs.fits(
-            len(plan.seqs), len(scales), max((len(t[0][0]) for t in tables.values()), default=0),
+            len(plan.seqs), len(scales), max((t[0].shape[1] for t in tables.values()), default=0),
             max(len(s.block_table) for s in plan.seqs),
         ):
             if scales and self.shard.size > 1:  # graphs shrink into the static width: remap the columns
@@ -90,8 +91,8 @@ class ModelRunner:
         lora = None
         if scales:
             tensor = lambda data, dtype: torch.tensor(data, dtype=dtype, device=self.device)  # noqa: E731
-            modules = {m: ModuleLora(tensor(a, torch.long), tensor(b, torch.long), tensor(r, torch.int32),
-                                     tensor(e, torch.int32), tensor(c, torch.long) if c is not None else None)
+            device = lambda t: t.to(self.device) if t is not None else None  # noqa: E731
+            modules = {m: ModuleLora(device(a), device(b), tensor(r, torch.int32), tensor(e, torch.int32), device(c))
                        for m, (a, b, r, e, c) in tables.items()}
             lora = LoraBatch(tensor(token_slots, torch.int32), tensor(scales, torch.float32), modules)
         return self.model(input_ids, self._attention_batch(plan), lora, self.pool, self.block_tokens)
@@ -130,7 +131,7 @@ class ModelRunner:
     def _attention_batch(self, plan: StepPlan) -> AttentionBatch:
         positions, slots = self._positions(plan)
         width = max(len(s.block_table) for s in plan.seqs)
-        tables = [s.block_table + [0] * (width - len(s.block_table)) for s in plan.seqs]
+        tables = pad_rows([s.block_table for s in plan.seqs], width, 0)
         starts = [0]
         for s in plan.seqs:
             starts.append(starts[-1] + len(s.token_ids))
@@ -138,7 +139,7 @@ class ModelRunner:
         return AttentionBatch(
             positions=tensor(positions, torch.long),
             slots=tensor(slots, torch.long),
-            block_tables=tensor(tables, torch.int32),
+            block_tables=tables.to(self.device),
             context_lens=tensor([s.start + len(s.token_ids) for s in plan.seqs], torch.int32),
             query_starts=tensor(starts, torch.int32),
             is_decode=plan.is_decode,
@@ -175,9 +176,8 @@ class ModelRunner:
         return [(c // local) * width + c % local for c in range(full)]
 
 
-def _padded(tables: list[list[int]]) -> list[list[int]]:
-    width = max(1, max(len(t) for t in tables))
-    return [t + [0] * (width - len(t)) for t in tables]
+def _padded(tables: list[list[int]]) -> torch.Tensor:
+    return pad_rows(tables, max(1, max(len(t) for t in tables)), 0, np.int64)
 
 
 def _spec(seq: SeqPlan) -> SampleSpec:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -15,6 +16,18 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase | None:
     if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def text_decoder(tokenizer: PreTrainedTokenizerBase | None) -> Callable[[list[int]], str] | None:
+    """ids -> text without special tokens. A fast tokenizer's own decoder is called directly (the
+    transformers wrapper converts the ids again on every call: most of the cost for a few ids) unless
+    the tokenizer cleans up spaces, which only the wrapper does."""
+    if tokenizer is None:
+        return None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def build_byte_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
