@@ -41,7 +41,6 @@ from lorafleet.engine.request import ParamError, Request, RequestOutput
 from lorafleet.engine.scheduler import Schedule
 
 EXECUTOR_FAILED = "executor_failed"
-READ_FALLBACK_S = 1.0  # a waiting request's adapter not prefetched by then is read in the event loop
 SNAPSHOT_EVERY_S = 0.05  # engine snapshots (pool map, queues) while busy: at most 20/s, plus one whenever the
 # engine turns busy or idle
 
@@ -89,7 +88,6 @@ class SchedulerActor:
         self.step_log = StepLog(log_steps_s) if log_steps_s > 0 else None
         self._result_at: float | None = None
         self._snapshot_at, self._snapshot_busy = 0.0, False
-        engine.scheduler.adapter_ready = engine.store.is_cached  # reads happen in the prefetcher's thread
         self.inbox, self.router, self.admission, self.prefetcher, self.hub = inbox, router, admission, prefetcher, hub
         self.live: dict[str, Live] = {}
         self.dead: str | None = None
@@ -113,15 +111,10 @@ class SchedulerActor:
             if self.dead is not None or not self.engine.has_unfinished():
                 continue
             self.idle.clear()
-            self._ask_prefetch()
             self._ensure_readable()
             planned = self.engine.plan_step()
-            if planned is None:  # nothing fits, or waiting requests' adapters are still being read
-                try:
-                    msg = await asyncio.wait_for(self.inbox.recv(), READ_FALLBACK_S)
-                except asyncio.TimeoutError:
-                    continue
-                await self._handle(msg)
+            if planned is None:
+                await self._handle(await self.inbox.recv())
                 continue
             await self._run_step(*planned)
 
@@ -188,6 +181,7 @@ class SchedulerActor:
         self.hub.publish_step(StepRecord(plan.step, len(plan.seqs), plan.num_tokens, elapsed_ms, list(plan.slots),
                                          adapter_loads=[load.name for load in plan.loads]))
         self._publish(throttled=True)
+        self._ask_prefetch()
 
     def _publish(self, throttled: bool = False) -> None:
         waiting = self.engine.scheduler.waiting
@@ -286,13 +280,12 @@ class SchedulerActor:
                              f"(SLO {live.slo_ttft_ms:.0f} ms); dropped")
 
     def _ensure_readable(self) -> None:
-        """Adapters are read into the host cache by the prefetcher (a thread); a waiting request's adapter
-        it has not delivered after READ_FALLBACK_S is read here, synchronously: an unreadable one fails
-        its requests (`adapter_invalid`) and is unregistered, so a plan never loads one that cannot be staged."""
-        store, pool, now = self.engine.store, self.engine.pool, time.monotonic()
+        """Before planning, read into the host cache any adapter the scheduler may load now that the
+        prefetcher has not brought in yet; an unreadable one fails its requests (`adapter_invalid`)
+        and is unregistered, so a plan never loads an adapter that cannot be staged."""
+        store, pool = self.engine.store, self.engine.pool
         window = list(self.engine.scheduler.waiting)[: self.engine.config.fairness_window]
-        late = [r.adapter for r in window if r.adapter is not None and now - r.arrival >= READ_FALLBACK_S]
-        for name in dict.fromkeys(late):
+        for name in dict.fromkeys(r.adapter for r in window if r.adapter is not None):
             if name in store.infos and not store.is_cached(name) and not pool.is_resident(name):
                 try:
                     store.fetch(name)

@@ -59,14 +59,6 @@ class Scheduler:
         self.running: list[Request] = []
         self.preemptions = 0
         self.prefetched = 0
-        # Whether an adapter that is not resident can be loaded this step without reading it first (the
-        # serving scheduler: it is in the host cache). Requests whose adapter is not ready wait while it is
-        # read elsewhere; None = always (the offline engine reads synchronously).
-        self.adapter_ready: Callable[[str], bool] | None = None
-
-    def _ready(self, adapter: str | None) -> bool:
-        return (adapter is None or self.adapter_ready is None or self.pool.is_resident(adapter)
-                or self.adapter_ready(adapter))
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.config.block_tokens)
@@ -101,7 +93,7 @@ class Scheduler:
             if loaded >= self.config.prefetch_adapters:
                 return
             name = request.adapter
-            if name is None or self.pool.is_resident(name) or not self._ready(name):
+            if name is None or self.pool.is_resident(name):
                 continue
             pages = self.adapter_pages(name)
             if self.pool.num_free - pages < headroom:
@@ -126,8 +118,6 @@ class Scheduler:
         for request in self._candidates(in_batch):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            if not self._ready(request.adapter):
-                continue
             new_adapter = request.adapter is not None and request.adapter not in in_batch
             if new_adapter and len(in_batch) >= self.config.max_adapters_per_batch:
                 request.passed_over += 1

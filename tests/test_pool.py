@@ -110,23 +110,3 @@ def _run_fake_step(scheduler: Scheduler, plan) -> None:
             request.output_ids.append(1)
             if len(request.output_ids) >= request.params.max_tokens:
                 scheduler.finish(request, "length")
-
-
-def test_requests_wait_for_adapters_that_are_not_ready():
-    """The serving scheduler reads adapters off the event loop: a request whose adapter is neither resident
-    nor ready (in the host cache) is passed by, neither admitted nor prefetched into pages, until it is."""
-    config = EngineConfig(num_pages=64, block_tokens=4, max_batch_tokens=64, max_num_seqs=8)
-    pool = PagePool(64)
-    scheduler = Scheduler(config, pool, ADAPTER_PAGES.__getitem__)
-    ready = {"a": False, "b": True}
-    scheduler.adapter_ready = ready.__getitem__
-    first, second, base = (Request(i, str(i), [1] * 5, name, SamplingParams(max_tokens=3), 0, float(i))
-                           for i, name in enumerate(["a", "b", None]))
-    for request in (first, second, base):
-        scheduler.add(request)
-    plan = scheduler.schedule()
-    assert {c.request.id for c in plan.chunks} == {second.id, base.id} and plan.loads == ["b"]
-    assert first.status is Status.WAITING and not pool.is_resident("a")
-    ready["a"] = True
-    plan = scheduler.schedule()
-    assert first in [c.request for c in plan.chunks] and "a" in plan.loads
