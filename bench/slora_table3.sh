@@ -5,7 +5,8 @@
 #                                                   # (one server for all)
 #   bash bench/slora_table3.sh peft OUT.json        # PEFT n=5,100 (as the paper)
 # Each part fits a 10-minute command limit; the second appends to the first's file.
-# Environment: RATE (req/s, above every backend's capacity), DURATION (s), SHAPE, DEVICE, LOGS.
+# Environment: RATE (req/s, above every backend's capacity), DURATION (s), SHAPE, DEVICE, LOGS, and the rows:
+# BACKENDS, LORAFLEET_N, NOLORA_N, PEFT_N (adapter counts), MAX_N / PEFT_MAX_N (adapters each server holds).
 set -euo pipefail
 part=${1:?lorafleet or peft}
 out=${2:?results json}
@@ -24,7 +25,7 @@ if [ "$part" = lorafleet ]; then
   S=(--device "$DEVICE" --dtype bfloat16 --num-pages 0 --max-num-seqs 256 --max-batch-tokens 4096
      --max-adapters-per-batch 256 --host-cache-mb 65536 --max-queue 8192 --synthetic-adapters "$MAX_N"
      --log-steps 10)
-  lorafleet bench --backend lorafleet,lorafleet-nolora --num-adapters "${LORAFLEET_N:-5,100,1000,2000}" \
+  lorafleet bench --backend "${BACKENDS:-lorafleet,lorafleet-nolora}" --num-adapters "${LORAFLEET_N:-5,100,1000,2000}" \
       --nolora-num-adapters "${NOLORA_N:-100}" "${S[@]/#/--serve-arg=}" "${W[@]}"
 elif [ "$part" = peft ]; then
   lorafleet bench --backend peft --peft-num-adapters "${PEFT_N:-5,100}" --peft-arg=--random-weights \
