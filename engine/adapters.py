@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from lorafleet.engine.config import TARGET_MODULES, ModelConfig
 from lorafleet.engine.layout import AdapterLayout
+from lorafleet.engine.synthetic import SYNTHETIC_ADAPTER, parse_synthetic_adapter, synthetic_adapter_tensors
 
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 _REFUSED_TRUE = {
@@ -110,7 +111,7 @@ def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
 def load_adapter(name: str, adapter_dir: str | Path, model: ModelConfig, max_rank: int) -> AdapterWeights:
     """Load and validate a PEFT LoRA directory against the base model's shapes (or make the random
     adapter a `synthetic:` path describes, see lorafleet.engine.synthetic)."""
-    if str(adapter_dir).startswith("synthetic:"):
+    if str(adapter_dir).startswith(SYNTHETIC_ADAPTER):
         return _synthetic_adapter(name, str(adapter_dir), model, max_rank)
     adapter_dir = Path(adapter_dir)
     cfg = read_adapter_config(adapter_dir, max_rank)
@@ -135,8 +136,6 @@ def load_adapter(name: str, adapter_dir: str | Path, model: ModelConfig, max_ran
 
 
 def _synthetic_adapter(name: str, path: str, model: ModelConfig, max_rank: int) -> AdapterWeights:
-    from lorafleet.engine.synthetic import parse_synthetic_adapter, synthetic_adapter_tensors
-
     try:
         rank, seed, targets = parse_synthetic_adapter(path)
         if not 1 <= rank <= max_rank:

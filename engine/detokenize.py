@@ -66,18 +66,14 @@ class Detokenizer:
     prefix: int = 0
     read: int = 0
 
-    def push(self, ids: list[int]) -> str:
+    def push(self, ids: list[int], final: bool = False) -> str:
+        """The text of `ids` (the previous ids plus new ones); `final` also takes an incomplete ending."""
         known = self.decode(ids[self.prefix:self.read])
         new = self.decode(ids[self.prefix:])
-        if len(new) > len(known) and not new.endswith("\ufffd"):
+        if len(new) > len(known) and (final or not new.endswith("\ufffd")):
             self.text += new[len(known):]
             self.prefix, self.read = self.read, len(ids)
         return self.text
 
     def finish(self, ids: list[int]) -> str:
-        known = self.decode(ids[self.prefix:self.read])
-        new = self.decode(ids[self.prefix:])
-        if len(new) > len(known):
-            self.text += new[len(known):]
-        self.prefix = self.read = len(ids)
-        return self.text
+        return self.push(ids, final=True)
