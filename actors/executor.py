@@ -5,8 +5,9 @@ plus where the adapters to load are staged) over a shared-memory ring and awaits
 pages (bulk tensors) are copied by the `Stager` into a shared memory segment; the executor's
 `fetch_adapter` reads them from there, never from a msgpack frame.
 
-Ranks: every rank receives every plan; rank 0 samples and returns the token ids. World size 1 is what
-runs today; tensor parallelism adds ranks and a process group here without changing the protocol.
+Ranks: every rank receives every plan; rank 0 samples and returns the token ids (and broadcasts them to
+the other ranks, which resolve the next plan's pending tokens with them). The scheduler may send step n+1
+while step n runs: a rank reads it from its ring as soon as it has sent step n's result.
 """
 
 from __future__ import annotations
@@ -64,38 +65,44 @@ class ExecutorSpec:
 
 # the main process side: staging adapter pages -------------------------------------------------------
 class Stager:
-    """One shared memory segment, reused every step, holding the packed pages of the step's loads.
+    """Shared memory segments, reused step after step, holding the packed pages of a step's loads.
 
-    Steps run in lockstep (the next plan is sent after the previous result arrived), so the segment is
-    free again when the next step is staged. It grows (a new segment) when a step needs more room.
+    Two segments take turns: the scheduler stages step n+1 while step n (which may read the other segment)
+    runs, and it stages step n+2 only after step n's result came back. A segment grows (a new one) when a
+    step needs more room; the old one is unlinked once a result shows its last reader is done.
     """
 
     def __init__(self, initial_bytes: int = 1 << 20) -> None:
-        self.segment = shared_memory.SharedMemory(create=True, size=initial_bytes)
+        self.segments = [shared_memory.SharedMemory(create=True, size=initial_bytes) for _ in range(2)]
+        self.turn = 0
         self._retired: list[shared_memory.SharedMemory] = []
 
     def stage(self, packed: list[PackedAdapter]) -> list[StagedAdapter]:
+        if not packed:
+            return []
         sizes = [p.pages.numel() * p.pages.element_size() for p in packed]
         need = sum(-(-s // _ALIGN) * _ALIGN for s in sizes)
-        if need > self.segment.size:
-            self._retired.append(self.segment)
-            self.segment = shared_memory.SharedMemory(create=True, size=max(need, 2 * self.segment.size))
+        turn, self.turn = self.turn, 1 - self.turn
+        segment = self.segments[turn]
+        if need > segment.size:
+            self._retired.append(segment)
+            segment = self.segments[turn] = shared_memory.SharedMemory(create=True, size=max(need, 2 * segment.size))
         staged, offset = [], 0
         for item, size in zip(packed, sizes):
             pages = item.pages.contiguous()
-            target = torch.frombuffer(self.segment.buf, dtype=pages.dtype, count=pages.numel(), offset=offset)
+            target = torch.frombuffer(segment.buf, dtype=pages.dtype, count=pages.numel(), offset=offset)
             target.copy_(pages.reshape(-1))
             del target
             dtype = str(pages.dtype).removeprefix("torch.")
             info = item.info
             modules = {m: [list(rows.a_rows), list(rows.b_rows)] for m, rows in info.layout.modules.items()}
-            staged.append(StagedAdapter(info.name, self.segment.name, offset, list(pages.shape), dtype, info.scale,
+            staged.append(StagedAdapter(info.name, segment.name, offset, list(pages.shape), dtype, info.scale,
                                         info.rank, dict(info.ranks), modules, info.layout.num_pages, item.shards))
             offset += -(-size // _ALIGN) * _ALIGN
         return staged
 
     def release_retired(self) -> None:
-        """Unlink segments replaced by a larger one (call after the step that used the new one)."""
+        """Unlink segments replaced by a larger one (call after a step result: their last reader is done)."""
         for segment in self._retired:
             segment.close()
             segment.unlink()
@@ -103,8 +110,9 @@ class Stager:
 
     def close(self) -> None:
         self.release_retired()
-        self.segment.close()
-        self.segment.unlink()
+        for segment in self.segments:
+            segment.close()
+            segment.unlink()
 
 
 # the executor process side ----------------------------------------------------------------------------
@@ -113,16 +121,17 @@ class StagedReader:
 
     def __init__(self, page_elements: int) -> None:
         self.page_elements = page_elements
-        self.segments: dict[str, shared_memory.SharedMemory] = {}
+        self.segments: dict[str, shared_memory.SharedMemory] = {}  # the stager's two, most recent last
         self.current: dict[str, StagedAdapter] = {}
 
     def set_step(self, staged: list[StagedAdapter]) -> None:
         self.current = {s.name: s for s in staged}
-        names = {s.segment for s in staged}
-        for name in names - set(self.segments):
-            for old in self.segments.values():
-                old.close()
-            self.segments = {name: shared_memory.SharedMemory(name=name)}
+        for name in dict.fromkeys(s.segment for s in staged):
+            if name not in self.segments:
+                self.segments[name] = shared_memory.SharedMemory(name=name)
+            self.segments[name] = self.segments.pop(name)
+        while len(self.segments) > 2:  # a segment the stager replaced by a larger one
+            self.segments.pop(next(iter(self.segments))).close()
 
     def fetch(self, name: str) -> PackedAdapter:
         staged = self.current.get(name)
@@ -208,7 +217,7 @@ class _Rank:
 
 
 class ExecutorGroup:
-    """The executor processes of one engine (one per rank), driven in lockstep."""
+    """The executor processes of one engine (one per rank): every rank runs every step, in order."""
 
     def __init__(self, ranks: list[_Rank], stager: Stager) -> None:
         self.ranks, self.stager = ranks, stager
@@ -270,14 +279,24 @@ class ExecutorGroup:
         return [{"rank": r.rank, "pid": r.pid, "device": r.device, "alive": not r.exited and r.process.is_alive()}
                 for r in self.ranks]
 
-    async def run(self, plan: StepPlan, packed: list[PackedAdapter]) -> StepResult:
-        """Execute one step on every rank; rank 0's result. Raises ExecutorDied on any failure."""
+    def send(self, plan: StepPlan, packed: list[PackedAdapter]) -> None:
+        """Send one step to every rank; at most one more may be sent before its result is received (the
+        ranks queue it behind the step they run). Raises ExecutorDied on any failure."""
         if self.dead is not None:
             raise ExecutorDied(0, self.dead)
         try:
             msg = RunStep(plan.to_wire(), self.stager.stage(packed))
             for r in self.ranks:
                 r.channel.send(msg)
+        except (ChannelClosed, OSError) as exc:
+            self.dead = f"process exited ({exc})"
+            raise ExecutorDied(0, self.dead) from exc
+
+    async def receive(self) -> StepResult:
+        """The oldest sent step's result: rank 0's, once every rank reported. Raises ExecutorDied."""
+        if self.dead is not None:
+            raise ExecutorDied(0, self.dead)
+        try:
             results = [await r.channel.recv() for r in self.ranks]
         except (ChannelClosed, OSError) as exc:
             self.dead = f"process exited ({exc})"

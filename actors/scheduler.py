@@ -1,11 +1,14 @@
 """The scheduler actor: owns the Engine's planning side and drives the executors step by step.
 
     loop: drain mailbox (submit / cancel / admin / prefetched adapters)
-          plan_step  →  stage adapter pages + send the plan to every executor rank  →  await result
-          complete_step  →  one StepDeltas message with every request's news  →  stats, snapshot
+          plan_step n+1  →  stage adapter pages + send the plan to every executor rank
+          await step n's result  →  complete_step  →  one StepDeltas message with every request's news
 
-Cancels and disconnects wait at most one step (the one in flight) before their pages are freed. If an
-executor dies, every in-flight request gets an `executor_failed` error and the actor stops stepping.
+So the next step is planned and queued while the executor runs the current one: its continuing sequences
+name their next input as PENDING_TOKEN (the executor substitutes the token it just sampled), and a request
+that finishes at step n has one wasted token in step n+1, dropped. Cancels free pages at once: the
+executor runs steps in order, so a page reused by a later plan is written only after the step in flight.
+If an executor dies, every in-flight request gets an `executor_failed` error and the actor stops stepping.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from lorafleet.actors.schema import (
 )
 from lorafleet.engine.adapters import AdapterError
 from lorafleet.engine.engine import Engine
+from lorafleet.engine.plan import StepPlan
 from lorafleet.engine.request import ParamError, Request, RequestOutput
 from lorafleet.engine.scheduler import Schedule
 
@@ -54,9 +58,10 @@ class StepLog:
     steps: int = 0
     seqs: int = 0
     tokens: int = 0
-    step_ms: float = 0.0  # plan sent -> result back
+    step_ms: float = 0.0  # result to result (from the plan sent, after an idle executor)
     executor_ms: float = 0.0  # inside the executor (metadata, GPU, sampling)
-    host_ms: float = 0.0  # this process between a result and the next plan sent
+    host_ms: float = 0.0  # this process's own work for the step (plan, stage, complete), overlapped with the
+    # executor running the step before
 
     def add(self, seqs: int, tokens: int, step_ms: float, executor_ms: float, host_ms: float) -> None:
         self.steps, self.seqs, self.tokens = self.steps + 1, self.seqs + seqs, self.tokens + tokens
@@ -69,6 +74,16 @@ class StepLog:
                   f"{self.tokens / n:.1f}  step {self.step_ms / n:.1f} ms (executor {self.executor_ms / n:.1f})  "
                   f"host {self.host_ms / n:.1f} ms", flush=True)
             self.__init__(self.interval_s)
+
+
+@dataclass
+class InFlight:
+    """A step sent to the executors whose result has not been received."""
+
+    schedule: Schedule
+    plan: StepPlan
+    sent_at: float
+    plan_ms: float  # planning and staging it took here
 
 
 @dataclass
@@ -87,6 +102,7 @@ class SchedulerActor:
         self.engine, self.executors = engine, executors
         self.step_log = StepLog(log_steps_s) if log_steps_s > 0 else None
         self._result_at: float | None = None
+        self.in_flight: InFlight | None = None
         self._snapshot_at, self._snapshot_busy = 0.0, False
         self.inbox, self.router, self.admission, self.prefetcher, self.hub = inbox, router, admission, prefetcher, hub
         self.live: dict[str, Live] = {}
@@ -102,50 +118,72 @@ class SchedulerActor:
 
     async def run(self) -> None:
         while True:
-            if self.dead is not None or not self.engine.has_unfinished():
+            if self.in_flight is None and not self._runnable():
                 self.idle.set()
                 await self._handle(await self.inbox.recv())
             while (msg := self.inbox.poll()) is not None:
                 await self._handle(msg)
             self._drop_expired()
-            if self.dead is not None or not self.engine.has_unfinished():
-                continue
-            self.idle.clear()
-            self._ensure_readable()
-            planned = self.engine.plan_step()
-            if planned is None:
-                await self._handle(await self.inbox.recv())
-                continue
-            await self._run_step(*planned)
+            sent = self._send_step() if self._runnable() else None
+            previous, self.in_flight = self.in_flight, sent
+            if previous is not None:
+                await self._complete(previous)  # step n+1 (if any) was sent first: it runs meanwhile
+            elif sent is None and self._runnable():
+                await self._handle(await self.inbox.recv())  # nothing fits now: wait for news
+
+    def _runnable(self) -> bool:
+        return self.dead is None and self.engine.has_unfinished()
 
     async def wait_idle(self) -> None:
         """Return once no accepted request is unfinished."""
         await self.idle.wait()
 
     # one step -------------------------------------------------------------------------------------------
-    async def _run_step(self, schedule: Schedule, plan) -> None:
+    def _send_step(self) -> InFlight | None:
+        """Plan the next step and send it to the executors (while the previous one, if any, still runs)."""
+        started = time.perf_counter()
+        self.idle.clear()
+        self._ensure_readable()
+        planned = self.engine.plan_step()
+        if planned is None:
+            return None
+        schedule, plan = planned
         try:
             packed = [self.engine.store.fetch(load.name) for load in plan.loads]
         except AdapterError as exc:
+            self.engine.unplan(schedule)
             self._staging_failed(plan, exc)
-            return
-        started = time.perf_counter()
+            return None
         try:
-            result = await self.executors.run(plan, packed)
+            self.executors.send(plan, packed)
         except ExecutorDied as exc:
             self._executor_died(str(exc))
+            return None
+        sent_at = time.perf_counter()
+        return InFlight(schedule, plan, sent_at, (sent_at - started) * 1000)
+
+    async def _complete(self, step: InFlight) -> None:
+        if self.dead is not None:  # its requests were failed when the executor died
             return
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        if self.step_log is not None:
-            host_ms = (started - self._result_at) * 1000 if self._result_at is not None else 0.0
-            self.step_log.add(len(plan.seqs), plan.num_tokens, elapsed_ms, result.seconds * 1000, host_ms)
-            self._result_at = time.perf_counter()
+        try:
+            result = await self.executors.receive()
+        except ExecutorDied as exc:
+            self._executor_died(str(exc))
+            self.in_flight = None  # the step sent after this one died with it
+            return
+        now = time.perf_counter()
+        # the step's own time: from when the executor could start it (sent, or the previous result) to its result
+        elapsed_ms = (now - max(step.sent_at, self._result_at or 0.0)) * 1000
+        self._result_at = now
         self.step_ms = elapsed_ms if self.step_ms == 0 else 0.8 * self.step_ms + 0.2 * elapsed_ms
-        outputs = self.engine.complete_step(schedule, result.sampled)
+        outputs = self.engine.complete_step(step.schedule, result.sampled)
         items = [self._item(out) for out in outputs]
         if items:
-            self.router.send(StepDeltas(plan.step, items))
-        self._after_step(plan, elapsed_ms)
+            self.router.send(StepDeltas(step.plan.step, items))
+        self._after_step(step.plan, elapsed_ms)
+        if self.step_log is not None:
+            host_ms = (time.perf_counter() - now) * 1000 + step.plan_ms
+            self.step_log.add(len(step.plan.seqs), step.plan.num_tokens, elapsed_ms, result.seconds * 1000, host_ms)
 
     def _item(self, out: RequestOutput) -> DeltaItem:
         live = self.live[out.request_id]

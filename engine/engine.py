@@ -83,7 +83,8 @@ class Engine:
         self.requests: dict[str, Tracked] = {}
         self.max_model_len = min(config.max_model_len or model.context_limit, model.context_limit)
         self._next_id = 0
-        self._step = 0
+        self._step = 0  # steps completed
+        self._planned = 0  # steps planned (a plan's number)
 
     # requests ---------------------------------------------------------------------------------------
     def add_request(
@@ -135,14 +136,31 @@ class Engine:
         return self.complete_step(schedule, self.executor.execute(plan))
 
     def plan_step(self) -> tuple[Schedule, StepPlan] | None:
-        """First half of a step (for callers that run the plan elsewhere, e.g. executor processes)."""
+        """First half of a step (for callers that run the plan elsewhere, e.g. executor processes). The
+        chunks count as in flight from here: the next step may be planned before this one completes."""
         schedule = self.scheduler.schedule()
         if not schedule.chunks:
             return None
-        return schedule, self._plan(schedule)
+        plan = self._plan(schedule)
+        self._planned += 1
+        for chunk in schedule.chunks:
+            request = chunk.request
+            request.num_computed += chunk.length
+            request.in_flight += 1
+            request.pending += chunk.sample
+        return schedule, plan
+
+    def unplan(self, schedule: Schedule) -> None:
+        """Take back a planned step that was never sent (its requests run again in the next step)."""
+        for chunk in schedule.chunks:
+            request = chunk.request
+            request.in_flight -= 1
+            request.pending -= chunk.sample
+            if request.status is Status.RUNNING:
+                request.num_computed -= chunk.length
 
     def complete_step(self, schedule: Schedule, sampled: list[int]) -> list[RequestOutput]:
-        """Second half: account the chunks that ran and append the sampled tokens."""
+        """Second half: append the sampled tokens (steps complete in the order they were planned)."""
         self._step += 1
         return self._postprocess(schedule.chunks, sampled)
 
@@ -151,7 +169,7 @@ class Engine:
         slot_of = {name: i for i, name in enumerate(slots)}
         seqs = [self._seq_plan(chunk, slot_of) for chunk in schedule.chunks]
         loads = [AdapterLoad(name, list(self.pool.adapter_pages[name])) for name in schedule.loads]
-        return StepPlan(self._step, seqs, slots, loads, self.pool.drain_evicted())
+        return StepPlan(self._planned, seqs, slots, loads, self.pool.drain_evicted())
 
     def _seq_plan(self, chunk: Chunk, slot_of: dict[str, int]) -> SeqPlan:
         r, p = chunk.request, chunk.request.params
@@ -163,17 +181,22 @@ class Engine:
             slot=slot_of[r.adapter] if r.adapter is not None else -1,
             sample=chunk.sample,
             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-            seed=r.seed, sample_index=len(r.output_ids),
+            seed=r.seed, sample_index=len(r.output_ids) + r.pending,
         )
 
     def _postprocess(self, chunks: list[Chunk], sampled: list[int]) -> list[RequestOutput]:
+        """Requests finished or cancelled while the step ran drop their token (one wasted token each)."""
         tokens = iter(sampled)
         outputs = []
         for chunk in chunks:
             request = chunk.request
-            request.num_computed += chunk.length
-            if chunk.sample:
-                outputs.append(self._append_token(request, next(tokens)))
+            request.in_flight -= 1
+            if not chunk.sample:
+                continue
+            request.pending -= 1
+            token = next(tokens)
+            if request.status is Status.RUNNING:
+                outputs.append(self._append_token(request, token))
         return outputs
 
     def _append_token(self, request: Request, token: int) -> RequestOutput:

@@ -51,6 +51,9 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+PENDING_TOKEN = -1  # in a plan: "the token the executor sampled for this request in the step before"
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -77,23 +80,34 @@ class Request:
     preemptions: int = 0
     first_token_time: float | None = None
     scheduled_time: float | None = None
+    pending: int = 0  # tokens sampled by a step still in flight (their ids not known here yet)
+    in_flight: int = 0  # steps sent to the executor with a chunk of this request, not completed yet
 
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
     def token_slice(self, start: int, length: int) -> list[int]:
-        """token_ids[start:start + length] without building token_ids (a decode step's one token)."""
+        """token_ids[start:start + length] without building token_ids (a decode step's one token); a token
+        still pending (sampled by the step in flight) reads as PENDING_TOKEN."""
         prompt = len(self.prompt_ids)
         if start >= prompt:
-            return self.output_ids[start - prompt:start - prompt + length]
-        if start + length <= prompt:
+            ids = self.output_ids[start - prompt:start - prompt + length]
+        elif start + length <= prompt:
             return self.prompt_ids[start:start + length]
-        return self.token_ids[start:start + length]
+        else:
+            ids = self.token_ids[start:start + length]
+        return ids + [PENDING_TOKEN] * (length - len(ids))
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        """Prompt, output and pending tokens."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+    @property
+    def ends_with_pending(self) -> bool:
+        """Its pending token is its last (max_tokens reached): nothing more to run for it."""
+        return self.pending > 0 and len(self.output_ids) + self.pending >= self.params.max_tokens
 
 
 @dataclass

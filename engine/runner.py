@@ -7,7 +7,7 @@ resident in the pool, its physical row tables (built once when the adapter is lo
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from lorafleet.engine.adapters import COLUMN_PARALLEL
 from lorafleet.engine.cuda_graphs import DecodeGraphs, DecodeInputs, pad_rows
 from lorafleet.engine.model import AttentionBatch, CausalLM, LoraBatch, ModuleLora
 from lorafleet.engine.plan import SeqPlan, StepPlan
+from lorafleet.engine.request import PENDING_TOKEN
 from lorafleet.engine.sampling import SampleSpec, sample
 
 
@@ -51,6 +52,7 @@ class ModelRunner:
         self.resident: dict[str, ResidentAdapter] = {}
         self.graphs: DecodeGraphs | None = None
         self.last_logits: dict[int, torch.Tensor] = {}
+        self.last_sampled: dict[int, int] = {}  # request id -> token sampled in the last step
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> list[int]:
@@ -59,17 +61,38 @@ class ModelRunner:
             self.resident.pop(name, None)
         for load in plan.loads:
             self._load_adapter(load.name, load.pages)
+        plan = self._resolve_pending(plan)
         hidden = self._forward(plan)
-        if not self.sample_on_this_rank:
-            return []
-        ends = torch.cumsum(torch.tensor([len(s.token_ids) for s in plan.seqs]), 0) - 1
-        rows = [int(ends[i]) for i, s in enumerate(plan.seqs) if s.sample]
-        if not rows:
-            return []
-        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
         sampled = [s for s in plan.seqs if s.sample]
+        tokens = self._sample(plan, hidden, sampled) if self.sample_on_this_rank and sampled else []
+        if self.shard.size > 1 and sampled:
+            tokens = self._share_tokens(tokens, len(sampled))
+        self.last_sampled = {s.request_id: t for s, t in zip(sampled, tokens)}
+        return tokens if self.sample_on_this_rank else []
+
+    def _sample(self, plan: StepPlan, hidden: torch.Tensor, sampled: list[SeqPlan]) -> list[int]:
+        ends = np.cumsum([len(s.token_ids) for s in plan.seqs]) - 1
+        rows = [int(ends[i]) for i, s in enumerate(plan.seqs) if s.sample]
+        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
         self.last_logits = {s.request_id: logits[i] for i, s in enumerate(sampled)}  # for tests and scoring
         return sample(logits, [_spec(s) for s in sampled])
+
+    def _resolve_pending(self, plan: StepPlan) -> StepPlan:
+        """A plan made while the previous step ran names a continuing sequence's next input as
+        PENDING_TOKEN: the token this rank sampled (or received) for it in that previous step."""
+        if not any(s.token_ids[0] == PENDING_TOKEN for s in plan.seqs):
+            return plan
+        last = self.last_sampled
+        seqs = [replace(s, token_ids=[last[s.request_id]] + s.token_ids[1:]) if s.token_ids[0] == PENDING_TOKEN
+                else s for s in plan.seqs]
+        return replace(plan, seqs=seqs)
+
+    def _share_tokens(self, tokens: list[int], count: int) -> list[int]:
+        """Tensor parallelism: rank 0 samples and broadcasts, so every rank can resolve the next plan's
+        pending tokens."""
+        buffer = torch.tensor(tokens if tokens else [0] * count, dtype=torch.int64, device=self.device)
+        torch.distributed.broadcast(buffer, src=0, group=self.model.group.process_group)
+        return buffer.tolist()
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         """Hidden states of every token of the step: a CUDA-graph replay for decode steps that fit one,

@@ -5,7 +5,12 @@ piece of a chunked prefill / recompute); then waiting requests are admitted with
 the sequence cap and the cap on distinct adapters per batch, preferring requests whose adapter is
 already in the batch or resident (clustering), within a fairness window of the queue's head.
 Out of pages: evict idle adapters (LRU), then preempt the youngest running request (it is requeued
-at the front and recomputed). A running request is never failed for lack of pages.
+at the front and recomputed); requests in a step still in flight are never preempted. A running request
+is never failed for lack of pages.
+
+Steps may be planned while the previous one runs (the serving scheduler overlaps them): the engine
+advances `num_computed` when it plans a chunk, and a sampled token not yet returned counts as `pending`
+(it reads as PENDING_TOKEN in the next plan; the executor substitutes the token it sampled).
 """
 
 from __future__ import annotations
@@ -76,7 +81,7 @@ class Scheduler:
         for request in list(self.running):
             if budget == 0:
                 break
-            if request.status is Status.RUNNING:
+            if request.status is Status.RUNNING and not request.ends_with_pending:
                 budget -= self._continue(request, budget, plan)
         self._admit(budget, plan)
         if plan.chunks:  # loads ride on a step that runs; a step with no chunks is never executed
@@ -107,6 +112,8 @@ class Scheduler:
         length = min(request.num_tokens - request.num_computed, budget)
         while not self._reserve_kv(request, request.num_computed + length, plan):
             victim = self._youngest_running(plan)
+            if victim is None:  # every other candidate is in flight: this request waits a step
+                return 0
             self._preempt(victim, plan)
             if victim is request:
                 return 0
@@ -183,10 +190,12 @@ class Scheduler:
             self.pool.evict_adapter(idle.pop(0))
         return self.pool.num_free >= pages
 
-    def _youngest_running(self, plan: Schedule) -> Request:
+    def _youngest_running(self, plan: Schedule) -> Request | None:
+        """The preemption victim: the youngest running request not in this plan and not in a step in flight
+        (its pages are being written by the executor, and its pending token is not known yet)."""
         scheduled = {id(c.request) for c in plan.chunks}
-        candidates = [r for r in self.running if id(r) not in scheduled]
-        return max(candidates, key=lambda r: (r.arrival, r.id))
+        candidates = [r for r in self.running if id(r) not in scheduled and not r.in_flight]
+        return max(candidates, key=lambda r: (r.arrival, r.id), default=None)
 
     def _preempt(self, request: Request, plan: Schedule) -> None:
         self.release(request)

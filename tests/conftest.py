@@ -108,3 +108,40 @@ class PeftOracle:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_hf_model("mha", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@dataclass
+class OverlapRun:
+    tokens: dict[str, list[int]]
+    reasons: dict[str, str]
+    plans_with_pending: int  # plans that named a token the step before had not returned yet
+
+
+def run_overlapped(engine, cancel_after: dict[str, int] | None = None) -> OverlapRun:
+    """Drive an Engine as the serving scheduler does: step n+1 is planned and handed to the executor before
+    step n completes (the in-process runner executes a plan when it is handed over, in order). Cancels a
+    request once it has `cancel_after[id]` tokens, while its next step is in flight."""
+    from collections import deque
+
+    from lorafleet.engine.request import PENDING_TOKEN
+
+    run = OverlapRun({}, {}, 0)
+    queued = deque()
+    while engine.has_unfinished() or queued:
+        planned = engine.plan_step()
+        if planned is not None:
+            schedule, plan = planned
+            run.plans_with_pending += any(PENDING_TOKEN in s.token_ids for s in plan.seqs)
+            queued.append((schedule, engine.executor.execute(plan)))
+        elif not queued:
+            raise AssertionError("unfinished requests but nothing planned or in flight")
+        if planned is None or len(queued) == 2:
+            for out in engine.complete_step(*queued.popleft()):
+                got = run.tokens.setdefault(out.request_id, [])
+                got += out.new_token_ids
+                if out.finished:
+                    run.reasons[out.request_id] = out.finish_reason
+                elif cancel_after and len(got) >= cancel_after.get(out.request_id, 1 << 30):
+                    engine.abort(out.request_id)
+                    run.reasons[out.request_id] = "cancelled"
+    return run

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import PeftOracle, make_peft_adapter
+from conftest import PeftOracle, make_peft_adapter, run_overlapped
 from lorafleet.engine import LLM
 from lorafleet.engine.request import ParamError, SamplingParams
 from lorafleet.engine.sampling import SampleSpec, sample
@@ -131,3 +131,44 @@ def test_waiting_requests_adapters_are_prefetched_into_pages(assets):
     want = off.generate(PROMPTS, adapters=["r4", "r16", "r4"], max_tokens=5, ignore_eos=True)
     assert [o.token_ids for o in on] == [o.token_ids for o in want]
     assert off.engine.scheduler.prefetched == 0
+
+
+def _add_mixed(engine, stop_token: int) -> None:
+    """Sampled and greedy requests that end at different steps: by length, by a stop token, by cancel."""
+    work = [
+        ("a", PROMPTS[0], "r4", SamplingParams(max_tokens=12, temperature=1.0, seed=5, ignore_eos=True)),
+        ("b", PROMPTS[1], "r16", SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)),
+        ("c", PROMPTS[2], None, SamplingParams(max_tokens=9, temperature=0.7, top_k=20, seed=9, ignore_eos=True)),
+        ("d", PROMPTS[0][:7], "r16", SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(stop_token,),
+                                                    ignore_eos=True)),
+        ("e", PROMPTS[2][::-1], "r4", SamplingParams(max_tokens=12, temperature=1.0, seed=11, ignore_eos=True)),
+    ]
+    for rid, prompt, adapter, params in work:
+        engine.add_request(rid, prompt, params, adapter)
+
+
+def test_overlapped_steps_match_serial_steps(assets):
+    """Planning step n+1 before step n returns (the serving loop) changes no token: pending tokens resolve to
+    what was sampled, seeded samples keep their index, and requests ending at step n waste only step n+1's
+    token, which nobody sees."""
+    base, adapters = assets
+    paths = {k: str(v) for k, v in adapters.items()}
+    serial = LLM(str(base), adapters=paths, num_pages=256).engine
+    probe = LLM(str(base), adapters=paths, num_pages=256).generate([PROMPTS[0][:7]], adapters=["r16"],
+                                                                  max_tokens=6, ignore_eos=True)[0]
+    stop_token = probe.token_ids[3]
+    _add_mixed(serial, stop_token)
+    want: dict[str, list[int]] = {}
+    while serial.has_unfinished():
+        for out in serial.step():
+            want.setdefault(out.request_id, []).extend(out.new_token_ids)
+    overlapped = LLM(str(base), adapters=paths, num_pages=256).engine
+    _add_mixed(overlapped, stop_token)
+    run = run_overlapped(overlapped, cancel_after={"e": 4})
+    assert run.plans_with_pending > 0
+    assert {k: v for k, v in run.tokens.items() if k != "e"} == {k: v for k, v in want.items() if k != "e"}
+    assert run.tokens["e"] == want["e"][:4] and run.reasons["e"] == "cancelled"
+    assert run.reasons["d"] == "stop" and run.tokens["d"][-1] == stop_token and len(run.tokens["d"]) == 4
+    assert len(run.tokens["b"]) == 3 and len(run.tokens["a"]) == 12
+    overlapped.pool.check()
+    assert overlapped.pool.usage()["kv"] == 0 and not overlapped.scheduler.running

@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from conftest import ALL_TARGETS, PeftOracle, make_hf_model, make_peft_adapter
+from conftest import ALL_TARGETS, PeftOracle, make_hf_model, make_peft_adapter, run_overlapped
 from lorafleet.engine import LLM
+from lorafleet.engine.request import SamplingParams
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -43,17 +44,27 @@ def _workload(adapters: dict) -> list[tuple[list[int], str | None]]:
     return [([rng.randrange(3, 300) for _ in range(rng.randint(3, 20))], names[i % len(names)]) for i in range(27)]
 
 
-def test_mixed_batch_matches_peft_with_eviction_and_preemption(setup):
+@pytest.mark.parametrize("overlap", [False, True], ids=["serial", "overlapped"])
+def test_mixed_batch_matches_peft_with_eviction_and_preemption(setup, overlap):
+    """`overlapped`: each step is planned before the previous one completes, as the serving scheduler runs."""
     kind, base, adapters = setup
     work = _workload(adapters)
     oracle = PeftOracle(base, adapters)
     expected = [oracle.greedy(prompt, adapter, MAX_TOKENS) for prompt, adapter in work]
     llm = LLM(str(base), adapters={k: str(v) for k, v in adapters.items()}, num_pages=POOL_PAGES[kind],
               max_adapters_per_batch=4, max_batch_tokens=96, max_num_seqs=16)
-    outs = llm.generate([p for p, _ in work], adapters=[a for _, a in work], max_tokens=MAX_TOKENS,
-                        ignore_eos=True)
-    for (prompt, adapter), out, want in zip(work, outs, expected):
-        assert out.token_ids == want, f"adapter {adapter} prompt {prompt}"
+    if overlap:
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+        for i, (prompt, adapter) in enumerate(work):
+            llm.engine.add_request(f"q{i}", prompt, params, adapter)
+        run = run_overlapped(llm.engine)
+        assert run.plans_with_pending > 0, "no step was planned ahead of its predecessor's result"
+        got = [run.tokens[f"q{i}"] for i in range(len(work))]
+    else:
+        got = [out.token_ids for out in llm.generate([p for p, _ in work], adapters=[a for _, a in work],
+                                                     max_tokens=MAX_TOKENS, ignore_eos=True)]
+    for (prompt, adapter), tokens, want in zip(work, got, expected):
+        assert tokens == want, f"adapter {adapter} prompt {prompt}"
     engine = llm.engine
     assert engine.pool.evictions > 0, "the pool was meant to be small enough to evict adapters"
     assert engine.scheduler.preemptions > 0, "the pool was meant to be small enough to preempt a request"

@@ -29,6 +29,7 @@ from lorafleet.actors.schema import (
     decode,
     encode,
 )
+from lorafleet.engine.request import PENDING_TOKEN
 
 # schema -------------------------------------------------------------------------------------------
 
@@ -229,11 +230,18 @@ class _InProcessGroup:
     """ExecutorGroup stand-in: runs the plan on the engine's own ModelRunner."""
 
     def __init__(self, runner) -> None:
-        self.runner, self.steps = runner, 0
+        self.runner, self.steps, self.ahead = runner, 0, 0  # ahead: plans made before the previous result
+        self.results: list[StepResult] = []
 
-    async def run(self, plan, packed):
+    def send(self, plan, packed):
+        assert len(self.results) < 2, "at most one step queued behind the one running"
         self.steps += 1
-        return StepResult(plan.step, 0, self.runner.execute(plan), 0.0)
+        self.ahead += any(PENDING_TOKEN in s.token_ids for s in plan.seqs)
+        self.results.append(StepResult(plan.step, 0, self.runner.execute(plan), 0.0))
+
+    async def receive(self):
+        await asyncio.sleep(0)
+        return self.results.pop(0)
 
 
 async def test_scheduler_actor_emits_one_message_per_step_matching_offline(tiny_llama, tmp_path):
@@ -270,6 +278,7 @@ async def test_scheduler_actor_emits_one_message_per_step_matching_offline(tiny_
     await asyncio.gather(task, return_exceptions=True)
     assert [tokens[f"q{i}"] for i in range(6)] == [w.token_ids for w in want]
     assert messages == actor.executors.steps  # every step samples here: one StepDeltas message each
+    assert actor.executors.ahead > 0, "the actor never planned a step while the previous one ran"
     assert engine.pool.usage()["kv"] == 0
 
 
