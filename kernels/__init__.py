@@ -14,12 +14,19 @@ from lorafleet.kernels.attention_ref import (
     paged_prefill_attention_ref,
     write_kv_ref,
 )
-from lorafleet.kernels.lora_ref import lora_expand_ref, lora_shrink_ref
+from lorafleet.kernels.lora_ref import (
+    lora_expand_multi_ref,
+    lora_expand_ref,
+    lora_shrink_multi_ref,
+    lora_shrink_ref,
+)
 from lorafleet.kernels.norm_ref import add_rms_norm_ref, rms_norm_ref, rotary_ref
 
 __all__ = [
     "lora_shrink",
     "lora_expand",
+    "lora_shrink_multi",
+    "lora_expand_multi",
     "write_kv",
     "paged_prefill_attention",
     "paged_decode_attention",
@@ -56,6 +63,8 @@ def _dispatch(name: str, reference: Callable) -> Callable:
 
 lora_shrink = _dispatch("lora_shrink", lora_shrink_ref)
 lora_expand = _dispatch("lora_expand", lora_expand_ref)
+lora_shrink_multi = _dispatch("lora_shrink_multi", lora_shrink_multi_ref)
+lora_expand_multi = _dispatch("lora_expand_multi", lora_expand_multi_ref)
 write_kv = _dispatch("write_kv", write_kv_ref)
 paged_prefill_attention = _dispatch("paged_prefill_attention", paged_prefill_attention_ref)
 paged_decode_attention = _dispatch("paged_decode_attention", paged_decode_attention_ref)

@@ -6,6 +6,7 @@ kernel that reads anything it should not shows up as NaN in its output."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +100,56 @@ def dense_lora(case: LoraCase, out: torch.Tensor) -> tuple[torch.Tensor, torch.T
         v[t, :rank] = case.a_dense[slot].double() @ case.x[t].double()
         result[t] += float(case.scales[slot]) * (v[t, :rank] @ case.bt_dense[slot].double())
     return v, result
+
+
+@dataclass
+class MultiLoraCase:
+    """M modules that share one input (q/k/v, gate/up), their rows in one pool: the stacked tables the fused
+    kernels take, and each module as a single-module LoraCase over the same pool, input and scales."""
+
+    x: torch.Tensor  # [T, in_dim]
+    pool_flat: torch.Tensor
+    a_rows: torch.Tensor  # [M, S, R] int64, R = the widest module's table
+    b_rows: torch.Tensor  # [M, S, R] int64
+    ranks: torch.Tensor  # [M, S] int32
+    scales: torch.Tensor  # [S] fp32
+    token_slots: torch.Tensor  # [T] int32
+    modules: list[LoraCase]
+
+    @property
+    def out_dims(self) -> list[int]:
+        return [m.bt_dense[0].shape[1] for m in self.modules]
+
+
+def make_multi_lora_case(
+    module_ranks: list[list[int]],
+    token_slots: list[int],
+    in_dim: int,
+    out_dims: list[int],
+    dtype: torch.dtype = torch.float32,
+    page_elements: int | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+) -> MultiLoraCase:
+    """One make_lora_case per module (module_ranks[m][s] = slot s's rank on module m, 0 = not targeted), their
+    pools laid one after another with a NaN block at the end; table columns added to reach the widest module's
+    width point into that NaN block, as do all entries past a slot's rank."""
+    cases = [make_lora_case(ranks, token_slots, in_dim, out_dim, dtype, page_elements, device, seed + m)
+             for m, (ranks, out_dim) in enumerate(zip(module_ranks, out_dims))]
+    sizes = [c.pool_flat.shape[0] for c in cases]
+    nan_start = sum(sizes)
+    nan_block = torch.full((max(in_dim, *out_dims),), float("nan"), dtype=dtype, device=device)
+    pool = torch.cat([c.pool_flat for c in cases] + [nan_block])
+    width = max(c.a_rows.shape[1] for c in cases)
+    x, scales = cases[0].x, cases[0].scales
+    modules = []
+    for case, offset in zip(cases, [0, *torch.tensor(sizes).cumsum(0).tolist()]):
+        pad = lambda t, o=offset: torch.nn.functional.pad(t + o, (0, width - t.shape[1]), value=nan_start)  # noqa: E731
+        modules.append(dataclasses.replace(case, x=x, pool_flat=pool, scales=scales, a_rows=pad(case.a_rows),
+                                           b_rows=pad(case.b_rows)))
+    stack = lambda name: torch.stack([getattr(m, name) for m in modules])  # noqa: E731
+    return MultiLoraCase(x, pool, stack("a_rows"), stack("b_rows"), stack("ranks"), scales, cases[0].token_slots,
+                         modules)
 
 
 @dataclass

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import dense_attention, dense_lora, make_kv_case, make_lora_case
+from kernel_cases import dense_attention, dense_lora, make_kv_case, make_lora_case, make_multi_lora_case
 
 from lorafleet.kernels.attention_ref import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
     write_kv_ref,
 )
-from lorafleet.kernels.lora_ref import lora_expand_ref, lora_shrink_ref
+from lorafleet.kernels.lora_ref import (
+    lora_expand_multi_ref,
+    lora_expand_ref,
+    lora_shrink_multi_ref,
+    lora_shrink_ref,
+)
 from lorafleet.kernels.norm_ref import add_rms_norm_ref, rms_norm_ref, rotary_ref
 
 RANKS = [1, 3, 8, 0, 64]
@@ -39,6 +44,42 @@ def test_lora_ref_leaves_base_tokens_alone():
     before = out.clone()
     lora_expand_ref(v, case.pool_flat, case.b_rows, case.ranks, case.scales, case.token_slots, out)
     assert torch.equal(out, before)
+
+
+# q/k/v-like modules over 5 slots: ragged ranks, slot 4 without q, slot 1 without v, GQA-like output widths
+MULTI_RANKS = [[1, 3, 8, 64, 0], [1, 3, 8, 64, 4], [1, 0, 8, 2, 4]]
+MULTI_OUT_DIMS = [40, 16, 16]
+
+
+def test_lora_multi_ref_equals_single_module_calls():
+    case = make_multi_lora_case(MULTI_RANKS, SLOTS, in_dim=24, out_dims=MULTI_OUT_DIMS, page_elements=160)
+    v = lora_shrink_multi_ref(case.x, case.pool_flat, case.a_rows, case.ranks, case.token_slots)
+    assert v.dtype == torch.float32 and v.shape == (3, len(SLOTS), 64)
+    outs = [torch.randn(len(SLOTS), d) for d in MULTI_OUT_DIMS]
+    expected = [out.clone() for out in outs]
+    lora_expand_multi_ref(v, case.pool_flat, case.b_rows, case.ranks, case.scales, case.token_slots, outs)
+    for m, module in enumerate(case.modules):
+        single = lora_shrink_ref(case.x, case.pool_flat, module.a_rows, module.ranks, case.token_slots)
+        assert torch.equal(v[m], single)
+        lora_expand_ref(single, case.pool_flat, module.b_rows, module.ranks, case.scales, case.token_slots, expected[m])
+        assert torch.equal(outs[m], expected[m])
+        v_dense, _ = dense_lora(module, torch.zeros(len(SLOTS), MULTI_OUT_DIMS[m]))
+        torch.testing.assert_close(v[m].double(), v_dense, rtol=1e-5, atol=1e-5)
+    base = case.token_slots < 0
+    assert torch.count_nonzero(v[:, base]) == 0
+    assert torch.count_nonzero(v[0, case.token_slots == 4]) == 0, "slot 4 does not target module 0"
+
+
+def test_lora_multi_ref_into_column_slices_of_one_output():
+    case = make_multi_lora_case(MULTI_RANKS, SLOTS, in_dim=24, out_dims=MULTI_OUT_DIMS, page_elements=160, seed=2)
+    v = lora_shrink_multi_ref(case.x, case.pool_flat, case.a_rows, case.ranks, case.token_slots)
+    fused = torch.randn(len(SLOTS), sum(MULTI_OUT_DIMS))
+    separate = [t.clone() for t in fused.split(MULTI_OUT_DIMS, dim=1)]
+    lora_expand_multi_ref(
+        v, case.pool_flat, case.b_rows, case.ranks, case.scales, case.token_slots, fused.split(MULTI_OUT_DIMS, dim=1)
+    )
+    lora_expand_multi_ref(v, case.pool_flat, case.b_rows, case.ranks, case.scales, case.token_slots, separate)
+    assert torch.equal(fused, torch.cat(separate, dim=1))
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (8, 1)])

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 # without CUDA, conftest.py has set TRITON_INTERPRET=1 before anything imported triton
 triton = pytest.importorskip("triton")
 
-from kernel_cases import dense_lora, make_kv_case, make_lora_case  # noqa: E402
+from kernel_cases import dense_lora, make_kv_case, make_lora_case, make_multi_lora_case  # noqa: E402
 
 from lorafleet.kernels import attention_ref, lora_ref, norm_ref  # noqa: E402
 from lorafleet.kernels import triton_ops as tops  # noqa: E402
@@ -122,6 +122,101 @@ def test_lora_under_inference_mode():
         _check_lora(case, torch.float32, 16)
 
 
+# ------------------------------------------------------------------ fused LoRA (modules sharing an input)
+def _check_lora_multi(case, dtype, fused_output=False):
+    """The fused kernels against the fused reference and against one single-module reference call per module;
+    with `fused_output` the outputs are column slices of one [T, sum of widths] tensor."""
+    tol, dims = TOL[dtype], case.out_dims
+    v = tops.lora_shrink_multi(case.x, case.pool_flat, case.a_rows, case.ranks, case.token_slots)
+    v_ref = lora_ref.lora_shrink_multi_ref(case.x, case.pool_flat, case.a_rows, case.ranks, case.token_slots)
+    assert v.shape == v_ref.shape and v.dtype == torch.float32
+    assert not v.isnan().any(), "shrink read past a rank or outside its rows"
+    torch.testing.assert_close(v, v_ref, **tol)
+    whole = torch.randn(case.x.shape[0], sum(dims)).to(dtype)
+    before = list(whole.clone().split(dims, dim=1))
+    outs = list(whole.split(dims, dim=1)) if fused_output else [t.clone() for t in before]
+    outs_ref = [t.clone() for t in before]
+    tops.lora_expand_multi(v, case.pool_flat, case.b_rows, case.ranks, case.scales, case.token_slots, outs)
+    lora_ref.lora_expand_multi_ref(v_ref, case.pool_flat, case.b_rows, case.ranks, case.scales, case.token_slots,
+                                   outs_ref)
+    base = case.token_slots < 0
+    for m, module in enumerate(case.modules):
+        single_v = lora_ref.lora_shrink_ref(case.x, case.pool_flat, module.a_rows, module.ranks, case.token_slots)
+        torch.testing.assert_close(v[m], single_v, **tol)
+        single_out = before[m].clone()
+        lora_ref.lora_expand_ref(single_v, case.pool_flat, module.b_rows, module.ranks, case.scales,
+                                 case.token_slots, single_out)
+        assert not outs[m].isnan().any(), "expand read past a rank or outside its rows"
+        torch.testing.assert_close(outs[m].float(), outs_ref[m].float(), **tol)
+        torch.testing.assert_close(outs[m].float(), single_out.float(), **tol)
+        assert torch.equal(outs[m][base], before[m][base]), "base-only tokens must be untouched"
+    if fused_output:
+        assert torch.equal(whole, torch.cat(outs, dim=1))
+    return v
+
+
+@interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_multi_qkv_decode_ragged_ranks_gqa_widths(dtype):
+    # q/k/v over 5 slots: ranks 1, 3, 8, 64 side by side; slot 4 without q, slot 1 without v; v's own table is
+    # 8 wide (padded to 64 in the stack); k and v are narrower than q (GQA); base-only tokens interleaved
+    ranks = [[1, 3, 8, 64, 0], [1, 3, 8, 64, 4], [1, 0, 8, 2, 4]]
+    slots = [2, -1, 0, 3, 3, 1, -1, 4, 2, 0, 3]
+    case = make_multi_lora_case(ranks, slots, in_dim=48, out_dims=[64, 16, 16], dtype=dtype, page_elements=192)
+    v = _check_lora_multi(case, dtype)
+    assert v.shape == (3, len(slots), 64)
+    assert torch.count_nonzero(v[:, case.token_slots < 0]) == 0
+    assert torch.count_nonzero(v[0, case.token_slots == 4]) == 0, "slot 4 has rank 0 on module 0"
+    assert torch.count_nonzero(v[:, case.token_slots == 0, 1:]) == 0, "a rank-1 slot must leave v[:, 1:] zero"
+
+
+@interpreter
+def test_lora_multi_into_column_slices_of_one_output():
+    ranks = [[8, 3, 0], [8, 3, 5], [8, 1, 5]]
+    case = make_multi_lora_case(ranks, [1, 0, -1, 2, 0], in_dim=32, out_dims=[48, 16, 16], page_elements=192, seed=7)
+    _check_lora_multi(case, torch.float32, fused_output=True)
+
+
+@interpreter
+def test_lora_multi_gate_up_prefill_segments():
+    # two modules, long segments of one adapter each (64-token tiles), base tokens interleaved
+    slots = [1] * 70 + [-1] * 5 + [0] * 66 + [1] * 3
+    case = make_multi_lora_case([[3, 16], [3, 16]], slots, in_dim=32, out_dims=[40, 40], page_elements=160, seed=3)
+    _check_lora_multi(case, torch.float32)
+
+
+@interpreter
+def test_lora_multi_split_k_accumulates():
+    case = make_multi_lora_case([[16], [5]], [0, -1], in_dim=1024, out_dims=[16, 8], page_elements=2048, seed=5)
+    _check_lora_multi(case, torch.float32)
+
+
+@interpreter
+def test_lora_multi_one_module_equals_single_kernels():
+    case = make_lora_case([4, 16, 0], [1, 2, 0, -1, 1], in_dim=32, out_dim=24, seed=8)
+    v = tops.lora_shrink_multi(case.x, case.pool_flat, case.a_rows[None], case.ranks[None], case.token_slots)
+    assert torch.equal(v[0], tops.lora_shrink(case.x, case.pool_flat, case.a_rows, case.ranks, case.token_slots))
+    out = torch.randn(5, 24)
+    expected = out.clone()
+    tops.lora_expand_multi(v, case.pool_flat, case.b_rows[None], case.ranks[None], case.scales, case.token_slots,
+                           [out])
+    tops.lora_expand(v[0], case.pool_flat, case.b_rows, case.ranks, case.scales, case.token_slots, expected)
+    assert torch.equal(out, expected)
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0, 1, 3, 8, 17]), min_size=3, max_size=3), min_size=1, max_size=3),
+       st.integers(1, 16), st.integers(0, 99))
+def test_lora_multi_random_batches(module_ranks, num_tokens, seed):
+    if not INTERPRET:
+        pytest.skip("interpreter tests need TRITON_INTERPRET=1")
+    gen = torch.Generator().manual_seed(seed)
+    slots = torch.randint(-1, 3, (num_tokens,), generator=gen).tolist()
+    dims = [24, 8, 16][: len(module_ranks)]
+    case = make_multi_lora_case(module_ranks, slots, in_dim=32, out_dims=dims, page_elements=96, seed=seed)
+    _check_lora_multi(case, torch.float32)
+
+
 # ----------------------------------------------------------------------------------------- attention
 def _prefill_case(lens, new, heads, kv_heads, head_dim, block_tokens, dtype, device="cpu"):
     case = make_kv_case(lens, kv_heads, head_dim, block_tokens, dtype=dtype, device=device)
@@ -215,6 +310,28 @@ def test_gpu_lora_bf16(in_dim, out_dim, batch):
     assert _relative(out.float() - before.float(), out_dense - before.double()) < 2e-2
     base = case.token_slots < 0
     assert torch.equal(out[base], before[base])
+
+
+@pytest.mark.parametrize("out_dims,batch", [([4096, 1024, 1024], 64), ([14336, 14336], 256)])
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_lora_multi_bf16(out_dims, batch):
+    """q/k/v (Llama-3-8B, GQA) and gate/up widths: the fused kernels against fp64 dense per module."""
+    gen = torch.Generator().manual_seed(batch)
+    ranks = [8, 16, 32, 64, 1, 3, 0]
+    module_ranks = [ranks, ranks[::-1], [0 if i % 3 == 0 else r for i, r in enumerate(ranks)]][: len(out_dims)]
+    slots = torch.randint(-1, len(ranks), (batch,), generator=gen).tolist()
+    case = make_multi_lora_case(module_ranks, slots, 4096, out_dims, dtype=torch.bfloat16, device="cuda", seed=batch)
+    v = tops.lora_shrink_multi(case.x, case.pool_flat, case.a_rows, case.ranks, case.token_slots)
+    outs = [torch.randn(batch, d, device="cuda", dtype=torch.bfloat16) for d in out_dims]
+    before = [out.clone() for out in outs]
+    tops.lora_expand_multi(v, case.pool_flat, case.b_rows, case.ranks, case.scales, case.token_slots, outs)
+    base = case.token_slots < 0
+    for m, module in enumerate(case.modules):
+        v_dense, out_dense = dense_lora(module, before[m].float())
+        assert _relative(v[m], v_dense) < 1e-2
+        assert _relative(outs[m].float() - before[m].float(), out_dense - before[m].double()) < 2e-2
+        assert torch.equal(outs[m][base], before[m][base])
 
 
 @pytest.mark.parametrize("heads,kv_heads,lens", [(32, 32, [1, 128, 515, 4096]), (32, 8, [7, 300, 8192]),
