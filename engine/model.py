@@ -3,13 +3,14 @@
 Parameter names mirror HuggingFace's, so loading is a name-for-name copy through `Shard` (tensor
 parallelism splits at load time; this code only sees its local shapes). Every targetable linear layer
 runs its base GEMM once for the whole batch, then adds each token's own adapter delta through the
-LoRA kernels, which read adapter rows straight from pool pages.
+LoRA kernels, which read adapter rows straight from pool pages. Layers that share their input (q/k/v,
+gate/up) add their deltas with one fused shrink and one fused expand launch at tensor-parallel size 1.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,19 @@ class ModuleLora:
 
 
 @dataclass
+class ModuleGroup:
+    """The targeted modules among a group that shares its input, their tables stacked for the fused kernels:
+    row tables [M, S, R] (R = the widest module's table, zero-padded: entries past a rank are never read) and
+    row counts [M, S] (0 = the slot's adapter does not target that module)."""
+
+    names: tuple[str, ...]
+    a_rows: torch.Tensor
+    b_rows: torch.Tensor
+    ranks: torch.Tensor
+    expand_ranks: torch.Tensor
+
+
+@dataclass
 class LoraBatch:
     """The batch's LoRA context: each token's adapter slot (-1 = base only), per-slot scales, and per
     target module the row tables of the slots that target it."""
@@ -41,6 +55,32 @@ class LoraBatch:
     token_slots: torch.Tensor
     scales: torch.Tensor
     modules: dict[str, ModuleLora]
+    groups: dict[tuple, ModuleGroup | None] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def group(self, names: tuple[str, ...]) -> ModuleGroup | None:
+        """The stacked tables of the targeted modules among `names` (modules sharing one input), or None when
+        none of them is targeted or under tensor parallelism (column maps: those layers keep per-module
+        LoRA). Built with device ops on first use and shared by every layer of the step; a CUDA-graph capture
+        builds its own copy, so the graph restacks the static buffers' tables on every replay. Like the
+        kernels' tile cache, this assumes the tables do not change in place between eager calls that reuse
+        this LoraBatch."""
+        key = (names, self.token_slots.is_cuda and torch.cuda.is_current_stream_capturing())
+        if key not in self.groups:
+            self.groups[key] = _stack_group(names, self.modules)
+        return self.groups[key]
+
+
+def _stack_group(names: tuple[str, ...], modules: dict[str, ModuleLora]) -> ModuleGroup | None:
+    present = tuple(n for n in names if n in modules)
+    if not present or any(modules[n].cols is not None for n in present):
+        return None
+
+    def stack(attr: str) -> torch.Tensor:  # the modules' tables side by side, zero-padded to the widest
+        tables = [getattr(modules[n], attr) for n in present]
+        width = max(t.shape[-1] for t in tables)
+        return torch.stack([F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t for t in tables])
+
+    return ModuleGroup(present, stack("a_rows"), stack("b_rows"), stack("ranks"), stack("expand_ranks"))
 
 
 @dataclass
@@ -90,8 +130,11 @@ class LoraLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor, lora: LoraBatch | None, pool_flat: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x)
         rows = lora.modules.get(self.target) if lora is not None else None
         if rows is not None:
             v = kernels.lora_shrink(x, pool_flat, rows.a_rows, rows.ranks, lora.token_slots)
@@ -100,6 +143,20 @@ class LoraLinear(nn.Module):
                 v = torch.gather(v, 1, rows.cols[lora.token_slots.clamp(min=0).long()])
             kernels.lora_expand(v, pool_flat, rows.b_rows, rows.expand_ranks, lora.scales, lora.token_slots, y)
         return y
+
+
+def shared_input_linears(layers: tuple[LoraLinear, ...], x: torch.Tensor, lora: LoraBatch | None,
+                         pool_flat: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs of layers that all read x: their base GEMMs, then the LoRA deltas of the targeted ones with one
+    fused shrink and one fused expand (at tensor-parallel size 1); per-layer LoRA otherwise."""
+    group = lora.group(tuple(layer.target for layer in layers)) if lora is not None else None
+    if group is None:
+        return [layer(x, lora, pool_flat) for layer in layers]
+    ys = [layer.base(x) for layer in layers]
+    outs = [y for layer, y in zip(layers, ys) if layer.target in group.names]
+    v = kernels.lora_shrink_multi(x, pool_flat, group.a_rows, group.ranks, lora.token_slots)
+    kernels.lora_expand_multi(v, pool_flat, group.b_rows, group.expand_ranks, lora.scales, lora.token_slots, outs)
+    return ys
 
 
 class RMSNorm(nn.Module):
@@ -125,9 +182,9 @@ class Attention(nn.Module):
     def forward(self, x, attn: AttentionBatch, lora, pool_layer, cos_sin, block_tokens) -> torch.Tensor:
         flat = pool_layer.view(-1)
         kv = pool_layer.view(pool_layer.shape[0], 2, block_tokens, self.num_kv_heads, self.head_dim)
-        q = self.q_proj(x, lora, flat).view(-1, self.num_heads, self.head_dim)
-        k = self.k_proj(x, lora, flat).view(-1, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x, lora, flat).view(-1, self.num_kv_heads, self.head_dim)
+        q, k, v = shared_input_linears((self.q_proj, self.k_proj, self.v_proj), x, lora, flat)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k, v = k.view(-1, self.num_kv_heads, self.head_dim), v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = kernels.rotary(q, k, attn.positions, cos_sin)
         kernels.write_kv(kv, k, v, attn.slots)
         if attn.is_decode:
@@ -149,7 +206,8 @@ class MLP(nn.Module):
         self.group = group
 
     def forward(self, x, lora, pool_flat) -> torch.Tensor:
-        hidden = F.silu(self.gate_proj(x, lora, pool_flat)) * self.up_proj(x, lora, pool_flat)
+        gate, up = shared_input_linears((self.gate_proj, self.up_proj), x, lora, pool_flat)
+        hidden = F.silu(gate) * up
         return self.group.all_reduce(self.down_proj(hidden, lora, pool_flat))
 
 
