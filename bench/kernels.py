@@ -4,9 +4,10 @@
     TRITON_INTERPRET=1 python bench/kernels.py --smoke      # tiny shapes on the CPU: checks the script only
 
 Sections: device copy bandwidth (the roofline), LoRA shrink+expand (ours vs the same kernel with ranks
-padded to the max vs gather+bmm), paged decode/prefill attention vs torch SDPA on contiguous K/V, RMSNorm and
-rotary (Triton vs torch eager vs torch.compile), and one whole decode step of a Llama-2-7B-shaped model with
-and without a CUDA graph against the time to read its bytes. Times are medians of triton's do_bench (L2 is
+padded to the max vs gather+bmm, and ours with the modules that share an input fused: one shrink and one
+expand launch for q/k/v and for gate/up), paged decode/prefill attention vs torch SDPA on contiguous K/V,
+RMSNorm and rotary (Triton vs torch eager vs torch.compile), and one whole decode step of a Llama-2-7B-shaped
+model with and without a CUDA graph against the time to read its bytes. Times are medians of triton's do_bench (L2 is
 flushed before every repetition), in microseconds."""
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ SHAPES = {  # hidden, intermediate, heads, kv_heads, head_dim, LoRA targets
 }
 SMOKE_SHAPES = {
     "llama-2-7b": (64, 96, 4, 4, 16, ("q_proj", "o_proj")),
-    "llama-3-8b": (64, 96, 4, 1, 16, ("k_proj", "gate_proj", "down_proj")),
+    "llama-3-8b": (64, 96, 4, 1, 16, ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")),
 }
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # modules that read the same input
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -131,6 +133,9 @@ def lora_setup(shape, ranks, token_slots, layers, device, dtype=torch.bfloat16) 
     rows = {m: tuple(t.to(device) for t in tab) for m, tab in tables.items()}
     num_tokens = len(token_slots)
     xs = {m: torch.randn(num_tokens, d_in, device=device, dtype=dtype) for m, (d_in, _) in dims.items()}
+    for group in FUSED_GROUPS:  # the targeted modules of a group read one input, as in the model
+        present = [m for m in group if m in xs]
+        xs.update({m: xs[present[0]] for m in present})
     outs = {m: torch.randn(num_tokens, d_out, device=device, dtype=dtype) for m, (_, d_out) in dims.items()}
     return LoraSetup(pools, rows, xs, outs, torch.rand(len(ranks), device=device) + 0.5,
                      torch.tensor(token_slots, dtype=torch.int32, device=device))
@@ -141,6 +146,37 @@ def run_lora(setup: LoraSetup) -> None:
         for module, (a_rows, b_rows, ranks) in setup.rows.items():
             v = triton_ops.lora_shrink(setup.xs[module], pool, a_rows, ranks, setup.token_slots)
             triton_ops.lora_expand(v, pool, b_rows, ranks, setup.scales, setup.token_slots, setup.outs[module])
+
+
+def fused_groups(setup: LoraSetup) -> list[tuple[str, ...]]:
+    """The targeted modules of each fused group (the model fuses whichever modules of a group are targeted)."""
+    present = [tuple(m for m in group if m in setup.rows) for group in FUSED_GROUPS]
+    return [group for group in present if group]
+
+
+def stack_group(setup: LoraSetup, group: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[M, S, R] row tables and [M, S] ranks of a group (the model's LoraBatch.group does this once per step)."""
+    return tuple(torch.stack([setup.rows[m][i] for m in group]) for i in range(3))
+
+
+def fused_lora(setup: LoraSetup) -> Callable[[], None]:
+    """One layer's LoRA with q/k/v and gate/up fused (one shrink + one expand launch per group), the other
+    modules per module; the stacked tables are built once here, outside the timed work (once per step)."""
+    groups = [(group, *stack_group(setup, group)) for group in fused_groups(setup)]
+    single = [m for m in setup.rows if not any(m in g for g, *_ in groups)]
+
+    def run() -> None:
+        for pool in setup.pools:
+            for group, a_rows, b_rows, ranks in groups:
+                v = triton_ops.lora_shrink_multi(setup.xs[group[0]], pool, a_rows, ranks, setup.token_slots)
+                triton_ops.lora_expand_multi(v, pool, b_rows, ranks, setup.scales, setup.token_slots,
+                                             [setup.outs[m] for m in group])
+            for module in single:
+                a_rows, b_rows, ranks = setup.rows[module]
+                v = triton_ops.lora_shrink(setup.xs[module], pool, a_rows, ranks, setup.token_slots)
+                triton_ops.lora_expand(v, pool, b_rows, ranks, setup.scales, setup.token_slots, setup.outs[module])
+
+    return run
 
 
 def gather_bmm(setup: LoraSetup, ranks: list[int]) -> Callable[[], None]:
@@ -198,17 +234,22 @@ def bench_lora(clock: Clock, device: str, shapes: dict, batches, adapter_counts,
                            adapter_bytes=adapter_b, total_bytes=total_b)
                 row["ours_graph_us"] = clock.graph(lambda s=ours: run_lora(s)) / layers
                 row["ours_eager_us"] = clock.eager(lambda s=ours: run_lora(s)) / layers
+                row["fused_graph_us"] = clock.graph(fused_lora(ours)) / layers
+                row["fused_eager_us"] = clock.eager(fused_lora(ours)) / layers
+                row["fused_tables_graph_us"] = clock.graph(lambda s=ours: [stack_group(s, g) for g in fused_groups(s)])
                 row["padded_graph_us"] = clock.graph(lambda s=padded: run_lora(s)) / layers
                 row["gather_bmm_graph_us"] = clock.graph(gather_bmm(ours, ranks)) / layers
                 row["achieved_GBps"] = total_b / row["ours_graph_us"] / 1e3
                 row["fraction_of_copy_bw"] = row["achieved_GBps"] / copy_gbps
                 row["speedup_vs_padded"] = row["padded_graph_us"] / row["ours_graph_us"]
                 row["speedup_vs_gather_bmm"] = row["gather_bmm_graph_us"] / row["ours_graph_us"]
+                row["speedup_fused_vs_ours"] = row["ours_graph_us"] / row["fused_graph_us"]
                 row["adapter_bytes_dominate"] = adapter_b >= 0.5 * total_b
                 rows.append(row)
                 print(f"lora {model} B={batch} A={count}: {row['ours_graph_us']:.1f} us "
                       f"({row['fraction_of_copy_bw']:.0%} of copy bw), x{row['speedup_vs_padded']:.2f} vs padded, "
-                      f"x{row['speedup_vs_gather_bmm']:.1f} vs gather+bmm", flush=True)
+                      f"x{row['speedup_vs_gather_bmm']:.1f} vs gather+bmm; fused {row['fused_graph_us']:.1f} us "
+                      f"(x{row['speedup_fused_vs_ours']:.2f})", flush=True)
                 del ours, padded
     return rows
 
@@ -513,13 +554,16 @@ def markdown(result: dict) -> str:
              f"Copy bandwidth measured in the same run: {result['copy_GBps']:.0f} GB/s (read + write).", "",
              "LoRA shrink+expand, one layer, all targets of the model, bf16, CUDA-graph replay (µs):", "",
              "| model | batch | adapters | ours | % copy bw | padded to 64 | gather+bmm | vs padded | vs gather+bmm |"
-             " ours eager |", "|---|---|---|---|---|---|---|---|---|---|"]
+             " ours eager | fused | fused vs ours | fused eager |", "|---" * 13 + "|"]
     for r in result["lora"]:
         lines.append(f"| {r['model']} | {r['batch']} | {r['adapters']} | {r['ours_graph_us']:.1f} | "
                      f"{100 * r['fraction_of_copy_bw']:.0f}%{'' if r['adapter_bytes_dominate'] else '*'} | "
                      f"{r['padded_graph_us']:.1f} | {r['gather_bmm_graph_us']:.1f} | {r['speedup_vs_padded']:.2f}x | "
-                     f"{r['speedup_vs_gather_bmm']:.1f}x | {r['ours_eager_us']:.1f} |")
-    lines += ["", "(* = adapter bytes are under half of the bytes moved.)", "",
+                     f"{r['speedup_vs_gather_bmm']:.1f}x | {r['ours_eager_us']:.1f} | "
+                     + (f"{r['fused_graph_us']:.1f} | {r['speedup_fused_vs_ours']:.2f}x | {r['fused_eager_us']:.1f} |"
+                        if "fused_graph_us" in r else "- | - | - |"))
+    lines += ["", "(* = adapter bytes are under half of the bytes moved. fused: q/k/v and gate/up each one shrink and "
+              "one expand launch, the per-step stacking of their row tables not included.)", "",
               "Paged decode attention vs SDPA on contiguous K/V (µs):", "",
               "| heads/kv | batch | context | ours | SDPA | ratio | % copy bw |", "|---|---|---|---|---|---|---|"]
     for r in result["decode_attention"]:
