@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import multiprocessing
 import os
@@ -117,23 +118,42 @@ class Stager:
 
 # the executor process side ----------------------------------------------------------------------------
 class StagedReader:
-    """Executor side of the staging area: builds PackedAdapters that view the shared memory."""
+    """Executor side of the staging area: builds PackedAdapters that view the shared memory (no copy). With
+    `pin` (a CUDA executor) each segment is page-locked once when first seen, so the runner's copy of staged
+    pages into the pool is a DMA at full bandwidth instead of a staged pageable copy."""
 
-    def __init__(self, page_elements: int) -> None:
-        self.page_elements = page_elements
+    def __init__(self, page_elements: int, pin: bool = False) -> None:
+        self.page_elements, self.pin = page_elements, pin
         self.segments: dict[str, shared_memory.SharedMemory] = {}  # the stager's two, most recent last
+        self.pinned: dict[str, int] = {}  # segment name -> registered address
         self.current: dict[str, StagedAdapter] = {}
 
     def set_step(self, staged: list[StagedAdapter]) -> None:
         self.current = {s.name: s for s in staged}
         for name in dict.fromkeys(s.segment for s in staged):
             if name not in self.segments:
-                self.segments[name] = shared_memory.SharedMemory(name=name)
+                self._attach(name)
             self.segments[name] = self.segments.pop(name)
         while len(self.segments) > 2:  # a segment the stager replaced by a larger one
-            self.segments.pop(next(iter(self.segments))).close()
+            self._detach(next(iter(self.segments)))
+
+    def _attach(self, name: str) -> None:
+        segment = self.segments[name] = shared_memory.SharedMemory(name=name)
+        if self.pin:
+            address = _buffer_address(segment)
+            if int(torch.cuda.cudart().cudaHostRegister(address, segment.size, 0)) == 0:  # else: stays pageable
+                self.pinned[name] = address
+
+    def _detach(self, name: str) -> None:
+        """Close a segment no step reads any more (the steps that read it have completed)."""
+        address = self.pinned.pop(name, None)
+        if address is not None:
+            torch.cuda.cudart().cudaHostUnregister(address)
+        self.segments.pop(name).close()
 
     def fetch(self, name: str) -> PackedAdapter:
+        """The staged adapter's pages as a view of the segment: valid until the stager reuses the segment,
+        two stagings later, after this step completed."""
         staged = self.current.get(name)
         if staged is None:
             raise KeyError(f"adapter {name!r} is loaded by the plan but was not staged")
@@ -145,12 +165,18 @@ class StagedReader:
         modules = {m: ModuleRows(tuple(a), tuple(b)) for m, (a, b) in staged.modules.items()}
         layout = AdapterLayout(self.page_elements, modules, staged.num_pages)
         info = AdapterInfo(name, "", staged.rank, staged.scale, dict(staged.ranks), layout)
-        return PackedAdapter(info, pages.view(*staged.shape).clone(), staged.shards)
+        return PackedAdapter(info, pages.view(*staged.shape), staged.shards)
 
     def close(self) -> None:
-        for segment in self.segments.values():
-            segment.close()
-        self.segments.clear()
+        for name in list(self.segments):
+            self._detach(name)
+
+
+def _buffer_address(segment: shared_memory.SharedMemory) -> int:
+    view = ctypes.c_char.from_buffer(segment.buf)
+    address = ctypes.addressof(view)
+    del view  # release the buffer export (the segment could not be closed while it exists)
+    return address
 
 
 def _build_runner(spec: ExecutorSpec, reader_box: list[StagedReader]):
@@ -161,7 +187,7 @@ def _build_runner(spec: ExecutorSpec, reader_box: list[StagedReader]):
 
     config = join_parallel_group(EngineConfig(**spec.engine_config), spec.rank, spec.world_size, spec.init_file)
     _, page_elements = page_geometry(ModelConfig.from_dir(spec.model_dir), config.block_tokens, spec.world_size)
-    reader = StagedReader(page_elements)
+    reader = StagedReader(page_elements, pin=config.device.startswith("cuda"))
     reader_box.append(reader)
     return build_runner(Path(spec.model_dir), config, Shard(spec.rank, spec.world_size), reader.fetch)
 
@@ -201,6 +227,8 @@ def _serve(spec: ExecutorSpec, runner, reader: StagedReader, endpoint: RingEndpo
         plan = StepPlan.from_wire(msg.plan)
         reader.set_step(msg.staged)
         sampled = runner.execute(plan)
+        if msg.staged and reader.pinned:  # the stager may rewrite these pages once the result is out:
+            torch.cuda.current_stream().synchronize()  # their DMA must be done (a step that samples already is)
         endpoint.send(StepResult(plan.step, spec.rank, [int(t) for t in sampled], time.perf_counter() - started))
 
 

@@ -20,6 +20,7 @@ from lorafleet.actors.channels import LocalChannel
 from lorafleet.actors.executor import ExecutorDied, ExecutorGroup
 from lorafleet.actors.frontend import Frontend, Router
 from lorafleet.actors.hub import ServeHub
+from lorafleet.actors.openai_api import natural_key
 from lorafleet.actors.prefetcher import AdapterLoader, PrefetcherActor
 from lorafleet.actors.protocol import ParseContext
 from lorafleet.actors.scheduler import SchedulerActor
@@ -31,6 +32,8 @@ from lorafleet.engine.config import ConfigError, EngineConfig, ModelConfig, page
 from lorafleet.engine.engine import Engine
 from lorafleet.engine.plan import StepPlan
 from lorafleet.engine.tokenizer import load_tokenizer, text_decoder
+
+SHOWN_ADAPTERS = 20  # adapter names in the start-up banner
 
 
 class RemoteOnly:
@@ -127,7 +130,10 @@ class Server:
 
     def print_urls(self, seconds: float) -> None:
         ws = self.url.replace("http", "ws", 1)
-        names = ", ".join(sorted(self.hub.adapters)) or "(none)"
+        listed = sorted(self.hub.adapters, key=natural_key)
+        names = ", ".join(listed[:SHOWN_ADAPTERS]) or "(none)"
+        if len(listed) > SHOWN_ADAPTERS:
+            names += f", … ({len(listed) - SHOWN_ADAPTERS} more: GET /v1/models lists them all)"
         print(f"lorafleet: serving {self.assets.base_name} with {len(self.hub.adapters)} adapter(s): {names}\n"
               f"  OpenAI API  {self.url}/v1  (completions, chat/completions, models)\n"
               f"  WebSocket   {ws}/v1/stream\n"
