@@ -38,7 +38,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--num-pages", type=int, default=512, help="pool pages per device; 0 = size from free GPU memory")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="with --num-pages 0")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="executor processes (one per GPU)")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="do not replay decode steps from CUDA graphs")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="do not replay steps from CUDA graphs")
+    p.add_argument("--no-piecewise-graphs", action="store_true",
+                   help="run steps with prefill tokens eagerly (decode steps still replay their graphs)")
     p.add_argument("--block-tokens", type=int, default=16)
     p.add_argument("--max-batch-tokens", type=int, default=512)
     p.add_argument("--max-num-seqs", type=int, default=64)

@@ -49,7 +49,7 @@ def engine_config(args: Namespace) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_adapters_per_batch=args.max_adapters_per_batch,
         max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len, dtype=args.dtype, device=args.device,
         gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
-        cuda_graphs=not args.no_cuda_graphs,
+        cuda_graphs=not args.no_cuda_graphs, piecewise_graphs=not args.no_piecewise_graphs,
     )
 
 

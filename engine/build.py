@@ -120,7 +120,7 @@ def build_runner(model_dir: Path, config: EngineConfig, shard: Shard, fetch) -> 
     if config.cuda_graphs and (shard.size == 1 or config.extra_tp_graphs):
         max_blocks = -(-_max_len(cfg, config) // block_tokens)
         runner.enable_cuda_graphs(config.max_num_seqs, max_blocks, config.max_adapters_per_batch,
-                                  config.max_lora_rank)
+                                  config.max_lora_rank, config.max_batch_tokens if config.piecewise_graphs else 0)
     return runner, config
 
 

@@ -162,6 +162,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     prefetch_adapters: int = 2  # adapters of waiting requests loaded into free pages per step (0 = off)
     cuda_graphs: bool = True
+    piecewise_graphs: bool = True  # with cuda_graphs: steps with prefill tokens as graphs around eager attention
     extra_tp_graphs: bool = False  # CUDA graphs on tensor-parallel ranks: written, not yet verified on GPUs
 
     def __post_init__(self) -> None:

@@ -1,4 +1,5 @@
-"""CUDA graphs for decode steps: one graph per bucketed batch size, replayed with the step's metadata
+"""CUDA graphs: decode steps as one graph per bucketed batch size (`DecodeGraphs`), other steps piecewise per
+bucketed token count around an eager attention (`PiecewiseGraphs`), replayed with the step's metadata
 copied into static buffers.
 
 Every decode step of the same bucket launches the same kernels with the same grids (the Triton kernels'
@@ -11,12 +12,14 @@ scratch page no request owns.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from lorafleet import kernels
 from lorafleet.engine.config import TARGET_MODULES
 from lorafleet.engine.model import AttentionBatch, CausalLM, LoraBatch, ModuleLora
 
@@ -82,14 +85,14 @@ class DecodeGraphs:
     """Captures and replays decode-step graphs of `model` over `pool`."""
 
     def __init__(self, model: CausalLM, pool: torch.Tensor, block_tokens: int, scratch_page: int,
-                 max_batch: int, max_blocks: int, max_slots: int, max_rank: int) -> None:
+                 max_batch: int, max_blocks: int, max_slots: int, max_rank: int, mempool=None) -> None:
         self.model, self.pool, self.block_tokens, self.scratch_page = model, pool, block_tokens, scratch_page
         self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
         self.max_slots, self.max_rank = max_slots, max_rank
         self.static = StaticBatch(self.buckets[-1], max_blocks, max_slots, max_rank, pool.device,
                                   parallel=model.group.shard.size > 1)
         self.graphs: dict[tuple[int, frozenset[str]], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.mempool = torch.cuda.graph_pool_handle()
+        self.mempool = mempool if mempool is not None else torch.cuda.graph_pool_handle()
 
     def fits(self, batch: int, num_slots: int, widest_rank: int, blocks: int) -> bool:
         return (batch <= self.buckets[-1] and num_slots <= self.max_slots and widest_rank <= self.max_rank
@@ -121,37 +124,147 @@ class DecodeGraphs:
 
     def _fill(self, inputs: DecodeInputs, rows: int) -> None:
         """Copy the step into the static buffers; rows past the batch become base-only scratch tokens."""
-        s, batch, bt = self.static, len(inputs.input_ids), self.block_tokens
+        s, batch = self.static, len(inputs.input_ids)
         pad = rows - batch
         width = max(len(t) for t in inputs.block_tables)  # columns past it are never read this step
         tables = pad_rows(inputs.block_tables + [[]] * pad, width, self.scratch_page)
-        host = {
-            "input_ids": inputs.input_ids + [0] * pad,
-            "positions": inputs.positions + [0] * pad,
-            "slots": inputs.slots + [self.scratch_page * bt] * pad,
-            "context_lens": [p + 1 for p in inputs.positions] + [1] * pad,
-            "token_slots": inputs.token_slots + [-1] * pad,
-        }
-        for name, values in host.items():
-            buffer = getattr(s, name)
-            buffer[:rows].copy_(torch.tensor(values, dtype=buffer.dtype), non_blocking=True)
+        context_lens = [p + 1 for p in inputs.positions] + [1] * pad
+        s.context_lens[:rows].copy_(torch.tensor(context_lens, dtype=torch.int32), non_blocking=True)
         s.block_tables[:rows, :width].copy_(tables, non_blocking=True)
-        self._fill_lora(inputs)
+        fill_tokens(s, inputs, rows, self.scratch_page * self.block_tokens)
+        fill_lora(s, inputs, self.max_slots)
 
-    def _fill_lora(self, inputs: DecodeInputs) -> None:
-        s, slots = self.static, len(inputs.scales)
-        scales = inputs.scales + [0.0] * (self.max_slots - slots)
-        s.scales.copy_(torch.tensor(scales, dtype=torch.float32), non_blocking=True)
-        for module, static in s.modules.items():
-            a_rows, b_rows, ranks, expand_ranks, cols = inputs.modules.get(module, ([], [], [], [], None))
-            static.ranks.zero_()
-            static.expand_ranks.zero_()
-            if not ranks:
-                continue
-            n = len(ranks)
-            static.a_rows[:n, : a_rows.shape[1]].copy_(a_rows, non_blocking=True)
-            static.b_rows[:n, : b_rows.shape[1]].copy_(b_rows, non_blocking=True)
-            static.ranks[:n].copy_(torch.tensor(ranks, dtype=torch.int32), non_blocking=True)
-            static.expand_ranks[:n].copy_(torch.tensor(expand_ranks, dtype=torch.int32), non_blocking=True)
-            if cols is not None:
-                static.cols[:n, : cols.shape[1]].copy_(cols, non_blocking=True)
+
+def fill_tokens(s: StaticBatch, inputs: DecodeInputs, rows: int, scratch_slot: int) -> None:
+    """Per-token buffers; rows past the step's tokens are base-only tokens writing KV into the scratch page."""
+    pad = rows - len(inputs.input_ids)
+    host = {
+        "input_ids": inputs.input_ids + [0] * pad,
+        "positions": inputs.positions + [0] * pad,
+        "slots": inputs.slots + [scratch_slot] * pad,
+        "token_slots": inputs.token_slots + [-1] * pad,
+    }
+    for name, values in host.items():
+        buffer = getattr(s, name)
+        buffer[:rows].copy_(torch.tensor(values, dtype=buffer.dtype), non_blocking=True)
+
+
+def fill_lora(s: StaticBatch, inputs: DecodeInputs, max_slots: int) -> None:
+    slots = len(inputs.scales)
+    scales = inputs.scales + [0.0] * (max_slots - slots)
+    s.scales.copy_(torch.tensor(scales, dtype=torch.float32), non_blocking=True)
+    for module, static in s.modules.items():
+        a_rows, b_rows, ranks, expand_ranks, cols = inputs.modules.get(module, ([], [], [], [], None))
+        static.ranks.zero_()
+        static.expand_ranks.zero_()
+        if not ranks:
+            continue
+        n = len(ranks)
+        static.a_rows[:n, : a_rows.shape[1]].copy_(a_rows, non_blocking=True)
+        static.b_rows[:n, : b_rows.shape[1]].copy_(b_rows, non_blocking=True)
+        static.ranks[:n].copy_(torch.tensor(ranks, dtype=torch.int32), non_blocking=True)
+        static.expand_ranks[:n].copy_(torch.tensor(expand_ranks, dtype=torch.int32), non_blocking=True)
+        if cols is not None:
+            static.cols[:n, : cols.shape[1]].copy_(cols, non_blocking=True)
+
+
+TOKEN_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+
+
+class PiecewiseGraphs:
+    """Steps with prefill tokens (or any step the decode graphs do not cover), replayed piecewise: per
+    bucketed token count, one graph per stretch between two attentions — embedding + layer 0 up to its KV
+    write, then layer i's o_proj/norm/MLP + layer i+1 up to its KV write, …, then the final norm — and the
+    paged attention itself run eagerly between them, since its work depends on each sequence's query and
+    context lengths rather than on the token count. Everything but attention is launch-bound at these sizes
+    (norms, GEMMs, LoRA shrink/expand, rotary, KV write), so a step costs ~num_layers + 1 graph launches and
+    num_layers attention launches instead of several hundred kernel launches.
+
+    The graphs pass activations through static buffers (q, attention output, residual, final hidden), so all
+    buckets share them. `capture=False` runs the same segments without graphs (CPU tests of the plumbing)."""
+
+    def __init__(self, model: CausalLM, pool: torch.Tensor, block_tokens: int, scratch_page: int, max_tokens: int,
+                 max_slots: int, max_rank: int, mempool=None, capture: bool = True) -> None:
+        self.model, self.pool, self.block_tokens = model, pool, block_tokens
+        self.scratch_slot = scratch_page * block_tokens
+        self.buckets = [b for b in TOKEN_BUCKETS if b < max_tokens] + [max_tokens]
+        self.max_slots, self.max_rank, self.mempool, self.capture = max_slots, max_rank, mempool, capture
+        rows, device = self.buckets[-1], pool.device
+        self.static = StaticBatch(rows, 1, max_slots, max_rank, device, parallel=model.group.shard.size > 1)
+        attention = model.model.layers[0].self_attn
+        width, hidden = attention.num_heads * attention.head_dim, model.config.hidden_size
+        self.q, self.attn_out = (torch.zeros(rows, width, dtype=pool.dtype, device=device) for _ in range(2))
+        self.residual, self.hidden = (torch.zeros(rows, hidden, dtype=pool.dtype, device=device) for _ in range(2))
+        self.segments: dict[tuple[int, frozenset[str]], list] = {}
+
+    def fits(self, tokens: int, num_slots: int, widest_rank: int) -> bool:
+        return tokens <= self.buckets[-1] and num_slots <= self.max_slots and widest_rank <= self.max_rank
+
+    def run(self, inputs: DecodeInputs, attn: AttentionBatch) -> torch.Tensor:
+        """Hidden states [tokens, hidden] of the step; `attn` is the step's own (unpadded) attention metadata."""
+        tokens = len(inputs.input_ids)
+        rows = next(b for b in self.buckets if b >= tokens)
+        fill_tokens(self.static, inputs, rows, self.scratch_slot)
+        fill_lora(self.static, inputs, self.max_slots)
+        layers = self.model.model.layers
+        for index, segment in enumerate(self._pieces(rows, frozenset(inputs.modules))):
+            segment()
+            if index < len(layers):
+                attention = layers[index].self_attn
+                q = self.q[:tokens].view(tokens, attention.num_heads, attention.head_dim)
+                self.attn_out[:tokens].copy_(attention.attend(q, attn, self.pool[index], self.block_tokens))
+        return self.hidden[:tokens]
+
+    def _views(self, rows: int, modules: frozenset[str]) -> tuple[AttentionBatch, LoraBatch | None]:
+        """Fresh views per capture (the kernels' metadata caches and LoraBatch's tables key on the objects)."""
+        s = self.static
+        attn = AttentionBatch(s.positions[:rows], s.slots[:rows], s.block_tables[:rows], s.context_lens[:rows],
+                              s.query_starts[: rows + 1], is_decode=False)  # project() reads positions, slots
+        lora = LoraBatch(s.token_slots[:rows], s.scales, {m: s.modules[m] for m in modules}) if modules else None
+        return attn, lora
+
+    def _pieces(self, rows: int, modules: frozenset[str]) -> list:
+        """The bucket's segments: graph replays (captured on first use), or without capture the segments
+        themselves over fresh views (the metadata caches must not carry one step's tables into the next)."""
+        count = len(self.model.model.layers) + 1
+        if not self.capture:
+            attn, lora = self._views(rows, modules)
+            return [functools.partial(self._segment, index, rows, attn, lora) for index in range(count)]
+        if (rows, modules) not in self.segments:
+            self.segments[rows, modules] = self._capture(rows, modules, count)
+        return self.segments[rows, modules]
+
+    def _capture(self, rows: int, modules: frozenset[str], count: int) -> list:
+        attn, lora = self._views(rows, modules)
+        stream = torch.cuda.Stream()  # warm-up (compiles the kernels); its KV writes are redone by the replay
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for index in range(count):
+                self._segment(index, rows, attn, lora)
+        torch.cuda.current_stream().wait_stream(stream)
+        attn, lora = self._views(rows, modules)
+        graphs = []
+        for index in range(count):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.mempool):
+                self._segment(index, rows, attn, lora)
+            graphs.append(graph.replay)
+        return graphs
+
+    def _segment(self, index: int, rows: int, attn: AttentionBatch, lora: LoraBatch | None) -> None:
+        """Layer index-1 after its attention, then layer index up to its attention (index 0: the embedding;
+        index num_layers: the final norm into `hidden`)."""
+        model, layers = self.model, self.model.model.layers
+        if index == 0:
+            x, residual = model.model.embed_tokens(self.static.input_ids[:rows]), None
+        else:
+            x, residual = layers[index - 1].attention_output(self.attn_out[:rows], self.residual[:rows], lora,
+                                                             self.pool[index - 1])
+        if index == len(layers):
+            norm = model.model.norm
+            self.hidden[:rows].copy_(kernels.add_rms_norm(x, residual, norm.weight, norm.eps)[0])
+            return
+        q, residual = layers[index].attention_input(x, residual, attn, lora, self.pool[index], model.cos_sin,
+                                                    self.block_tokens)
+        self.q[:rows].copy_(q.reshape(rows, -1))
+        self.residual[:rows].copy_(residual)

@@ -180,20 +180,35 @@ class Attention(nn.Module):
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
 
     def forward(self, x, attn: AttentionBatch, lora, pool_layer, cos_sin, block_tokens) -> torch.Tensor:
-        flat = pool_layer.view(-1)
-        kv = pool_layer.view(pool_layer.shape[0], 2, block_tokens, self.num_kv_heads, self.head_dim)
-        q, k, v = shared_input_linears((self.q_proj, self.k_proj, self.v_proj), x, lora, flat)
+        q = self.project(x, attn, lora, pool_layer, cos_sin, block_tokens)
+        return self.output(self.attend(q, attn, pool_layer, block_tokens), lora, pool_layer)
+
+    def project(self, x, attn: AttentionBatch, lora, pool_layer, cos_sin, block_tokens) -> torch.Tensor:
+        """q/k/v with their LoRA deltas and rotary; k and v go into the pool's KV pages. Returns q [T, heads, d]."""
+        kv = self._kv(pool_layer, block_tokens)
+        q, k, v = shared_input_linears((self.q_proj, self.k_proj, self.v_proj), x, lora, pool_layer.view(-1))
         q = q.view(-1, self.num_heads, self.head_dim)
         k, v = k.view(-1, self.num_kv_heads, self.head_dim), v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = kernels.rotary(q, k, attn.positions, cos_sin)
         kernels.write_kv(kv, k, v, attn.slots)
+        return q
+
+    def attend(self, q, attn: AttentionBatch, pool_layer, block_tokens) -> torch.Tensor:
+        """Paged attention of q over the sequences' KV pages: [T, heads * d]."""
+        kv = self._kv(pool_layer, block_tokens)
         if attn.is_decode:
             out = kernels.paged_decode_attention(q, kv, attn.block_tables, attn.context_lens, self.scale)
         else:
             out = kernels.paged_prefill_attention(
                 q, kv, attn.block_tables, attn.context_lens, attn.query_starts, self.scale
             )
-        return self.group.all_reduce(self.o_proj(out.reshape(x.shape[0], -1), lora, flat))
+        return out.reshape(q.shape[0], -1)
+
+    def output(self, out, lora, pool_layer) -> torch.Tensor:
+        return self.group.all_reduce(self.o_proj(out, lora, pool_layer.view(-1)))
+
+    def _kv(self, pool_layer, block_tokens) -> torch.Tensor:
+        return pool_layer.view(pool_layer.shape[0], 2, block_tokens, self.num_kv_heads, self.head_dim)
 
 
 class MLP(nn.Module):
@@ -220,12 +235,22 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, residual, attn, lora, pool_layer, cos_sin, block_tokens):
+        q, residual = self.attention_input(x, residual, attn, lora, pool_layer, cos_sin, block_tokens)
+        out = self.self_attn.attend(q, attn, pool_layer, block_tokens)
+        return self.attention_output(out, residual, lora, pool_layer)
+
+    def attention_input(self, x, residual, attn, lora, pool_layer, cos_sin, block_tokens):
+        """Everything before attention reads the KV pages: norm, q/k/v, rotary, KV write. Returns (q, residual)."""
         norm = self.input_layernorm
         if residual is None:
             residual, h = x, kernels.rms_norm(x, norm.weight, norm.eps)
         else:
             h, residual = kernels.add_rms_norm(x, residual, norm.weight, norm.eps)
-        h = self.self_attn(h, attn, lora, pool_layer, cos_sin, block_tokens)
+        return self.self_attn.project(h, attn, lora, pool_layer, cos_sin, block_tokens), residual
+
+    def attention_output(self, out, residual, lora, pool_layer):
+        """Everything after attention: o_proj, norm, MLP. Returns (x, residual) for the next layer."""
+        h = self.self_attn.output(out, lora, pool_layer)
         norm = self.post_attention_layernorm
         h, residual = kernels.add_rms_norm(h, residual, norm.weight, norm.eps)
         return self.mlp(h, lora, pool_layer.view(-1)), residual

@@ -14,7 +14,7 @@ import torch
 
 from lorafleet.engine.adapter_store import PackedAdapter
 from lorafleet.engine.adapters import COLUMN_PARALLEL
-from lorafleet.engine.cuda_graphs import DecodeGraphs, DecodeInputs, pad_rows
+from lorafleet.engine.cuda_graphs import DecodeGraphs, DecodeInputs, PiecewiseGraphs, pad_rows
 from lorafleet.engine.model import AttentionBatch, CausalLM, LoraBatch, ModuleLora
 from lorafleet.engine.plan import SeqPlan, StepPlan
 from lorafleet.engine.request import PENDING_TOKEN
@@ -51,6 +51,9 @@ class ModelRunner:
         self.pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.resident: dict[str, ResidentAdapter] = {}
         self.graphs: DecodeGraphs | None = None
+        self.pieces: PiecewiseGraphs | None = None
+        self.piecewise_steps = 0  # steps replayed piecewise (for tests and logs)
+        self.max_rank = 0
         self.last_logits: dict[int, torch.Tensor] = {}
         self.last_sampled: dict[int, int] = {}  # request id -> token sampled in the last step
 
@@ -95,21 +98,25 @@ class ModelRunner:
         return buffer.tolist()
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
-        """Hidden states of every token of the step: a CUDA-graph replay for decode steps that fit one,
-        eager execution otherwise."""
+        """Hidden states of every token of the step: a CUDA-graph replay for decode steps that fit one, a
+        piecewise replay (graphs around eager attention) for other steps that fit, eager execution otherwise."""
         token_slots, scales, tables = self._lora_tables(plan)
-        graphs = self.graphs
-        if graphs is not None and plan.is_decode and graphs.fits(
-            len(plan.seqs), len(scales), max((t[0].shape[1] for t in tables.values()), default=0),
-            max(len(s.block_table) for s in plan.seqs),
-        ):
+        widest = max((t[0].shape[1] for t in tables.values()), default=0)
+        graphs, pieces = self.graphs, self.pieces
+        decode = graphs is not None and plan.is_decode and graphs.fits(
+            len(plan.seqs), len(scales), widest, max(len(s.block_table) for s in plan.seqs))
+        piecewise = not decode and pieces is not None and pieces.fits(plan.num_tokens, len(scales), widest)
+        if decode or piecewise:
             if scales and self.shard.size > 1:  # graphs shrink into the static width: remap the columns
-                token_slots, scales, tables = self._lora_tables(plan, shrink_width=graphs.max_rank)
-            token_slots = token_slots or [-1] * len(plan.seqs)
+                token_slots, scales, tables = self._lora_tables(plan, shrink_width=self.max_rank)
             positions, slots = self._positions(plan)
-            inputs = DecodeInputs([s.token_ids[0] for s in plan.seqs], positions, slots,
-                                  [s.block_table for s in plan.seqs], token_slots, scales, tables)
-            return graphs.run(inputs)
+            input_ids = [t for s in plan.seqs for t in s.token_ids]
+            inputs = DecodeInputs(input_ids, positions, slots, [s.block_table for s in plan.seqs],
+                                  token_slots or [-1] * len(input_ids), scales, tables)
+            if decode:
+                return graphs.run(inputs)
+            self.piecewise_steps += 1
+            return pieces.run(inputs, self._attention_batch(plan, positions, slots))
         input_ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], device=self.device)
         lora = None
         if scales:
@@ -120,13 +127,22 @@ class ModelRunner:
             lora = LoraBatch(tensor(token_slots, torch.int32), tensor(scales, torch.float32), modules)
         return self.model(input_ids, self._attention_batch(plan), lora, self.pool, self.block_tokens)
 
-    def enable_cuda_graphs(self, max_batch: int, max_blocks: int, max_slots: int, max_rank: int) -> None:
-        """Replay decode steps from CUDA graphs (CUDA only; the scratch page is the pool's last). Under tensor
-        parallelism every rank captures the same buckets at the same step, NCCL collectives included."""
-        if self.device.type != "cuda":
+    def enable_cuda_graphs(self, max_batch: int, max_blocks: int, max_slots: int, max_rank: int,
+                           max_tokens: int = 0, capture: bool = True) -> None:
+        """Replay decode steps from CUDA graphs and, with `max_tokens`, other steps of up to that many tokens
+        piecewise (CUDA only, except `capture=False`: the piecewise plumbing without graphs, for tests). Under
+        tensor parallelism every rank captures the same buckets at the same step, NCCL collectives included."""
+        scratch = self.pool.shape[1] - 1  # the pool's last page
+        self.max_rank = max_rank
+        if capture and self.device.type != "cuda":
             return
-        self.graphs = DecodeGraphs(self.model, self.pool, self.block_tokens, self.pool.shape[1] - 1,
-                                   max_batch, max_blocks, max_slots, max_rank)
+        mempool = torch.cuda.graph_pool_handle() if capture else None
+        if capture:
+            self.graphs = DecodeGraphs(self.model, self.pool, self.block_tokens, scratch, max_batch, max_blocks,
+                                       max_slots, max_rank, mempool)
+        if max_tokens:
+            self.pieces = PiecewiseGraphs(self.model, self.pool, self.block_tokens, scratch, max_tokens, max_slots,
+                                          max_rank, mempool, capture)
 
     def _load_adapter(self, name: str, pages: list[int]) -> None:
         packed = self.fetch_adapter(name)
@@ -151,8 +167,10 @@ class ModelRunner:
                 slots.append(s.block_table[pos // bt] * bt + pos % bt)
         return positions, slots
 
-    def _attention_batch(self, plan: StepPlan) -> AttentionBatch:
-        positions, slots = self._positions(plan)
+    def _attention_batch(self, plan: StepPlan, positions: list[int] | None = None,
+                         slots: list[int] | None = None) -> AttentionBatch:
+        if positions is None:
+            positions, slots = self._positions(plan)
         width = max(len(s.block_table) for s in plan.seqs)
         tables = pad_rows([s.block_table for s in plan.seqs], width, 0)
         starts = [0]

@@ -1,5 +1,5 @@
 """The engine on CUDA (skipped without it): bf16 logits against HF+PEFT in bf16 on the GPU, CUDA-graph
-decode equal to eager decode, and tensor parallelism on two GPUs."""
+decode and piecewise-graph steps equal to eager steps, and tensor parallelism on two GPUs."""
 
 from __future__ import annotations
 
@@ -61,6 +61,21 @@ def test_cuda_graph_decode_equals_eager(assets, with_adapters):
         llm = LLM(str(base), adapters=adapters, device="cuda", dtype="float32", num_pages=512, cuda_graphs=graphs)
         runs.append([o.token_ids for o in llm.generate(prompts, adapters=which, max_tokens=16, ignore_eos=True)])
         assert (llm.engine.executor.graphs is not None) == graphs
+    assert runs[0] == runs[1]
+
+
+def test_piecewise_graph_steps_equal_eager(assets):
+    """Chunked prefills beside decodes (a small token budget): those steps replay piecewise graphs."""
+    base, adapters = assets
+    names = [*adapters, None]
+    prompts = _prompts(20)
+    which = [names[i % len(names)] for i in range(len(prompts))]
+    runs = []
+    for graphs in (False, True):
+        llm = LLM(str(base), adapters=adapters, device="cuda", dtype="float32", num_pages=512, cuda_graphs=graphs,
+                  max_batch_tokens=48, max_num_seqs=8)
+        runs.append([o.token_ids for o in llm.generate(prompts, adapters=which, max_tokens=10, ignore_eos=True)])
+        assert (llm.engine.executor.piecewise_steps > 0) == graphs
     assert runs[0] == runs[1]
 
 
