@@ -93,6 +93,7 @@ class AttentionBatch:
     context_lens: torch.Tensor
     query_starts: torch.Tensor
     is_decode: bool
+    parts: tuple[AttentionBatch, AttentionBatch] | None = None  # a mixed step's decode and prefill sequences
 
 
 @dataclass
@@ -195,6 +196,11 @@ class Attention(nn.Module):
 
     def attend(self, q, attn: AttentionBatch, pool_layer, block_tokens) -> torch.Tensor:
         """Paged attention of q over the sequences' KV pages: [T, heads * d]."""
+        if attn.parts is not None:  # single-token sequences first: the decode kernel, then the prefill kernel
+            decode, prefill = attn.parts
+            split = decode.context_lens.shape[0]
+            return torch.cat([self.attend(q[:split], decode, pool_layer, block_tokens),
+                              self.attend(q[split:], prefill, pool_layer, block_tokens)])
         kv = self._kv(pool_layer, block_tokens)
         if attn.is_decode:
             out = kernels.paged_decode_attention(q, kv, attn.block_tables, attn.context_lens, self.scale)

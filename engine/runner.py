@@ -64,14 +64,15 @@ class ModelRunner:
             self.resident.pop(name, None)
         for load in plan.loads:
             self._load_adapter(load.name, load.pages)
-        plan = self._resolve_pending(plan)
+        asked = [s.request_id for s in plan.seqs if s.sample]
+        plan = _decode_first(self._resolve_pending(plan))
         hidden = self._forward(plan)
         sampled = [s for s in plan.seqs if s.sample]
         tokens = self._sample(plan, hidden, sampled) if self.sample_on_this_rank and sampled else []
         if self.shard.size > 1 and sampled:
             tokens = self._share_tokens(tokens, len(sampled))
         self.last_sampled = {s.request_id: t for s, t in zip(sampled, tokens)}
-        return tokens if self.sample_on_this_rank else []
+        return [self.last_sampled[i] for i in asked] if self.sample_on_this_rank else []
 
     def _sample(self, plan: StepPlan, hidden: torch.Tensor, sampled: list[SeqPlan]) -> list[int]:
         ends = np.cumsum([len(s.token_ids) for s in plan.seqs]) - 1
@@ -169,22 +170,28 @@ class ModelRunner:
 
     def _attention_batch(self, plan: StepPlan, positions: list[int] | None = None,
                          slots: list[int] | None = None) -> AttentionBatch:
+        """The step's attention metadata. A step whose single-token sequences come first (`_decode_first`)
+        and that also has longer chunks carries two parts: the decode kernel attends for the former, the
+        prefill kernel for the latter."""
         if positions is None:
             positions, slots = self._positions(plan)
-        width = max(len(s.block_table) for s in plan.seqs)
-        tables = pad_rows([s.block_table for s in plan.seqs], width, 0)
-        starts = [0]
-        for s in plan.seqs:
-            starts.append(starts[-1] + len(s.token_ids))
         tensor = lambda data, dtype: torch.tensor(data, dtype=dtype, device=self.device)  # noqa: E731
-        return AttentionBatch(
-            positions=tensor(positions, torch.long),
-            slots=tensor(slots, torch.long),
-            block_tables=tables.to(self.device),
-            context_lens=tensor([s.start + len(s.token_ids) for s in plan.seqs], torch.int32),
-            query_starts=tensor(starts, torch.int32),
-            is_decode=plan.is_decode,
-        )
+        batch = self._attention_part(plan.seqs, plan.is_decode)
+        batch.positions, batch.slots = tensor(positions, torch.long), tensor(slots, torch.long)
+        split = next((i for i, s in enumerate(plan.seqs) if len(s.token_ids) > 1), len(plan.seqs))
+        if 0 < split and not plan.is_decode and all(len(s.token_ids) > 1 for s in plan.seqs[split:]):
+            batch.parts = (self._attention_part(plan.seqs[:split], True),
+                           self._attention_part(plan.seqs[split:], False))
+        return batch
+
+    def _attention_part(self, seqs: list[SeqPlan], is_decode: bool) -> AttentionBatch:
+        """Block tables, context lengths and query starts of `seqs` (positions and slots are the caller's)."""
+        tensor = lambda data, dtype: torch.tensor(data, dtype=dtype, device=self.device)  # noqa: E731
+        tables = pad_rows([s.block_table for s in seqs], max(len(s.block_table) for s in seqs), 0)
+        starts = np.cumsum([0] + [len(s.token_ids) for s in seqs]).tolist()
+        return AttentionBatch(None, None, tables.to(self.device),
+                              tensor([s.start + len(s.token_ids) for s in seqs], torch.int32),
+                              tensor(starts, torch.int32), is_decode)
 
     def _lora_tables(self, plan: StepPlan, shrink_width: int | None = None) -> tuple[list[int], list[float], dict]:
         """Host-side LoRA metadata: per-token slots, per-slot scales, and per targeted module the padded
@@ -215,6 +222,14 @@ class ModelRunner:
         if module not in COLUMN_PARALLEL:
             return [rank * local + j for j in range(local)]  # row-parallel: all-reduced v, my rank slice
         return [(c // local) * width + c % local for c in range(full)]
+
+
+def _decode_first(plan: StepPlan) -> StepPlan:
+    """The plan with its single-token sequences first (stable): a mixed step then attends in two parts."""
+    seqs = plan.seqs
+    if plan.is_decode or all(len(s.token_ids) > 1 for s in seqs):
+        return plan
+    return replace(plan, seqs=sorted(seqs, key=lambda s: len(s.token_ids) > 1))
 
 
 def _padded(tables: list[list[int]]) -> torch.Tensor:

@@ -77,6 +77,9 @@ def test_piecewise_graph_steps_equal_eager(assets):
         runs.append([o.token_ids for o in llm.generate(prompts, adapters=which, max_tokens=10, ignore_eos=True)])
         assert (llm.engine.executor.piecewise_steps > 0) == graphs
     assert runs[0] == runs[1]
+    # one prefill step, then decode steps only: no step attends in two parts (decode kernel + prefill kernel)
+    whole = LLM(str(base), adapters=adapters, device="cuda", dtype="float32", num_pages=512, cuda_graphs=False)
+    assert runs[0] == [o.token_ids for o in whole.generate(prompts, adapters=which, max_tokens=10, ignore_eos=True)]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

@@ -1,11 +1,11 @@
 """Piecewise steps (graphs around an eager attention, engine/cuda_graphs.py) without the graphs: on CPU the
 same segments, static buffers, bucket padding and LoRA tables run eagerly, and must give the plain engine's
-tokens for steps that mix prefill chunks, decodes, adapters and base-only requests. (The captured graphs
+tokens for steps that mix prefill chunks, decodes, adapters and base-only requests — and HF+PEFT's. (The captured graphs
 are compared with eager steps on CUDA in test_gpu_engine.py.)"""
 
 from __future__ import annotations
 
-from conftest import make_peft_adapter
+from conftest import PeftOracle, make_peft_adapter
 from lorafleet.engine import LLM
 
 PROMPTS = [[5, 9, 33, 71, 12, 200, 17, 3, 99, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51], [7, 8], [250, 3, 4, 9],
@@ -26,4 +26,6 @@ def test_piecewise_steps_equal_plain_steps(tiny_llama, tmp_path):
         outputs.append([o.token_ids for o in outs])
         steps = runner.piecewise_steps
     assert outputs[0] == outputs[1]
+    oracle = PeftOracle(tiny_llama, adapters)  # mixed steps attend in two parts (decode kernel, prefill kernel)
+    assert outputs[0] == [oracle.greedy(p, a, 7) for p, a in zip(PROMPTS, names)]
     assert steps > 5, "the workload was meant to run many steps piecewise"
