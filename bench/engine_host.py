@@ -25,7 +25,7 @@ import torch
 from lorafleet.actors.server import RemoteOnly
 from lorafleet.engine.adapter_store import AdapterStore
 from lorafleet.engine.config import EngineConfig, ModelConfig, page_geometry
-from lorafleet.engine.cuda_graphs import DecodeGraphs, DecodeInputs, StaticBatch
+from lorafleet.engine.cuda_graphs import DecodeGraphs, StaticBatch, StepInputs
 from lorafleet.engine.engine import Engine
 from lorafleet.engine.plan import StepPlan
 from lorafleet.engine.request import SamplingParams
@@ -109,7 +109,7 @@ def measure_runner_metadata(args: argparse.Namespace, repeats: int = 30) -> dict
     for _ in range(repeats):
         token_slots, scales, tables = runner._lora_tables(plan)
         positions, kv_slots = runner._positions(plan)
-        inputs = DecodeInputs([s.token_ids[0] for s in plan.seqs], positions, kv_slots,
+        inputs = StepInputs([s.token_ids[0] for s in plan.seqs], positions, kv_slots,
                               [s.block_table for s in plan.seqs], token_slots, scales, tables)
         graphs._fill(inputs, args.seqs)
     return {"decode_metadata_ms": (time.perf_counter() - started) * 1000 / repeats}

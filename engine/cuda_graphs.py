@@ -39,8 +39,9 @@ def pad_rows(rows: list[list[int]], width: int, fill: int, dtype: type = np.int3
 
 
 @dataclass
-class DecodeInputs:
-    """One decode step's metadata as host lists (the runner builds it from the StepPlan)."""
+class StepInputs:
+    """One graphed step's metadata as host lists (the runner builds it from the StepPlan; the piecewise graphs
+    ignore `block_tables`, their attention runs eagerly on the step's own metadata)."""
 
     input_ids: list[int]
     positions: list[int]
@@ -98,7 +99,7 @@ class DecodeGraphs:
         return (batch <= self.buckets[-1] and num_slots <= self.max_slots and widest_rank <= self.max_rank
                 and blocks <= self.static.block_tables.shape[1])
 
-    def run(self, inputs: DecodeInputs) -> torch.Tensor:
+    def run(self, inputs: StepInputs) -> torch.Tensor:
         """Hidden states [batch, hidden] of the step, by replaying the bucket's graph."""
         batch = len(inputs.input_ids)
         bucket = next(b for b in self.buckets if b >= batch)
@@ -122,7 +123,7 @@ class DecodeGraphs:
             hidden = self.model(input_ids, attn, lora, self.pool, self.block_tokens)
         return graph, hidden
 
-    def _fill(self, inputs: DecodeInputs, rows: int) -> None:
+    def _fill(self, inputs: StepInputs, rows: int) -> None:
         """Copy the step into the static buffers; rows past the batch become base-only scratch tokens."""
         s, batch = self.static, len(inputs.input_ids)
         pad = rows - batch
@@ -135,7 +136,7 @@ class DecodeGraphs:
         fill_lora(s, inputs, self.max_slots)
 
 
-def fill_tokens(s: StaticBatch, inputs: DecodeInputs, rows: int, scratch_slot: int) -> None:
+def fill_tokens(s: StaticBatch, inputs: StepInputs, rows: int, scratch_slot: int) -> None:
     """Per-token buffers; rows past the step's tokens are base-only tokens writing KV into the scratch page."""
     pad = rows - len(inputs.input_ids)
     host = {
@@ -149,7 +150,7 @@ def fill_tokens(s: StaticBatch, inputs: DecodeInputs, rows: int, scratch_slot: i
         buffer[:rows].copy_(torch.tensor(values, dtype=buffer.dtype), non_blocking=True)
 
 
-def fill_lora(s: StaticBatch, inputs: DecodeInputs, max_slots: int) -> None:
+def fill_lora(s: StaticBatch, inputs: StepInputs, max_slots: int) -> None:
     slots = len(inputs.scales)
     scales = inputs.scales + [0.0] * (max_slots - slots)
     s.scales.copy_(torch.tensor(scales, dtype=torch.float32), non_blocking=True)
@@ -200,7 +201,7 @@ class PiecewiseGraphs:
     def fits(self, tokens: int, num_slots: int, widest_rank: int) -> bool:
         return tokens <= self.buckets[-1] and num_slots <= self.max_slots and widest_rank <= self.max_rank
 
-    def run(self, inputs: DecodeInputs, attn: AttentionBatch) -> torch.Tensor:
+    def run(self, inputs: StepInputs, attn: AttentionBatch) -> torch.Tensor:
         """Hidden states [tokens, hidden] of the step; `attn` is the step's own (unpadded) attention metadata."""
         tokens = len(inputs.input_ids)
         rows = next(b for b in self.buckets if b >= tokens)

@@ -14,7 +14,7 @@ import torch
 
 from lorafleet.engine.adapter_store import PackedAdapter
 from lorafleet.engine.adapters import COLUMN_PARALLEL
-from lorafleet.engine.cuda_graphs import DecodeGraphs, DecodeInputs, PiecewiseGraphs, pad_rows
+from lorafleet.engine.cuda_graphs import DecodeGraphs, PiecewiseGraphs, StepInputs, pad_rows
 from lorafleet.engine.model import AttentionBatch, CausalLM, LoraBatch, ModuleLora
 from lorafleet.engine.plan import SeqPlan, StepPlan
 from lorafleet.engine.request import PENDING_TOKEN
@@ -112,7 +112,7 @@ class ModelRunner:
                 token_slots, scales, tables = self._lora_tables(plan, shrink_width=self.max_rank)
             positions, slots = self._positions(plan)
             input_ids = [t for s in plan.seqs for t in s.token_ids]
-            inputs = DecodeInputs(input_ids, positions, slots, [s.block_table for s in plan.seqs],
+            inputs = StepInputs(input_ids, positions, slots, [s.block_table for s in plan.seqs],
                                   token_slots or [-1] * len(input_ids), scales, tables)
             if decode:
                 return graphs.run(inputs)
