@@ -381,6 +381,37 @@ def test_stager_moves_adapter_pages_through_shared_memory(dtype, shards):
         stager.close()
 
 
+def test_stager_stages_the_next_step_without_touching_the_running_one():
+    """Step n+1 is staged while step n's executor may still read its pages: the two use different segments."""
+    import torch
+
+    from lorafleet.actors.executor import StagedReader, Stager
+    from lorafleet.engine.adapter_store import AdapterInfo, PackedAdapter
+    from lorafleet.engine.layout import AdapterLayout
+
+    def pack(name: str, rank: int) -> PackedAdapter:
+        layout = AdapterLayout.build({"q_proj": rank}, {"q_proj": (64, 64)}, 256)
+        info = AdapterInfo(name, "", rank, 1.0, {"q_proj": rank}, layout)
+        return PackedAdapter(info, torch.randn(2, layout.num_pages, 256))
+
+    stager, reader = Stager(initial_bytes=1 << 16), StagedReader(256)
+    try:
+        first, second, third = pack("a", 4), pack("b", 8), pack("c", 2)
+        reader.set_step(stager.stage([first]))
+        running = reader.fetch("a").pages  # step n reads this view while step n+1 is staged
+        staged = stager.stage([second])
+        assert torch.equal(running, first.pages), "staging step n+1 overwrote step n's pages"
+        del running
+        reader.set_step(staged)
+        assert torch.equal(reader.fetch("b").pages, second.pages)
+        reader.set_step(stager.stage([third]))  # step n is done by now: its segment is reused
+        assert torch.equal(reader.fetch("c").pages, third.pages)
+        assert len({s.name for s in stager.segments}) == 2 and len(reader.segments) == 2
+    finally:
+        reader.close()
+        stager.close()
+
+
 _TAGS = ["submit", "cancel", "step_result", "run_step", "staged_adapter", "step_deltas", "delta_item", "nope",
          "adapter_fetched"]
 _LEAF = st.one_of(st.none(), st.booleans(), st.integers(-5, 2**40), st.floats(allow_nan=True), st.text(max_size=5))
