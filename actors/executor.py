@@ -34,7 +34,7 @@ import torch
 from lorafleet.actors.channels import ChannelClosed, RingChannel, RingEndpoint, ShmRing
 from lorafleet.actors.schema import ExecutorFailed, ExecutorReady, RunStep, Shutdown, StagedAdapter, StepResult
 from lorafleet.engine.adapter_store import AdapterInfo, PackedAdapter
-from lorafleet.engine.config import EngineConfig
+from lorafleet.engine.config import EngineConfig, ModelConfig, page_geometry
 from lorafleet.engine.layout import AdapterLayout, ModuleRows
 from lorafleet.engine.plan import StepPlan
 
@@ -182,7 +182,6 @@ def _buffer_address(segment: shared_memory.SharedMemory) -> int:
 def _build_runner(spec: ExecutorSpec, reader_box: list[StagedReader]):
     """The rank's model shard and pool, built as the offline engine builds its runner."""
     from lorafleet.engine.build import build_runner, join_parallel_group
-    from lorafleet.engine.config import ModelConfig, page_geometry
     from lorafleet.engine.weights import Shard
 
     config = join_parallel_group(EngineConfig(**spec.engine_config), spec.rank, spec.world_size, spec.init_file)
@@ -280,7 +279,8 @@ class ExecutorGroup:
             handle, init_file = tempfile.mkstemp(prefix="lorafleet-tp-")
             os.close(handle)
             os.unlink(init_file)
-        ranks = [_spawn(rank, size, model_dir, engine_config, torch_threads, init_file) for rank in range(size)]
+        ring = plan_ring_bytes(ModelConfig.from_dir(model_dir), engine_config)
+        ranks = [_spawn(rank, size, model_dir, engine_config, torch_threads, init_file, ring) for rank in range(size)]
         return cls(ranks, Stager())
 
     async def wait_ready(self, start_timeout: float = 600.0) -> None:
@@ -385,10 +385,32 @@ def _plain_main_module():
         sys.modules["__main__"] = saved
 
 
+def plan_bytes_bound(cfg: ModelConfig, config: EngineConfig) -> int:
+    """A generous estimate of one RunStep's msgpack size at the config's limits (integers at most 5 bytes,
+    adapter names under ~200 characters): block tables of `max_num_seqs` sequences at the longest context, a
+    full token budget of token ids, and a full batch of adapter loads plus prefetches, each with its page
+    table and A/Bᵀ row tables at max rank (its slot, load, staging and eviction entries in the slack)."""
+    max_len = min(config.max_model_len or cfg.context_limit, cfg.context_limit)
+    block_tokens, page_elements = page_geometry(cfg, config.block_tokens, config.tensor_parallel_size)
+    blocks = -(-max_len // block_tokens)
+    dims = cfg.module_dims()
+    adapter_pages = -(-config.max_lora_rank * sum(i + o for i, o in dims.values()) // page_elements) + len(dims)
+    adapter_ints = 2 * config.max_lora_rank * len(dims) + adapter_pages
+    loads = config.max_adapters_per_batch + config.prefetch_adapters
+    seq_bytes = 5 * blocks + 160  # block table, start, slot, sampling options, framing
+    return (config.max_num_seqs * seq_bytes + 5 * config.max_batch_tokens + loads * (5 * adapter_ints + 1024)
+            + (1 << 16))
+
+
+def plan_ring_bytes(cfg: ModelConfig, config: EngineConfig) -> int:
+    """The plan ring holds two steps (one queued behind the running one), and at least 4 MiB."""
+    return max(4 << 20, 2 * plan_bytes_bound(cfg, config))
+
+
 def _spawn(rank: int, world_size: int, model_dir: str, engine_config: EngineConfig, torch_threads: int,
-           init_file: str) -> _Rank:
+           init_file: str, plan_ring_capacity: int) -> _Rank:
     ctx = multiprocessing.get_context("spawn")
-    plan_ring, result_ring = ShmRing.create(), ShmRing.create()
+    plan_ring, result_ring = ShmRing.create(plan_ring_capacity), ShmRing.create()
     plan_r, plan_w = ctx.Pipe(duplex=False)
     result_r, result_w = ctx.Pipe(duplex=False)
     config = dataclasses.asdict(engine_config)

@@ -412,6 +412,33 @@ def test_stager_stages_the_next_step_without_touching_the_running_one():
         stager.close()
 
 
+@pytest.mark.parametrize("shape", ["tiny", "llama-2-7b"])
+def test_plan_ring_holds_two_worst_case_steps(shape):
+    """Every sequence at the longest context, a full token budget, a full batch of max-rank adapter loads."""
+    from lorafleet.actors.executor import plan_bytes_bound, plan_ring_bytes
+    from lorafleet.engine.config import EngineConfig, ModelConfig, page_geometry
+    from lorafleet.engine.plan import AdapterLoad, SeqPlan, StepPlan
+    from lorafleet.engine.synthetic import SHAPES
+
+    cfg = ModelConfig.from_dict(dict(SHAPES[shape]))
+    config = EngineConfig(max_num_seqs=64, max_batch_tokens=2048, max_adapters_per_batch=32, max_lora_rank=64)
+    bound = plan_bytes_bound(cfg, config)
+    block_tokens, page_elements = page_geometry(cfg, config.block_tokens)
+    blocks = -(-cfg.context_limit // block_tokens)
+    big = 2**31 - 1
+    seqs = [SeqPlan(big, [cfg.vocab_size - 1] * (2048 - 63 if i == 0 else 1), cfg.context_limit - 1, [big] * blocks,
+                    31, True, 0.7, 0.9, 50, 2**62, 2**20) for i in range(64)]
+    dims = cfg.module_dims()
+    pages = -(-64 * sum(i + o for i, o in dims.values()) // page_elements)
+    names = [f"synthetic-{1000 + i}" for i in range(34)]
+    plan = StepPlan(big, seqs, names[:32], [AdapterLoad(n, [big] * pages) for n in names], names[:8])
+    staged = [StagedAdapter(n, "psm_0123456789ab", big, [32, pages, page_elements], "bfloat16", 0.125, 64,
+                            {m: 64 for m in dims}, {m: [[big] * 64, [big] * 64] for m in dims}, pages) for n in names]
+    size = len(encode(RunStep(plan.to_wire(), staged)))
+    assert size <= bound, f"a worst-case step encodes to {size} bytes, the estimate is {bound}"
+    assert plan_ring_bytes(cfg, config) >= 2 * size
+
+
 _TAGS = ["submit", "cancel", "step_result", "run_step", "staged_adapter", "step_deltas", "delta_item", "nope",
          "adapter_fetched"]
 _LEAF = st.one_of(st.none(), st.booleans(), st.integers(-5, 2**40), st.floats(allow_nan=True), st.text(max_size=5))
