@@ -192,7 +192,8 @@ class Scheduler:
 
     def _youngest_running(self, plan: Schedule) -> Request | None:
         """The preemption victim: the youngest running request not in this plan and not in a step in flight
-        (its pages are being written by the executor, and its pending token is not known yet)."""
+        (preempting that one would throw away the step being computed for it: its token would be dropped and
+        recomputed; correct, since steps run in order and samples are seeded by index, but wasted)."""
         scheduled = {id(c.request) for c in plan.chunks}
         candidates = [r for r in self.running if id(r) not in scheduled and not r.in_flight]
         return max(candidates, key=lambda r: (r.arrival, r.id), default=None)

@@ -172,3 +172,35 @@ def test_overlapped_steps_match_serial_steps(assets):
     assert len(run.tokens["b"]) == 3 and len(run.tokens["a"]) == 12
     overlapped.pool.check()
     assert overlapped.pool.usage()["kv"] == 0 and not overlapped.scheduler.running
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_overlapped_steps_with_preemption_and_cancels_match_serial(assets, seed):
+    """Random workloads on a pool small enough to preempt, with cancels arriving while a step is in flight."""
+    import random
+
+    base, adapters = assets
+    paths = {k: str(v) for k, v in adapters.items()}
+    rng = random.Random(seed)
+    work = [(f"q{i}", [rng.randrange(3, 250) for _ in range(rng.randint(8, 40))], rng.choice(["r4", "r16", None]),
+             SamplingParams(max_tokens=rng.randint(6, 16), temperature=rng.choice([0.0, 0.8]), seed=i,
+                            ignore_eos=True)) for i in range(14)]
+    cancel_after = {rid: rng.randint(1, 4) for rid, *_ in rng.sample(work, 4)}
+    engines = [LLM(str(base), adapters=paths, num_pages=14, max_batch_tokens=40, max_num_seqs=8).engine
+               for _ in range(2)]
+    for engine in engines:
+        for rid, prompt, adapter, params in work:
+            engine.add_request(rid, prompt, params, adapter)
+    serial, want = engines[0], {}
+    while serial.has_unfinished():
+        for out in serial.step():
+            got = want.setdefault(out.request_id, [])
+            got += out.new_token_ids
+            if not out.finished and len(got) >= cancel_after.get(out.request_id, 1 << 30):
+                serial.abort(out.request_id)
+    run = run_overlapped(engines[1], cancel_after=cancel_after)
+    assert run.tokens == want
+    assert engines[1].scheduler.preemptions > 0, "the pool was meant to be small enough to preempt"
+    for engine in engines:
+        engine.pool.check()
+        assert engine.pool.usage()["kv"] == 0 and not engine.scheduler.running and not engine.scheduler.waiting
