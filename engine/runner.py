@@ -121,7 +121,7 @@ class ModelRunner:
         input_ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], device=self.device)
         lora = None
         if scales:
-            tensor = lambda data, dtype: torch.tensor(data, dtype=dtype, device=self.device)  # noqa: E731
+            tensor = self._tensor
             device = lambda t: t.to(self.device) if t is not None else None  # noqa: E731
             modules = {m: ModuleLora(device(a), device(b), tensor(r, torch.int32), tensor(e, torch.int32), device(c))
                        for m, (a, b, r, e, c) in tables.items()}
@@ -175,9 +175,8 @@ class ModelRunner:
         prefill kernel for the latter."""
         if positions is None:
             positions, slots = self._positions(plan)
-        tensor = lambda data, dtype: torch.tensor(data, dtype=dtype, device=self.device)  # noqa: E731
         batch = self._attention_part(plan.seqs, plan.is_decode)
-        batch.positions, batch.slots = tensor(positions, torch.long), tensor(slots, torch.long)
+        batch.positions, batch.slots = self._tensor(positions, torch.long), self._tensor(slots, torch.long)
         split = next((i for i, s in enumerate(plan.seqs) if len(s.token_ids) > 1), len(plan.seqs))
         if 0 < split and not plan.is_decode and all(len(s.token_ids) > 1 for s in plan.seqs[split:]):
             batch.parts = (self._attention_part(plan.seqs[:split], True),
@@ -186,12 +185,14 @@ class ModelRunner:
 
     def _attention_part(self, seqs: list[SeqPlan], is_decode: bool) -> AttentionBatch:
         """Block tables, context lengths and query starts of `seqs` (positions and slots are the caller's)."""
-        tensor = lambda data, dtype: torch.tensor(data, dtype=dtype, device=self.device)  # noqa: E731
         tables = pad_rows([s.block_table for s in seqs], max(len(s.block_table) for s in seqs), 0)
         starts = np.cumsum([0] + [len(s.token_ids) for s in seqs]).tolist()
         return AttentionBatch(None, None, tables.to(self.device),
-                              tensor([s.start + len(s.token_ids) for s in seqs], torch.int32),
-                              tensor(starts, torch.int32), is_decode)
+                              self._tensor([s.start + len(s.token_ids) for s in seqs], torch.int32),
+                              self._tensor(starts, torch.int32), is_decode)
+
+    def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device=self.device)
 
     def _lora_tables(self, plan: StepPlan, shrink_width: int | None = None) -> tuple[list[int], list[float], dict]:
         """Host-side LoRA metadata: per-token slots, per-slot scales, and per targeted module the padded
