@@ -153,5 +153,6 @@ def build_app(frontend: Frontend) -> web.Application:
     if setup_routes is not None:
         info = frontend.hub.info
         setup_routes(app, frontend.hub, max_lora=info.get("config", {}).get("max_adapters_per_batch"),
-                     default_slo_ttft_ms=info.get("slo_ttft_ms"), title=f"lorafleet · {frontend.ctx.base_name}")
+                     default_slo_ttft_ms=info.get("slo_ttft_ms"), title=f"lorafleet · {frontend.ctx.base_name}",
+                     metric_prefix=info.get("metric_prefix") or "lorafleet:")
     return app

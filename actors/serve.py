@@ -60,8 +60,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--admin-key", default=os.environ.get("LORAFLEET_ADMIN_KEY"))
     p.add_argument("--log-steps", type=float, default=0.0, metavar="S",
                    help="every S seconds print steps/s, batch size and where a step's time went (0 = off)")
+    p.add_argument("--metric-prefix", type=metric_prefix, default="lorafleet:",
+                   help="prefix of every /metrics name; 'vllm:' serves vLLM's names (Kubernetes inference gateway, "
+                   "vLLM dashboards; docs/scale-out.md)")
     p.add_argument("--torch-threads", type=int, default=0, help="torch threads per executor (0 = default)")
     return p.parse_args(argv)
+
+
+def metric_prefix(value: str) -> str:
+    """argparse type of --metric-prefix: a Prometheus metric-name start ([a-zA-Z_:][a-zA-Z0-9_:]*)."""
+    import re
+
+    if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a Prometheus name prefix ([a-zA-Z_:][a-zA-Z0-9_:]*)")
+    return value
 
 
 @dataclass

@@ -76,7 +76,8 @@ class Server:
         self.args, self.assets, self.config, self.engine = args, assets, config, engine
         self.hub = ServeHub(info={"model": assets.base_name, "model_path": str(assets.model_dir),
                                   "started": time.time(), "config": dict(config.__dict__),
-                                  "slo_ttft_ms": args.slo_ttft_ms, "max_queue": args.max_queue})
+                                  "slo_ttft_ms": args.slo_ttft_ms, "max_queue": args.max_queue,
+                                  "block_size": engine.block_tokens, "metric_prefix": args.metric_prefix})
         self.hub.adapters = {name: info.path for name, info in engine.store.infos.items()}
         self.ctx = ParseContext(assets.base_name, set(self.hub.adapters), engine.max_model_len,
                                 engine.model.vocab_size, tokenizer, args.slo_ttft_ms)

@@ -72,6 +72,7 @@ class FleetCollector(Collector):
                        snap.preemptions if snap else 0)
         yield self._counter("adapter_evictions", "Adapters evicted from the pool.", snap.evictions if snap else 0)
         yield self._lora_info(snap)
+        yield self._cache_config_info()
 
     def _lora_info(self, snap) -> GaugeMetricFamily:
         running = sorted({a for _, a in snap.running if a}) if snap else []
@@ -81,6 +82,20 @@ class FleetCollector(Collector):
             labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
         max_lora = "" if self.max_lora is None else str(self.max_lora)
         family.add_metric([",".join(running), ",".join(waiting), max_lora], time.time())
+        return family
+
+    def _cache_config_info(self) -> GaugeMetricFamily:
+        """vLLM's cache_config_info: the pool's geometry as labels, value 1. `block_size` is tokens per KV
+        page and `num_gpu_blocks` the pages of the unified pool (KV and adapter pages share them)."""
+        info = getattr(self.stats.hub, "info", {})
+        config = info.get("config", {})
+        labels = {"block_size": info.get("block_size", config.get("block_tokens")),
+                  "num_gpu_blocks": config.get("num_pages"),
+                  "cache_dtype": config.get("dtype"), "gpu_memory_utilization": config.get("gpu_memory_utilization"),
+                  "enable_prefix_caching": False}
+        family = GaugeMetricFamily(self.prefix + "cache_config_info", "Page pool configuration; value is 1.",
+                                   labels=list(labels))
+        family.add_metric(["" if v is None else str(v) for v in labels.values()], 1.0)
         return family
 
     def _request_families(self) -> Iterator[Metric]:
