@@ -8,21 +8,66 @@
   process died) ends the channel.
 
 An actor only sees `send(msg)` and `await recv()`; it does not know which kind it talks to.
+
+The ring's index protocol (docs/serving.md, "Shared-memory rings"): `head` (bytes consumed) and `tail`
+(bytes produced) are monotonic 64-bit counters, each in its own 8-byte-aligned word (on its own cache line)
+with exactly one writer: the producer writes `tail`, the consumer `head`. Each is published with one
+atomic 8-byte store with release order and read with one atomic 8-byte load with acquire order (GCC's
+libatomic `__atomic_store_8`/`__atomic_load_8`, the C11 primitives), so a reader sees either the old or the
+new value, never a mix of their bytes. Ordering, in C11 terms:
+
+* producer: copy the frame into [tail, tail+n) → store-release tail+n. A consumer whose load-acquire of
+  tail returns tail+n synchronizes with that store, so the frame's bytes are visible to it.
+* consumer: copy the frame out of [head, head+n) → store-release head+n. A producer whose load-acquire
+  of head returns head+n synchronizes with it, so its later writes into those bytes cannot reach them
+  before the consumer's copy read them (no overwrite of an unread frame).
+* so `0 <= tail - head <= capacity` holds in every read of the pair; `ShmRing` checks it anyway and
+  raises `RingCorrupted` (never a negative free space) if it ever failed.
+
+Without libatomic (a system without GCC's runtime) the words are read and written through a native
+`memoryview.cast("Q")`: one aligned 8-byte `memcpy`, a single load/store instruction on x86-64 and
+aarch64 (single-copy atomic there), ordered by the x86-64 TSO model; `ATOMICS` names the backend in use.
+The wake byte is a system call after the tail store, so it also orders the frame before its wake-up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import os
 import select
 import struct
+import time
 from multiprocessing import shared_memory
 from typing import Protocol
 
 from lorafleet.actors.schema import decode, encode
 
-_HEADER = struct.Struct("<QQ")  # head (bytes consumed), tail (bytes produced): monotonic counters
+_HEAD, _TAIL = 0, 64  # byte offsets of the two index words (separate cache lines)
+_HEADER_BYTES = 128
 _LEN = struct.Struct("<I")
+_ACQUIRE, _RELEASE = 2, 3  # C11 memory_order_acquire / memory_order_release, as GCC numbers them
+
+
+def _load_libatomic() -> tuple | None:
+    """(load, store): libatomic's `__atomic_load_8(ptr, order)` and `__atomic_store_8(ptr, value, order)`."""
+    for name in ("libatomic.so.1", ctypes.util.find_library("atomic")):
+        if not name:
+            continue
+        try:
+            lib = ctypes.CDLL(name)
+            load, store = getattr(lib, "__atomic_load_8"), getattr(lib, "__atomic_store_8")
+        except (OSError, AttributeError):
+            continue
+        load.argtypes, load.restype = [ctypes.c_void_p, ctypes.c_int], ctypes.c_uint64
+        store.argtypes, store.restype = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int], None
+        return load, store
+    return None
+
+
+_LIBATOMIC = _load_libatomic()
+ATOMICS = "libatomic" if _LIBATOMIC is not None else "native-8-byte"
 
 
 class ChannelClosed(ConnectionError):
@@ -30,7 +75,16 @@ class ChannelClosed(ConnectionError):
 
 
 class RingFull(RuntimeError):
-    """The ring has no room for a frame (the consumer is not keeping up)."""
+    """The ring has no room for a frame now (the consumer is not keeping up); nothing was written.
+    `never_fits`: the frame is larger than the whole ring (waiting cannot help)."""
+
+    def __init__(self, message: str, never_fits: bool = False) -> None:
+        super().__init__(message)
+        self.never_fits = never_fits
+
+
+class RingCorrupted(AssertionError):
+    """The index pair broke `0 <= tail - head <= capacity` (impossible with atomic indices; never ignored)."""
 
 
 class Channel(Protocol):
@@ -62,44 +116,105 @@ class LocalChannel:
         return self._queue.qsize()
 
 
+class IndexWords:
+    """The ring's two index words: atomic 8-byte load-acquire / store-release (see the module docstring)."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, backend: str = ATOMICS) -> None:
+        self.backend = backend
+        self._words = shm.buf[:_HEADER_BYTES].cast("Q")  # native, 8-byte aligned (the mapping is page-aligned)
+        view = ctypes.c_char.from_buffer(shm.buf)
+        self._address = ctypes.addressof(view)
+        del view  # release the export: only the address is kept, valid while the segment stays mapped
+        assert self._address % 64 == 0, "shared memory segments are page-aligned"
+
+    def load(self, offset: int) -> int:
+        if self.backend == "libatomic":
+            return _LIBATOMIC[0](self._address + offset, _ACQUIRE)
+        return self._words[offset // 8]
+
+    def store(self, offset: int, value: int) -> None:
+        if self.backend == "libatomic":
+            _LIBATOMIC[1](self._address + offset, value, _RELEASE)
+        else:
+            self._words[offset // 8] = value
+
+    def release(self) -> None:
+        self._words.release()
+
+
 class ShmRing:
-    """SPSC byte ring of length-prefixed frames in a shared memory segment."""
+    """SPSC byte ring of length-prefixed frames in a shared memory segment (index protocol: module docs).
 
-    def __init__(self, shm: shared_memory.SharedMemory, owner: bool) -> None:
+    `write` raises `RingFull` when the frame does not fit now (nothing written; the caller may wait and
+    retry, or drop that one message); `read` returns None when the ring is empty.
+    """
+
+    def __init__(self, shm: shared_memory.SharedMemory, owner: bool, backend: str = ATOMICS) -> None:
         self.shm, self.owner = shm, owner
-        self.capacity = shm.size - _HEADER.size
-        self._data = shm.buf[_HEADER.size:]
+        self.capacity = shm.size - _HEADER_BYTES
+        self.index = IndexWords(shm, backend)
+        self._data = shm.buf[_HEADER_BYTES:]
 
     @classmethod
-    def create(cls, capacity: int = 4 << 20) -> ShmRing:
-        shm = shared_memory.SharedMemory(create=True, size=capacity + _HEADER.size)
-        _HEADER.pack_into(shm.buf, 0, 0, 0)
-        return cls(shm, owner=True)
+    def create(cls, capacity: int = 4 << 20, backend: str = ATOMICS) -> ShmRing:
+        shm = shared_memory.SharedMemory(create=True, size=capacity + _HEADER_BYTES)
+        shm.buf[:_HEADER_BYTES] = bytes(_HEADER_BYTES)
+        return cls(shm, owner=True, backend=backend)
 
     @classmethod
-    def attach(cls, name: str) -> ShmRing:
-        return cls(shared_memory.SharedMemory(name=name), owner=False)
+    def attach(cls, name: str, backend: str = ATOMICS) -> ShmRing:
+        return cls(shared_memory.SharedMemory(name=name), owner=False, backend=backend)
 
     @property
     def name(self) -> str:
         return self.shm.name
 
+    def used(self) -> int:
+        """Bytes written and not yet consumed, from one atomic read of each index."""
+        head = self.index.load(_HEAD)
+        tail = self.index.load(_TAIL)
+        return self._checked(head, tail)
+
+    def free(self) -> int:
+        return self.capacity - self.used()
+
+    def fits(self, frame_bytes: int) -> bool:
+        """Whether a frame of this many bytes fits now (the producer's view; only grows until it writes)."""
+        return _LEN.size + frame_bytes <= self.free()
+
+    def fits_empty(self, frame_bytes: int) -> bool:
+        return _LEN.size + frame_bytes <= self.capacity
+
+    def _checked(self, head: int, tail: int) -> int:
+        used = tail - head
+        if not 0 <= used <= self.capacity:
+            raise RingCorrupted(f"ring indices out of order: head {head}, tail {tail}, capacity {self.capacity}")
+        return used
+
     def write(self, frame: bytes) -> None:
-        head, tail = _HEADER.unpack_from(self.shm.buf, 0)
+        """Producer only. Raises RingFull (nothing written) when the frame does not fit now."""
+        head = self.index.load(_HEAD)  # acquire: the consumer is done with every byte before it
+        tail = self.index.load(_TAIL)  # our own last store
+        free = self.capacity - self._checked(head, tail)
         need = _LEN.size + len(frame)
-        if need > self.capacity - (tail - head):
-            raise RingFull(f"frame of {len(frame)} bytes does not fit ({self.capacity - (tail - head)} free)")
+        if need > free:
+            raise RingFull(f"frame of {len(frame)} bytes does not fit ({free} of {self.capacity} bytes free)",
+                           never_fits=need > self.capacity)
         self._copy_in(tail, _LEN.pack(len(frame)))
         self._copy_in(tail + _LEN.size, frame)
-        struct.pack_into("<Q", self.shm.buf, 8, tail + need)
+        self.index.store(_TAIL, tail + need)  # release: publishes the frame
 
     def read(self) -> bytes | None:
-        head, tail = _HEADER.unpack_from(self.shm.buf, 0)
-        if head == tail:
+        """Consumer only: the oldest frame, or None when the ring is empty."""
+        tail = self.index.load(_TAIL)  # acquire: every frame before it is written
+        head = self.index.load(_HEAD)  # our own last store
+        if self._checked(head, tail) == 0:
             return None
         (length,) = _LEN.unpack(self._copy_out(head, _LEN.size))
+        if _LEN.size + length > tail - head:
+            raise RingCorrupted(f"frame of {length} bytes announced, {tail - head - _LEN.size} written")
         frame = self._copy_out(head + _LEN.size, length)
-        struct.pack_into("<Q", self.shm.buf, 0, head + _LEN.size + length)
+        self.index.store(_HEAD, head + _LEN.size + length)  # release: the frame's bytes may be reused
         return frame
 
     def _copy_in(self, position: int, data: bytes) -> None:
@@ -115,15 +230,14 @@ class ShmRing:
 
     def close(self) -> None:
         self._data.release()
+        self.index.release()
         self.shm.close()
         if self.owner:
             self.shm.unlink()
 
 
 def _take(ring: ShmRing) -> bytes:
-    """The next frame, which a wake byte has announced. Frames are consumed only as wake bytes arrive:
-    a wake byte is written (a system call) after its frame, so the frame's bytes are visible to this
-    process when its byte is, even on CPUs that reorder plain stores to shared memory."""
+    """The next frame, which a wake byte has announced (the byte is written after the frame's tail store)."""
     frame = ring.read()
     assert frame is not None, "a wake byte arrived without its frame"
     return frame
@@ -145,9 +259,13 @@ class RingChannel:
         asyncio.get_running_loop().add_reader(rx_wake, self._on_readable)
 
     def send(self, msg: object) -> None:
+        """Send one message; RingFull (nothing sent, the channel stays usable) when it does not fit now."""
+        self.send_frame(encode(msg))
+
+    def send_frame(self, frame: bytes) -> None:
         if self._closed:
             raise ChannelClosed("channel is closed")
-        self.tx.write(encode(msg))
+        self.tx.write(frame)
         try:
             os.write(self.tx_wake, b"\0")
         except BrokenPipeError as exc:
@@ -187,14 +305,29 @@ class RingChannel:
 
 
 class RingEndpoint:
-    """The blocking end used inside an executor process (no event loop there)."""
+    """The blocking end used inside an executor process (no event loop there).
 
-    def __init__(self, tx: ShmRing, rx: ShmRing, tx_wake: int, rx_wake: int) -> None:
+    `send` waits while the ring is full (the event loop is behind), sleeping 1 ms doubling to 50 ms between
+    tries, for at most `full_timeout` seconds; then it raises RingFull (the executor's failure path).
+    """
+
+    def __init__(self, tx: ShmRing, rx: ShmRing, tx_wake: int, rx_wake: int, full_timeout: float = 60.0) -> None:
         self.tx, self.rx, self.tx_wake, self.rx_wake = tx, rx, tx_wake, rx_wake
+        self.full_timeout = full_timeout
         self._credits = 0
 
     def send(self, msg: object) -> None:
-        self.tx.write(encode(msg))
+        frame = encode(msg)
+        deadline, pause = time.monotonic() + self.full_timeout, 0.001
+        while True:
+            try:
+                self.tx.write(frame)
+                break
+            except RingFull:
+                if time.monotonic() >= deadline or not self.tx.fits_empty(len(frame)):
+                    raise
+                time.sleep(pause)
+                pause = min(0.05, pause * 2)
         os.write(self.tx_wake, b"\0")
 
     def recv(self) -> object:

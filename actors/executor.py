@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from lorafleet.actors.channels import ChannelClosed, RingChannel, RingEndpoint, ShmRing
-from lorafleet.actors.schema import ExecutorFailed, ExecutorReady, RunStep, Shutdown, StagedAdapter, StepResult
+from lorafleet.actors.channels import ChannelClosed, RingChannel, RingEndpoint, RingFull, ShmRing
+from lorafleet.actors.schema import ExecutorFailed, ExecutorReady, RunStep, Shutdown, StagedAdapter, StepResult, encode
 from lorafleet.engine.adapter_store import AdapterInfo, PackedAdapter
 from lorafleet.engine.config import EngineConfig, ModelConfig, page_geometry
 from lorafleet.engine.layout import AdapterLayout, ModuleRows
@@ -309,13 +309,19 @@ class ExecutorGroup:
 
     def send(self, plan: StepPlan, packed: list[PackedAdapter]) -> None:
         """Send one step to every rank; at most one more may be sent before its result is received (the
-        ranks queue it behind the step they run). Raises ExecutorDied on any failure."""
+        ranks queue it behind the step they run). All ranks or none: RingFull (nothing sent) when a rank's
+        plan ring has no room for it now. Raises ExecutorDied on any failure."""
         if self.dead is not None:
             raise ExecutorDied(0, self.dead)
         try:
-            msg = RunStep(plan.to_wire(), self.stager.stage(packed))
+            frame = encode(RunStep(plan.to_wire(), self.stager.stage(packed)))
+            short = [r for r in self.ranks if not r.channel.tx.fits(len(frame))]
+            if short:
+                never = not short[0].channel.tx.fits_empty(len(frame))
+                raise RingFull(f"a step of {len(frame)} bytes does not fit the plan ring of rank(s) "
+                               f"{[r.rank for r in short]} now", never_fits=never)
             for r in self.ranks:
-                r.channel.send(msg)
+                r.channel.send_frame(frame)
         except (ChannelClosed, OSError) as exc:
             self.dead = f"process exited ({exc})"
             raise ExecutorDied(0, self.dead) from exc
@@ -345,8 +351,8 @@ class ExecutorGroup:
         for r in self.ranks:
             try:
                 r.channel.send(Shutdown())
-            except (ChannelClosed, OSError):
-                pass  # already gone: nothing to ask
+            except (ChannelClosed, OSError, RingFull):
+                pass  # gone, or not reading: the kill below ends it
         deadline = time.monotonic() + timeout
         for r in self.ranks:
             if not await _exited(r.process, max(0.0, deadline - time.monotonic())):

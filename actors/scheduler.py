@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from lorafleet.actors.admission import SHUTTING_DOWN, SLO_UNATTAINABLE
-from lorafleet.actors.channels import Channel, LocalChannel
+from lorafleet.actors.channels import Channel, LocalChannel, RingFull
 from lorafleet.actors.executor import ExecutorDied
 from lorafleet.actors.hub import RequestRecord, ServeHub, StepRecord
 from lorafleet.actors.protocol import params_from_wire
@@ -45,6 +45,8 @@ from lorafleet.engine.request import ParamError, Request, RequestOutput
 from lorafleet.engine.scheduler import Schedule
 
 EXECUTOR_FAILED = "executor_failed"
+STEP_TOO_LARGE = "step_too_large"
+RING_FULL_PAUSE_S = (0.001, 0.05)  # waiting for room in the plan ring with nothing in flight: first, longest
 SNAPSHOT_EVERY_S = 0.05  # engine snapshots (pool map, queues) while busy: at most 20/s, plus one whenever the
 # engine turns busy or idle
 
@@ -110,6 +112,7 @@ class SchedulerActor:
         self.draining = False
         self.seen_seq = 0
         self.step_ms = 0.0
+        self.ring_full_pause = 0.0  # > 0 while the last step did not fit the plan ring: wait, then retry
         self._asked: set[str] = set()
         self.idle = asyncio.Event()
         self.idle.set()
@@ -128,6 +131,8 @@ class SchedulerActor:
             previous, self.in_flight = self.in_flight, sent
             if previous is not None:
                 await self._complete(previous)  # step n+1 (if any) was sent first: it runs meanwhile
+            elif sent is None and self.ring_full_pause > 0:
+                await asyncio.sleep(self.ring_full_pause)  # the ring frees as the executor reads: retry soon
             elif sent is None and self._runnable():
                 await self._handle(await self.inbox.recv())  # nothing fits now: wait for news
 
@@ -159,8 +164,28 @@ class SchedulerActor:
         except ExecutorDied as exc:
             self._executor_died(str(exc))
             return None
+        except RingFull as exc:
+            self._ring_full(schedule, plan, exc)
+            return None
+        self.ring_full_pause = 0.0
         sent_at = time.perf_counter()
         return InFlight(schedule, plan, sent_at, (sent_at - started) * 1000)
+
+    def _ring_full(self, schedule: Schedule, plan: StepPlan, exc: RingFull) -> None:
+        """The step did not fit the plan ring: take it back. If it never can (larger than the ring), its
+        requests fail (`step_too_large`) and the others go on; else it is planned again after the step in
+        flight completes (the executor has read the ring by then) or after a short pause (1 ms, doubling
+        to 50 ms) when none is in flight. The actor itself never stops for it."""
+        self.engine.unplan(schedule)
+        self.hub.count("plan_ring_full")
+        if not exc.never_fits:
+            low, high = RING_FULL_PAUSE_S
+            self.ring_full_pause = 0.0 if self.in_flight is not None else min(high, max(low, 2 * self.ring_full_pause))
+            return
+        self.ring_full_pause = 0.0
+        for request_id in dict.fromkeys(chunk.request.external_id for chunk in schedule.chunks):
+            self._cancel(request_id, "cancelled", STEP_TOO_LARGE, f"the step carrying this request does not fit "
+                         f"the executor's plan ring: {exc}")
 
     async def _complete(self, step: InFlight) -> None:
         if self.dead is not None:  # its requests were failed when the executor died
