@@ -225,10 +225,11 @@ def _serve(spec: ExecutorSpec, runner, reader: StagedReader, endpoint: RingEndpo
         started = time.perf_counter()
         plan = StepPlan.from_wire(msg.plan)
         reader.set_step(msg.staged)
-        sampled = runner.execute(plan)
+        output = runner.execute(plan).to_wire()
         if msg.staged and reader.pinned:  # the stager may rewrite these pages once the result is out:
             torch.cuda.current_stream().synchronize()  # their DMA must be done (a step that samples already is)
-        endpoint.send(StepResult(plan.step, spec.rank, [int(t) for t in sampled], time.perf_counter() - started))
+        endpoint.send(StepResult(plan.step, spec.rank, [int(t) for t in output["sampled"]],
+                                 time.perf_counter() - started, output["logprobs"], output["prompt_logprobs"]))
 
 
 # the main process side: handles on running executors ---------------------------------------------------

@@ -201,7 +201,7 @@ class SchedulerActor:
         elapsed_ms = (now - max(step.sent_at, self._result_at or 0.0)) * 1000
         self._result_at = now
         self.step_ms = elapsed_ms if self.step_ms == 0 else 0.8 * self.step_ms + 0.2 * elapsed_ms
-        outputs = self.engine.complete_step(step.schedule, result.sampled)
+        outputs = self.engine.complete_step(step.schedule, result.output())
         items = [self._item(out) for out in outputs]
         if items:
             self.router.send(StepDeltas(step.plan.step, items))
@@ -214,11 +214,15 @@ class SchedulerActor:
         live = self.live[out.request_id]
         now = time.monotonic()
         live.first_token = live.first_token or now
+        logprobs = [lp.to_wire() for lp in out.logprobs]
+        prompt = ([e.to_wire() if e is not None else None for e in out.prompt_logprobs]
+                  if out.prompt_logprobs is not None else None)
         if not out.finished:
-            return DeltaItem(out.request_id, out.new_token_ids, out.new_text)
+            return DeltaItem(out.request_id, out.new_token_ids, out.new_text, logprobs=logprobs, prompt_logprobs=prompt)
         del self.live[out.request_id]
         item = DeltaItem(out.request_id, out.new_token_ids, out.new_text, True, out.finish_reason,
-                         out.prompt_tokens, out.completion_tokens, None, None, *self._timing(live, now))
+                         out.prompt_tokens, out.completion_tokens, None, None, *self._timing(live, now),
+                         logprobs=logprobs, prompt_logprobs=prompt)
         self._record(live, item)
         return item
 

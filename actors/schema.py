@@ -19,6 +19,8 @@ from typing import Any
 
 import msgpack
 
+from lorafleet.engine.plan import StepOutput
+
 
 class SchemaError(ValueError):
     """A frame that is not a valid message; the message names the tag or field."""
@@ -201,12 +203,19 @@ class RunStep:
 @message("step_result")
 @dataclass(frozen=True)
 class StepResult:
-    """Rank `rank` ran step `step`; rank 0 carries the sampled token ids in plan order."""
+    """Rank `rank` ran step `step`; rank 0 carries the sampled token ids in plan order, and the logprobs
+    asked for (`StepOutput.to_wire()` rows)."""
 
     step: int
     rank: int
     sampled: list[int]
     seconds: float
+    logprobs: list[Any] = field(default_factory=list)
+    prompt_logprobs: list[Any] = field(default_factory=list)
+
+    def output(self) -> StepOutput:
+        return StepOutput.from_wire({"sampled": self.sampled, "logprobs": self.logprobs or [None] * len(self.sampled),
+                                     "prompt_logprobs": self.prompt_logprobs})
 
 
 @message("executor_ready")
@@ -294,6 +303,8 @@ class DeltaItem:
     queue_ms: float | None = None
     ttft_ms: float | None = None
     e2e_ms: float | None = None
+    logprobs: list[Any] = field(default_factory=list)  # per new token: TokenLogprobs.to_wire() rows
+    prompt_logprobs: list[Any] | None = None  # with the first item, when asked: [None, rows...]
 
 
 @message("step_deltas")

@@ -27,7 +27,7 @@ from lorafleet.engine.adapter_store import AdapterStore
 from lorafleet.engine.config import EngineConfig, ModelConfig, page_geometry
 from lorafleet.engine.cuda_graphs import DecodeGraphs, StaticBatch, StepInputs
 from lorafleet.engine.engine import Engine
-from lorafleet.engine.plan import StepPlan
+from lorafleet.engine.plan import StepOutput, StepPlan
 from lorafleet.engine.request import SamplingParams
 from lorafleet.engine.runner import ModelRunner, ResidentAdapter
 from lorafleet.engine.synthetic import synthetic_adapter_path, write_model
@@ -60,7 +60,7 @@ def measure_engine(engine: Engine, args: argparse.Namespace) -> dict:
         add(key)
     for _ in range(args.warmup_steps):  # fill the batch: prefill chunks first
         schedule, plan = engine.plan_step()
-        engine.complete_step(schedule, [rng.randrange(3, 32000) for s in plan.seqs if s.sample])
+        engine.complete_step(schedule, StepOutput([rng.randrange(3, 32000) for s in plan.seqs if s.sample]))
     totals = {"plan_ms": 0.0, "wire_ms": 0.0, "complete_ms": 0.0}
     seqs = steps = 0
     next_key = 2 * args.seqs
@@ -71,7 +71,7 @@ def measure_engine(engine: Engine, args: argparse.Namespace) -> dict:
         t1 = time.perf_counter()
         StepPlan.from_wire(msgpack.unpackb(msgpack.packb(plan.to_wire())))
         t2 = time.perf_counter()
-        outputs = engine.complete_step(schedule, [rng.randrange(3, 32000) for s in plan.seqs if s.sample])
+        outputs = engine.complete_step(schedule, StepOutput([rng.randrange(3, 32000) for s in plan.seqs if s.sample]))
         t3 = time.perf_counter()
         for key, value in (("plan_ms", t1 - t0), ("wire_ms", t2 - t1), ("complete_ms", t3 - t2)):
             totals[key] += value * 1000

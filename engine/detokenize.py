@@ -19,12 +19,17 @@ class TextStream:
     text: str = ""
     sent: int = 0
     stopped: bool = field(default=False)
+    search_from: int = 0  # stop strings are looked for from here (min_tokens: not in the first tokens' text)
 
-    def update(self, text: str) -> str:
-        """Take the new full decoded text; returns the delta that is safe to send now."""
+    def update(self, text: str, check_stop: bool = True) -> str:
+        """Take the new full decoded text; returns the delta that is safe to send now. With `check_stop`
+        False (fewer than min_tokens tokens so far, as vLLM) stop strings are not looked for in this text;
+        later, only a stop string that ends after it counts."""
         self.text = text
-        for stop in self.stop:
-            at = text.find(stop)
+        if not check_stop:
+            self.search_from = len(text)
+        for stop in self.stop if check_stop else ():
+            at = text.find(stop, max(0, self.search_from - len(stop) + 1))
             if at != -1:
                 self.text = text[:at]
                 self.stopped = True

@@ -2,7 +2,7 @@
 
     step():  schedule (CPU books)  →  plan (plain data)  →  executor.execute(plan)  →  postprocess
 
-The executor is anything with `execute(StepPlan) -> list[int]`: the in-process ModelRunner here, or the
+The executor is anything with `execute(StepPlan) -> StepOutput`: the in-process ModelRunner here, or the
 serving layer's proxy to executor processes.
 """
 
@@ -18,9 +18,10 @@ from lorafleet.engine.adapter_store import AdapterStore
 from lorafleet.engine.adapters import AdapterError
 from lorafleet.engine.config import EngineConfig, ModelConfig
 from lorafleet.engine.detokenize import Detokenizer, TextStream
-from lorafleet.engine.plan import AdapterLoad, SeqPlan, StepPlan
+from lorafleet.engine.plan import AdapterLoad, SeqPlan, StepOutput, StepPlan
 from lorafleet.engine.pool import PagePool
 from lorafleet.engine.request import ParamError, Request, RequestOutput, SamplingParams, Status
+from lorafleet.engine.sampling import TokenLogprobs
 from lorafleet.engine.scheduler import Chunk, Schedule, Scheduler
 
 
@@ -43,6 +44,17 @@ class EngineSnapshot:
     cache_misses: int
 
 
+def _take_prompt_logprobs(request: Request, first: int, entries: list[TokenLogprobs]) -> None:
+    """Append a chunk's prompt logprobs (position `first` on); a recompute after preemption repeats positions
+    already taken, which are skipped."""
+    taken = request.prompt_logprobs
+    if not taken:
+        taken.append(None)  # the first prompt token has no logprob
+    skip = len(taken) - first
+    if 0 <= skip < len(entries):
+        taken.extend(entries[skip:])
+
+
 def _owner_label(owner: tuple[str, object] | None, external: dict[int, str]) -> str:
     if owner is None:
         return ""
@@ -51,7 +63,7 @@ def _owner_label(owner: tuple[str, object] | None, external: dict[int, str]) -> 
 
 
 class Executor(Protocol):
-    def execute(self, plan: StepPlan) -> list[int]: ...
+    def execute(self, plan: StepPlan) -> StepOutput: ...
 
 
 @dataclass
@@ -85,6 +97,7 @@ class Engine:
         self._next_id = 0
         self._step = 0  # steps completed
         self._planned = 0  # steps planned (a plan's number)
+        self._released: list[int] = []  # requests finished since the last plan (the runner drops their state)
 
     # requests ---------------------------------------------------------------------------------------
     def add_request(
@@ -103,8 +116,13 @@ class Engine:
     def _validate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
         if not prompt_ids:
             raise ParamError("prompt", "must not be empty")
-        if any(not isinstance(t, int) or not 0 <= t < self.model.vocab_size for t in prompt_ids):
-            raise ParamError("prompt", f"token ids must be integers in [0, {self.model.vocab_size})")
+        vocab = self.model.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in prompt_ids):
+            raise ParamError("prompt", f"token ids must be integers in [0, {vocab})")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ParamError("stop_token_ids", f"token ids must be in [0, {vocab})")
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise ParamError("logit_bias", f"token ids must be in [0, {vocab})")
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ParamError("max_tokens", f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) "
@@ -121,6 +139,7 @@ class Engine:
         if tracked is None:
             return False
         self.scheduler.finish(tracked.request, "cancelled")
+        self._released.append(tracked.request.id)
         return True
 
     def has_unfinished(self) -> bool:
@@ -159,20 +178,22 @@ class Engine:
             if request.status is Status.RUNNING:
                 request.num_computed -= chunk.length
 
-    def complete_step(self, schedule: Schedule, sampled: list[int]) -> list[RequestOutput]:
+    def complete_step(self, schedule: Schedule, output: StepOutput) -> list[RequestOutput]:
         """Second half: append the sampled tokens (steps complete in the order they were planned)."""
         self._step += 1
-        return self._postprocess(schedule.chunks, sampled)
+        return self._postprocess(schedule.chunks, output)
 
     def _plan(self, schedule: Schedule) -> StepPlan:
         slots = schedule.adapters
         slot_of = {name: i for i, name in enumerate(slots)}
         seqs = [self._seq_plan(chunk, slot_of) for chunk in schedule.chunks]
         loads = [AdapterLoad(name, list(self.pool.adapter_pages[name])) for name in schedule.loads]
-        return StepPlan(self._planned, seqs, slots, loads, self.pool.drain_evicted())
+        released, self._released = self._released, []
+        return StepPlan(self._planned, seqs, slots, loads, self.pool.drain_evicted(), released)
 
     def _seq_plan(self, chunk: Chunk, slot_of: dict[str, int]) -> SeqPlan:
         r, p = chunk.request, chunk.request.params
+        index = len(r.output_ids) + r.pending
         return SeqPlan(
             request_id=r.id,
             token_ids=r.token_slice(chunk.start, chunk.length),
@@ -181,42 +202,66 @@ class Engine:
             slot=slot_of[r.adapter] if r.adapter is not None else -1,
             sample=chunk.sample,
             temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-            seed=r.seed, sample_index=len(r.output_ids) + r.pending,
+            seed=r.seed, sample_index=index, prompt_len=len(r.prompt_ids), min_p=p.min_p,
+            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty, logit_bias=[list(pair) for pair in p.logit_bias],
+            banned_ids=self._banned_ids(p) if chunk.sample and index < p.min_tokens else [],
+            logprobs=p.logprobs if p.logprobs is not None else -1,
+            prompt_logprobs=self._prompt_logprobs_wanted(r, chunk),
         )
 
-    def _postprocess(self, chunks: list[Chunk], sampled: list[int]) -> list[RequestOutput]:
+    def _banned_ids(self, params: SamplingParams) -> list[int]:
+        """What min_tokens holds back (vLLM): the stop token ids, and EOS unless ignore_eos."""
+        eos = () if params.ignore_eos else tuple(self.model.eos_token_ids)
+        return sorted(set(params.stop_token_ids) | set(eos))
+
+    @staticmethod
+    def _prompt_logprobs_wanted(request: Request, chunk: Chunk) -> int:
+        wanted = request.params.prompt_logprobs
+        done = len(request.prompt_logprobs) >= len(request.prompt_ids)
+        return -1 if wanted is None or done or chunk.start >= len(request.prompt_ids) else wanted
+
+    def _postprocess(self, chunks: list[Chunk], output: StepOutput) -> list[RequestOutput]:
         """Requests finished or cancelled while the step ran drop their token (one wasted token each)."""
-        tokens = iter(sampled)
+        sampled = iter(zip(output.sampled, output.logprobs))
         outputs = []
         for chunk in chunks:
             request = chunk.request
             request.in_flight -= 1
+            if request.id in output.prompt_logprobs:
+                _take_prompt_logprobs(request, *output.prompt_logprobs[request.id])
             if not chunk.sample:
                 continue
             request.pending -= 1
-            token = next(tokens)
+            token, logprobs = next(sampled)
             if request.status is Status.RUNNING:
-                outputs.append(self._append_token(request, token))
+                outputs.append(self._append_token(request, token, logprobs))
         return outputs
 
-    def _append_token(self, request: Request, token: int) -> RequestOutput:
+    def _append_token(self, request: Request, token: int, logprobs: TokenLogprobs | None = None) -> RequestOutput:
         tracked = self.requests[request.external_id]
         request.output_ids.append(token)
+        first = request.first_token_time is None
         request.first_token_time = request.first_token_time or time.monotonic()
-        delta = tracked.text.update(tracked.detok.push(request.output_ids))
+        check_stop = len(request.output_ids) >= request.params.min_tokens
+        delta = tracked.text.update(tracked.detok.push(request.output_ids), check_stop)
         reason = self._finish_reason(request, token, tracked.text)
         if reason is not None:
             self.scheduler.finish(request, reason)
+            self._released.append(request.id)
             delta += tracked.text.update(tracked.detok.finish(request.output_ids))
             delta += tracked.text.flush()
             del self.requests[request.external_id]
+        prompt = (request.prompt_logprobs or [None]) if first and request.params.prompt_logprobs is not None else None
         return RequestOutput(
             request.external_id, [token], delta, reason is not None, reason,
-            len(request.prompt_ids), len(request.output_ids),
+            len(request.prompt_ids), len(request.output_ids), [logprobs] if logprobs is not None else [], prompt,
         )
 
     def _finish_reason(self, request: Request, token: int, text: TextStream) -> str | None:
         params = request.params
+        if len(request.output_ids) < params.min_tokens:
+            return None
         if text.stopped or token in params.stop_token_ids:
             return "stop"
         if not params.ignore_eos and token in self.model.eos_token_ids:

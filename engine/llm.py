@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from lorafleet.engine.build import build_engine
 from lorafleet.engine.config import EngineConfig
 from lorafleet.engine.request import ParamError, SamplingParams
+from lorafleet.engine.sampling import TokenLogprobs
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
@@ -21,6 +22,8 @@ class GenerationResult:
     token_ids: list[int]
     text: str
     finish_reason: str
+    logprobs: list[TokenLogprobs] | None = None  # one per generated token, with `logprobs=N`
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # per prompt token ([0] None), `prompt_logprobs=N`
 
 
 class LLM:
@@ -66,6 +69,8 @@ class LLM:
         sampling.setdefault("temperature", 0.0)
         if "stop" in sampling and isinstance(sampling["stop"], str):
             sampling["stop"] = (sampling["stop"],)
+        if isinstance(sampling.get("logit_bias"), dict):
+            sampling["logit_bias"] = tuple(sorted(sampling["logit_bias"].items()))
         params = SamplingParams(**{k: tuple(v) if isinstance(v, list) else v for k, v in sampling.items()})
         adapters = adapters or [None] * len(prompts)
         if len(adapters) != len(prompts):
@@ -78,13 +83,17 @@ class LLM:
             for rid in ids:
                 self.engine.abort(rid)
             raise
-        tokens: dict[str, list[int]] = {rid: [] for rid in ids}
-        texts: dict[str, str] = {rid: "" for rid in ids}
-        reasons: dict[str, str] = {}
+        results = {rid: GenerationResult(p, a, [], "", "", [] if params.logprobs is not None else None)
+                   for rid, p, a in zip(ids, prompts, adapters)}
         while self.engine.has_unfinished():
             for out in self.engine.step():
-                tokens[out.request_id] += out.new_token_ids
-                texts[out.request_id] += out.new_text
+                result = results[out.request_id]
+                result.token_ids += out.new_token_ids
+                result.text += out.new_text
+                if result.logprobs is not None:
+                    result.logprobs += out.logprobs
+                if out.prompt_logprobs is not None:
+                    result.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
-                    reasons[out.request_id] = out.finish_reason
-        return [GenerationResult(p, a, tokens[r], texts[r], reasons[r]) for r, p, a in zip(ids, prompts, adapters)]
+                    result.finish_reason = out.finish_reason
+        return [results[rid] for rid in ids]

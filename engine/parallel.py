@@ -25,7 +25,7 @@ import torch.multiprocessing  # noqa: F401  (registers shared-memory pickling of
 
 from lorafleet.engine.adapter_store import PackedAdapter
 from lorafleet.engine.config import EngineConfig
-from lorafleet.engine.plan import StepPlan
+from lorafleet.engine.plan import StepOutput, StepPlan
 
 
 class ExecutorDied(RuntimeError):
@@ -96,7 +96,7 @@ class ProcessGroupExecutor:
             self.procs.append(proc)
         self._collect("ready", start_timeout)
 
-    def execute(self, plan: StepPlan) -> list[int]:
+    def execute(self, plan: StepPlan) -> StepOutput:
         adapters = {load.name: self.fetch(load.name) for load in plan.loads}
         for packed in adapters.values():
             packed.pages.share_memory_()

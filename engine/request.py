@@ -6,6 +6,8 @@ import enum
 import math
 from dataclasses import dataclass, field
 
+from lorafleet.engine.sampling import MAX_LOGPROBS, TokenLogprobs
+
 
 class ParamError(ValueError):
     """A sampling parameter out of range; `field` names it."""
@@ -27,6 +29,14 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
@@ -41,10 +51,43 @@ class SamplingParams:
             raise ParamError("seed", f"must be an integer, got {self.seed!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ParamError("stop", "must be non-empty strings")
+        if not all(_integer(t) and t >= 0 for t in self.stop_token_ids):
+            raise ParamError("stop_token_ids", "must be non-negative token ids")
+        self._check_penalties()
+        if not _integer(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ParamError("min_tokens", f"must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _integer(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise ParamError(name, f"must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+
+    def _check_penalties(self) -> None:
+        """Ranges of OpenAI (presence/frequency -2..2, logit_bias -100..100) and vLLM (min_p, repetition)."""
+        if not _finite(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise ParamError("min_p", f"must be a number in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _finite(value) or not -2.0 <= value <= 2.0:
+                raise ParamError(name, f"must be a number in [-2, 2], got {value!r}")
+        if not _finite(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 100.0:
+            raise ParamError("repetition_penalty", f"must be a number in (0, 100], got {self.repetition_penalty!r}")
+        for token, bias in self.logit_bias:
+            if not _integer(token) or token < 0:
+                raise ParamError("logit_bias", f"keys must be non-negative token ids, got {token!r}")
+            if not _finite(bias) or not -100.0 <= bias <= 100.0:
+                raise ParamError("logit_bias", f"values must be numbers in [-100, 100], got {bias!r}")
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _finite(value: object) -> bool:
@@ -82,6 +125,7 @@ class Request:
     scheduled_time: float | None = None
     pending: int = 0  # tokens sampled by a step still in flight (their ids not known here yet)
     in_flight: int = 0  # steps sent to the executor with a chunk of this request, not completed yet
+    prompt_logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # with `params.prompt_logprobs`
 
     @property
     def token_ids(self) -> list[int]:
@@ -121,3 +165,5 @@ class RequestOutput:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per new token, when asked
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # with the first output, when asked; [0] is None

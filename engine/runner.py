@@ -16,9 +16,9 @@ from lorafleet.engine.adapter_store import PackedAdapter
 from lorafleet.engine.adapters import COLUMN_PARALLEL
 from lorafleet.engine.cuda_graphs import DecodeGraphs, PiecewiseGraphs, StepInputs, pad_rows
 from lorafleet.engine.model import AttentionBatch, CausalLM, LoraBatch, ModuleLora
-from lorafleet.engine.plan import SeqPlan, StepPlan
+from lorafleet.engine.plan import SeqPlan, StepOutput, StepPlan
 from lorafleet.engine.request import PENDING_TOKEN
-from lorafleet.engine.sampling import SampleSpec, sample
+from lorafleet.engine.sampling import Sampled, SampleSpec, TokenLogprobs, sample, token_logprobs
 
 
 @dataclass(frozen=True)
@@ -56,30 +56,85 @@ class ModelRunner:
         self.max_rank = 0
         self.last_logits: dict[int, torch.Tensor] = {}
         self.last_sampled: dict[int, int] = {}  # request id -> token sampled in the last step
+        self.histories: dict[int, list[int]] = {}  # penalized request id -> its token ids by position
+        self.prompt_tails: dict[int, torch.Tensor] = {}  # request id -> logprobs of its next prompt token
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> list[int]:
-        """Run one step; returns the sampled token of every seq with `sample`, in plan order."""
+    def execute(self, plan: StepPlan) -> StepOutput:
+        """Run one step; returns the sampled token (and logprobs where asked) of every seq with `sample`, in
+        plan order, and the prompt logprobs of chunks that asked (rank 0 only under tensor parallelism)."""
         for name in plan.evicted:
             self.resident.pop(name, None)
         for load in plan.loads:
             self._load_adapter(load.name, load.pages)
+        for request_id in plan.released:
+            self.histories.pop(request_id, None)
+            self.prompt_tails.pop(request_id, None)
         asked = [s.request_id for s in plan.seqs if s.sample]
         plan = _decode_first(self._resolve_pending(plan))
+        if self.sample_on_this_rank:
+            self._record_histories(plan)
         hidden = self._forward(plan)
         sampled = [s for s in plan.seqs if s.sample]
-        tokens = self._sample(plan, hidden, sampled) if self.sample_on_this_rank and sampled else []
+        if self.sample_on_this_rank and sampled:
+            result = self._sample(plan, hidden, sampled)
+            tokens, logprobs = result.token_ids, {s.request_id: lp for s, lp in zip(sampled, result.logprobs)}
+        else:
+            tokens, logprobs = [], {}
         if self.shard.size > 1 and sampled:
             tokens = self._share_tokens(tokens, len(sampled))
         self.last_sampled = {s.request_id: t for s, t in zip(sampled, tokens)}
-        return [self.last_sampled[i] for i in asked] if self.sample_on_this_rank else []
+        if not self.sample_on_this_rank:
+            return StepOutput([])
+        prompt = self._prompt_logprobs(plan, hidden) if any(s.prompt_logprobs >= 0 for s in plan.seqs) else {}
+        return StepOutput([self.last_sampled[i] for i in asked], [logprobs.get(i) for i in asked], prompt)
 
-    def _sample(self, plan: StepPlan, hidden: torch.Tensor, sampled: list[SeqPlan]) -> list[int]:
+    def _record_histories(self, plan: StepPlan) -> None:
+        """Penalties need each sequence's tokens: keep them by position from the chunks that pass (a chunk at
+        position 0 starts over, so a preempted request's recompute rebuilds them)."""
+        for s in plan.seqs:
+            if s.penalized:
+                history = self.histories.setdefault(s.request_id, [])
+                assert len(history) >= s.start, f"request {s.request_id}: a chunk skipped positions"
+                del history[s.start:]
+                history.extend(s.token_ids)
+
+    def _sample(self, plan: StepPlan, hidden: torch.Tensor, sampled: list[SeqPlan]) -> Sampled:
         ends = np.cumsum([len(s.token_ids) for s in plan.seqs]) - 1
         rows = [int(ends[i]) for i, s in enumerate(plan.seqs) if s.sample]
         logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
         self.last_logits = {s.request_id: logits[i] for i, s in enumerate(sampled)}  # for tests and scoring
-        return sample(logits, [_spec(s) for s in sampled])
+        return sample(logits, [self._spec(s) for s in sampled])
+
+    def _spec(self, seq: SeqPlan) -> SampleSpec:
+        history = self.histories.get(seq.request_id, []) if seq.penalized else []
+        assert not seq.penalized or len(history) == seq.prompt_len + seq.sample_index, "penalty history out of step"
+        return SampleSpec(
+            seq.temperature, seq.top_p, seq.top_k, seq.seed, seq.sample_index, seq.min_p, seq.presence_penalty,
+            seq.frequency_penalty, seq.repetition_penalty, tuple((int(t), float(b)) for t, b in seq.logit_bias),
+            tuple(seq.banned_ids), seq.logprobs, history[:seq.prompt_len], history[seq.prompt_len:])
+
+    def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor) -> dict[int, tuple[int, list[TokenLogprobs]]]:
+        """Logprobs of the prompt tokens in chunks that ask: the row at position p predicts the token at p + 1;
+        a chunk's last row predicts the next chunk's first token (kept in `prompt_tails` until then)."""
+        offsets = np.cumsum([0] + [len(s.token_ids) for s in plan.seqs]).tolist()
+        out = {}
+        for i, s in enumerate(plan.seqs):
+            if s.prompt_logprobs < 0 or s.start >= s.prompt_len:
+                continue
+            end = min(s.start + len(s.token_ids), s.prompt_len)
+            logprobs = torch.log_softmax(self.model.logits(hidden[offsets[i]:offsets[i] + end - s.start]).float(), -1)
+            tail = self.prompt_tails.pop(s.request_id, None)
+            if s.start > 0:
+                assert tail is not None, f"request {s.request_id}: prompt logprobs of an earlier chunk missing"
+                predicted, targets, first = torch.cat([tail[None], logprobs[:-1]]), s.token_ids[:end - s.start], s.start
+            else:
+                predicted, targets, first = logprobs[:-1], s.token_ids[1:end], 1
+            if end < s.prompt_len:
+                self.prompt_tails[s.request_id] = logprobs[-1]
+            entries = token_logprobs(predicted, targets, [s.prompt_logprobs] * len(targets)) if targets else []
+            out[s.request_id] = (first, entries)
+        return out
 
     def _resolve_pending(self, plan: StepPlan) -> StepPlan:
         """A plan made while the previous step ran names a continuing sequence's next input as
@@ -235,7 +290,3 @@ def _decode_first(plan: StepPlan) -> StepPlan:
 
 def _padded(tables: list[list[int]]) -> torch.Tensor:
     return pad_rows(tables, max(1, max(len(t) for t in tables)), 0, np.int64)
-
-
-def _spec(seq: SeqPlan) -> SampleSpec:
-    return SampleSpec(seq.temperature, seq.top_p, seq.top_k, seq.seed, seq.sample_index)

@@ -1,47 +1,225 @@
-"""Token sampling: greedy, temperature, top-k, top-p, with a per-request seed.
+"""Token sampling over a batch of logits, as tensor ops over the batch (no per-row Python work on the device).
 
-Each draw uses a generator seeded from (request seed, output index), so a request's samples do not
-depend on its batch-mates or on being preempted and recomputed.
+Per row, in vLLM's order (vLLM v1 `Sampler.forward`):
+
+1. raw logprobs = log_softmax(logits) (fp32) when the row asks for logprobs: vLLM's default
+   `logprobs_mode="raw_logprobs"`, i.e. the model's distribution before any penalty, bias or temperature;
+2. `min_tokens`: the row's `banned_ids` (EOS and `stop_token_ids`, set by the engine while fewer than
+   `min_tokens` tokens were generated) get -inf;
+3. `logit_bias` is added (OpenAI: -100..100 added to the logit);
+4. penalties: `repetition_penalty` p over tokens seen in the prompt or the output (CTRL / HF / vLLM:
+   logit / p if logit > 0 else logit * p), then `frequency_penalty` * count and `presence_penalty` * [count > 0]
+   over the output's tokens (OpenAI's definition: mu[j] -= c[j] * alpha_frequency + [c[j] > 0] * alpha_presence);
+5. temperature 0 rows take the argmax here; the others divide by the temperature, then
+   `min_p` (drop tokens whose probability is below min_p x the top probability), `top_k`, `top_p`;
+6. the draw is a Gumbel-max over counter-based noise: uniform u = hash(seed, output index, token id)
+   (splitmix64, integer tensor ops), token = argmax(logits - log(-log u)). The same (seed, index) gives the
+   same noise on any device and in any batch, so a request's samples do not depend on its batch-mates or on
+   being preempted and recomputed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+MAX_LOGPROBS = 20  # OpenAI's bound on top_logprobs / completions logprobs
 
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """Sampling options of one row of logits."""
+    """Sampling options of one row of logits. `prompt_ids` / `output_ids` are the sequence's tokens so far
+    (needed only when a penalty is set); `banned_ids` are masked (min_tokens); `logprobs` >= 0 asks for the
+    chosen token's logprob and that many top alternatives (-1: none)."""
 
     temperature: float
     top_p: float
     top_k: int
     seed: int
     index: int
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    banned_ids: tuple[int, ...] = ()
+    logprobs: int = -1
+    prompt_ids: Sequence[int] = ()
+    output_ids: Sequence[int] = ()
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
-def sample(logits: torch.Tensor, specs: list[SampleSpec]) -> list[int]:
-    """One token id per row of `logits` [rows, vocab] (fp32)."""
-    tokens = torch.argmax(logits, dim=-1).tolist()
-    for row, spec in enumerate(specs):
-        if spec.temperature > 0.0:
-            tokens[row] = _draw(logits[row], spec)
-    return tokens
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """One position's logprobs: the chosen (or prompt) token's, and the top-N (`top_ids` by descending
+    logprob). Natural log, fp32 values as Python floats."""
+
+    token_id: int
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+    def to_wire(self) -> list:
+        return [self.token_id, self.logprob, self.top_ids, self.top_logprobs]
+
+    @classmethod
+    def from_wire(cls, row: list) -> TokenLogprobs:
+        return cls(int(row[0]), float(row[1]), list(row[2]), list(row[3]))
 
 
-def _draw(logits: torch.Tensor, spec: SampleSpec) -> int:
-    logits = logits.float() / spec.temperature
-    if 0 < spec.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, spec.top_k).values[-1]
+@dataclass
+class Sampled:
+    """One token per row, and per row its logprobs (None where the row did not ask)."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+def sample(logits: torch.Tensor, specs: list[SampleSpec]) -> Sampled:
+    """Sample one token per row of `logits` [rows, vocab]; see the module docstring for the order."""
+    raw = logits.float()
+    processed = process_logits(raw, specs)
+    tokens = torch.argmax(processed, dim=-1)
+    if any(s.temperature > 0.0 for s in specs):
+        temperature = _column(specs, "temperature", torch.float32, raw.device)
+        scaled = processed / torch.where(temperature > 0, temperature, 1.0)[:, None]
+        scaled = cut(scaled, specs)
+        seeds = _column(specs, "seed", torch.int64, raw.device)
+        index = _column(specs, "index", torch.int64, raw.device)
+        drawn = torch.argmax(scaled + gumbel_noise(seeds, index, raw.shape[-1]), dim=-1)
+        tokens = torch.where(temperature > 0, drawn, tokens)
+    token_ids = tokens.tolist()
+    wanted = [s.logprobs for s in specs]
+    logprobs = token_logprobs(raw, token_ids, wanted) if max(wanted) >= 0 else [None] * len(specs)
+    return Sampled(token_ids, logprobs)
+
+
+def process_logits(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
+    """Steps 2-4 (min_tokens bans, logit_bias, penalties) on fp32 `logits` [rows, vocab]; returns a new tensor."""
+    out = logits.clone()
+    rows, vocab = out.shape
+    device = out.device
+    if any(s.banned_ids for s in specs):
+        banned = _ragged([s.banned_ids for s in specs], vocab, device)
+        mask = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=device).scatter_(1, banned, True)
+        out = out.masked_fill(mask[:, :vocab], float("-inf"))
+    if any(s.logit_bias for s in specs):
+        ids = _ragged([[t for t, _ in s.logit_bias] for s in specs], vocab, device)
+        bias = _ragged_values([[b for _, b in s.logit_bias] for s in specs], ids.shape[1], device)
+        out = out + torch.zeros(rows, vocab + 1, device=device).scatter_add_(1, ids, bias)[:, :vocab]
+    if any(s.penalized for s in specs):
+        out = apply_penalties(out, specs)
+    return out
+
+
+def apply_penalties(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
+    """repetition_penalty over prompt + output tokens, then frequency and presence penalties over the output's
+    token counts, batched: counts are a scatter_add of the padded output ids into [rows, vocab]."""
+    rows, vocab = logits.shape
+    device = logits.device
+    outputs = _ragged([s.output_ids for s in specs], vocab, device)
+    counts = torch.zeros(rows, vocab + 1, device=device).scatter_add_(
+        1, outputs, torch.ones(outputs.shape, device=device))[:, :vocab]
+    prompts = _ragged([s.prompt_ids for s in specs], vocab, device)
+    seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=device).scatter_(1, prompts, True)[:, :vocab]
+    seen |= counts > 0
+    repetition = _column(specs, "repetition_penalty", torch.float32, device)[:, None]
+    penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = torch.where(seen, penalized, logits)
+    frequency = _column(specs, "frequency_penalty", torch.float32, device)[:, None]
+    presence = _column(specs, "presence_penalty", torch.float32, device)[:, None]
+    return logits - frequency * counts - presence * (counts > 0).float()
+
+
+def cut(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
+    """min_p, top_k (ties with the k-th kept) and top_p on temperature-scaled `logits` [rows, vocab]."""
+    device = logits.device
+    if any(s.min_p > 0.0 for s in specs):
+        probs = torch.softmax(logits, dim=-1)
+        min_p = _column(specs, "min_p", torch.float32, device)[:, None]
+        logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+    vocab = logits.shape[-1]
+    use_k = any(0 < s.top_k < vocab for s in specs)
+    use_p = any(s.top_p < 1.0 for s in specs)
+    if not (use_k or use_p):
+        return logits
+    ordered, order = torch.sort(logits, dim=-1, descending=True)
+    if use_k:
+        k = _column(specs, "top_k", torch.int64, device)
+        k = torch.where((k > 0) & (k < vocab), k, vocab)
+        kth = ordered.gather(1, (k - 1)[:, None])
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if spec.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(before >= spec.top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    generator = torch.Generator(device=probs.device)
-    generator.manual_seed((spec.seed * 1_000_003 + spec.index) % (2**63))
-    return int(torch.multinomial(probs, 1, generator=generator))
+        ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+    if use_p:
+        probs = torch.softmax(ordered, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs
+        top_p = _column(specs, "top_p", torch.float32, device)[:, None]
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, order, (before >= top_p) & (top_p < 1.0))
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15 as a signed 64-bit integer
+_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def uniform_noise(seeds: torch.Tensor, index: torch.Tensor, vocab: int) -> torch.Tensor:
+    """u in (0, 1) of shape [rows, vocab] from splitmix64(seed, index, token id) (int64 arithmetic wraps);
+    `seeds`, `index`: int64 [rows]."""
+    token = torch.arange(vocab, dtype=torch.int64, device=seeds.device)
+    x = (seeds * _GOLDEN + index)[:, None] * _GOLDEN + token[None, :]
+    x = x * _GOLDEN
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    x = x ^ _shift_right(x, 31)
+    return (_shift_right(x, 40).float() + 0.5) / float(1 << 24)
+
+
+def gumbel_noise(seeds: torch.Tensor, index: torch.Tensor, vocab: int) -> torch.Tensor:
+    """-log(-log u): argmax(logits + this) draws from softmax(logits)."""
+    return -torch.log(-torch.log(uniform_noise(seeds, index, vocab)))
+
+
+def token_logprobs(raw: torch.Tensor, token_ids: list[int], top_n: list[int]) -> list[TokenLogprobs | None]:
+    """log_softmax of fp32 `raw` [rows, vocab] at `token_ids` (one per row) and the top `top_n[row]`
+    alternatives (-1: None for that row)."""
+    logprobs = torch.log_softmax(raw.float(), dim=-1)
+    chosen = logprobs.gather(1, torch.tensor(token_ids, device=raw.device)[:, None])[:, 0].tolist()
+    widest = max(top_n)
+    top_values, top_ids = (torch.topk(logprobs, widest, dim=-1) if widest > 0 else
+                           (torch.zeros(len(token_ids), 0), torch.zeros(len(token_ids), 0, dtype=torch.int64)))
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return [TokenLogprobs(t, c, ids[:n], values[:n]) if n >= 0 else None
+            for t, c, ids, values, n in zip(token_ids, chosen, top_ids, top_values, top_n)]
+
+
+def _column(specs: list[SampleSpec], name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor([getattr(s, name) for s in specs], dtype=dtype, device=device)
+
+
+def _ragged(lists: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
+    """int64 [rows, max(1, longest)], short rows padded with `pad` (a scratch column the callers drop)."""
+    width = max(1, max(len(x) for x in lists))
+    out = np.full((len(lists), width), pad, dtype=np.int64)
+    for row, values in enumerate(lists):
+        out[row, :len(values)] = values
+    return torch.from_numpy(out).to(device)
+
+
+def _ragged_values(lists: Sequence[Sequence[float]], width: int, device: torch.device) -> torch.Tensor:
+    out = np.zeros((len(lists), width), dtype=np.float32)
+    for row, values in enumerate(lists):
+        out[row, :len(values)] = values
+    return torch.from_numpy(out).to(device)

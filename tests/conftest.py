@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -115,6 +115,7 @@ class OverlapRun:
     tokens: dict[str, list[int]]
     reasons: dict[str, str]
     plans_with_pending: int  # plans that named a token the step before had not returned yet
+    logprobs: dict[str, list[float]] = field(default_factory=dict)  # the sampled tokens' logprobs, when asked
 
 
 def run_overlapped(engine, cancel_after: dict[str, int] | None = None) -> OverlapRun:
@@ -139,6 +140,7 @@ def run_overlapped(engine, cancel_after: dict[str, int] | None = None) -> Overla
             for out in engine.complete_step(*queued.popleft()):
                 got = run.tokens.setdefault(out.request_id, [])
                 got += out.new_token_ids
+                run.logprobs.setdefault(out.request_id, []).extend(lp.logprob for lp in out.logprobs)
                 if out.finished:
                     run.reasons[out.request_id] = out.finish_reason
                 elif cancel_after and len(got) >= cancel_after.get(out.request_id, 1 << 30):

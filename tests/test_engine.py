@@ -48,11 +48,11 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
 def test_sampler_cuts():
     logits = torch.tensor([[0.0, 5.0, 4.9, -3.0, 1.0]])
     for index in range(50):
-        token = sample(logits, [SampleSpec(5.0, 1.0, 2, seed=1, index=index)])[0]
+        token = sample(logits, [SampleSpec(5.0, 1.0, 2, seed=1, index=index)]).token_ids[0]
         assert token in (1, 2), "top_k=2 must keep only the two best tokens"
-        token = sample(logits, [SampleSpec(1.0, 0.5, 0, seed=2, index=index)])[0]
+        token = sample(logits, [SampleSpec(1.0, 0.5, 0, seed=2, index=index)]).token_ids[0]
         assert token == 1, "top_p=0.5 keeps only the most likely token here"
-    assert sample(logits, [SampleSpec(0.0, 1.0, 0, 0, 0)]) == [1]
+    assert sample(logits, [SampleSpec(0.0, 1.0, 0, 0, 0)]).token_ids == [1]
 
 
 def test_max_tokens_eos_and_stop(llm):

@@ -237,7 +237,9 @@ class _InProcessGroup:
         assert len(self.results) < 2, "at most one step queued behind the one running"
         self.steps += 1
         self.ahead += any(PENDING_TOKEN in s.token_ids for s in plan.seqs)
-        self.results.append(StepResult(plan.step, 0, self.runner.execute(plan), 0.0))
+        output = self.runner.execute(plan).to_wire()
+        self.results.append(StepResult(plan.step, 0, output["sampled"], 0.0, output["logprobs"],
+                                       output["prompt_logprobs"]))
 
     async def receive(self):
         await asyncio.sleep(0)
