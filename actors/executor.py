@@ -37,6 +37,7 @@ from lorafleet.engine.adapter_store import AdapterInfo, PackedAdapter
 from lorafleet.engine.config import EngineConfig, ModelConfig, page_geometry
 from lorafleet.engine.layout import AdapterLayout, ModuleRows
 from lorafleet.engine.plan import StepPlan
+from lorafleet.engine.roofline import DevicePeak, measure_peak
 
 _ALIGN = 64
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -62,6 +63,7 @@ class ExecutorSpec:
     result_ring: str
     torch_threads: int = 0
     init_file: str = ""
+    arena: str = ""  # the host cache's shared segment (HostArena), mapped and page-locked once at start-up
 
 
 # the main process side: staging adapter pages -------------------------------------------------------
@@ -71,14 +73,24 @@ class Stager:
     Two segments take turns: the scheduler stages step n+1 while step n (which may read the other segment)
     runs, and it stages step n+2 only after step n's result came back. A segment grows (a new one) when a
     step needs more room; the old one is unlinked once a result shows its last reader is done.
+
+    An adapter that already sits in the host arena (`arena_offset`, the server's host cache) is not copied:
+    its StagedAdapter names the arena segment and offset.
     """
 
-    def __init__(self, initial_bytes: int = 1 << 20) -> None:
+    def __init__(self, initial_bytes: int = 1 << 20, arena: str = "") -> None:
         self.segments = [shared_memory.SharedMemory(create=True, size=initial_bytes) for _ in range(2)]
         self.turn = 0
+        self.arena = arena
         self._retired: list[shared_memory.SharedMemory] = []
 
     def stage(self, packed: list[PackedAdapter]) -> list[StagedAdapter]:
+        """Where the executors find each adapter's pages: its arena extent, or a copy in a step segment."""
+        in_arena = [p for p in packed if p.arena_offset is not None and self.arena]
+        copied = [p for p in packed if p.arena_offset is None or not self.arena]
+        return [_staged(p, self.arena, p.arena_offset) for p in in_arena] + self._copy(copied)
+
+    def _copy(self, packed: list[PackedAdapter]) -> list[StagedAdapter]:
         if not packed:
             return []
         sizes = [p.pages.numel() * p.pages.element_size() for p in packed]
@@ -94,11 +106,7 @@ class Stager:
             target = torch.frombuffer(segment.buf, dtype=pages.dtype, count=pages.numel(), offset=offset)
             target.copy_(pages.reshape(-1))
             del target
-            dtype = str(pages.dtype).removeprefix("torch.")
-            info = item.info
-            modules = {m: [list(rows.a_rows), list(rows.b_rows)] for m, rows in info.layout.modules.items()}
-            staged.append(StagedAdapter(info.name, segment.name, offset, list(pages.shape), dtype, info.scale,
-                                        info.rank, dict(info.ranks), modules, info.layout.num_pages, item.shards))
+            staged.append(_staged(item, segment.name, offset))
             offset += -(-size // _ALIGN) * _ALIGN
         return staged
 
@@ -116,6 +124,14 @@ class Stager:
             segment.unlink()
 
 
+def _staged(item: PackedAdapter, segment: str, offset: int) -> StagedAdapter:
+    info = item.info
+    dtype = str(item.pages.dtype).removeprefix("torch.")
+    modules = {m: [list(rows.a_rows), list(rows.b_rows)] for m, rows in info.layout.modules.items()}
+    return StagedAdapter(info.name, segment, offset, list(item.pages.shape), dtype, info.scale, info.rank,
+                         dict(info.ranks), modules, info.layout.num_pages, item.shards)
+
+
 # the executor process side ----------------------------------------------------------------------------
 class StagedReader:
     """Executor side of the staging area: builds PackedAdapters that view the shared memory (no copy). With
@@ -127,10 +143,16 @@ class StagedReader:
         self.segments: dict[str, shared_memory.SharedMemory] = {}  # the stager's two, most recent last
         self.pinned: dict[str, int] = {}  # segment name -> registered address
         self.current: dict[str, StagedAdapter] = {}
+        self.arena: dict[str, shared_memory.SharedMemory] = {}  # the host cache's segment, kept for good
+
+    def attach_arena(self, name: str) -> None:
+        """Map (and with `pin`, page-lock) the host arena once; staged adapters naming it are read in place."""
+        segment = self.arena[name] = shared_memory.SharedMemory(name=name)
+        self._pin(name, segment)
 
     def set_step(self, staged: list[StagedAdapter]) -> None:
         self.current = {s.name: s for s in staged}
-        for name in dict.fromkeys(s.segment for s in staged):
+        for name in dict.fromkeys(s.segment for s in staged if s.segment not in self.arena):
             if name not in self.segments:
                 self._attach(name)
             self.segments[name] = self.segments.pop(name)
@@ -138,7 +160,9 @@ class StagedReader:
             self._detach(next(iter(self.segments)))
 
     def _attach(self, name: str) -> None:
-        segment = self.segments[name] = shared_memory.SharedMemory(name=name)
+        self._pin(name, self.segments.setdefault(name, shared_memory.SharedMemory(name=name)))
+
+    def _pin(self, name: str, segment: shared_memory.SharedMemory) -> None:
         if self.pin:
             address = _buffer_address(segment)
             if int(torch.cuda.cudart().cudaHostRegister(address, segment.size, 0)) == 0:  # else: stays pageable
@@ -160,7 +184,7 @@ class StagedReader:
         count = 1
         for dim in staged.shape:
             count *= dim
-        buffer = self.segments[staged.segment].buf
+        buffer = (self.arena.get(staged.segment) or self.segments[staged.segment]).buf
         pages = torch.frombuffer(buffer, dtype=_DTYPES[staged.dtype], count=count, offset=staged.offset)
         modules = {m: ModuleRows(tuple(a), tuple(b)) for m, (a, b) in staged.modules.items()}
         layout = AdapterLayout(self.page_elements, modules, staged.num_pages)
@@ -170,6 +194,12 @@ class StagedReader:
     def close(self) -> None:
         for name in list(self.segments):
             self._detach(name)
+        for name, segment in self.arena.items():
+            address = self.pinned.pop(name, None)
+            if address is not None:
+                torch.cuda.cudart().cudaHostUnregister(address)
+            segment.close()
+        self.arena.clear()
 
 
 def _buffer_address(segment: shared_memory.SharedMemory) -> int:
@@ -179,14 +209,18 @@ def _buffer_address(segment: shared_memory.SharedMemory) -> int:
     return address
 
 
-def _build_runner(spec: ExecutorSpec, reader_box: list[StagedReader]):
-    """The rank's model shard and pool, built as the offline engine builds its runner."""
+def _build_runner(spec: ExecutorSpec, reader_box: list[StagedReader], peak_box: list[DevicePeak]):
+    """The rank's model shard and pool, built as the offline engine builds its runner; the device's copy
+    bandwidth and matmul peak are measured first (on an empty device) for the step roofline."""
     from lorafleet.engine.build import build_runner, join_parallel_group
     from lorafleet.engine.weights import Shard
 
     config = join_parallel_group(EngineConfig(**spec.engine_config), spec.rank, spec.world_size, spec.init_file)
+    peak_box.append(measure_peak(torch.device(config.device), config.torch_dtype))
     _, page_elements = page_geometry(ModelConfig.from_dir(spec.model_dir), config.block_tokens, spec.world_size)
     reader = StagedReader(page_elements, pin=config.device.startswith("cuda"))
+    if spec.arena:
+        reader.attach_arena(spec.arena)
     reader_box.append(reader)
     return build_runner(Path(spec.model_dir), config, Shard(spec.rank, spec.world_size), reader.fetch)
 
@@ -198,9 +232,11 @@ def executor_main(spec: ExecutorSpec, plan_wake: Connection, result_wake: Connec
     endpoint = RingEndpoint(ShmRing.attach(spec.result_ring), ShmRing.attach(spec.plan_ring),
                             result_wake.fileno(), plan_wake.fileno())
     readers: list[StagedReader] = []
+    peaks: list[DevicePeak] = []
     try:
-        runner, config = _build_runner(spec, readers)
-        endpoint.send(ExecutorReady(spec.rank, os.getpid(), config.device, config.num_pages))
+        runner, config = _build_runner(spec, readers, peaks)
+        endpoint.send(ExecutorReady(spec.rank, os.getpid(), config.device, config.num_pages, peaks[0].bandwidth,
+                                    peaks[0].matmul_flops))
         code = _serve(spec, runner, readers[0], endpoint)
     except ChannelClosed:
         code = 0
@@ -225,9 +261,8 @@ def _serve(spec: ExecutorSpec, runner, reader: StagedReader, endpoint: RingEndpo
         started = time.perf_counter()
         plan = StepPlan.from_wire(msg.plan)
         reader.set_step(msg.staged)
-        output = runner.execute(plan).to_wire()
-        if msg.staged and reader.pinned:  # the stager may rewrite these pages once the result is out:
-            torch.cuda.current_stream().synchronize()  # their DMA must be done (a step that samples already is)
+        output = runner.execute(plan).to_wire()  # returns once its adapter copies are done: their host
+        # extents may be reused as soon as the result is out
         endpoint.send(StepResult(plan.step, spec.rank, [int(t) for t in output["sampled"]],
                                  time.perf_counter() - started, output["logprobs"], output["prompt_logprobs"]))
 
@@ -251,6 +286,7 @@ class ExecutorGroup:
         self.ranks, self.stager = ranks, stager
         self.dead: str | None = None
         self.num_pages = 0
+        self.peak: DevicePeak | None = None  # rank 0's measured device figures
         self.stopping = False
         self._watched: list[int] = []
 
@@ -271,9 +307,10 @@ class ExecutorGroup:
             on_death(rank.rank, f"process {rank.pid} exited" + (f" with code {code}" if code is not None else ""))
 
     @classmethod
-    def spawn(cls, model_dir: str, engine_config: EngineConfig, torch_threads: int = 0) -> ExecutorGroup:
+    def spawn(cls, model_dir: str, engine_config: EngineConfig, torch_threads: int = 0,
+              arena: str = "") -> ExecutorGroup:
         """Spawn one rank per tensor-parallel shard (they load the model meanwhile); call `wait_ready()`
-        before the first step."""
+        before the first step. `arena`: the host cache's shared segment, which every rank maps once."""
         size = engine_config.tensor_parallel_size
         init_file = ""
         if size > 1:  # the ranks rendezvous through a fresh file (torch.distributed's file:// init)
@@ -281,8 +318,9 @@ class ExecutorGroup:
             os.close(handle)
             os.unlink(init_file)
         ring = plan_ring_bytes(ModelConfig.from_dir(model_dir), engine_config)
-        ranks = [_spawn(rank, size, model_dir, engine_config, torch_threads, init_file, ring) for rank in range(size)]
-        return cls(ranks, Stager())
+        ranks = [_spawn(rank, size, model_dir, engine_config, torch_threads, init_file, ring, arena)
+                 for rank in range(size)]
+        return cls(ranks, Stager(arena=arena))
 
     async def wait_ready(self, start_timeout: float = 600.0) -> None:
         """Wait until every rank reports ready (once); on failure stop them all and raise ExecutorDied.
@@ -296,6 +334,7 @@ class ExecutorGroup:
                 if not isinstance(msg, ExecutorReady):
                     raise ExecutorDied(r.rank, getattr(msg, "message", f"unexpected {type(msg).__name__}"))
                 r.pid, r.device = msg.pid, msg.device
+                self.peak = self.peak or DevicePeak(msg.bandwidth, msg.matmul_flops)
                 self.num_pages = min(self.num_pages or msg.num_pages, msg.num_pages)
         except (ChannelClosed, TimeoutError, asyncio.TimeoutError) as exc:
             await group.stop()
@@ -415,14 +454,14 @@ def plan_ring_bytes(cfg: ModelConfig, config: EngineConfig) -> int:
 
 
 def _spawn(rank: int, world_size: int, model_dir: str, engine_config: EngineConfig, torch_threads: int,
-           init_file: str, plan_ring_capacity: int) -> _Rank:
+           init_file: str, plan_ring_capacity: int, arena: str = "") -> _Rank:
     ctx = multiprocessing.get_context("spawn")
     plan_ring, result_ring = ShmRing.create(plan_ring_capacity), ShmRing.create()
     plan_r, plan_w = ctx.Pipe(duplex=False)
     result_r, result_w = ctx.Pipe(duplex=False)
     config = dataclasses.asdict(engine_config)
     spec = ExecutorSpec(rank, world_size, model_dir, config, plan_ring.name, result_ring.name, torch_threads,
-                        init_file)
+                        init_file, arena)
     process = ctx.Process(target=executor_main, args=(spec, plan_r, result_w), name=f"lorafleet-executor-{rank}",
                           daemon=True)
     with _plain_main_module():

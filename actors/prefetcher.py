@@ -1,9 +1,13 @@
-"""Prefetcher: loads the adapters that waiting requests need from disk into the host cache before the
-scheduler stages them into pool pages, off the event loop (a worker thread), one at a time.
+"""Prefetcher: reads and packs the adapters that waiting requests need, off the event loop (worker threads),
+before the scheduler may load them into pool pages.
 
-The scheduler sends `Prefetch({name: path})` for waiting requests' adapters missing from the host cache;
-the prefetcher reads and packs each (the same validation and packing as AdapterStore.register) and sends
-`AdapterFetched` back, which the scheduler inserts into the store's LRU. Counters go to the hub.
+The scheduler sends `Prefetch` for waiting requests' adapters missing from the host cache. With the
+server's host arena each comes with the extent reserved for it: a worker packs the adapter straight into
+that page-locked shared memory (the same validation and packing as AdapterStore.register) and the
+prefetcher answers `AdapterFetched`, after which the scheduler commits the extent to the cache; without an
+arena the worker returns a packed tensor that the scheduler inserts. A failure answers `AdapterFetchFailed`
+(the scheduler fails that adapter's requests). Up to `workers` adapters are packed at once. Counters go
+to the hub.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 
 from lorafleet.actors.channels import Channel
 from lorafleet.actors.hub import ServeHub
-from lorafleet.actors.schema import AdapterFetched, Prefetch
+from lorafleet.actors.schema import AdapterFetched, AdapterFetchFailed, Prefetch
 from lorafleet.engine.adapter_store import AdapterStore, PackedAdapter
 from lorafleet.engine.adapters import AdapterError
 from lorafleet.engine.config import ModelConfig
@@ -33,33 +37,57 @@ class AdapterLoader:
     max_rank: int
     shards: int = 1
 
+    def _scratch(self) -> AdapterStore:
+        return AdapterStore(self.model, self.page_elements, self.dtype, self.max_rank, 1 << 62, shards=self.shards)
+
     def load(self, name: str, path: str) -> PackedAdapter:
-        scratch = AdapterStore(self.model, self.page_elements, self.dtype, self.max_rank, 1 << 62, shards=self.shards)
-        return scratch.load_packed(name, path)
+        return self._scratch().load_packed(name, path)
+
+    def pack_into(self, target: PackedAdapter, path: str) -> PackedAdapter:
+        """Pack the adapter at `path` into `target`'s pages (a reserved host-arena extent); returns `target`."""
+        self._scratch().pack_into(target, path)
+        return target
 
 
 class PrefetcherActor:
-    def __init__(self, loader: AdapterLoader, inbox: Channel, scheduler: Channel, hub: ServeHub) -> None:
+    def __init__(self, loader: AdapterLoader, inbox: Channel, scheduler: Channel, hub: ServeHub,
+                 workers: int = 1) -> None:
         self.loader, self.inbox, self.scheduler, self.hub = loader, inbox, scheduler, hub
+        self.workers = asyncio.Semaphore(max(1, workers))
 
     async def run(self) -> None:
-        while True:
-            msg = await self.inbox.recv()
-            if not isinstance(msg, Prefetch):
-                raise TypeError(f"prefetcher got unexpected message {type(msg).__name__}")
-            for name, path in msg.adapters.items():
-                await self._fetch(name, path)
+        tasks: set[asyncio.Task] = set()
+        try:
+            while True:
+                msg = await self.inbox.recv()
+                if not isinstance(msg, Prefetch):
+                    raise TypeError(f"prefetcher got unexpected message {type(msg).__name__}")
+                for name, path in msg.adapters.items():
+                    await self.workers.acquire()
+                    task = asyncio.create_task(self._fetch(name, path, msg.targets.get(name)), name=f"prefetch-{name}")
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+        finally:  # the actor owns its fetches: cancel and await them
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _fetch(self, name: str, path: str) -> None:
+    async def _fetch(self, name: str, path: str, target: PackedAdapter | None) -> None:
         stats = self.hub.prefetch
         stats.requested += 1
         started = time.perf_counter()
         try:
-            packed = await asyncio.to_thread(self.loader.load, name, path)
-        except (AdapterError, OSError) as exc:
+            if target is None:
+                packed = await asyncio.to_thread(self.loader.load, name, path)
+            else:
+                packed = await asyncio.to_thread(self.loader.pack_into, target, path)
+        except (AdapterError, OSError, ValueError) as exc:
             stats.failed += 1
             print(f"lorafleet: prefetch of adapter {name!r} failed: {exc}", flush=True)
+            self.scheduler.send(AdapterFetchFailed(name, path, str(exc), target))
             return
+        finally:
+            self.workers.release()
         seconds = time.perf_counter() - started
         stats.loaded += 1
         stats.load_seconds += seconds

@@ -24,6 +24,7 @@ from lorafleet.actors.hub import RequestRecord, ServeHub, StepRecord
 from lorafleet.actors.protocol import params_from_wire
 from lorafleet.actors.schema import (
     AdapterFetched,
+    AdapterFetchFailed,
     AdminOp,
     AdminResult,
     Admitted,
@@ -38,15 +39,19 @@ from lorafleet.actors.schema import (
     StepDeltas,
     Submit,
 )
+from lorafleet.dashboard.hub import RooflineTotals, roofline_class
 from lorafleet.engine.adapters import AdapterError
 from lorafleet.engine.engine import Engine
 from lorafleet.engine.plan import StepPlan
 from lorafleet.engine.request import ParamError, Request, RequestOutput
+from lorafleet.engine.roofline import DevicePeak, StepCost, StepCostModel
 from lorafleet.engine.scheduler import Schedule
 
 EXECUTOR_FAILED = "executor_failed"
 STEP_TOO_LARGE = "step_too_large"
 RING_FULL_PAUSE_S = (0.001, 0.05)  # waiting for room in the plan ring with nothing in flight: first, longest
+ADAPTER_LOAD_BYTES = "adapter_load_bytes"  # hub counters (exported by dashboard/prom.py)
+ADAPTER_LOAD_STALLS = "adapter_load_stalls"
 SNAPSHOT_EVERY_S = 0.05  # engine snapshots (pool map, queues) while busy: at most 20/s, plus one whenever the
 # engine turns busy or idle
 
@@ -64,18 +69,36 @@ class StepLog:
     executor_ms: float = 0.0  # inside the executor (metadata, GPU, sampling)
     host_ms: float = 0.0  # this process's own work for the step (plan, stage, complete), overlapped with the
     # executor running the step before
+    load_bytes: int = 0  # adapter bytes loaded into the pool (one rank)
+    load_stalls: int = 0  # requests that waited a step for their adapter
+    cost: dict[str, float] = field(default_factory=dict)  # roofline sums: ms, weights/kv/lora bytes, flops
 
-    def add(self, seqs: int, tokens: int, step_ms: float, executor_ms: float, host_ms: float) -> None:
+    def add(self, seqs: int, tokens: int, step_ms: float, executor_ms: float, host_ms: float,
+            cost: StepCost | None = None, roofline_ms: float = 0.0) -> None:
         self.steps, self.seqs, self.tokens = self.steps + 1, self.seqs + seqs, self.tokens + tokens
         self.step_ms, self.executor_ms, self.host_ms = (self.step_ms + step_ms, self.executor_ms + executor_ms,
                                                         self.host_ms + host_ms)
+        if cost is not None:
+            for key, value in (("ms", roofline_ms), ("weights", cost.weight_bytes), ("kv", cost.kv_bytes),
+                               ("lora", cost.adapter_bytes), ("flops", cost.prefill_flops)):
+                self.cost[key] = self.cost.get(key, 0.0) + value
         now = time.monotonic()
         if now - self.since >= self.interval_s:
-            n = self.steps
-            print(f"lorafleet: steps {n / (now - self.since):.1f}/s  seqs {self.seqs / n:.1f}  tokens "
-                  f"{self.tokens / n:.1f}  step {self.step_ms / n:.1f} ms (executor {self.executor_ms / n:.1f})  "
-                  f"host {self.host_ms / n:.1f} ms", flush=True)
+            self._print(now)
             self.__init__(self.interval_s)
+
+    def _print(self, now: float) -> None:
+        n, seconds = self.steps, now - self.since
+        print(f"lorafleet: steps {n / seconds:.1f}/s  seqs {self.seqs / n:.1f}  tokens "
+              f"{self.tokens / n:.1f}  step {self.step_ms / n:.1f} ms (executor {self.executor_ms / n:.1f})  "
+              f"host {self.host_ms / n:.1f} ms  adapter loads {self.load_bytes / seconds / 1e6:.0f} MB/s "
+              f"stalls {self.load_stalls}", flush=True)
+        if self.cost:
+            c = {key: value / n for key, value in self.cost.items()}
+            print(f"lorafleet: roofline {c['ms']:.1f} ms (read weights {c['weights'] / 1e9:.2f} GB, kv "
+                  f"{c['kv'] / 1e9:.2f} GB, lora {c['lora'] / 1e6:.0f} MB; prefill {c['flops'] / 1e12:.2f} TFLOP)  "
+                  f"executor {self.executor_ms / n:.1f} ms = {self.executor_ms / max(c['ms'], 1e-9):.2f}x",
+                  flush=True)
 
 
 @dataclass
@@ -100,8 +123,10 @@ class Live:
 
 class SchedulerActor:
     def __init__(self, engine: Engine, executors, inbox: LocalChannel, router: Channel, admission: Channel,
-                 prefetcher: Channel, hub: ServeHub, log_steps_s: float = 0.0) -> None:
+                 prefetcher: Channel, hub: ServeHub, log_steps_s: float = 0.0,
+                 roofline: tuple[StepCostModel, DevicePeak] | None = None) -> None:
         self.engine, self.executors = engine, executors
+        self.roofline = roofline if roofline and roofline[1].bandwidth > 0 and roofline[1].matmul_flops > 0 else None
         self.step_log = StepLog(log_steps_s) if log_steps_s > 0 else None
         self._result_at: float | None = None
         self.in_flight: InFlight | None = None
@@ -114,6 +139,7 @@ class SchedulerActor:
         self.step_ms = 0.0
         self.ring_full_pause = 0.0  # > 0 while the last step did not fit the plan ring: wait, then retry
         self._asked: set[str] = set()
+        self._stalls_seen = 0
         self.idle = asyncio.Event()
         self.idle.set()
         self.failed = asyncio.Event()
@@ -151,14 +177,18 @@ class SchedulerActor:
         self._ensure_readable()
         planned = self.engine.plan_step()
         if planned is None:
+            self._ask_prefetch()  # what waits may be waiting for its adapter
             return None
         schedule, plan = planned
+        store = self.engine.store
         try:
-            packed = [self.engine.store.fetch(load.name) for load in plan.loads]
+            packed = [store.fetch(load.name) for load in plan.loads]
         except AdapterError as exc:
             self.engine.unplan(schedule)
             self._staging_failed(plan, exc)
             return None
+        if store.arena is not None:
+            store.hold([load.name for load in plan.loads], plan.step)  # the executors read the extents
         try:
             self.executors.send(plan, packed)
         except ExecutorDied as exc:
@@ -201,14 +231,48 @@ class SchedulerActor:
         elapsed_ms = (now - max(step.sent_at, self._result_at or 0.0)) * 1000
         self._result_at = now
         self.step_ms = elapsed_ms if self.step_ms == 0 else 0.8 * self.step_ms + 0.2 * elapsed_ms
+        if self.engine.store.arena is not None:
+            self.engine.store.release_through(step.plan.step)
+        self._count_loads(step.schedule)
         outputs = self.engine.complete_step(step.schedule, result.output())
         items = [self._item(out) for out in outputs]
         if items:
             self.router.send(StepDeltas(step.plan.step, items))
         self._after_step(step.plan, elapsed_ms)
+        cost, roofline_ms = self._roofline(step.plan, result.seconds)
         if self.step_log is not None:
             host_ms = (time.perf_counter() - now) * 1000 + step.plan_ms
-            self.step_log.add(len(step.plan.seqs), step.plan.num_tokens, elapsed_ms, result.seconds * 1000, host_ms)
+            self.step_log.add(len(step.plan.seqs), step.plan.num_tokens, elapsed_ms, result.seconds * 1000, host_ms,
+                              cost, roofline_ms)
+
+    def _roofline(self, plan: StepPlan, executor_s: float) -> tuple[StepCost | None, float]:
+        """The step's roofline (engine/roofline.py), summed into the hub by batch-size class for /metrics."""
+        if self.roofline is None:
+            return None, 0.0
+        model, peak = self.roofline
+        infos = self.engine.store.infos
+        cost = model.cost(plan, {name: infos[name].ranks for name in plan.slots if name in infos})
+        seconds = cost.seconds(peak)
+        totals = self.hub.roofline.setdefault(roofline_class(len(plan.seqs)), RooflineTotals())
+        totals.steps += 1
+        totals.executor_s += executor_s
+        totals.roofline_s += seconds
+        totals.weight_bytes += cost.weight_bytes
+        totals.kv_bytes += cost.kv_bytes
+        totals.adapter_bytes += cost.adapter_bytes
+        totals.prefill_flops += cost.prefill_flops
+        return cost, seconds * 1000
+
+    def _count_loads(self, schedule: Schedule) -> None:
+        """Adapter bytes the step loaded into the pool and the load stalls (requests that waited a step for
+        their adapter) since the last step, for /metrics and the step log."""
+        stalls = self.engine.scheduler.load_stalls - self._stalls_seen
+        self._stalls_seen += stalls
+        self.hub.count(ADAPTER_LOAD_BYTES, schedule.load_bytes)
+        self.hub.count(ADAPTER_LOAD_STALLS, stalls)
+        if self.step_log is not None:
+            self.step_log.load_bytes += schedule.load_bytes
+            self.step_log.load_stalls += stalls
 
     def _item(self, out: RequestOutput) -> DeltaItem:
         live = self.live[out.request_id]
@@ -261,16 +325,31 @@ class SchedulerActor:
             self.hub.publish_snapshot(self.engine.snapshot())
 
     def _ask_prefetch(self) -> None:
-        store = self.engine.store
-        wanted = {}
-        for request in self.engine.scheduler.waiting:
-            name = request.adapter
-            if name is None or name in self._asked or store.is_cached(name) or self.engine.pool.is_resident(name):
+        """Ask the prefetcher for the adapters of the queue's next requests that are neither resident nor in
+        the host cache. With the host arena each gets an extent now (evicting cached adapters that neither a
+        step in flight nor the queue's next requests need); when none can be made, asking waits for later."""
+        store, pool = self.engine.store, self.engine.pool
+        config = self.engine.config
+        window = list(self.engine.scheduler.waiting)[: max(config.fairness_window, config.max_num_seqs)]
+        names = list(dict.fromkeys(r.adapter for r in window if r.adapter is not None))
+        keep = {name for name in names if not pool.is_resident(name)}
+        wanted, targets = {}, {}
+        for name in names:
+            if name in self._asked or store.is_cached(name) or pool.is_resident(name) or name not in store.infos:
                 continue
+            if store.arena is not None:
+                try:
+                    target = store.reserve(name, keep)
+                except AdapterError as exc:
+                    self._adapter_unreadable(name, exc)
+                    continue
+                if target is None:
+                    break
+                targets[name] = target
             wanted[name] = store.infos[name].path
         if wanted:
             self._asked.update(wanted)
-            self.prefetcher.send(Prefetch(wanted))
+            self.prefetcher.send(Prefetch(wanted, targets))
 
     # mailbox --------------------------------------------------------------------------------------------
     async def _handle(self, msg: object) -> None:
@@ -282,6 +361,9 @@ class SchedulerActor:
             await self._admin(msg)
         elif isinstance(msg, AdapterFetched):
             self._fetched(msg)
+            self._ask_prefetch()
+        elif isinstance(msg, AdapterFetchFailed):
+            self._fetch_failed(msg)
         elif isinstance(msg, ExecutorDown):
             if self.dead is None:
                 self._executor_died(f"executor rank {msg.rank}: {msg.message}")
@@ -347,10 +429,14 @@ class SchedulerActor:
                              f"(SLO {live.slo_ttft_ms:.0f} ms); dropped")
 
     def _ensure_readable(self) -> None:
-        """Before planning, read into the host cache any adapter the scheduler may load now that the
-        prefetcher has not brought in yet; an unreadable one fails its requests (`adapter_invalid`)
-        and is unregistered, so a plan never loads an adapter that cannot be staged."""
+        """Without a host arena (a store that reads misses in place): before planning, read into the host
+        cache any adapter the scheduler may load now that the prefetcher has not brought in yet; an
+        unreadable one fails its requests (`adapter_invalid`) and is unregistered, so a plan never loads an
+        adapter that cannot be staged. With the arena (the server) nothing is read here: the scheduler admits
+        a request once the prefetcher has packed its adapter, and a failed prefetch fails its requests."""
         store, pool = self.engine.store, self.engine.pool
+        if store.arena is not None:
+            return
         window = list(self.engine.scheduler.waiting)[: self.engine.config.fairness_window]
         for name in dict.fromkeys(r.adapter for r in window if r.adapter is not None):
             if name in store.infos and not store.is_cached(name) and not pool.is_resident(name):
@@ -447,7 +533,22 @@ class SchedulerActor:
 
     def _fetched(self, msg: AdapterFetched) -> None:
         self._asked.discard(msg.name)
-        info = self.engine.store.infos.get(msg.name)
-        if info is None or info.path != msg.path or self.engine.store.is_cached(msg.name):
+        store = self.engine.store
+        if msg.packed.arena_offset is not None:
+            store.commit(msg.name, msg.packed.arena_offset)  # False (extent freed) if unregistered meanwhile
             return
-        self.engine.store.put(msg.packed)  # the store's LRU insert (bounded in bytes)
+        info = store.infos.get(msg.name)
+        if info is None or info.path != msg.path or store.is_cached(msg.name):
+            return
+        store.put(msg.packed)  # the store's LRU insert (bounded in bytes)
+
+    def _fetch_failed(self, msg: AdapterFetchFailed) -> None:
+        """A prefetch could not read the adapter: its requests fail (`adapter_invalid`), it is unregistered."""
+        self._asked.discard(msg.name)
+        store = self.engine.store
+        if msg.target is not None:
+            store.abandon(msg.name, msg.target.arena_offset)
+        info = store.infos.get(msg.name)
+        if info is not None and info.path == msg.path and not store.is_cached(msg.name):
+            self._adapter_unreadable(msg.name, AdapterError(msg.message))
+            self._publish()

@@ -227,6 +227,8 @@ class ExecutorReady:
     pid: int
     device: str
     num_pages: int = 0
+    bandwidth: float = 0.0  # measured device copy bandwidth, bytes/s (read + write), for the step roofline
+    matmul_flops: float = 0.0  # measured matmul throughput in the model dtype, FLOP/s
 
 
 @message("executor_failed")
@@ -350,12 +352,14 @@ class AdminResult:
     message: str = ""
 
 
-@message("prefetch")
+@message("prefetch", wire=False)
 @dataclass(frozen=True)
 class Prefetch:
-    """Adapters (name -> PEFT dir) that waiting requests need and that are not in the host cache."""
+    """Adapters (name -> PEFT dir) that waiting requests need and that are not in the host cache; with a host
+    arena, `targets[name]` is the PackedAdapter view of the extent reserved for it (in-process only)."""
 
     adapters: dict[str, str]
+    targets: dict[str, Any] = field(default_factory=dict)
 
 
 @message("adapter_fetched", wire=False)
@@ -367,6 +371,17 @@ class AdapterFetched:
     path: str
     packed: Any
     seconds: float
+
+
+@message("adapter_fetch_failed", wire=False)
+@dataclass(frozen=True)
+class AdapterFetchFailed:
+    """A prefetch could not read or pack the adapter; `target` is its reserved extent (or None)."""
+
+    name: str
+    path: str
+    message: str
+    target: Any = None
 
 
 @message("executor_down")

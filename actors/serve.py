@@ -64,6 +64,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="prefix of every /metrics name; 'vllm:' serves vLLM's names (Kubernetes inference gateway, "
                    "vLLM dashboards; docs/scale-out.md)")
     p.add_argument("--torch-threads", type=int, default=0, help="torch threads per executor (0 = default)")
+    p.add_argument("--max-adapter-load-bytes-per-step", type=int, default=256 << 20, metavar="BYTES",
+                   help="adapter bytes (one GPU's pool) a step may load; requests whose adapter does not fit wait "
+                   "a step while others run (0 = no bound; a step's first load always fits)")
+    p.add_argument("--prefetch-adapters", type=int, default=8,
+                   help="adapters of waiting requests loaded ahead into free pool pages per step")
+    p.add_argument("--prefetch-workers", type=int, default=2,
+                   help="threads packing adapters into the host cache at once")
+    p.add_argument("--roofline-bandwidth-gbps", type=float, default=0.0,
+                   help="device memory bandwidth for the step roofline (GB/s; 0 = measured at start-up)")
+    p.add_argument("--roofline-tflops", type=float, default=0.0,
+                   help="matmul peak for the step roofline (TFLOP/s; 0 = measured at start-up)")
     return p.parse_args(argv)
 
 
@@ -184,16 +195,32 @@ def main(argv: list[str] | None = None) -> int:
 
 async def run(args: argparse.Namespace, assets: Assets, config) -> int:
     """Spawn the executors first (they load the model while this process builds its planning engine),
-    start the actors and the web app, serve until a signal or a failure, then stop everything."""
-    from lorafleet.actors.executor import ExecutorDied, ExecutorGroup
-    from lorafleet.actors.server import Server
+    start the actors and the web app, serve until a signal or a failure, then stop everything. The host
+    cache's shared segment is made first: the executors map and page-lock it once while they start."""
+    from lorafleet.engine.host_arena import HostArena
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     started = time.monotonic()
-    executors = ExecutorGroup.spawn(str(assets.model_dir), config, args.torch_threads)
+    try:
+        arena = HostArena(args.host_cache_mb << 20)
+    except (OSError, ValueError) as exc:
+        print(f"lorafleet serve: --host-cache-mb: cannot make a {args.host_cache_mb} MiB shared host cache: {exc}",
+              file=sys.stderr)
+        return 2
+    try:
+        return await _run(args, assets, config, arena, stop, started)
+    finally:
+        arena.close()
+
+
+async def _run(args: argparse.Namespace, assets: Assets, config, arena, stop: asyncio.Event, started: float) -> int:
+    from lorafleet.actors.executor import ExecutorDied, ExecutorGroup
+    from lorafleet.actors.server import Server
+
+    executors = ExecutorGroup.spawn(str(assets.model_dir), config, args.torch_threads, arena.name)
     if config.num_pages == 0:  # the executors size the pool from their free memory: wait for that number
         try:
             await executors.wait_ready()
@@ -202,7 +229,7 @@ async def run(args: argparse.Namespace, assets: Assets, config) -> int:
             return 1
         config = dataclasses.replace(config, num_pages=executors.num_pages)
     try:
-        server = Server.build(args, assets, config, executors)
+        server = Server.build(args, assets, config, executors, arena)
     except ValueError as exc:
         print(f"lorafleet serve: {exc}", file=sys.stderr)
         await executors.stop(timeout=0.0)

@@ -30,7 +30,9 @@ from lorafleet.engine.adapter_store import AdapterStore
 from lorafleet.engine.adapters import AdapterError
 from lorafleet.engine.config import ConfigError, EngineConfig, ModelConfig, page_geometry
 from lorafleet.engine.engine import Engine
+from lorafleet.engine.host_arena import HostArena
 from lorafleet.engine.plan import StepPlan
+from lorafleet.engine.roofline import DevicePeak, StepCostModel
 from lorafleet.engine.tokenizer import load_tokenizer, text_decoder
 
 SHOWN_ADAPTERS = 20  # adapter names in the start-up banner
@@ -50,15 +52,21 @@ def engine_config(args: Namespace) -> EngineConfig:
         max_lora_rank=args.max_lora_rank, max_model_len=args.max_model_len, dtype=args.dtype, device=args.device,
         gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
         cuda_graphs=not args.no_cuda_graphs, piecewise_graphs=not args.no_piecewise_graphs,
+        max_adapter_load_bytes_per_step=args.max_adapter_load_bytes_per_step,
+        prefetch_adapters=args.prefetch_adapters,
     )
 
 
-def build_planning_engine(assets: Assets, config: EngineConfig, host_cache_bytes: int):
-    """(engine without a model, tokenizer, page_elements); registers the start-up adapters."""
+def build_planning_engine(assets: Assets, config: EngineConfig, host_cache_bytes: int, arena: HostArena | None = None):
+    """(engine without a model, tokenizer, page_elements); registers the start-up adapters. With `arena` the
+    host cache lives in that shared segment (the executors map it), and is as large as it is."""
     cfg = ModelConfig.from_dir(assets.model_dir)
     tp = config.tensor_parallel_size
     block_tokens, page_elements = page_geometry(cfg, config.block_tokens, tp)
-    store = AdapterStore(cfg, page_elements, config.torch_dtype, config.max_lora_rank, host_cache_bytes, shards=tp)
+    if arena is not None:
+        host_cache_bytes = arena.capacity
+    store = AdapterStore(cfg, page_elements, config.torch_dtype, config.max_lora_rank, host_cache_bytes, shards=tp,
+                         arena=arena)
     tokenizer = load_tokenizer(assets.model_dir)
     decode = text_decoder(tokenizer)
     engine = Engine(cfg, config, store, RemoteOnly(), decode, block_tokens)
@@ -89,10 +97,12 @@ class Server:
         self.url = ""
 
     @classmethod
-    def build(cls, args: Namespace, assets: Assets, config: EngineConfig, executors: ExecutorGroup) -> Server:
-        """The server around already spawned executors; ValueError for a bad model/adapter/option."""
+    def build(cls, args: Namespace, assets: Assets, config: EngineConfig, executors: ExecutorGroup,
+              arena: HostArena | None = None) -> Server:
+        """The server around already spawned executors (which map `arena`, the host cache's shared segment);
+        ValueError for a bad model/adapter/option."""
         try:
-            engine, tokenizer, page_elements = build_planning_engine(assets, config, args.host_cache_mb << 20)
+            engine, tokenizer, page_elements = build_planning_engine(assets, config, args.host_cache_mb << 20, arena)
         except ConfigError as exc:
             raise ValueError(str(exc)) from exc
         server = cls(args, assets, config, engine, tokenizer, page_elements)
@@ -108,14 +118,15 @@ class Server:
         self.scheduler_box = scheduler_box
         self.executors.watch(lambda rank, reason: scheduler_box.send(ExecutorDown(rank, reason)))
         self.scheduler = SchedulerActor(self.engine, self.executors, scheduler_box, router_box, admission_box,
-                                        prefetch_box, self.hub, args.log_steps)
+                                        prefetch_box, self.hub, args.log_steps, self._roofline())
         self.admission_box = admission_box
         policy = AdmissionPolicy(args.max_queue, self.config.max_batch_tokens)
         actors = {
             "router": self.router.run(),
             "scheduler": self.scheduler.run(),
             "admission": AdmissionActor(policy, admission_box, scheduler_box, router_box, self.hub).run(),
-            "prefetcher": PrefetcherActor(self.loader, prefetch_box, scheduler_box, self.hub).run(),
+            "prefetcher": PrefetcherActor(self.loader, prefetch_box, scheduler_box, self.hub,
+                                          args.prefetch_workers).run(),
         }
         self.tasks = [asyncio.create_task(coro, name=name) for name, coro in actors.items()]
         self.scheduler._publish()
@@ -128,6 +139,15 @@ class Server:
         await site.start()
         port = self.runner.addresses[0][1]
         self.url = f"http://{args.host}:{port}"
+
+    def _roofline(self) -> tuple[StepCostModel, DevicePeak]:
+        """The step cost model and the device figures: --roofline-* flags, else rank 0's measurement."""
+        measured = self.executors.peak or DevicePeak(0.0, 0.0)
+        bandwidth = self.args.roofline_bandwidth_gbps * 1e9 or measured.bandwidth
+        flops = self.args.roofline_tflops * 1e12 or measured.matmul_flops
+        self.hub.device_peak = (bandwidth, flops)
+        model = StepCostModel(self.engine.model, self.config.torch_dtype.itemsize, self.config.tensor_parallel_size)
+        return model, DevicePeak(bandwidth, flops)
 
     def print_urls(self, seconds: float) -> None:
         ws = self.url.replace("http", "ws", 1)
@@ -168,7 +188,8 @@ class Server:
         """Replace a dead executor group; False if the new one does not start either."""
         print(f"lorafleet: {self.hub.health_reason}; restarting the executor", file=sys.stderr, flush=True)
         await self.executors.stop(timeout=0.0)
-        self.executors = ExecutorGroup.spawn(str(self.assets.model_dir), self.config, self.args.torch_threads)
+        self.executors = ExecutorGroup.spawn(str(self.assets.model_dir), self.config, self.args.torch_threads,
+                                             self.executors.stager.arena)
         try:
             await self.executors.wait_ready()
         except ExecutorDied as exc:

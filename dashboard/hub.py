@@ -48,6 +48,27 @@ class StepRecord:
     adapter_load_ms: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class RooflineTotals:
+    """Sums over the steps of one batch-size class: the executor's time beside the step roofline (the bytes
+    the steps had to read at the device's copy bandwidth plus their prefill FLOPs at its matmul peak)."""
+
+    steps: int = 0
+    executor_s: float = 0.0
+    roofline_s: float = 0.0
+    weight_bytes: int = 0
+    kv_bytes: int = 0
+    adapter_bytes: int = 0
+    prefill_flops: float = 0.0
+
+
+ROOFLINE_CLASSES = ((200, "200+"), (64, "64-199"), (0, "1-63"))  # batch sizes (sequences), largest first
+
+
+def roofline_class(num_seqs: int) -> str:
+    return next(label for low, label in ROOFLINE_CLASSES if num_seqs >= low)
+
+
 Listener = Callable[[str, object], None]
 """Called synchronously as listener(kind, item) with kind "snapshot", "step", "record" or "count"
 (item = (name, amount)). It must be cheap and must not raise."""
@@ -61,6 +82,8 @@ class Hub:
         self.records: deque[RequestRecord] = deque(maxlen=history)
         self.steps: deque[StepRecord] = deque(maxlen=history)
         self.counters: dict[str, int] = {}
+        self.roofline: dict[str, RooflineTotals] = {}  # by roofline_class of the batch size
+        self.device_peak: tuple[float, float] = (0.0, 0.0)  # copy bytes/s, matmul FLOP/s (0: unknown)
         self._subscribers: set[asyncio.Queue] = set()
         self._listeners: list[Listener] = []
 

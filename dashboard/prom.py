@@ -49,6 +49,7 @@ class FleetCollector(Collector):
         yield from self._engine_families()
         yield from self._request_families()
         yield from self._adapter_families()
+        yield from self._roofline_families()
         yield from self._window_families()
 
     def _engine_families(self) -> Iterator[Metric]:
@@ -131,10 +132,37 @@ class FleetCollector(Collector):
                        s.prefetch_hits)
         yield self._counter("adapter_prefetch_misses", "Requests scheduled that had to wait for an adapter load.",
                        s.prefetch_misses)
+        counters = s.hub.counters
+        yield self._counter("adapter_load_bytes", "Adapter bytes copied into the GPU pool (one rank's share); "
+                            "rate() gives bytes loaded per second.", counters.get("adapter_load_bytes", 0))
+        yield self._counter("adapter_load_stalls", "Times a waiting request waited a step for its adapter (not yet "
+                            "packed in host memory, or the step's load-bytes bound was spent).",
+                            counters.get("adapter_load_stalls", 0))
         tiers = GaugeMetricFamily(self.prefix + "adapters", "Registered adapters by storage tier.", labels=["tier"])
         for tier, count in adapter_tiers(snap).items():
             tiers.add_metric([tier], count)
         yield tiers
+
+    def _roofline_families(self) -> Iterator[Metric]:
+        """Executor time beside the step roofline, summed per batch-size class (label `seqs`)."""
+        hub = self.stats.hub
+        yield self._gauge("device_copy_bandwidth_bytes", "Device copy bandwidth used by the roofline (bytes/s, "
+                          "read + write).", hub.device_peak[0])
+        yield self._gauge("device_matmul_flops", "Device matmul peak used by the roofline (FLOP/s).",
+                          hub.device_peak[1])
+        fields = (("roofline_steps", "steps", "Steps by batch size."),
+                  ("roofline_executor_seconds", "executor_s", "Executor time of those steps (s)."),
+                  ("roofline_seconds", "roofline_s", "Roofline time of those steps: bytes at the copy bandwidth "
+                   "plus prefill FLOPs at the matmul peak (s)."),
+                  ("roofline_weight_bytes", "weight_bytes", "Weight bytes those steps had to read."),
+                  ("roofline_kv_bytes", "kv_bytes", "KV-cache bytes those steps had to read."),
+                  ("roofline_adapter_bytes", "adapter_bytes", "Distinct adapters' bytes those steps had to read."),
+                  ("roofline_prefill_flops", "prefill_flops", "Prefill FLOPs of those steps."))
+        for name, attr, doc in fields:
+            family = CounterMetricFamily(self.prefix + name, doc, labels=["seqs"])
+            for label, totals in sorted(hub.roofline.items()):
+                family.add_metric([label], getattr(totals, attr))
+            yield family
 
     def _window_families(self) -> Iterator[Metric]:
         summary = self.stats.summary()

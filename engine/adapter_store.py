@@ -3,6 +3,12 @@
 Registering an adapter validates it fully (the weights are read once) and records what the scheduler
 needs without the weights: its ranks, scale and page count. The cache keeps adapters packed in the
 pool's page format, ready to copy into pool pages (or into shared memory for executor processes).
+
+With a `HostArena` (the server) the cache lives in one shared-memory segment that executors page-lock
+once: an adapter is packed straight into an extent reserved for it (`reserve` → fill off the event loop →
+`commit`), a step that loads it only names the extent, and an extent read by a step in flight (`hold` up
+to `release_through`) is never evicted or reused. Without an arena (the offline engine) `fetch` reads and
+packs on a miss.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 
 from lorafleet.engine.adapters import AdapterError, AdapterWeights, load_adapter, pack_adapter, shard_adapter
 from lorafleet.engine.config import ModelConfig
+from lorafleet.engine.host_arena import HostArena
 from lorafleet.engine.layout import AdapterLayout
 from lorafleet.engine.synthetic import SYNTHETIC_ADAPTER
 
@@ -44,6 +51,7 @@ class PackedAdapter:
     info: AdapterInfo
     pages: torch.Tensor
     shards: int = 1
+    arena_offset: int | None = None  # where `pages` sits in the host arena (it is a view of it), if it does
 
     def for_rank(self, rank: int) -> torch.Tensor:
         return self.pages if self.shards == 1 else self.pages[rank]
@@ -58,7 +66,7 @@ class CacheStats:
 
 @dataclass
 class AdapterStore:
-    """Disk registry + host LRU of packed adapters (at most `host_cache_bytes`)."""
+    """Disk registry + host LRU of packed adapters (at most `host_cache_bytes`, or the arena's capacity)."""
 
     model: ModelConfig
     page_elements: int
@@ -69,6 +77,10 @@ class AdapterStore:
     infos: dict[str, AdapterInfo] = field(default_factory=dict)
     cache: OrderedDict[str, PackedAdapter] = field(default_factory=OrderedDict)
     stats: CacheStats = field(default_factory=CacheStats)
+    arena: HostArena | None = None
+    reserved: dict[str, PackedAdapter] = field(default_factory=dict)  # extents being filled
+    busy: dict[str, int] = field(default_factory=dict)  # name -> last planned step that reads its extent
+    _orphans: list[tuple[int, int]] = field(default_factory=list)  # (step, offset) freed once that step is done
 
     def register(self, name: str, path: str | Path) -> AdapterInfo:
         """Validate the PEFT directory and make it servable as `name` (replacing nothing). A directory is
@@ -79,7 +91,7 @@ class AdapterStore:
             raise AdapterError(f"lora_name: adapter {name!r} is already loaded")
         info, parts = self._read(name, str(path))
         self.infos[name] = info
-        if not info.path.startswith(SYNTHETIC_ADAPTER):
+        if self.arena is None and not info.path.startswith(SYNTHETIC_ADAPTER):
             self._put(self._pack(info, parts))
         return info
 
@@ -98,22 +110,123 @@ class AdapterStore:
         stacked = pages[0] if self.shards == 1 else torch.stack(pages)
         return PackedAdapter(info, stacked, self.shards)
 
+    def pack_into(self, target: PackedAdapter, path: str) -> None:
+        """Read, validate and pack the adapter at `path` into `target.pages` (a reserved extent); touches no
+        state, so a worker thread may run it. AdapterError if the adapter no longer has the registered shape."""
+        info, parts = self._read(target.info.name, path)
+        if info.layout != target.info.layout:
+            raise AdapterError(f"lora_path: adapter {info.name!r} changed on disk since it was registered")
+        for rank, part in enumerate(parts):
+            pack_adapter(part, info.layout, self.dtype, out=target.for_rank(rank))
+
+    def packed_shape(self, info: AdapterInfo) -> tuple[int, ...]:
+        """Shape of the packed pages: [layers, pages, page_elements], with a leading [ranks] when sharded."""
+        shape = (self.model.num_layers, info.num_pages, self.page_elements)
+        return shape if self.shards == 1 else (self.shards, *shape)
+
+    def packed_bytes(self, name: str) -> int:
+        """Host bytes of the packed adapter (all ranks' shards)."""
+        count = 1
+        for dim in self.packed_shape(self.infos[name]):
+            count *= dim
+        return count * self.dtype.itemsize
+
     def unregister(self, name: str) -> None:
         if name not in self.infos:
             raise AdapterError(f"lora_name: adapter {name!r} is not loaded")
         del self.infos[name]
-        self.cache.pop(name, None)
+        self._drop(name)
+        reserved = self.reserved.pop(name, None)
+        if reserved is not None:  # its fill is running in a worker: the extent is freed when it reports
+            self._orphans.append((-1, reserved.arena_offset))
+
+    # the arena: reserve → fill (elsewhere) → commit, and holds by steps in flight -----------------------
+    def reserve(self, name: str, keep: set[str] = frozenset()) -> PackedAdapter | None:
+        """An arena extent for adapter `name`'s packed pages (to fill with `pack_into`, then `commit`),
+        evicting least recently used cached adapters that no step in flight reads and that are not in `keep`;
+        None if no room can be made now."""
+        assert self.arena is not None and name not in self.cache and name not in self.reserved
+        info = self.infos[name]
+        nbytes = self.packed_bytes(name)
+        if nbytes > self.arena.capacity:
+            raise AdapterError(f"lora_name: adapter {name!r} needs {nbytes} bytes, more than the host cache holds")
+        offset = self.arena.allocate(nbytes)
+        victims = [n for n in self.cache if n not in self.busy and n not in keep]
+        while offset is None and victims:
+            self._drop(victims.pop(0))
+            offset = self.arena.allocate(nbytes)
+        if offset is None:
+            return None
+        pages = self.arena.tensor(offset, self.dtype, self.packed_shape(info))
+        packed = PackedAdapter(info, pages, self.shards, offset)
+        self.reserved[name] = packed
+        return packed
+
+    def commit(self, name: str, offset: int) -> bool:
+        """The extent at `offset` reserved for `name` is filled: it joins the cache (False, and the extent is
+        freed, if the adapter was unregistered meanwhile)."""
+        packed = self.reserved.get(name)
+        if packed is None or packed.arena_offset != offset:
+            self._release_orphan_fill(offset)
+            return False
+        del self.reserved[name]
+        self.cache[name] = packed
+        return True
+
+    def abandon(self, name: str, offset: int) -> None:
+        """The fill of the extent at `offset` reserved for `name` failed: free it."""
+        packed = self.reserved.get(name)
+        if packed is not None and packed.arena_offset == offset:
+            del self.reserved[name]
+            self.arena.release(offset)
+        else:
+            self._release_orphan_fill(offset)
+
+    def _release_orphan_fill(self, offset: int) -> None:
+        """A worker finished with an extent whose adapter was unregistered while it was filled: free it."""
+        if (-1, offset) in self._orphans:
+            self._orphans.remove((-1, offset))
+            self.arena.release(offset)
+
+    def hold(self, names: list[str], step: int) -> None:
+        """Step `step` reads these adapters' extents (its loads): they stay until `release_through(step)`."""
+        for name in names:
+            self.busy[name] = step
+
+    def release_through(self, step: int) -> None:
+        """Steps up to `step` completed: their executors' copies from the extents are done."""
+        self.busy = {name: s for name, s in self.busy.items() if s > step}
+        keep = []
+        for held, offset in self._orphans:
+            if 0 <= held <= step:
+                self.arena.release(offset)
+            else:
+                keep.append((held, offset))
+        self._orphans = keep
+
+    def _drop(self, name: str) -> None:
+        """Take `name` out of the cache; its extent is freed now, or after the last step that reads it."""
+        packed = self.cache.pop(name, None)
+        if packed is None or packed.arena_offset is None:
+            return
+        if name in self.busy:
+            self._orphans.append((self.busy.pop(name), packed.arena_offset))
+        else:
+            self.arena.release(packed.arena_offset)
 
     def is_cached(self, name: str) -> bool:
         return name in self.cache
 
     def fetch(self, name: str) -> PackedAdapter:
-        """The packed adapter, from the host cache or (a miss) read again from disk."""
+        """The packed adapter, from the host cache or (a miss, without an arena) read again from disk. With
+        an arena a miss is an error: the server only plans loads of cached adapters."""
         if name in self.cache:
             self.stats.hits += 1
             self.cache.move_to_end(name)
             return self.cache[name]
         self.stats.misses += 1
+        if self.arena is not None:
+            raise AdapterError(f"lora_name: adapter {name!r} is not in the host cache")
         started = time.perf_counter()
         packed = self.load_packed(name, self.infos[name].path)
         self.stats.load_seconds += time.perf_counter() - started
@@ -124,6 +237,7 @@ class AdapterStore:
         """Insert an adapter packed elsewhere (e.g. by the prefetcher) into the host LRU cache."""
         if packed.info.name not in self.infos:
             raise AdapterError(f"lora_name: adapter {packed.info.name!r} is not registered")
+        assert self.arena is None, "with an arena adapters enter the cache through reserve/commit"
         self._put(packed)
 
     def _put(self, packed: PackedAdapter) -> None:
@@ -134,3 +248,8 @@ class AdapterStore:
 
     def cached_bytes(self) -> int:
         return sum(p.pages.numel() * p.pages.element_size() for p in self.cache.values())
+
+    def is_ready(self, name: str) -> bool:
+        """Whether a step may load `name` now: always without an arena (a miss is read in place), with one
+        only once it is packed in the cache."""
+        return self.arena is None or name in self.cache

@@ -187,10 +187,20 @@ def shard_adapter(weights: AdapterWeights, rank: int, size: int) -> AdapterWeigh
     return AdapterWeights(weights.name, weights.rank, weights.scale, a, b)
 
 
-def pack_adapter(weights: AdapterWeights, layout: AdapterLayout, dtype: torch.dtype) -> torch.Tensor:
-    """The adapter's pages as they go into the pool: [layers, layout.num_pages, page_elements]."""
+def pack_adapter(weights: AdapterWeights, layout: AdapterLayout, dtype: torch.dtype,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """The adapter's pages as they go into the pool: [layers, layout.num_pages, page_elements]. With `out`
+    (a contiguous tensor of that shape and `dtype`, e.g. a view of the host arena) the pages are written
+    there instead of a new tensor; ValueError if its shape differs."""
     num_layers = next(iter(weights.a.values())).shape[0]
-    flat = torch.zeros(num_layers, layout.num_pages * layout.page_elements, dtype=dtype)
+    shape = (num_layers, layout.num_pages, layout.page_elements)
+    if out is None:
+        flat = torch.zeros(num_layers, layout.num_pages * layout.page_elements, dtype=dtype)
+    else:
+        if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"pack_adapter: out is {tuple(out.shape)} {out.dtype}, expected {shape} {dtype}")
+        flat = out.view(num_layers, -1)
+        flat.zero_()
     for module, rows in layout.modules.items():
         _scatter_rows(flat, rows.a_rows, weights.a[module])
         _scatter_rows(flat, rows.b_rows, weights.b[module].transpose(1, 2))

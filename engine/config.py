@@ -161,11 +161,15 @@ class EngineConfig:
     fairness_window: int = 32
     tensor_parallel_size: int = 1
     prefetch_adapters: int = 2  # adapters of waiting requests loaded into free pages per step (0 = off)
+    max_adapter_load_bytes_per_step: int = 0  # pool bytes (one rank) a step may load; 0 = no bound. A step's
+    # first load is always allowed, so an adapter larger than the bound still loads, alone
     cuda_graphs: bool = True
     piecewise_graphs: bool = True  # with cuda_graphs: steps with prefill tokens as graphs around eager attention
     extra_tp_graphs: bool = False  # CUDA graphs on tensor-parallel ranks: written, not yet verified on GPUs
 
     def __post_init__(self) -> None:
+        if self.max_adapter_load_bytes_per_step < 0:
+            raise ConfigError("max_adapter_load_bytes_per_step must be >= 0 (0 = no bound)")
         if self.num_pages < 0 or not 0.05 <= self.gpu_memory_utilization <= 1.0:
             raise ConfigError("num_pages must be >= 0 (0 = auto) and gpu_memory_utilization in [0.05, 1]")
         for name in ("block_tokens", "max_batch_tokens", "max_num_seqs",

@@ -91,7 +91,9 @@ class Engine:
         self.decode = decode or (lambda ids: "")
         self.block_tokens = block_tokens or config.block_tokens
         self.pool = PagePool(config.num_pages)
-        self.scheduler = Scheduler(config, self.pool, lambda name: store.infos[name].num_pages)
+        page_bytes = model.num_layers * store.page_elements * store.dtype.itemsize
+        self.scheduler = Scheduler(config, self.pool, lambda name: store.infos[name].num_pages, page_bytes,
+                                   store.is_ready)
         self.requests: dict[str, Tracked] = {}
         self.max_model_len = min(config.max_model_len or model.context_limit, model.context_limit)
         self._next_id = 0

@@ -58,6 +58,9 @@ class ModelRunner:
         self.last_sampled: dict[int, int] = {}  # request id -> token sampled in the last step
         self.histories: dict[int, list[int]] = {}  # penalized request id -> its token ids by position
         self.prompt_tails: dict[int, torch.Tensor] = {}  # request id -> logprobs of its next prompt token
+        # adapter loads run on a side stream (CUDA): the step waits only for the adapters it uses
+        self.load_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._load_events: list[torch.cuda.Event] = []
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
@@ -65,8 +68,7 @@ class ModelRunner:
         plan order, and the prompt logprobs of chunks that asked (rank 0 only under tensor parallelism)."""
         for name in plan.evicted:
             self.resident.pop(name, None)
-        for load in plan.loads:
-            self._load_adapter(load.name, load.pages)
+        self._load_adapters(plan)
         for request_id in plan.released:
             self.histories.pop(request_id, None)
             self.prompt_tails.pop(request_id, None)
@@ -84,6 +86,7 @@ class ModelRunner:
         if self.shard.size > 1 and sampled:
             tokens = self._share_tokens(tokens, len(sampled))
         self.last_sampled = {s.request_id: t for s, t in zip(sampled, tokens)}
+        self.finish_loads()
         if not self.sample_on_this_rank:
             return StepOutput([])
         prompt = self._prompt_logprobs(plan, hidden) if any(s.prompt_logprobs >= 0 for s in plan.seqs) else {}
@@ -199,6 +202,38 @@ class ModelRunner:
         if max_tokens:
             self.pieces = PiecewiseGraphs(self.model, self.pool, self.block_tokens, scratch, max_tokens, max_slots,
                                           max_rank, mempool, capture)
+
+    def _load_adapters(self, plan: StepPlan) -> None:
+        """Copy the plan's adapter loads into their pool pages. On CUDA the copies go on the side stream
+        (after the work already queued: a page freed by an earlier step is written after that step), the
+        adapters this step uses first; the step's stream waits for those, while the copies of adapters loaded
+        ahead for waiting requests (prefetch) overlap the step. `finish_loads` waits for all of them."""
+        used = set(plan.slots)
+        loads = sorted(plan.loads, key=lambda load: load.name not in used)
+        stream = self.load_stream
+        if stream is None or not loads:
+            for load in loads:
+                self._load_adapter(load.name, load.pages)
+            return
+        current = torch.cuda.current_stream(self.device)
+        stream.wait_stream(current)
+        needed = None
+        with torch.cuda.stream(stream):
+            for load in loads:
+                self._load_adapter(load.name, load.pages)
+                event = torch.cuda.Event()
+                event.record(stream)
+                self._load_events.append(event)
+                if load.name in used:
+                    needed = event
+        if needed is not None:
+            current.wait_event(needed)
+
+    def finish_loads(self) -> None:
+        """Wait until every adapter copy issued so far is done (their host source may then be reused)."""
+        for event in self._load_events:
+            event.synchronize()
+        self._load_events.clear()
 
     def _load_adapter(self, name: str, pages: list[int]) -> None:
         packed = self.fetch_adapter(name)

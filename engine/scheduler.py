@@ -8,6 +8,11 @@ Out of pages: evict idle adapters (LRU), then preempt the youngest running reque
 at the front and recomputed); requests in a step still in flight are never preempted. A running request
 is never failed for lack of pages.
 
+Adapter loads: a waiting request whose adapter is not resident is admitted only once the adapter is ready
+to load (`adapter_ready`: packed in host memory, for the server) and the step's loads stay within
+`max_adapter_load_bytes_per_step` (a step's first load always fits); otherwise it waits while others pass
+(a "load stall", counted), so one step's misses never stall the batch.
+
 Steps may be planned while the previous one runs (the serving scheduler overlaps them): the engine
 advances `num_computed` when it plans a chunk, and a sampled token not yet returned counts as `pending`
 (it reads as PENDING_TOKEN in the next plan; the executor substitutes the token it sampled).
@@ -42,6 +47,7 @@ class Schedule:
     chunks: list[Chunk] = field(default_factory=list)
     loads: list[str] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    load_bytes: int = 0  # pool bytes (one rank) of `loads`
 
     @property
     def adapters(self) -> list[str]:
@@ -56,10 +62,15 @@ class Schedule:
 class Scheduler:
     """Owns the waiting queue, the running set and the page pool's books."""
 
-    def __init__(self, config: EngineConfig, pool: PagePool, adapter_pages: Callable[[str], int]) -> None:
+    def __init__(self, config: EngineConfig, pool: PagePool, adapter_pages: Callable[[str], int],
+                 page_bytes: int = 0, adapter_ready: Callable[[str], bool] | None = None) -> None:
         self.config = config
         self.pool = pool
         self.adapter_pages = adapter_pages
+        self.page_bytes = page_bytes  # one page's bytes in one rank's pool (all layers)
+        self.adapter_ready = adapter_ready or (lambda name: True)
+        self.load_stalls = 0  # (request, step) pairs where a request waited for its adapter's load
+        self.loaded_bytes = 0  # pool bytes (one rank) of every load planned
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.preemptions = 0
@@ -86,7 +97,21 @@ class Scheduler:
         self._admit(budget, plan)
         if plan.chunks:  # loads ride on a step that runs; a step with no chunks is never executed
             self._prefetch(plan)
+        self.loaded_bytes += plan.load_bytes
         return plan
+
+    def _loadable(self, name: str, plan: Schedule) -> bool:
+        """Whether this step may load adapter `name`: it is ready (packed on the host) and its bytes fit the
+        step's load bound (the step's first load always fits)."""
+        if not self.adapter_ready(name):
+            return False
+        bound = self.config.max_adapter_load_bytes_per_step
+        return not (bound and plan.loads and plan.load_bytes + self.adapter_pages(name) * self.page_bytes > bound)
+
+    def _record_load(self, name: str, pages: int, plan: Schedule) -> None:
+        self.pool.load_adapter(name, pages)
+        plan.loads.append(name)
+        plan.load_bytes += pages * self.page_bytes
 
     def _prefetch(self, plan: Schedule) -> None:
         """Load the adapters of the next waiting requests into FREE pages now (never evicting anything or
@@ -98,13 +123,12 @@ class Scheduler:
             if loaded >= self.config.prefetch_adapters:
                 return
             name = request.adapter
-            if name is None or self.pool.is_resident(name):
+            if name is None or self.pool.is_resident(name) or not self._loadable(name, plan):
                 continue
             pages = self.adapter_pages(name)
             if self.pool.num_free - pages < headroom:
                 return
-            self.pool.load_adapter(name, pages)
-            plan.loads.append(name)
+            self._record_load(name, pages, plan)
             self.prefetched += 1
             loaded += 1
 
@@ -128,6 +152,10 @@ class Scheduler:
             new_adapter = request.adapter is not None and request.adapter not in in_batch
             if new_adapter and len(in_batch) >= self.config.max_adapters_per_batch:
                 request.passed_over += 1
+                continue
+            if new_adapter and not self.pool.is_resident(request.adapter) and not self._loadable(request.adapter,
+                                                                                                  plan):
+                self.load_stalls += 1  # waits for its adapter (packing, or this step's load bytes are spent)
                 continue
             length = min(request.num_tokens, budget)
             if not self._fit_new(request, length, plan):
@@ -168,8 +196,7 @@ class Scheduler:
         if not self._evict_until(need, keep=adapter):
             return False
         if load:
-            self.pool.load_adapter(adapter, self.adapter_pages(adapter))
-            plan.loads.append(adapter)
+            self._record_load(adapter, self.adapter_pages(adapter), plan)
         self.pool.grow_kv(request.id, self.blocks_for(length))
         return True
 

@@ -9,6 +9,7 @@ names and shapes, so the same loader (names, sharding, shape checks) runs withou
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,6 +128,7 @@ def write_adapter(
 SYNTHETIC_ADAPTER = "synthetic:"
 _BANK_ELEMENTS = 1 << 26  # 256 MiB of fp32 noise shared by every synthetic adapter in a process
 _bank: torch.Tensor | None = None
+_bank_lock = threading.Lock()
 
 
 def synthetic_adapter_path(rank: int, seed: int, targets: tuple[str, ...] = TARGET_MODULES[:4]) -> str:
@@ -150,8 +152,9 @@ def parse_synthetic_adapter(path: str) -> tuple[int, int, tuple[str, ...]]:
 
 def _noise_bank() -> torch.Tensor:
     global _bank
-    if _bank is None:
-        _bank = 0.05 * torch.randn(_BANK_ELEMENTS, generator=torch.Generator().manual_seed(0))
+    with _bank_lock:  # prefetch worker threads may ask at once
+        if _bank is None:
+            _bank = 0.05 * torch.randn(_BANK_ELEMENTS, generator=torch.Generator().manual_seed(0))
     return _bank
 
 

@@ -328,7 +328,7 @@ async def test_prefetcher_loads_into_the_host_cache_through_the_scheduler(tiny_l
     from lorafleet.actors.hub import ServeHub
     from lorafleet.actors.prefetcher import AdapterLoader, PrefetcherActor
     from lorafleet.actors.scheduler import SchedulerActor
-    from lorafleet.actors.schema import Prefetch
+    from lorafleet.actors.schema import AdapterFetchFailed, Prefetch
     from lorafleet.engine.build import build_engine
     from lorafleet.engine.config import EngineConfig
 
@@ -342,6 +342,9 @@ async def test_prefetcher_loads_into_the_host_cache_through_the_scheduler(tiny_l
     actor = SchedulerActor(engine, _InProcessGroup(engine.executor), inbox, router, admission, prefetch, hub)
     prefetch_task = asyncio.create_task(prefetcher.run())
     prefetch.send(Prefetch({"missing": str(tmp_path / "nope"), "p": path}))  # in order: the failure first
+    failed = await asyncio.wait_for(inbox.recv(), 60)
+    assert isinstance(failed, AdapterFetchFailed) and failed.name == "missing" and "adapter_config" in failed.message
+    await actor._handle(failed)  # not registered: nothing to fail
     fetched = await asyncio.wait_for(inbox.recv(), 60)
     await actor._handle(fetched)
     prefetch_task.cancel()

@@ -1,0 +1,190 @@
+"""Adapter traffic off the step's path: the shared host arena (allocator, views across processes), the
+store's reserve → fill → commit cycle with holds by steps in flight, and the scheduler actor admitting a
+request only once the prefetcher has packed its adapter (outputs equal the offline engine; an unreadable
+adapter fails only its requests)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from lorafleet.actors.channels import LocalChannel
+from lorafleet.actors.schema import DeltaItem, StepDeltas, Submit
+from lorafleet.engine.host_arena import ALIGN, HostArena
+
+
+def test_arena_allocates_first_fit_and_coalesces_under_random_traffic():
+    arena = HostArena(64 * ALIGN)
+    rng = random.Random(3)
+    held: dict[int, int] = {}
+    try:
+        for _ in range(400):
+            if held and rng.random() < 0.45:
+                offset = rng.choice(list(held))
+                arena.release(offset)
+                del held[offset]
+            else:
+                size = rng.randint(1, 9 * ALIGN)
+                offset = arena.allocate(size)
+                if offset is None:  # only when no free extent is large enough
+                    assert all(free < -(-size // ALIGN) * ALIGN for _, free in arena._free)
+                    continue
+                assert offset % ALIGN == 0
+                span = (offset, offset + -(-size // ALIGN) * ALIGN)
+                assert all(span[1] <= o or o + s <= span[0] for o, s in arena._used.items() if o != offset)
+                held[offset] = size
+            arena.check()
+        for offset in list(held):
+            arena.release(offset)
+        arena.check()
+        assert arena._free == [(0, arena.capacity)] and arena.used_bytes == 0
+        with pytest.raises(KeyError):
+            arena.release(0)
+    finally:
+        arena.close()
+
+
+def test_arena_views_are_shared_with_an_attached_mapping():
+    arena = HostArena(4 * ALIGN)
+    other = HostArena.attach(arena.name)
+    try:
+        offset = arena.allocate(3000)
+        src = torch.arange(750, dtype=torch.float32).view(3, 250)
+        arena.tensor(offset, torch.float32, (3, 250)).copy_(src)
+        assert torch.equal(other.tensor(offset, torch.float32, (3, 250)), src)
+    finally:
+        other.close()
+        arena.close()
+
+
+@pytest.fixture()
+def adapters(tiny_llama, tmp_path):
+    from conftest import make_peft_adapter
+
+    return {f"a{i}": str(make_peft_adapter(tiny_llama, tmp_path / f"a{i}", rank, seed=i))
+            for i, rank in enumerate((2, 4, 8, 4))}
+
+
+def _arena_store(engine, capacity_adapters: float) -> HostArena:
+    """Move the engine's host cache into an arena holding about `capacity_adapters` of its largest adapters."""
+    store = engine.store
+    largest = max(store.packed_bytes(name) for name in store.infos)
+    store.arena = HostArena(int(capacity_adapters * (largest + ALIGN)))
+    store.cache.clear()
+    return store.arena
+
+
+def test_store_reserve_commit_and_holds(tiny_llama, adapters):
+    from lorafleet.engine.build import build_engine
+    from lorafleet.engine.config import EngineConfig
+
+    engine, _ = build_engine(str(tiny_llama), EngineConfig(), adapters)
+    reference = {name: engine.store.cache[name].pages.clone() for name in adapters}
+    store = engine.store
+    sizes = {name: -(-store.packed_bytes(name) // ALIGN) * ALIGN for name in adapters}
+    store.arena = arena = HostArena(sizes["a0"] + sizes["a1"] + sizes["a2"] - ALIGN)  # not all three
+    store.cache.clear()
+    try:
+        assert not store.is_ready("a0")
+        for name in ("a0", "a1"):
+            target = store.reserve(name)
+            store.pack_into(target, adapters[name])
+            assert store.commit(name, target.arena_offset) and store.is_ready(name)
+            assert torch.equal(store.fetch(name).pages, reference[name])
+        store.hold(["a0"], step=5)  # a step in flight reads a0: never evicted before it completes
+        target = store.reserve("a2")
+        assert target is not None and "a0" in store.cache and "a1" not in store.cache
+        store.pack_into(target, adapters["a2"])
+        store.commit("a2", target.arena_offset)
+        assert store.reserve("a3", keep={"a2"}) is None  # a0 held, a2 kept: no room
+        store.release_through(5)
+        target = store.reserve("a3")
+        assert target is not None and "a0" not in store.cache
+        store.unregister("a3")  # while a worker fills it: the extent is freed when the worker reports
+        store.pack_into(target, adapters["a3"])
+        assert not store.commit("a3", target.arena_offset)
+        arena.check()
+        assert arena.used_bytes == sum(sizes[name] for name in store.cache)
+        with pytest.raises(Exception, match="not in the host cache"):
+            store.fetch("a1")
+    finally:
+        store.cache.clear()
+        store.reserved.clear()
+        arena.close()
+
+
+class _InProcessGroup:
+    """ExecutorGroup stand-in: runs each plan on the engine's own ModelRunner (whose fetch reads the store)."""
+
+    def __init__(self, runner) -> None:
+        self.runner, self.results, self.loads = runner, [], []
+
+    def send(self, plan, packed):
+        from lorafleet.actors.schema import StepResult
+
+        assert all(p.arena_offset is not None for p in packed), "a load was staged from outside the arena"
+        self.loads += [load.name for load in plan.loads]
+        output = self.runner.execute(plan).to_wire()
+        self.results.append(StepResult(plan.step, 0, output["sampled"], 0.001, output["logprobs"],
+                                       output["prompt_logprobs"]))
+
+    async def receive(self):
+        await asyncio.sleep(0)
+        return self.results.pop(0)
+
+
+async def test_scheduler_waits_for_packing_and_fails_only_unreadable_adapters(tiny_llama, adapters, tmp_path):
+    from conftest import make_peft_adapter
+    from lorafleet.actors.hub import ServeHub
+    from lorafleet.actors.prefetcher import AdapterLoader, PrefetcherActor
+    from lorafleet.actors.scheduler import ADAPTER_LOAD_BYTES, ADAPTER_LOAD_STALLS, SchedulerActor
+    from lorafleet.engine import LLM
+    from lorafleet.engine.build import build_engine
+    from lorafleet.engine.config import EngineConfig
+
+    bad = str(make_peft_adapter(tiny_llama, tmp_path / "bad", 2, seed=9))
+    prompts = [[7 + i, 8, 9, 3 * i + 1] for i in range(10)]
+    names = ["a0", "a1", None, "a2", "a3", "a0", "a2", "a1", None, "a3"]
+    want = LLM(str(tiny_llama), adapters=adapters).generate(prompts, adapters=names, max_tokens=6)
+    config = EngineConfig(max_adapter_load_bytes_per_step=1, max_adapters_per_batch=3)
+    engine, _ = build_engine(str(tiny_llama), config, {**adapters, "bad": bad})
+    arena = _arena_store(engine, 3.5)  # room for three adapters of four: the cache must evict
+    (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(b"garbage")
+    hub = ServeHub()
+    inbox, router, admission, prefetch = (LocalChannel() for _ in range(4))
+    loader = AdapterLoader(engine.model, engine.store.page_elements, engine.store.dtype, 64)
+    group = _InProcessGroup(engine.executor)
+    actor = SchedulerActor(engine, group, inbox, router, admission, prefetch, hub)
+    prefetcher = PrefetcherActor(loader, prefetch, inbox, hub, workers=2)
+    tasks = [asyncio.create_task(actor.run()), asyncio.create_task(prefetcher.run())]
+    try:
+        for i, (prompt, name) in enumerate(zip(prompts, names)):
+            inbox.send(Submit(f"q{i}", prompt, {"max_tokens": 6, "temperature": 0.0}, name, None, 0.0, i + 1))
+        inbox.send(Submit("b", [1, 2, 3], {"max_tokens": 6, "temperature": 0.0}, "bad", None, 0.0, 11))
+        tokens: dict[str, list[int]] = {}
+        ends: dict[str, DeltaItem] = {}
+        while len(ends) < 11:
+            msg = await asyncio.wait_for(router.recv(), 60)
+            for item in msg.items if isinstance(msg, StepDeltas) else []:
+                tokens.setdefault(item.request_id, []).extend(item.token_ids)
+                if item.finished:
+                    ends[item.request_id] = item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    try:
+        assert ends["b"].error_code == "adapter_invalid" and "bad" not in engine.store.infos
+        assert [tokens.get(f"q{i}", []) for i in range(10)] == [w.token_ids for w in want]
+        assert hub.counters[ADAPTER_LOAD_STALLS] > 0, "no request waited for its adapter's packing"
+        assert hub.counters[ADAPTER_LOAD_BYTES] > 0 and set(group.loads) == {"a0", "a1", "a2", "a3"}
+        assert not engine.store.busy and not engine.store.reserved
+        arena.check()
+        engine.pool.check()
+        assert engine.pool.usage()["kv"] == 0
+    finally:
+        engine.store.cache.clear()
+        arena.close()
