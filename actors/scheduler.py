@@ -97,7 +97,7 @@ class StepLog:
             c = {key: value / n for key, value in self.cost.items()}
             print(f"lorafleet: roofline {c['ms']:.1f} ms (read weights {c['weights'] / 1e9:.2f} GB, kv "
                   f"{c['kv'] / 1e9:.2f} GB, lora {c['lora'] / 1e6:.0f} MB; prefill {c['flops'] / 1e12:.2f} TFLOP)  "
-                  f"executor {self.executor_ms / n:.1f} ms = {self.executor_ms / max(c['ms'], 1e-9):.2f}x",
+                  f"executor {self.executor_ms / n:.1f} ms = {self.executor_ms / n / max(c['ms'], 1e-9):.2f}x",
                   flush=True)
 
 

@@ -199,6 +199,68 @@ def make_row(backend: str, entry: dict, target: Target, args: argparse.Namespace
     }
 
 
+ROOFLINE_FIELDS = ("roofline_steps", "roofline_executor_seconds", "roofline_seconds", "roofline_weight_bytes",
+                   "roofline_kv_bytes", "roofline_adapter_bytes", "roofline_prefill_flops")
+
+
+def scrape_server_metrics(url: str) -> dict[tuple[str, tuple], float]:
+    """The lorafleet server's /metrics samples as {(name without the prefix, labels): value}, read with
+    prometheus_client's parser; {} when the server has none (e.g. an older server)."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
+            return parse_metrics(resp.read().decode())
+    except (urllib.error.URLError, OSError):
+        return {}
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
+    """Prometheus text as {(sample name without its `prefix:` or `lorafleet_`, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            name = sample.name.split(":", 1)[-1].removeprefix("lorafleet_")
+            samples[(name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def metrics_seconds(entry: dict) -> float:
+    return float(entry["metrics"].get("duration_s") or 0.0)
+
+
+def server_figures(before: dict, after: dict, seconds: float) -> dict:
+    """What the server measured during one run (differences of its counters): adapter bytes loaded per second,
+    load stalls, and per batch-size class the executor time beside the step roofline (docs/benchmarks.md)."""
+    def delta(name: str, labels: tuple = ()) -> float:
+        return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+
+    figures = {"adapter_load_bytes_per_s": delta("adapter_load_bytes_total") / seconds if seconds else None,
+               "adapter_load_stalls": delta("adapter_load_stalls_total")}
+    classes = sorted({dict(labels)["seqs"] for name, labels in after if name == "roofline_steps_total"})
+    roofline = {}
+    for label in classes:
+        labels = (("seqs", label),)
+        sums = {name: delta(f"{name}_total", labels) for name in ROOFLINE_FIELDS}
+        steps = sums["roofline_steps"]
+        if steps <= 0:
+            continue
+        roofline[label] = {
+            "steps": int(steps),
+            "executor_ms": 1000 * sums["roofline_executor_seconds"] / steps,
+            "roofline_ms": 1000 * sums["roofline_seconds"] / steps,
+            "executor_over_roofline": sums["roofline_executor_seconds"] / max(sums["roofline_seconds"], 1e-12),
+            "weight_gb": sums["roofline_weight_bytes"] / steps / 1e9,
+            "kv_gb": sums["roofline_kv_bytes"] / steps / 1e9,
+            "adapter_gb": sums["roofline_adapter_bytes"] / steps / 1e9,
+            "prefill_tflop": sums["roofline_prefill_flops"] / steps / 1e12,
+        }
+    figures["roofline"] = roofline
+    figures["device_copy_bandwidth_gb_s"] = after.get(("device_copy_bandwidth_bytes", ()), 0.0) / 1e9
+    figures["device_matmul_tflops"] = after.get(("device_matmul_flops", ()), 0.0) / 1e12
+    return figures
+
+
 def run_group(kind: str, backends: list[str], args: argparse.Namespace, gpu: str, document: dict) -> None:
     """Start the group's server (unless --url), run each backend and adapter count, stop the server.
 
@@ -220,8 +282,12 @@ def run_group(kind: str, backends: list[str], args: argparse.Namespace, gpu: str
             url = server.url
         for backend in backends:
             for n in _counts_for(backend, args):
+                before = scrape_server_metrics(url) if backend != "peft" else None
                 entry, target = asyncio.run(measure(args, url, backend, n))
-                document["rows"].append(make_row(backend, entry, target, args, gpu))
+                row = make_row(backend, entry, target, args, gpu)
+                if before is not None:
+                    row.update(server_figures(before, scrape_server_metrics(url), metrics_seconds(entry)))
+                document["rows"].append(row)
                 document["runs"].append(entry)
                 _save(args, document)
     except (ValueError, RuntimeError, OSError) as exc:
