@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 
 from lorafleet.engine.config import TARGET_MODULES, ModelConfig
@@ -169,21 +170,31 @@ def _check_pairs(a: dict, b: dict) -> None:
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 
 
+def padded_rank(rank: int, size: int) -> int:
+    """The rank an adapter is stored with at tensor-parallel size `size`: `rank` rounded up to a multiple of
+    `size`, so that every rank's shard has the same shape (docs/tensor-parallel.md: zero rows of A and zero
+    columns of B, which add nothing to x·Aᵀ·Bᵀ)."""
+    return -(-rank // size) * size
+
+
 def shard_adapter(weights: AdapterWeights, rank: int, size: int) -> AdapterWeights:
     """This rank's part of an adapter under S-LoRA partitioning (docs/tensor-parallel.md):
     column-parallel modules split A by rank rows and B by output rows (the base weight's split);
-    row-parallel modules split A by input columns (the base weight's split) and B by rank columns."""
+    row-parallel modules split A by input columns (the base weight's split) and B by rank columns.
+    A rank not divisible by `size` is first padded to `padded_rank` with zero A rows and zero B columns;
+    `rank` and `scale` stay the adapter's own (PEFT's alpha / r)."""
     if size == 1:
         return weights
-    if weights.rank % size:
-        raise AdapterError(f"r: rank {weights.rank} is not divisible by the tensor-parallel size {size}")
+    pad = padded_rank(weights.rank, size) - weights.rank
 
     def part(tensor: torch.Tensor, dim: int) -> torch.Tensor:
         step = tensor.shape[dim] // size
         return tensor.narrow(dim, rank * step, step).contiguous()
 
-    a = {m: part(t, 1) if m in COLUMN_PARALLEL else part(t, 2) for m, t in weights.a.items()}
-    b = {m: part(t, 1) if m in COLUMN_PARALLEL else part(t, 2) for m, t in weights.b.items()}
+    a = {m: F.pad(t, (0, 0, 0, pad)) if pad else t for m, t in weights.a.items()}  # [layers, r', in]
+    b = {m: F.pad(t, (0, pad)) if pad else t for m, t in weights.b.items()}  # [layers, out, r']
+    a = {m: part(t, 1) if m in COLUMN_PARALLEL else part(t, 2) for m, t in a.items()}
+    b = {m: part(t, 1) if m in COLUMN_PARALLEL else part(t, 2) for m, t in b.items()}
     return AdapterWeights(weights.name, weights.rank, weights.scale, a, b)
 
 

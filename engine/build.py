@@ -57,7 +57,7 @@ def build_model(model_dir: Path, config: EngineConfig, shard: Shard = Shard(), p
     """The model on config.device in config.dtype with weights loaded (this rank's shard)."""
     cfg = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):
-        model = CausalLM(cfg, ParallelGroup(shard, process_group))
+        model = CausalLM(cfg, ParallelGroup(shard, process_group, config.torch_dtype))
     model = model.to(config.torch_dtype).to_empty(device=torch.device(config.device))
     model.load(weight_source(model_dir, config.device), max_positions=_max_len(cfg, config))
     return model.eval()
@@ -108,8 +108,9 @@ def join_parallel_group(config: EngineConfig, rank: int, size: int, init_file: s
 
 def build_runner(model_dir: Path, config: EngineConfig, shard: Shard, fetch) -> tuple[ModelRunner, EngineConfig]:
     """One rank's executor: its model shard, its pool (sized from free GPU memory when num_pages is 0) and
-    CUDA graphs for decode (single rank, or tensor parallel with `extra_tp_graphs`). Returns the runner and
-    the config with the pool size it got. Rank 0 samples."""
+    CUDA graphs on every rank (decode steps whole, other steps piecewise; `graph_capture=False` runs the
+    piecewise path without capturing, on any device). Returns the runner and the config with the pool size
+    it got. Rank 0 samples."""
     cfg = ModelConfig.from_dir(model_dir)
     block_tokens, page_elements = page_geometry(cfg, config.block_tokens, shard.size)
     model = build_model(model_dir, config, shard)
@@ -117,10 +118,11 @@ def build_runner(model_dir: Path, config: EngineConfig, shard: Shard, fetch) -> 
         config = dataclasses.replace(config, num_pages=auto_num_pages(cfg, config, page_elements))
     runner = ModelRunner(model, config.num_pages, page_elements, block_tokens, fetch,
                          sample_on_this_rank=shard.rank == 0)
-    if config.cuda_graphs and (shard.size == 1 or config.extra_tp_graphs):
+    if config.cuda_graphs:
         max_blocks = -(-_max_len(cfg, config) // block_tokens)
         runner.enable_cuda_graphs(config.max_num_seqs, max_blocks, config.max_adapters_per_batch,
-                                  config.max_lora_rank, config.max_batch_tokens if config.piecewise_graphs else 0)
+                                  config.max_lora_rank, config.max_batch_tokens if config.piecewise_graphs else 0,
+                                  capture=config.graph_capture)
     return runner, config
 
 

@@ -165,7 +165,7 @@ class EngineConfig:
     # first load is always allowed, so an adapter larger than the bound still loads, alone
     cuda_graphs: bool = True
     piecewise_graphs: bool = True  # with cuda_graphs: steps with prefill tokens as graphs around eager attention
-    extra_tp_graphs: bool = False  # CUDA graphs on tensor-parallel ranks: written, not yet verified on GPUs
+    graph_capture: bool = True  # False: run the graphed paths' static buffers eagerly (CPU tests of the plumbing)
 
     def __post_init__(self) -> None:
         if self.max_adapter_load_bytes_per_step < 0:

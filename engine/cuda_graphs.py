@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from lorafleet import kernels
+from lorafleet.engine.adapters import COLUMN_PARALLEL
 from lorafleet.engine.config import TARGET_MODULES
 from lorafleet.engine.model import AttentionBatch, CausalLM, LoraBatch, ModuleLora
 
@@ -53,11 +54,22 @@ class StepInputs:
     # row tables and column maps as host int64 tensors [slots, width], row counts as lists
 
 
+def table_widths(module: str, max_rank: int, tp: int) -> tuple[int, int, int]:
+    """Static widths (A row table, Bᵀ row table, column map) of one module's LoRA tables. At tp=1 both tables
+    are `max_rank` wide (no column map). Under tensor parallelism (`max_rank` a multiple of tp) a
+    column-parallel module shrinks with max_rank/tp A rows and expands with max_rank Bᵀ rows; a row-parallel
+    module the other way round (docs/tensor-parallel.md)."""
+    if tp == 1:
+        return max_rank, max_rank, 0
+    local = max_rank // tp
+    return (local, max_rank, max_rank) if module in COLUMN_PARALLEL else (max_rank, local, local)
+
+
 class StaticBatch:
     """Device buffers sized for the largest bucket; a bucket uses their leading rows."""
 
     def __init__(self, rows: int, max_blocks: int, max_slots: int, max_rank: int, device: torch.device,
-                 parallel: bool) -> None:
+                 tp: int) -> None:
         def zeros(*shape, dtype=torch.int32):
             return torch.zeros(*shape, dtype=dtype, device=device)
 
@@ -66,12 +78,13 @@ class StaticBatch:
         self.block_tables, self.context_lens = zeros(rows, max_blocks), zeros(rows)
         self.query_starts = torch.arange(rows + 1, dtype=torch.int32, device=device)
         self.token_slots, self.scales = zeros(rows), zeros(max_slots, dtype=torch.float32)
-        self.modules = {
-            m: ModuleLora(zeros(max_slots, max_rank, dtype=torch.long), zeros(max_slots, max_rank, dtype=torch.long),
-                          zeros(max_slots), zeros(max_slots),
-                          zeros(max_slots, max_rank, dtype=torch.long) if parallel else None)
-            for m in TARGET_MODULES
-        }
+        self.modules = {}
+        for m in TARGET_MODULES:
+            a_width, b_width, cols_width = table_widths(m, max_rank, tp)
+            self.modules[m] = ModuleLora(zeros(max_slots, a_width, dtype=torch.long),
+                                         zeros(max_slots, b_width, dtype=torch.long), zeros(max_slots),
+                                         zeros(max_slots),
+                                         zeros(max_slots, cols_width, dtype=torch.long) if cols_width else None)
 
     def views(self, rows: int, modules: frozenset[str]) -> tuple[torch.Tensor, AttentionBatch, LoraBatch | None]:
         attn = AttentionBatch(self.positions[:rows], self.slots[:rows], self.block_tables[:rows],
@@ -91,7 +104,7 @@ class DecodeGraphs:
         self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
         self.max_slots, self.max_rank = max_slots, max_rank
         self.static = StaticBatch(self.buckets[-1], max_blocks, max_slots, max_rank, pool.device,
-                                  parallel=model.group.shard.size > 1)
+                                  tp=model.group.shard.size)
         self.graphs: dict[tuple[int, frozenset[str]], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.mempool = mempool if mempool is not None else torch.cuda.graph_pool_handle()
 
@@ -191,7 +204,7 @@ class PiecewiseGraphs:
         self.buckets = [b for b in TOKEN_BUCKETS if b < max_tokens] + [max_tokens]
         self.max_slots, self.max_rank, self.mempool, self.capture = max_slots, max_rank, mempool, capture
         rows, device = self.buckets[-1], pool.device
-        self.static = StaticBatch(rows, 1, max_slots, max_rank, device, parallel=model.group.shard.size > 1)
+        self.static = StaticBatch(rows, 1, max_slots, max_rank, device, tp=model.group.shard.size)
         attention = model.model.layers[0].self_attn
         width, hidden = attention.num_heads * attention.head_dim, model.config.hidden_size
         self.q, self.attn_out = (torch.zeros(rows, width, dtype=pool.dtype, device=device) for _ in range(2))

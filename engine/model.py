@@ -4,7 +4,8 @@ Parameter names mirror HuggingFace's, so loading is a name-for-name copy through
 parallelism splits at load time; this code only sees its local shapes). Every targetable linear layer
 runs its base GEMM once for the whole batch, then adds each token's own adapter delta through the
 LoRA kernels, which read adapter rows straight from pool pages. Layers that share their input (q/k/v,
-gate/up) add their deltas with one fused shrink and one fused expand launch at tensor-parallel size 1.
+gate/up) add their deltas with one fused shrink and one fused expand launch (and, under tensor
+parallelism, one all-gather of their intermediates).
 """
 
 from __future__ import annotations
@@ -38,13 +39,15 @@ class ModuleLora:
 class ModuleGroup:
     """The targeted modules among a group that shares its input, their tables stacked for the fused kernels:
     row tables [M, S, R] (R = the widest module's table, zero-padded: entries past a rank are never read) and
-    row counts [M, S] (0 = the slot's adapter does not target that module)."""
+    row counts [M, S] (0 = the slot's adapter does not target that module); under tensor parallelism the
+    column maps [M, S, C] likewise."""
 
     names: tuple[str, ...]
     a_rows: torch.Tensor
     b_rows: torch.Tensor
     ranks: torch.Tensor
     expand_ranks: torch.Tensor
+    cols: torch.Tensor | None = None
 
 
 @dataclass
@@ -59,11 +62,10 @@ class LoraBatch:
 
     def group(self, names: tuple[str, ...]) -> ModuleGroup | None:
         """The stacked tables of the targeted modules among `names` (modules sharing one input), or None when
-        none of them is targeted or under tensor parallelism (column maps: those layers keep per-module
-        LoRA). Built with device ops on first use and shared by every layer of the step; a CUDA-graph capture
-        builds its own copy, so the graph restacks the static buffers' tables on every replay. Like the
-        kernels' tile cache, this assumes the tables do not change in place between eager calls that reuse
-        this LoraBatch."""
+        none of them is targeted. Built with device ops on first use and shared by every layer of the step;
+        a CUDA-graph capture builds its own copy, so the graph restacks the static buffers' tables on every
+        replay. Like the kernels' tile cache, this assumes the tables do not change in place between eager
+        calls that reuse this LoraBatch."""
         key = (names, self.token_slots.is_cuda and torch.cuda.is_current_stream_capturing())
         if key not in self.groups:
             self.groups[key] = _stack_group(names, self.modules)
@@ -72,7 +74,7 @@ class LoraBatch:
 
 def _stack_group(names: tuple[str, ...], modules: dict[str, ModuleLora]) -> ModuleGroup | None:
     present = tuple(n for n in names if n in modules)
-    if not present or any(modules[n].cols is not None for n in present):
+    if not present:
         return None
 
     def stack(attr: str) -> torch.Tensor:  # the modules' tables side by side, zero-padded to the widest
@@ -80,7 +82,8 @@ def _stack_group(names: tuple[str, ...], modules: dict[str, ModuleLora]) -> Modu
         width = max(t.shape[-1] for t in tables)
         return torch.stack([F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t for t in tables])
 
-    return ModuleGroup(present, stack("a_rows"), stack("b_rows"), stack("ranks"), stack("expand_ranks"))
+    cols = stack("cols") if modules[present[0]].cols is not None else None
+    return ModuleGroup(present, stack("a_rows"), stack("b_rows"), stack("ranks"), stack("expand_ranks"), cols)
 
 
 @dataclass
@@ -102,6 +105,7 @@ class ParallelGroup:
 
     shard: Shard
     process_group: object | None = None
+    dtype: torch.dtype = torch.float32  # the LoRA intermediates' dtype in collectives: the model's
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.shard.size > 1:
@@ -109,11 +113,22 @@ class ParallelGroup:
         return x
 
     def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
-        """[T, W] on each rank -> [T, size*W]: rank k's columns at k*W..(k+1)*W-1."""
-        tokens, width = x.shape
-        out = torch.empty(self.shard.size * tokens, width, dtype=x.dtype, device=x.device)
+        """[..., W] on each rank -> [..., size*W]: rank k's columns at k*W..(k+1)*W-1 (one collective)."""
+        out = torch.empty(self.shard.size * x.shape[0], *x.shape[1:], dtype=x.dtype, device=x.device)
         torch.distributed.all_gather_into_tensor(out, x.contiguous(), group=self.process_group)
-        return out.view(self.shard.size, tokens, width).transpose(0, 1).reshape(tokens, -1)
+        return out.view(self.shard.size, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], -1)
+
+
+def collect_intermediate(v: torch.Tensor, column: bool, group: ParallelGroup, cols: torch.Tensor,
+                         token_slots: torch.Tensor) -> torch.Tensor:
+    """Tensor parallelism: the shrink output v ([T, W] or [M, T, W], fp32) of every rank combined with ONE
+    collective in the model dtype `group.dtype` — all-gathered for column-parallel modules, all-reduced for a
+    row-parallel one — then, per token, the columns its slot's Bᵀ rows multiply (`cols` [S, C] or [M, S, C]),
+    back in fp32 for the expand: [T, C] or [M, T, C]."""
+    v = v.to(group.dtype)
+    v = group.all_gather_columns(v) if column else group.all_reduce(v)
+    index = cols[..., token_slots.clamp(min=0).long(), :]
+    return torch.gather(v, -1, index).float()
 
 
 class LoraLinear(nn.Module):
@@ -140,22 +155,24 @@ class LoraLinear(nn.Module):
         if rows is not None:
             v = kernels.lora_shrink(x, pool_flat, rows.a_rows, rows.ranks, lora.token_slots)
             if rows.cols is not None:
-                v = self.group.all_gather_columns(v) if self.column else self.group.all_reduce(v)
-                v = torch.gather(v, 1, rows.cols[lora.token_slots.clamp(min=0).long()])
+                v = collect_intermediate(v, self.column, self.group, rows.cols, lora.token_slots)
             kernels.lora_expand(v, pool_flat, rows.b_rows, rows.expand_ranks, lora.scales, lora.token_slots, y)
         return y
 
 
 def shared_input_linears(layers: tuple[LoraLinear, ...], x: torch.Tensor, lora: LoraBatch | None,
                          pool_flat: torch.Tensor) -> list[torch.Tensor]:
-    """Outputs of layers that all read x: their base GEMMs, then the LoRA deltas of the targeted ones with one
-    fused shrink and one fused expand (at tensor-parallel size 1); per-layer LoRA otherwise."""
+    """Outputs of layers that all read x (column-parallel under tensor parallelism): their base GEMMs, then
+    the LoRA deltas of the targeted ones with one fused shrink, (tensor parallelism) one all-gather of all
+    their intermediates, and one fused expand."""
     group = lora.group(tuple(layer.target for layer in layers)) if lora is not None else None
     if group is None:
         return [layer(x, lora, pool_flat) for layer in layers]
     ys = [layer.base(x) for layer in layers]
     outs = [y for layer, y in zip(layers, ys) if layer.target in group.names]
     v = kernels.lora_shrink_multi(x, pool_flat, group.a_rows, group.ranks, lora.token_slots)
+    if group.cols is not None:
+        v = collect_intermediate(v, True, layers[0].group, group.cols, lora.token_slots)
     kernels.lora_expand_multi(v, pool_flat, group.b_rows, group.expand_ranks, lora.scales, lora.token_slots, outs)
     return ys
 

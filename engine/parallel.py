@@ -67,7 +67,8 @@ def _serve(runner, staged: dict[str, PackedAdapter], conn: Connection) -> None:
         if message is None:
             return
         if message == "stats":
-            conn.send(("stats", {"resident": sorted(runner.resident), "pool_shape": list(runner.pool.shape)}))
+            conn.send(("stats", {"resident": sorted(runner.resident), "pool_shape": list(runner.pool.shape),
+                                 "piecewise_steps": runner.piecewise_steps}))
             continue
         plan_wire, adapters = message
         staged.clear()
@@ -108,7 +109,7 @@ class ProcessGroupExecutor:
         return self._collect("ok", None)[0]
 
     def rank_stats(self) -> list[dict]:
-        """Each rank's view of its pool: resident adapters and pool tensor shape."""
+        """Each rank's view of its pool (resident adapters, pool tensor shape) and its piecewise step count."""
         for conn in self.conns:
             conn.send("stats")
         return self._collect("stats", 60.0)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from lorafleet.engine.adapter_store import PackedAdapter
-from lorafleet.engine.adapters import COLUMN_PARALLEL
+from lorafleet.engine.adapters import COLUMN_PARALLEL, padded_rank
 from lorafleet.engine.cuda_graphs import DecodeGraphs, PiecewiseGraphs, StepInputs, pad_rows
 from lorafleet.engine.model import AttentionBatch, CausalLM, LoraBatch, ModuleLora
 from lorafleet.engine.plan import SeqPlan, StepOutput, StepPlan
@@ -167,7 +167,7 @@ class ModelRunner:
         piecewise = not decode and pieces is not None and pieces.fits(plan.num_tokens, len(scales), widest)
         if decode or piecewise:
             if scales and self.shard.size > 1:  # graphs shrink into the static width: remap the columns
-                token_slots, scales, tables = self._lora_tables(plan, shrink_width=self.max_rank)
+                token_slots, scales, tables = self._lora_tables(plan, static=True)
             positions, slots = self._positions(plan)
             input_ids = [t for s in plan.seqs for t in s.token_ids]
             inputs = StepInputs(input_ids, positions, slots, [s.block_table for s in plan.seqs],
@@ -192,7 +192,7 @@ class ModelRunner:
         piecewise (CUDA only, except `capture=False`: the piecewise plumbing without graphs, for tests). Under
         tensor parallelism every rank captures the same buckets at the same step, NCCL collectives included."""
         scratch = self.pool.shape[1] - 1  # the pool's last page
-        self.max_rank = max_rank
+        max_rank = self.max_rank = padded_rank(max_rank, self.shard.size)  # adapters are stored padded
         if capture and self.device.type != "cuda":
             return
         mempool = torch.cuda.graph_pool_handle() if capture else None
@@ -284,35 +284,45 @@ class ModelRunner:
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype, device=self.device)
 
-    def _lora_tables(self, plan: StepPlan, shrink_width: int | None = None) -> tuple[list[int], list[float], dict]:
+    def _lora_tables(self, plan: StepPlan, static: bool = False) -> tuple[list[int], list[float], dict]:
         """Host-side LoRA metadata: per-token slots, per-slot scales, and per targeted module the padded
-        row tables, row counts (shrink, expand) and, under tensor parallelism, the column maps."""
+        row tables, row counts (shrink, expand) and, under tensor parallelism, the column maps. `static`: the
+        tables feed the graphs' static buffers, whose shrink width is fixed (`max_rank / tp`)."""
         if not plan.slots:
             return [], [], {}
         adapters = [self.resident[name] for name in plan.slots]
         token_slots = [s.slot for s in plan.seqs for _ in s.token_ids]
-        tables = {m: self._module_tables(adapters, m, shrink_width) for m in {m for a in adapters for m in a.rows}}
+        modules = {m for a in adapters for m in a.rows}
+        width = 0
+        if self.shard.size > 1:  # every column-parallel module shrinks into one width: the all-gather's blocks
+            width = self.max_rank // self.shard.size if static else max(
+                (len(a.rows[m][0]) for a in adapters for m in a.rows if m in COLUMN_PARALLEL), default=1)
+        tables = {m: self._module_tables(adapters, m, width) for m in modules}
         return token_slots, [a.scale for a in adapters], tables
 
-    def _module_tables(self, adapters: list[ResidentAdapter], module: str, shrink_width: int | None) -> tuple:
+    def _module_tables(self, adapters: list[ResidentAdapter], module: str, width: int) -> tuple:
         a_tables = [list(a.rows[module][0]) if module in a.rows else [] for a in adapters]
         b_tables = [list(a.rows[module][1]) if module in a.rows else [] for a in adapters]
         cols = None
         if self.shard.size > 1:
-            width = shrink_width or max(1, max(len(t) for t in a_tables))
             cols = _padded([self._cols(a, module, width) for a in adapters])
-        return (_padded(a_tables), _padded(b_tables), [len(t) for t in a_tables], [len(t) for t in b_tables], cols)
+        a_width = width if self.shard.size > 1 and module in COLUMN_PARALLEL else 0
+        return (_padded(a_tables, a_width), _padded(b_tables), [len(t) for t in a_tables],
+                [len(t) for t in b_tables], cols)
 
     def _cols(self, adapter: ResidentAdapter, module: str, width: int) -> list[int]:
-        """Columns of the collected intermediate that feed this rank's Bᵀ rows, for one slot; `width` is the
-        shrink output's width on every rank (the all-gather concatenates blocks of it)."""
+        """Columns of the collected intermediate that feed this rank's Bᵀ rows, for one slot. Column-parallel:
+        the all-gather puts rank k's shrink output (`width` columns, its `local` A rows first) at columns
+        k·width.., and this rank's Bᵀ rows are all r' rank columns. Row-parallel: the all-reduced
+        intermediate has all r' columns, and this rank's Bᵀ rows are its `local` rank columns."""
         if module not in adapter.rows:
             return []
-        size, rank, full = self.shard.size, self.shard.rank, adapter.rank
-        local = full // size
-        if module not in COLUMN_PARALLEL:
-            return [rank * local + j for j in range(local)]  # row-parallel: all-reduced v, my rank slice
-        return [(c // local) * width + c % local for c in range(full)]
+        a_rows, b_rows = adapter.rows[module]
+        if module in COLUMN_PARALLEL:
+            local = len(a_rows)
+            return [(c // local) * width + c % local for c in range(local * self.shard.size)]
+        local = len(b_rows)
+        return [self.shard.rank * local + j for j in range(local)]
 
 
 def _decode_first(plan: StepPlan) -> StepPlan:
@@ -323,5 +333,6 @@ def _decode_first(plan: StepPlan) -> StepPlan:
     return replace(plan, seqs=sorted(seqs, key=lambda s: len(s.token_ids) > 1))
 
 
-def _padded(tables: list[list[int]]) -> torch.Tensor:
-    return pad_rows(tables, max(1, max(len(t) for t in tables)), 0, np.int64)
+def _padded(tables: list[list[int]], width: int = 0) -> torch.Tensor:
+    """[len(tables), width] int64 (at least each table's length), zero-filled."""
+    return pad_rows(tables, max(1, width, max(len(t) for t in tables)), 0, np.int64)

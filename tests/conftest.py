@@ -40,14 +40,16 @@ def hf_config(kind: str):
     raise ValueError(kind)
 
 
-def make_hf_model(kind: str, out_dir: Path, seed: int = 0) -> Path:
-    """Write a random tiny HF model of `kind` plus a locally built byte tokenizer to out_dir."""
+def make_hf_model(kind, out_dir: Path, seed: int = 0) -> Path:
+    """Write a random tiny HF model of `kind` (a name of hf_config, or a transformers config) plus a locally
+    built byte tokenizer to out_dir."""
     from transformers import AutoModelForCausalLM
 
     from lorafleet.engine.tokenizer import build_byte_tokenizer
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config(kind), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(hf_config(kind) if isinstance(kind, str) else kind,
+                                             dtype=torch.float32)
     model.save_pretrained(str(out_dir))
     build_byte_tokenizer(300).save_pretrained(str(out_dir))
     return out_dir

@@ -33,11 +33,17 @@ def test_group_stacks_the_targeted_modules_padded_to_the_widest():
     assert lora.group(("gate_proj", "up_proj")) is None
 
 
-def test_group_is_none_under_tensor_parallelism():
-    case = make_multi_lora_case([[4, 2]], [0, 1], in_dim=16, out_dims=[8], page_elements=64)
-    module = _module(case, 0)
-    module.cols = torch.zeros_like(module.a_rows)
-    assert LoraBatch(case.token_slots, case.scales, {"q_proj": module}).group(NAMES) is None
+def test_group_stacks_column_maps_under_tensor_parallelism():
+    """Tensor parallelism fuses too (one all-gather per group): the column maps are stacked like the tables."""
+    case = make_multi_lora_case([[4, 2], [2, 2]], [0, 1], in_dim=16, out_dims=[8, 8], page_elements=64)
+    modules = {}
+    for m, name in enumerate(("q_proj", "k_proj")):
+        modules[name] = _module(case, m)
+        modules[name].cols = torch.arange(6 * (m + 1)).view(2, -1) + 100 * m
+    group = LoraBatch(case.token_slots, case.scales, modules).group(NAMES)
+    assert group.names == ("q_proj", "k_proj") and group.cols.shape == (2, 2, 6)
+    assert torch.equal(group.cols[1], modules["k_proj"].cols)
+    assert torch.equal(group.cols[0, :, :3], modules["q_proj"].cols) and not group.cols[0, :, 3:].any()
 
 
 def test_shared_input_linears_equal_one_call_per_layer():

@@ -1,33 +1,67 @@
-"""Tensor parallelism on CPU (gloo, 2 rank processes): tp=2 equals tp=1 for a batch mixing adapters of
-different ranks and targets plus base-only requests; ranks agree on the pool; a killed rank fails cleanly."""
+"""Tensor parallelism on CPU (gloo rank processes): tp=2 (and tp=4) greedy outputs equal tp=1 and HF+PEFT for
+batches mixing adapters of any rank (ranks not divisible by the size are padded with zero rows) and any
+targets with base-only requests, eagerly and through the graphed steps' static buffers (without capture);
+ranks agree on the pool; a killed rank fails cleanly."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import ALL_TARGETS, make_hf_model, make_peft_adapter
+from conftest import ALL_TARGETS, PeftOracle, make_hf_model, make_peft_adapter
 from lorafleet.engine import LLM
+from lorafleet.engine.adapters import AdapterWeights, padded_rank, shard_adapter
 from lorafleet.engine.parallel import ExecutorDied
 from lorafleet.engine.request import SamplingParams
 
-ADAPTERS = [(2, ("q_proj", "v_proj")), (4, ("gate_proj", "up_proj", "down_proj")), (8, ALL_TARGETS),
-            (16, ("o_proj", "down_proj")), (32, ("q_proj", "k_proj", "v_proj", "o_proj")), (64, ALL_TARGETS)]
+ATTENTION, MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
+ADAPTERS = [(3, ATTENTION), (5, MLP), (7, ALL_TARGETS), (8, ("q_proj", "v_proj")), (16, ALL_TARGETS),
+            (5, ("o_proj", "down_proj")), (64, ALL_TARGETS)]
+
+
+def _prompts(count: int) -> list[list[int]]:
+    return [[i + 3, 2 * i + 5, 7, 11, 13 + i, 40 + i, 90 + i, 4][: 3 + i % 6] for i in range(count)]
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp")
     base = make_hf_model("qwen2", root / "base", seed=3)  # GQA + QKV bias: 2 kv heads -> 1 per rank
-    adapters = {f"r{r}": str(make_peft_adapter(base, root / f"r{r}", rank=r, targets=t, seed=r)) for r, t in ADAPTERS}
+    adapters = {f"r{r}-{i}": str(make_peft_adapter(base, root / f"a{i}", rank=r, targets=t, seed=10 + i))
+                for i, (r, t) in enumerate(ADAPTERS)}
     return base, adapters
 
 
-def test_tp2_equals_tp1_and_ranks_agree(assets):
-    base, adapters = assets
-    prompts = [[i + 3, 2 * i + 5, 7, 11, 13 + i, 40 + i][: 3 + i % 4] for i in range(14)]
+def _mixed(adapters: dict[str, str], count: int) -> tuple[list[list[int]], list[str | None]]:
     names = [*adapters, None]
-    which = [names[i % len(names)] for i in range(14)]
+    return _prompts(count), [names[i % len(names)] for i in range(count)]
+
+
+@pytest.mark.parametrize("rank,size", [(3, 2), (5, 2), (3, 4), (7, 4), (1, 4), (64, 4)])
+def test_shards_of_any_rank_rebuild_the_delta(rank, size):
+    """The S-LoRA partition of a rank not divisible by the size: equal shard shapes (zero-padded rank), and the
+    column-parallel (all-gather) and row-parallel (all-reduce) recombinations give x·Aᵀ·Bᵀ exactly."""
+    gen = torch.Generator().manual_seed(rank * 10 + size)
+    a = {m: torch.randn(1, rank, 8, generator=gen, dtype=torch.float64) for m in ("q_proj", "o_proj")}
+    b = {m: torch.randn(1, 8, rank, generator=gen, dtype=torch.float64) for m in ("q_proj", "o_proj")}
+    weights = AdapterWeights("a", rank, 1.0, a, b)
+    parts = [shard_adapter(weights, k, size) for k in range(size)]
+    assert len({tuple(p.matrices().items()) for p in parts}) == 1, "every rank's shard has the same shapes"
+    assert parts[0].a["q_proj"].shape[1] == padded_rank(rank, size) // size and parts[0].rank == rank
+    x = torch.randn(5, 8, generator=gen, dtype=torch.float64)
+    want = {m: x @ a[m][0].T @ b[m][0].T for m in a}
+    v = torch.cat([x @ p.a["q_proj"][0].T for p in parts], dim=1)  # all-gather of the rank-row shards
+    torch.testing.assert_close(torch.cat([v @ p.b["q_proj"][0].T for p in parts], dim=1), want["q_proj"])
+    x_parts = x.chunk(size, dim=1)  # a row-parallel layer's input arrives split by columns
+    v = sum(xk @ p.a["o_proj"][0].T for xk, p in zip(x_parts, parts))  # all-reduce of the partials
+    local = padded_rank(rank, size) // size
+    got = sum(v[:, k * local:(k + 1) * local] @ p.b["o_proj"][0].T for k, p in enumerate(parts))
+    torch.testing.assert_close(got, want["o_proj"])
+
+
+def test_tp2_equals_tp1_and_hf_peft_with_any_rank(assets):
+    base, adapters = assets
+    prompts, which = _mixed(adapters, 16)
     # 80 pages: every adapter fits (r64 needs 64), but not all at once -> evictions happen at both sizes.
     options = dict(num_pages=80, max_adapters_per_batch=3)
     expected = LLM(str(base), adapters=adapters, **options).generate(prompts, adapters=which, max_tokens=8,
@@ -40,13 +74,53 @@ def test_tp2_equals_tp1_and_ranks_agree(assets):
         resident = sorted(llm.engine.pool.adapter_pages)
         assert [s["resident"] for s in stats] == [resident, resident]
         assert stats[0]["pool_shape"] == stats[1]["pool_shape"]
+    oracle = PeftOracle(base, {n: adapters[n] for n in adapters if n.startswith(("r3-", "r5-", "r7-"))})
+    for prompt, name, out in zip(prompts, which, outs):
+        if name is None or name in oracle.adapters:
+            assert out.token_ids == oracle.greedy(prompt, name, 8), name
+
+
+def test_tp2_static_tables_equal_tp1(assets):
+    """The graphed steps' path (static buffers at the padded maximum rank, fixed shrink width, bucket padding)
+    without capture: chunked prefills beside decodes, at tp=2, equal the plain tp=1 engine."""
+    base, adapters = assets
+    prompts, which = _mixed(adapters, 10)
+    prompts = [p * 4 for p in prompts]  # long enough to be chunked by a 24-token budget
+    options = dict(num_pages=160, max_adapters_per_batch=4, max_batch_tokens=24, max_num_seqs=6)
+    expected = LLM(str(base), adapters=adapters, **options).generate(prompts, adapters=which, max_tokens=6,
+                                                                     ignore_eos=True)
+    with LLM(str(base), adapters=adapters, tp=2, graph_capture=False, **options) as llm:
+        outs = llm.generate(prompts, adapters=which, max_tokens=6, ignore_eos=True)
+        steps = [s["piecewise_steps"] for s in llm.engine.executor.rank_stats()]
+    assert steps[0] == steps[1] > 5, "the workload was meant to run many steps through the static buffers"
+    assert [o.token_ids for o in outs] == [e.token_ids for e in expected]
+
+
+def test_tp4_gqa_with_eight_kv_heads_equals_tp1(tmp_path):
+    """Issue #14's CPU check: 8 query / 8 KV heads over 4 ranks (2 KV heads each), adapters of ranks 3, 8, 64."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+                         initializer_range=0.1, bos_token_id=0, eos_token_id=1)
+    base = make_hf_model(config, tmp_path / "base", seed=7)
+    adapters = {f"r{r}": str(make_peft_adapter(base, tmp_path / f"r{r}", rank=r, targets=t, seed=r))
+                for r, t in ((3, ALL_TARGETS), (8, ATTENTION), (64, MLP))}
+    prompts, which = _mixed(adapters, 8)
+    expected = LLM(str(base), adapters=adapters, num_pages=200).generate(prompts, adapters=which, max_tokens=6,
+                                                                          ignore_eos=True)
+    with LLM(str(base), adapters=adapters, tp=4, num_pages=200) as llm:
+        outs = llm.generate(prompts, adapters=which, max_tokens=6, ignore_eos=True)
+        shapes = [s["pool_shape"] for s in llm.engine.executor.rank_stats()]
+    assert shapes == [[2, 201, 16 * 2 * 64 // 4]] * 4, "pages of 16 tokens x K and V of 2 KV heads per rank"
+    assert [o.token_ids for o in outs] == [e.token_ids for e in expected]
 
 
 def test_killed_rank_fails_the_step_without_hanging(assets):
     base, adapters = assets
     llm = LLM(str(base), adapters=adapters, tp=2, num_pages=80)
     engine = llm.engine
-    engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=50, temperature=0.0), "r8")
+    engine.add_request("a", [5, 6, 7], SamplingParams(max_tokens=50, temperature=0.0), "r7-2")
     engine.step()
     engine.executor.procs[1].kill()
     with pytest.raises(ExecutorDied, match="rank 1"):
