@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import logging
 import os
 from pathlib import Path
 
 from aiohttp import web
 
 from lorafleet.actors import openai_api
-from lorafleet.actors.frontend import Frontend, ws_stream
+from lorafleet.actors.fields import Text, check_document, is_text
+from lorafleet.actors.frontend import Frontend, internal_error, ws_stream
 from lorafleet.actors.protocol import ApiError, bad
+
+log = logging.getLogger("lorafleet.app")
+MAX_PATH_BYTES = 4096  # PATH_MAX on Linux
+MAX_LORA_NAME = 1024
 
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/debug/state")
 
@@ -43,6 +49,10 @@ async def auth_middleware(request: web.Request, handler):
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
         return openai_api.error_response(ApiError(exc.status, code, f"{request.method} {request.path}: {exc.reason}"))
+    except Exception as exc:  # a bug: logged with its traceback, the client gets a reference, not the trace
+        ref = frontend.new_id("err")
+        log.exception("%s %s failed (%s)", request.method, request.path, ref)
+        return openai_api.error_response(internal_error(ref, exc))
 
 
 def _check_keys(request: web.Request, frontend: Frontend) -> ApiError | None:
@@ -59,6 +69,8 @@ def _adapter_path(frontend: Frontend, raw: object) -> str:
     """The realpath of `raw`, which must lie under --adapter-root (relative paths are taken from there)."""
     if not isinstance(raw, str) or not raw:
         raise bad("lora_path", "must be a non-empty string")
+    if not is_text(raw) or "\0" in raw or len(raw.encode("utf-8")) > MAX_PATH_BYTES:
+        raise bad("lora_path", f"must be text of at most {MAX_PATH_BYTES} bytes without NUL characters")
     if frontend.adapter_root is None:
         raise ApiError(403, "forbidden_path", "lora_path: runtime loading needs the server started with "
                        "--adapter-root", "lora_path")
@@ -81,8 +93,9 @@ async def _admin(request: web.Request, op: str) -> web.Response:
         body = await openai_api.read_json(request, frontend)
         if not isinstance(body, dict):
             raise bad("body", "must be a JSON object")
-        name = body.get("lora_name")
-        if not isinstance(name, str) or not name or name == frontend.ctx.base_name:
+        check_document(body)
+        name = Text(MAX_LORA_NAME).check("lora_name", body.get("lora_name"), None)
+        if name == frontend.ctx.base_name:
             raise bad("lora_name", "must be a non-empty string other than the base model's name")
         path = _adapter_path(frontend, body.get("lora_path")) if op == "load" else None
     except ApiError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +20,14 @@ import msgpack
 from aiohttp import WSMsgType, web
 
 from lorafleet.actors.channels import Channel, LocalChannel
+from lorafleet.actors.fields import show
 from lorafleet.actors.hub import ServeHub
 from lorafleet.actors.protocol import ApiError, GenerationSpec, ParseContext, bad, client_id, parse_ws_generate
 from lorafleet.actors.schema import AdminOp, AdminResult, Admitted, Cancel, DeltaItem, Rejected, StepDeltas, Submit
 
 MSGPACK_PROTOCOL = "lorafleet.msgpack"
 _UNTIED = ("invalid_json", "unknown_type", "duplicate_id")  # error frames that must not end a generation
+log = logging.getLogger("lorafleet.frontend")
 _ERROR_STATUS = {"executor_failed": 503, "slo_unattainable": 429, "server_shutting_down": 503}
 
 
@@ -142,7 +145,11 @@ def item_error(item: DeltaItem) -> ApiError:
 
 # WebSocket /v1/stream -------------------------------------------------------------------------------
 class WsConnection:
-    """One socket: many generations told apart by the client's id; one lock serialises writes."""
+    """One socket: many generations told apart by the client's id; one lock serialises writes.
+
+    A frame that fails gets an error frame and the socket goes on: tied to the frame's `id` when that id is
+    valid, else `id: null`. Nothing a client sends can make a frame unsendable: one that cannot be encoded
+    (msgpack cannot carry every Python value) is replaced by an `internal_error` frame with `id: null`."""
 
     def __init__(self, frontend: Frontend, ws: web.WebSocketResponse) -> None:
         self.frontend, self.ws = frontend, ws
@@ -151,14 +158,25 @@ class WsConnection:
         self.active: dict[str, Generation] = {}
         self.tasks: set[asyncio.Task] = set()
 
+    def _encode(self, frame: dict[str, Any]) -> str | bytes:
+        if self.binary:
+            return msgpack.packb(frame, use_bin_type=True)
+        return json.dumps(frame, separators=(",", ":"))
+
     async def send(self, frame: dict[str, Any]) -> None:
         if self.ws.closed:
             return
+        try:
+            data = self._encode(frame)
+        except (TypeError, ValueError, OverflowError) as exc:
+            log.error("ws frame %s for id %r could not be encoded: %r", frame.get("type"), frame.get("id"), exc)
+            data = self._encode({"type": "error", "id": None, "error": {
+                "code": "internal_error", "message": "a frame for this socket could not be encoded", "param": None}})
         async with self.lock:
-            if self.binary:
-                await self.ws.send_bytes(msgpack.packb(frame, use_bin_type=True))
+            if isinstance(data, bytes):
+                await self.ws.send_bytes(data)
             else:
-                await self.ws.send_str(json.dumps(frame, separators=(",", ":")))
+                await self.ws.send_str(data)
 
     async def error(self, cid: str | None, exc: ApiError) -> None:
         await self.send({"type": "error", "id": cid, "error": {"code": exc.code, "message": exc.message,
@@ -167,6 +185,8 @@ class WsConnection:
     def decode(self, msg) -> dict:
         try:
             frame = json.loads(msg.data) if msg.type == WSMsgType.TEXT else msgpack.unpackb(msg.data, raw=False)
+        except RecursionError as exc:
+            raise ApiError(400, "invalid_json", "the frame is nested too deeply to parse", "body") from exc
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
             raise ApiError(400, "invalid_json", f"the frame is not valid {self._format(msg)}: {exc}") from exc
         if not isinstance(frame, dict):
@@ -178,7 +198,20 @@ class WsConnection:
         return "JSON" if msg.type == WSMsgType.TEXT else "msgpack"
 
     async def handle(self, msg) -> None:
-        frame = self.decode(msg)
+        """One client frame; any error is answered with an error frame (the socket goes on)."""
+        cid = None
+        try:
+            frame = self.decode(msg)
+            cid = _valid_id(frame)
+            await self.dispatch(frame)
+        except ApiError as exc:
+            await self.error(None if exc.code in _UNTIED else cid, exc)
+        except Exception as exc:  # a bug must not end the socket or show the client a traceback
+            ref = self.frontend.new_id("err")
+            log.exception("ws frame failed (%s, id %r)", ref, cid)
+            await self.error(cid, internal_error(ref, exc))
+
+    async def dispatch(self, frame: dict) -> None:
         kind = frame.get("type")
         if kind == "generate":
             await self.generate(frame)
@@ -187,17 +220,13 @@ class WsConnection:
             if cid in self.active:
                 self.active[cid].cancel()
         else:
-            raise ApiError(400, "unknown_type", f"type: unknown frame type {kind!r} (generate, cancel)", "type")
+            raise ApiError(400, "unknown_type", f"type: unknown frame type {show(kind)} (generate, cancel)", "type")
 
     async def generate(self, frame: dict) -> None:
         cid = client_id(frame)
         if cid in self.active:
             raise ApiError(400, "duplicate_id", f"id: {cid!r} is already generating on this socket", "id")
-        try:
-            spec = parse_ws_generate(frame, self.frontend.ctx)
-        except ApiError as exc:
-            await self.error(cid, exc)
-            return
+        spec = parse_ws_generate(frame, self.frontend.ctx)
         generation = self.frontend.start(spec)
         self.active[cid] = generation
         task = asyncio.create_task(self.pump(cid, generation), name=f"ws-{cid}")
@@ -249,6 +278,20 @@ class WsConnection:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
+def _valid_id(frame: dict) -> str | None:
+    """The frame's id if it is a valid client id (the one an error frame may echo), else None."""
+    try:
+        return client_id(frame)
+    except ApiError:
+        return None
+
+
+def internal_error(ref: str, exc: BaseException) -> ApiError:
+    """What a client sees of a server bug: a reference to find it in the log, no traceback or path."""
+    return ApiError(500, "internal_error", f"the server failed on this request ({type(exc).__name__}); the "
+                    f"server log has the details under {ref}")
+
+
 async def ws_stream(request: web.Request) -> web.WebSocketResponse:
     frontend: Frontend = request.app["frontend"]
     ws = web.WebSocketResponse(protocols=(MSGPACK_PROTOCOL,), max_msg_size=frontend.max_body_bytes)
@@ -257,25 +300,12 @@ async def ws_stream(request: web.Request) -> web.WebSocketResponse:
     frontend.sockets.add(ws)
     try:
         async for msg in ws:
-            if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-                continue
-            try:
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                 await conn.handle(msg)
-            except ApiError as exc:
-                await conn.error(None if exc.code in _UNTIED else _safe_id(msg), exc)
     finally:
         frontend.sockets.discard(ws)
         await conn.close()
     return ws
-
-
-def _safe_id(msg) -> str | None:
-    try:
-        frame = json.loads(msg.data) if msg.type == WSMsgType.TEXT else msgpack.unpackb(msg.data, raw=False)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-        return None
-    value = frame.get("id") if isinstance(frame, dict) else None
-    return value if isinstance(value, str) else None
 
 
 def bad_body(exc: Exception) -> ApiError:

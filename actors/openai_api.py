@@ -32,6 +32,8 @@ async def read_json(request: web.Request, frontend: Frontend) -> object:
         raise ApiError(413, "body_too_large", f"body: larger than {frontend.max_body_bytes} bytes", "body") from exc
     try:
         return json.loads(raw)
+    except RecursionError as exc:
+        raise bad("body", "is nested too deeply to parse", "invalid_json") from exc
     except ValueError as exc:
         raise bad("body", f"is not valid JSON: {exc}", "invalid_json") from exc
 

@@ -25,14 +25,12 @@ class TextStream:
         """Take the new full decoded text; returns the delta that is safe to send now. With `check_stop`
         False (fewer than min_tokens tokens so far, as vLLM) stop strings are not looked for in this text;
         later, only a stop string that ends after it counts."""
-        self.text = text
         if not check_stop:
             self.search_from = len(text)
-        for stop in self.stop if check_stop else ():
-            at = text.find(stop, max(0, self.search_from - len(stop) + 1))
-            if at != -1:
-                self.text = text[:at]
-                self.stopped = True
+        found = [at for stop in (self.stop if check_stop else ())
+                 if (at := text.find(stop, max(0, self.search_from - len(stop) + 1))) != -1]
+        self.text = text[:min(found)] if found else text  # the earliest occurrence, whatever the list order
+        self.stopped = self.stopped or bool(found)
         safe = len(self.text) if self.stopped else self._safe_length()
         delta = self.text[self.sent:safe] if safe > self.sent else ""
         self.sent = max(self.sent, safe)
@@ -45,15 +43,18 @@ class TextStream:
         return delta
 
     def _safe_length(self) -> int:
+        """The length of text that can be sent: before an incomplete UTF-8 ending, and before the earliest
+        position from which the rest of the text is the start of some stop string."""
         end = len(self.text)
         while end > self.sent and self.text[end - 1] == "\ufffd":
             end -= 1
+        text, safe = self.text[:end], end
         for stop in self.stop:
-            for keep in range(min(len(stop) - 1, end), 0, -1):
-                if self.text[:end].endswith(stop[:keep]):
-                    end -= keep
+            for keep in range(min(len(stop) - 1, end), 0, -1):  # longest first: the earliest start
+                if text.endswith(stop[:keep]):
+                    safe = min(safe, end - keep)
                     break
-        return end
+        return safe
 
 
 @dataclass

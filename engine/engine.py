@@ -125,6 +125,8 @@ class Engine:
             raise ParamError("stop_token_ids", f"token ids must be in [0, {vocab})")
         if any(t >= vocab for t, _ in params.logit_bias):
             raise ParamError("logit_bias", f"token ids must be in [0, {vocab})")
+        if params.top_k > vocab:
+            raise ParamError("top_k", f"must be at most the vocabulary size {vocab}")
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ParamError("max_tokens", f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) "

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from lorafleet.engine.sampling import MAX_LOGPROBS, TokenLogprobs
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds: a signed 64-bit integer, as vLLM's OpenAI server bounds them
+
 
 class ParamError(ValueError):
     """A sampling parameter out of range; `field` names it."""
@@ -39,16 +41,16 @@ class SamplingParams:
     prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+        if not _integer(self.max_tokens) or not 1 <= self.max_tokens <= INT64_MAX:
             raise ParamError("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
         if not _finite(self.temperature) or not 0.0 <= self.temperature <= 100.0:
             raise ParamError("temperature", f"must be a number in [0, 100], got {self.temperature!r}")
         if not _finite(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ParamError("top_p", f"must be a number in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < -1:
+        if not _integer(self.top_k) or not -1 <= self.top_k <= INT64_MAX:
             raise ParamError("top_k", f"must be an integer >= -1 (0 or -1 = off), got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ParamError("seed", f"must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not _integer(self.seed) or not INT64_MIN <= self.seed <= INT64_MAX):
+            raise ParamError("seed", f"must be an integer in [-2**63, 2**63 - 1], got {self.seed!r}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ParamError("stop", "must be non-empty strings")
         if not all(_integer(t) and t >= 0 for t in self.stop_token_ids):
@@ -91,7 +93,10 @@ def _integer(value: object) -> bool:
 
 
 def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite float, or an integer a float can hold (10**400 is not: no OverflowError later)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) if isinstance(value, float) else abs(value) <= 2**1023
 
 
 PENDING_TOKEN = -1  # in a plan: "the token the executor sampled for this request in the step before"

@@ -10,7 +10,8 @@ Per row, in vLLM's order (vLLM v1 `Sampler.forward`):
 4. penalties: `repetition_penalty` p over tokens seen in the prompt or the output (CTRL / HF / vLLM:
    logit / p if logit > 0 else logit * p), then `frequency_penalty` * count and `presence_penalty` * [count > 0]
    over the output's tokens (OpenAI's definition: mu[j] -= c[j] * alpha_frequency + [c[j] > 0] * alpha_presence);
-5. temperature 0 rows take the argmax here; the others divide by the temperature, then
+5. temperature 0 rows take the argmax here; the others are shifted by their maximum and divided by the
+   temperature (`scale`: safe down to the smallest positive temperature), then
    `min_p` (drop tokens whose probability is below min_p x the top probability), `top_k`, `top_p`;
 6. the draw is a Gumbel-max over counter-based noise: uniform u = hash(seed, output index, token id)
    (splitmix64, integer tensor ops), token = argmax(logits - log(-log u)). The same (seed, index) gives the
@@ -83,17 +84,16 @@ class Sampled:
 
 def sample(logits: torch.Tensor, specs: list[SampleSpec]) -> Sampled:
     """Sample one token per row of `logits` [rows, vocab]; see the module docstring for the order."""
-    raw = logits.float()
+    raw = finite_logits(logits)
     processed = process_logits(raw, specs)
     tokens = torch.argmax(processed, dim=-1)
     if any(s.temperature > 0.0 for s in specs):
-        temperature = _column(specs, "temperature", torch.float32, raw.device)
-        scaled = processed / torch.where(temperature > 0, temperature, 1.0)[:, None]
-        scaled = cut(scaled, specs)
+        scaled = cut(scale(keep_top_k(processed, specs), specs), specs)
         seeds = _column(specs, "seed", torch.int64, raw.device)
         index = _column(specs, "index", torch.int64, raw.device)
         drawn = torch.argmax(scaled + gumbel_noise(seeds, index, raw.shape[-1]), dim=-1)
-        tokens = torch.where(temperature > 0, drawn, tokens)
+        positive = torch.tensor([s.temperature > 0.0 for s in specs], device=raw.device)
+        tokens = torch.where(positive, drawn, tokens)
     token_ids = tokens.tolist()
     wanted = [s.logprobs for s in specs]
     logprobs = token_logprobs(raw, token_ids, wanted) if max(wanted) >= 0 else [None] * len(specs)
@@ -137,6 +137,47 @@ def apply_penalties(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tens
     return logits - frequency * counts - presence * (counts > 0).float()
 
 
+def scale(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
+    """(logits - row max) / temperature on fp32 `logits` [rows, vocab] (rows with temperature 0 unscaled).
+
+    Numerically safe for any temperature > 0: after the shift the maximum is exactly 0 and every other
+    logit is negative, and the division is a multiplication by 1/temperature computed in float64 and
+    capped at the float32 maximum. A temperature of 1e-300 (0 in float32; 1/t overflows) leaves the top
+    logit(s) at 0 and the others at -inf or far below: greedy, never 0/0 or inf - inf. A row whose
+    logits are all -inf is left as it is."""
+    inverse = torch.tensor([1.0 / s.temperature if s.temperature > 0.0 else 1.0 for s in specs],
+                           dtype=torch.float64).clamp(max=torch.finfo(torch.float32).max)
+    top = logits.max(dim=-1, keepdim=True).values
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    return (logits - top) * inverse.to(device=logits.device, dtype=torch.float32)[:, None]
+
+
+def keep_top_k(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
+    """top_k (ties with the k-th kept) on fp32 `logits` [rows, vocab], before `scale`: the shift there may
+    round near-equal logits together, which would change the k-th value's ties. `cut` applies top_k again,
+    a no-op then (shift and scale keep the order)."""
+    vocab = logits.shape[-1]
+    ks = [s.top_k if 0 < s.top_k < vocab else vocab for s in specs]
+    if min(ks) >= vocab:
+        return logits
+    values = torch.topk(logits, max(ks), dim=-1).values
+    kth = values.gather(1, torch.tensor(ks, device=logits.device)[:, None] - 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def distribution(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
+    """The distribution [rows, vocab] (fp32) the rows with temperature > 0 are drawn from: the softmax
+    of the processed, scaled and cut logits (the Gumbel-max draw samples exactly this)."""
+    processed = keep_top_k(process_logits(finite_logits(logits), specs), specs)
+    return torch.softmax(cut(scale(processed, specs), specs), dim=-1)
+
+
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 logits with NaN as -inf and +inf as the largest float (a broken model or adapter must not turn
+    the softmax into NaN); a row with no finite logit still gives some token."""
+    return torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+
+
 def cut(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
     """min_p, top_k (ties with the k-th kept) and top_p on temperature-scaled `logits` [rows, vocab]."""
     device = logits.device
@@ -160,7 +201,9 @@ def cut(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
         probs = torch.softmax(ordered, dim=-1)
         before = torch.cumsum(probs, dim=-1) - probs
         top_p = _column(specs, "top_p", torch.float32, device)[:, None]
-        drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, order, (before >= top_p) & (top_p < 1.0))
+        dropped = (before >= top_p) & (top_p < 1.0)
+        dropped[:, 0] = False  # the most likely token stays, however small top_p (1e-300 is 0 in float32)
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, order, dropped)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
 
