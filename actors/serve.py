@@ -71,6 +71,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="adapters of waiting requests loaded ahead into free pool pages per step")
     p.add_argument("--prefetch-workers", type=int, default=2,
                    help="threads packing adapters into the host cache at once")
+    p.add_argument("--prefill-attention", choices=("triton", "flex"), default="triton",
+                   help="prefill attention kernel: ours (Triton) or PyTorch flex_attention over the pages")
     p.add_argument("--roofline-bandwidth-gbps", type=float, default=0.0,
                    help="device memory bandwidth for the step roofline (GB/s; 0 = measured at start-up)")
     p.add_argument("--roofline-tflops", type=float, default=0.0,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from lorafleet import kernels
 from lorafleet.engine.adapter_store import AdapterStore
 from lorafleet.engine.config import ConfigError, EngineConfig, ModelConfig, page_geometry
 from lorafleet.engine.engine import Engine
@@ -113,6 +114,7 @@ def build_runner(model_dir: Path, config: EngineConfig, shard: Shard, fetch) -> 
     it got. Rank 0 samples."""
     cfg = ModelConfig.from_dir(model_dir)
     block_tokens, page_elements = page_geometry(cfg, config.block_tokens, shard.size)
+    kernels.use_flex_prefill_attention(config.flex_prefill_attention)
     model = build_model(model_dir, config, shard)
     if config.num_pages == 0:
         config = dataclasses.replace(config, num_pages=auto_num_pages(cfg, config, page_elements))

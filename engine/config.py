@@ -161,6 +161,7 @@ class EngineConfig:
     fairness_window: int = 32
     tensor_parallel_size: int = 1
     prefetch_adapters: int = 2  # adapters of waiting requests loaded into free pages per step (0 = off)
+    flex_prefill_attention: bool = False  # prefill attention through flex_attention instead of the Triton kernel
     max_adapter_load_bytes_per_step: int = 0  # pool bytes (one rank) a step may load; 0 = no bound. A step's
     # first load is always allowed, so an adapter larger than the bound still loads, alone
     cuda_graphs: bool = True

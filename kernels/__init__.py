@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from lorafleet.kernels.attention_flex import paged_prefill_attention_flex
 from lorafleet.kernels.attention_ref import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
@@ -33,6 +34,7 @@ __all__ = [
     "rms_norm",
     "add_rms_norm",
     "rotary",
+    "use_flex_prefill_attention",
 ]
 
 _TRITON_MODULE = "lorafleet.kernels.triton_ops"
@@ -66,7 +68,23 @@ lora_expand = _dispatch("lora_expand", lora_expand_ref)
 lora_shrink_multi = _dispatch("lora_shrink_multi", lora_shrink_multi_ref)
 lora_expand_multi = _dispatch("lora_expand_multi", lora_expand_multi_ref)
 write_kv = _dispatch("write_kv", write_kv_ref)
-paged_prefill_attention = _dispatch("paged_prefill_attention", paged_prefill_attention_ref)
+_paged_prefill_attention = _dispatch("paged_prefill_attention", paged_prefill_attention_ref)
+_FLEX_PREFILL = [False]
+
+
+def use_flex_prefill_attention(enabled: bool) -> None:
+    """Run prefill attention through PyTorch's flex_attention over the pages (`attention_flex.py`) on every
+    device, instead of the Triton kernel on CUDA and the reference elsewhere (per process)."""
+    _FLEX_PREFILL[0] = enabled
+
+
+def paged_prefill_attention(q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if _FLEX_PREFILL[0]:
+        return paged_prefill_attention_flex(q, *args, **kwargs)
+    return _paged_prefill_attention(q, *args, **kwargs)
+
+
+paged_prefill_attention.__doc__ = paged_prefill_attention_ref.__doc__
 paged_decode_attention = _dispatch("paged_decode_attention", paged_decode_attention_ref)
 rms_norm = _dispatch("rms_norm", rms_norm_ref)
 add_rms_norm = _dispatch("add_rms_norm", add_rms_norm_ref)
