@@ -40,6 +40,7 @@ from lorafleet.engine.plan import StepPlan
 from lorafleet.engine.roofline import DevicePeak, measure_peak
 
 _ALIGN = 64
+MAX_STEP_FAILURES = 3  # consecutive failed steps after which an executor counts as broken
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -241,7 +242,8 @@ def executor_main(spec: ExecutorSpec, plan_wake: Connection, result_wake: Connec
     except ChannelClosed:
         code = 0
     except Exception as exc:  # report any failure to the scheduler, then exit non-zero
-        endpoint.send(ExecutorFailed(spec.rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        traceback.print_exc()  # the log has the traceback; clients and /health get one line
+        endpoint.send(ExecutorFailed(spec.rank, f"{type(exc).__name__}: {one_line(str(exc))}"))
         code = 1
     for reader in readers:
         reader.close()
@@ -252,19 +254,47 @@ def executor_main(spec: ExecutorSpec, plan_wake: Connection, result_wake: Connec
 
 
 def _serve(spec: ExecutorSpec, runner, reader: StagedReader, endpoint: RingEndpoint) -> int:
+    """Run steps until Shutdown. A step that raises fails its own requests (a StepResult with `error`);
+    MAX_STEP_FAILURES in a row mean the executor itself is broken: it reports ExecutorFailed and exits."""
+    failures = 0
     while True:
         msg = endpoint.recv()
         if isinstance(msg, Shutdown):
             return 0
         if not isinstance(msg, RunStep):
             raise TypeError(f"executor got unexpected message {type(msg).__name__}")
-        started = time.perf_counter()
         plan = StepPlan.from_wire(msg.plan)
         reader.set_step(msg.staged)
+        result = run_step(spec.rank, runner, plan)
+        failures = failures + 1 if result.error is not None else 0
+        if failures >= MAX_STEP_FAILURES:
+            raise RuntimeError(f"{failures} steps in a row failed, the last with {result.error}")
+        endpoint.send(result)
+
+
+def run_step(rank: int, runner, plan: StepPlan) -> StepResult:
+    """Execute one plan. If it raises, the traceback goes to this process's log (with the step number), the
+    failed requests' runner state is forgotten and the result carries one line in `error` (the scheduler
+    fails the step's requests; the executor goes on)."""
+    started = time.perf_counter()
+    try:
         output = runner.execute(plan).to_wire()  # returns once its adapter copies are done: their host
         # extents may be reused as soon as the result is out
-        endpoint.send(StepResult(plan.step, spec.rank, [int(t) for t in output["sampled"]],
-                                 time.perf_counter() - started, output["logprobs"], output["prompt_logprobs"]))
+    except Exception as exc:
+        print(f"lorafleet executor rank {rank}: step {plan.step} failed; its requests fail, the executor goes on",
+              file=sys.stderr, flush=True)
+        traceback.print_exc()
+        runner.forget(plan)
+        return StepResult(plan.step, rank, [], time.perf_counter() - started,
+                          error=f"{type(exc).__name__}: {one_line(str(exc))}")
+    return StepResult(plan.step, rank, [int(t) for t in output["sampled"]], time.perf_counter() - started,
+                      output["logprobs"], output["prompt_logprobs"])
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """The first line of an exception message, cut to `limit` characters (no traceback, no multi-line dump)."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[:limit] + "…"
 
 
 # the main process side: handles on running executors ---------------------------------------------------
@@ -380,7 +410,7 @@ class ExecutorGroup:
             if not isinstance(result, StepResult):
                 self.dead = getattr(result, "message", f"unexpected {type(result).__name__}")
                 raise ExecutorDied(getattr(result, "rank", 0), self.dead)
-        return results[0]
+        return next((r for r in results if r.error is not None), results[0])  # a step failed on any rank fails
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Ask every rank to exit, wait (without blocking the loop), then kill stragglers."""

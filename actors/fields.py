@@ -11,6 +11,7 @@ the bounds.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +48,16 @@ class ApiError(Exception):
         return "invalid_request_error" if self.status < 500 else "server_error"
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {"error": {"message": redact(self.message), "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.@+~-]+/)+[\w.@+~-]*")
+
+
+def redact(message: str) -> str:
+    """A client-facing message without the server's absolute file paths (`/srv/x/y.py` -> `<path>/y.py`)."""
+    return _ABSOLUTE_PATH.sub(lambda m: "<path>/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], message)
 
 
 def bad(param: str, message: str, code: str = "invalid_parameter") -> ApiError:

@@ -20,7 +20,7 @@ import msgpack
 from aiohttp import WSMsgType, web
 
 from lorafleet.actors.channels import Channel, LocalChannel
-from lorafleet.actors.fields import show
+from lorafleet.actors.fields import redact, show
 from lorafleet.actors.hub import ServeHub
 from lorafleet.actors.protocol import ApiError, GenerationSpec, ParseContext, bad, client_id, parse_ws_generate
 from lorafleet.actors.schema import AdminOp, AdminResult, Admitted, Cancel, DeltaItem, Rejected, StepDeltas, Submit
@@ -28,7 +28,7 @@ from lorafleet.actors.schema import AdminOp, AdminResult, Admitted, Cancel, Delt
 MSGPACK_PROTOCOL = "lorafleet.msgpack"
 _UNTIED = ("invalid_json", "unknown_type", "duplicate_id")  # error frames that must not end a generation
 log = logging.getLogger("lorafleet.frontend")
-_ERROR_STATUS = {"executor_failed": 503, "slo_unattainable": 429, "server_shutting_down": 503}
+_ERROR_STATUS = {"internal_error": 500, "executor_failed": 503, "slo_unattainable": 429, "server_shutting_down": 503}
 
 
 class Router:
@@ -179,7 +179,7 @@ class WsConnection:
                 await self.ws.send_str(data)
 
     async def error(self, cid: str | None, exc: ApiError) -> None:
-        await self.send({"type": "error", "id": cid, "error": {"code": exc.code, "message": exc.message,
+        await self.send({"type": "error", "id": cid, "error": {"code": exc.code, "message": redact(exc.message),
                                                                "param": exc.param}})
 
     def decode(self, msg) -> dict:

@@ -14,6 +14,7 @@ If an executor dies, every in-flight request gets an `executor_failed` error and
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -49,6 +50,8 @@ from lorafleet.engine.scheduler import Schedule
 
 EXECUTOR_FAILED = "executor_failed"
 STEP_TOO_LARGE = "step_too_large"
+INTERNAL_ERROR = "internal_error"
+log = logging.getLogger("lorafleet.scheduler")
 RING_FULL_PAUSE_S = (0.001, 0.05)  # waiting for room in the plan ring with nothing in flight: first, longest
 ADAPTER_LOAD_BYTES = "adapter_load_bytes"  # hub counters (exported by dashboard/prom.py)
 ADAPTER_LOAD_STALLS = "adapter_load_stalls"
@@ -149,9 +152,9 @@ class SchedulerActor:
         while True:
             if self.in_flight is None and not self._runnable():
                 self.idle.set()
-                await self._handle(await self.inbox.recv())
+                await self._guarded(await self.inbox.recv())
             while (msg := self.inbox.poll()) is not None:
-                await self._handle(msg)
+                await self._guarded(msg)
             self._drop_expired()
             sent = self._send_step() if self._runnable() else None
             previous, self.in_flight = self.in_flight, sent
@@ -160,7 +163,7 @@ class SchedulerActor:
             elif sent is None and self.ring_full_pause > 0:
                 await asyncio.sleep(self.ring_full_pause)  # the ring frees as the executor reads: retry soon
             elif sent is None and self._runnable():
-                await self._handle(await self.inbox.recv())  # nothing fits now: wait for news
+                await self._guarded(await self.inbox.recv())  # nothing fits now: wait for news
 
     def _runnable(self) -> bool:
         return self.dead is None and self.engine.has_unfinished()
@@ -196,6 +199,11 @@ class SchedulerActor:
             return None
         except RingFull as exc:
             self._ring_full(schedule, plan, exc)
+            return None
+        except Exception as exc:  # e.g. a value the plan's wire form cannot carry: its requests fail, not the actor
+            self.engine.unplan(schedule)
+            self._fail_plan(plan, [c.request.external_id for c in schedule.chunks], f"step {plan.step} could not "
+                            "be sent", exc)
             return None
         self.ring_full_pause = 0.0
         sent_at = time.perf_counter()
@@ -234,8 +242,16 @@ class SchedulerActor:
         if self.engine.store.arena is not None:
             self.engine.store.release_through(step.plan.step)
         self._count_loads(step.schedule)
-        outputs = self.engine.complete_step(step.schedule, result.output())
-        items = [self._item(out) for out in outputs]
+        if result.error is not None:
+            self._step_failed(step, result.error)
+            return
+        try:
+            outputs = self.engine.complete_step(step.schedule, result.output())
+            items = [self._item(out) for out in outputs]
+        except Exception as exc:  # a bug in postprocessing (detokenizer, stop strings): fail the step's requests
+            self._fail_plan(step.plan, [c.request.external_id for c in step.schedule.chunks],
+                            f"step {step.plan.step} could not be completed", exc)
+            return
         if items:
             self.router.send(StepDeltas(step.plan.step, items))
         self._after_step(step.plan, elapsed_ms)
@@ -244,6 +260,49 @@ class SchedulerActor:
             host_ms = (time.perf_counter() - now) * 1000 + step.plan_ms
             self.step_log.add(len(step.plan.seqs), step.plan.num_tokens, elapsed_ms, result.seconds * 1000, host_ms,
                               cost, roofline_ms)
+
+    def _step_failed(self, step: InFlight, error: str) -> None:
+        """The executor could not run `step` (it said why in one line; its log has the traceback): the step's
+        requests fail, and so do those of the step in flight behind it that use an adapter this step
+        loaded (its pages may not have been written). The executor and every other request go on."""
+        failed = self.engine.fail_step(step.schedule)
+        loads = {load.name for load in step.plan.loads}
+        behind = self.in_flight.schedule.chunks if self.in_flight is not None else []
+        failed += [c.request.external_id for c in behind if c.request.adapter in loads]
+        self._fail_plan(step.plan, failed, f"step {step.plan.step} failed in the executor", error)
+
+    def _fail_plan(self, plan: StepPlan, request_ids: list[str], what: str, cause: object) -> None:
+        """Fail `request_ids` with `internal_error` (a reference to the log, no traceback) and take the plan's
+        adapter loads out of the pool's books (the executor may not hold them)."""
+        ref = f"step-{plan.step}"
+        if isinstance(cause, BaseException):
+            log.error("%s (%s): %r", what, ref, cause, exc_info=cause)
+        else:
+            log.error("%s (%s): %s", what, ref, cause)
+        self.hub.count("failed_steps")
+        for request_id in dict.fromkeys(request_ids):
+            self._cancel(request_id, "cancelled", INTERNAL_ERROR, f"{what}; the server log has the details under "
+                         f"{ref}")
+        pool = self.engine.pool
+        for load in plan.loads:
+            if pool.is_resident(load.name) and not pool.pins.get(load.name):
+                pool.evict_adapter(load.name)
+        self._publish()
+
+    async def _guarded(self, msg: object) -> None:
+        """One mailbox message; an exception fails the request it concerns (or the admin op), never the actor."""
+        try:
+            await self._handle(msg)
+        except Exception as exc:
+            ref = f"msg-{type(msg).__name__}-{getattr(msg, 'request_id', '')}"
+            log.error("scheduler: %s failed (%s)", type(msg).__name__, ref, exc_info=exc)
+            message = f"the scheduler failed on this request; the server log has the details under {ref}"
+            if isinstance(msg, Submit) and msg.request_id in self.live:
+                self._cancel(msg.request_id, "cancelled", INTERNAL_ERROR, message)
+            elif isinstance(msg, Submit):
+                self.router.send(Rejected(msg.request_id, INTERNAL_ERROR, message, 500))
+            elif isinstance(msg, AdminOp):
+                self.router.send(AdminResult(msg.request_id, False, INTERNAL_ERROR, message))
 
     def _roofline(self, plan: StepPlan, executor_s: float) -> tuple[StepCost | None, float]:
         """The step's roofline (engine/roofline.py), summed into the hub by batch-size class for /metrics."""

@@ -204,7 +204,8 @@ class RunStep:
 @dataclass(frozen=True)
 class StepResult:
     """Rank `rank` ran step `step`; rank 0 carries the sampled token ids in plan order, and the logprobs
-    asked for (`StepOutput.to_wire()` rows)."""
+    asked for (`StepOutput.to_wire()` rows). With `error` set the step failed and carries nothing: the
+    scheduler fails that step's requests and goes on."""
 
     step: int
     rank: int
@@ -212,6 +213,7 @@ class StepResult:
     seconds: float
     logprobs: list[Any] = field(default_factory=list)
     prompt_logprobs: list[Any] = field(default_factory=list)
+    error: str | None = None  # the step failed on this rank (one line; the traceback is in the executor's log)
 
     def output(self) -> StepOutput:
         return StepOutput.from_wire({"sampled": self.sampled, "logprobs": self.logprobs or [None] * len(self.sampled),

@@ -187,6 +187,19 @@ class Engine:
         self._step += 1
         return self._postprocess(schedule.chunks, output)
 
+    def fail_step(self, schedule: Schedule) -> list[str]:
+        """Second half of a step the executor could not run: the bookkeeping ends as in `complete_step`, with
+        no tokens. Returns the external ids of the step's requests still running (the caller fails them)."""
+        self._step += 1
+        running = []
+        for chunk in schedule.chunks:
+            request = chunk.request
+            request.in_flight -= 1
+            request.pending -= chunk.sample
+            if request.status is Status.RUNNING:
+                running.append(request.external_id)
+        return list(dict.fromkeys(running))
+
     def _plan(self, schedule: Schedule) -> StepPlan:
         slots = schedule.adapters
         slot_of = {name: i for i, name in enumerate(slots)}

@@ -92,6 +92,18 @@ class ModelRunner:
         prompt = self._prompt_logprobs(plan, hidden) if any(s.prompt_logprobs >= 0 for s in plan.seqs) else {}
         return StepOutput([self.last_sampled[i] for i in asked], [logprobs.get(i) for i in asked], prompt)
 
+    def forget(self, plan: StepPlan) -> None:
+        """After `execute(plan)` raised: the scheduler fails the plan's requests. Their state here goes, and
+        a plan already queued that continues one of them reads token 0 for its pending token (its result
+        is dropped); the plan's adapter loads may be incomplete, so those adapters are no longer resident
+        (the scheduler evicts them from its books too, so a later plan loads them again)."""
+        for seq in plan.seqs:
+            self.histories.pop(seq.request_id, None)
+            self.prompt_tails.pop(seq.request_id, None)
+        self.last_sampled = {s.request_id: 0 for s in plan.seqs if s.sample}
+        for load in plan.loads:
+            self.resident.pop(load.name, None)
+
     def _record_histories(self, plan: StepPlan) -> None:
         """Penalties need each sequence's tokens: keep them by position from the chunks that pass (a chunk at
         position 0 starts over, so a preempted request's recompute rebuilds them)."""
