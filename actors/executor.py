@@ -150,6 +150,9 @@ class StagedReader:
         """Map (and with `pin`, page-lock) the host arena once; staged adapters naming it are read in place."""
         segment = self.arena[name] = shared_memory.SharedMemory(name=name)
         self._pin(name, segment)
+        if self.pin and name not in self.pinned:
+            print(f"lorafleet: could not page-lock the {segment.size >> 20} MiB host cache: adapter copies from it "
+                  "are pageable (slower, synchronous)", file=sys.stderr, flush=True)
 
     def set_step(self, staged: list[StagedAdapter]) -> None:
         self.current = {s.name: s for s in staged}

@@ -546,6 +546,8 @@ class SchedulerActor:
         """Resume on a fresh executor group: its pool is empty, so no adapter is resident any more (every
         request was failed when the old one died, so none is pinned)."""
         pool = self.engine.pool
+        if self.engine.store.arena is not None:  # the dead group's steps read no host extent any more
+            self.engine.store.release_through(1 << 62)
         for name in list(pool.lru):
             pool.evict_adapter(name)
         pool.drain_evicted()

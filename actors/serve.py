@@ -199,15 +199,21 @@ async def run(args: argparse.Namespace, assets: Assets, config) -> int:
     """Spawn the executors first (they load the model while this process builds its planning engine),
     start the actors and the web app, serve until a signal or a failure, then stop everything. The host
     cache's shared segment is made first: the executors map and page-lock it once while they start."""
-    from lorafleet.engine.host_arena import HostArena
+    from lorafleet.engine.host_arena import HostArena, shared_memory_free
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     started = time.monotonic()
+    capacity = args.host_cache_mb << 20
+    free = shared_memory_free()
+    if free is not None and capacity > 0.9 * free:
+        capacity = int(0.9 * free)
+        print(f"lorafleet serve: --host-cache-mb {args.host_cache_mb} exceeds the free shared memory "
+              f"({free >> 20} MiB); the host cache gets {capacity >> 20} MiB", file=sys.stderr, flush=True)
     try:
-        arena = HostArena(args.host_cache_mb << 20)
+        arena = HostArena(capacity)
     except (OSError, ValueError) as exc:
         print(f"lorafleet serve: --host-cache-mb: cannot make a {args.host_cache_mb} MiB shared host cache: {exc}",
               file=sys.stderr)

@@ -13,6 +13,7 @@ reserves and releases on the event loop; worker threads only write into extents 
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 from multiprocessing import shared_memory
 
@@ -23,6 +24,16 @@ ALIGN = 4096  # page-aligned extents: the DMA engine and vector copies like alig
 
 def _round_up(nbytes: int) -> int:
     return max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+
+
+def shared_memory_free(path: str = "/dev/shm") -> int | None:
+    """Free bytes of the shared-memory file system (None where there is none to ask). A segment larger than
+    this is created sparse but its writes fault (SIGBUS) once the file system is full."""
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
 
 
 class HostArena:
