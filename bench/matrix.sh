@@ -12,7 +12,8 @@
 # The GPU is CUDA_VISIBLE_DEVICES's and the port a free one, so two models can run at once on two GPUs:
 #   CUDA_VISIBLE_DEVICES=0 bash bench/matrix.sh llama-2-7b OUT & CUDA_VISIBLE_DEVICES=1 bash bench/matrix.sh llama-3-8b OUT
 # `tiny` (DEVICE=cpu DTYPE=float32 NUM_PAGES=512 RATE=4 DURATION=8) is a smoke run of the script itself.
-# Environment: RATE, DURATION, BUDGET, DEVICE, DTYPE, NUM_PAGES, HOST_CACHE_MB, PREFETCH_WORKERS, MAX_LOAD_BYTES, and the rows:
+# Environment: RATE, DURATION, BUDGET, DEVICE, DTYPE, NUM_PAGES, HOST_CACHE_MB, PREFETCH_WORKERS, MAX_LOAD_BYTES,
+# BATCH_ADAPTER_FRACTION (distinct adapters' bytes per step / weight bytes; 0 = unbounded), CLUSTER_WINDOW, the rows:
 # LORAFLEET_N (adapter counts), NOLORA_N (default: the first count; n only picks the trace's names).
 set -euo pipefail
 shape=${1:?llama-2-7b or llama-3-8b}
@@ -35,7 +36,8 @@ S=(--device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" --num-pages "${NUM_PA
    --max-adapters-per-batch 256 --host-cache-mb "${HOST_CACHE_MB:-16384}" --max-queue 8192
    --synthetic-adapters "$max_n" --synthetic-targets "$targets" --log-steps 10
    --prefetch-workers "${PREFETCH_WORKERS:-4}" --prefetch-adapters 16
-   --max-adapter-load-bytes-per-step "${MAX_LOAD_BYTES:-268435456}")
+   --max-adapter-load-bytes-per-step "${MAX_LOAD_BYTES:-268435456}"
+   --max-batch-adapter-fraction "${BATCH_ADAPTER_FRACTION:-0.5}" --cluster-window "${CLUSTER_WINDOW:-512}")
 W=(--alpha 1 --cv 1 --input-len 8:512 --output-len 8:512 --rate "${RATE:-40}" --duration "${DURATION:-40}" --seed 0
    --slo-ttft-ms 6000 --drain-timeout 20 --protocol ws --num-sockets 4 --no-progress --startup-timeout 300
    --model "$model" --out "$out_dir/$name.json" --log-dir "$work/logs")

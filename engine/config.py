@@ -159,6 +159,10 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     fairness_window: int = 32
+    cluster_window: int = 0  # waiting requests admission looks through for ones whose adapter is in the batch
+    # (0 = fairness_window)
+    max_batch_adapter_fraction: float = 0.0  # distinct adapters' bytes a step reads, at most this fraction of
+    # the weight bytes (one rank); 0 = no bound. Every distinct adapter's rows are read each step (the roofline)
     tensor_parallel_size: int = 1
     prefetch_adapters: int = 2  # adapters of waiting requests loaded into free pages per step (0 = off)
     flex_prefill_attention: bool = False  # prefill attention through flex_attention instead of the Triton kernel
@@ -169,6 +173,8 @@ class EngineConfig:
     graph_capture: bool = True  # False: run the graphed paths' static buffers eagerly (CPU tests of the plumbing)
 
     def __post_init__(self) -> None:
+        if self.cluster_window < 0 or self.max_batch_adapter_fraction < 0:
+            raise ConfigError("cluster_window and max_batch_adapter_fraction must be >= 0 (0 = off)")
         if self.max_adapter_load_bytes_per_step < 0:
             raise ConfigError("max_adapter_load_bytes_per_step must be >= 0 (0 = no bound)")
         if self.num_pages < 0 or not 0.05 <= self.gpu_memory_utilization <= 1.0:

@@ -21,6 +21,7 @@ from lorafleet.engine.detokenize import Detokenizer, TextStream
 from lorafleet.engine.plan import AdapterLoad, SeqPlan, StepOutput, StepPlan
 from lorafleet.engine.pool import PagePool
 from lorafleet.engine.request import ParamError, Request, RequestOutput, SamplingParams, Status
+from lorafleet.engine.roofline import StepCostModel
 from lorafleet.engine.sampling import TokenLogprobs
 from lorafleet.engine.scheduler import Chunk, Schedule, Scheduler
 
@@ -92,8 +93,9 @@ class Engine:
         self.block_tokens = block_tokens or config.block_tokens
         self.pool = PagePool(config.num_pages)
         page_bytes = model.num_layers * store.page_elements * store.dtype.itemsize
+        weights = StepCostModel(model, store.dtype.itemsize, config.tensor_parallel_size).weight_bytes(0)
         self.scheduler = Scheduler(config, self.pool, lambda name: store.infos[name].num_pages, page_bytes,
-                                   store.is_ready)
+                                   store.is_ready, int(config.max_batch_adapter_fraction * weights))
         self.requests: dict[str, Tracked] = {}
         self.max_model_len = min(config.max_model_len or model.context_limit, model.context_limit)
         self._next_id = 0

@@ -13,6 +13,11 @@ to load (`adapter_ready`: packed in host memory, for the server) and the step's 
 `max_adapter_load_bytes_per_step` (a step's first load always fits); otherwise it waits while others pass
 (a "load stall", counted), so one step's misses never stall the batch.
 
+Adapter bytes per step: every distinct adapter of a batch has its rows read once per step, so besides the cap
+on their number, `max_batch_adapter_bytes` bounds their bytes (the batch's first adapter always fits). To
+keep the batch full under that bound, admission looks `cluster_window` requests deep for requests of adapters
+already in the batch; a request passed over `fairness_window` times still ranks first.
+
 Steps may be planned while the previous one runs (the serving scheduler overlaps them): the engine
 advances `num_computed` when it plans a chunk, and a sampled token not yet returned counts as `pending`
 (it reads as PENDING_TOKEN in the next plan; the executor substitutes the token it sampled).
@@ -63,12 +68,14 @@ class Scheduler:
     """Owns the waiting queue, the running set and the page pool's books."""
 
     def __init__(self, config: EngineConfig, pool: PagePool, adapter_pages: Callable[[str], int],
-                 page_bytes: int = 0, adapter_ready: Callable[[str], bool] | None = None) -> None:
+                 page_bytes: int = 0, adapter_ready: Callable[[str], bool] | None = None,
+                 max_batch_adapter_bytes: int = 0) -> None:
         self.config = config
         self.pool = pool
         self.adapter_pages = adapter_pages
         self.page_bytes = page_bytes  # one page's bytes in one rank's pool (all layers)
         self.adapter_ready = adapter_ready or (lambda name: True)
+        self.max_batch_adapter_bytes = max_batch_adapter_bytes  # 0 = no bound
         self.load_stalls = 0  # (request, step) pairs where a request waited for its adapter's load
         self.loaded_bytes = 0  # pool bytes (one rank) of every load planned
         self.waiting: deque[Request] = deque()
@@ -146,11 +153,13 @@ class Scheduler:
 
     def _admit(self, budget: int, plan: Schedule) -> None:
         in_batch = set(plan.adapters) | {r.adapter for r in self.running if r.adapter}
+        batch_bytes = sum(self._adapter_bytes(name) for name in in_batch)
         for request in self._candidates(in_batch):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             new_adapter = request.adapter is not None and request.adapter not in in_batch
-            if new_adapter and len(in_batch) >= self.config.max_adapters_per_batch:
+            if new_adapter and (len(in_batch) >= self.config.max_adapters_per_batch
+                                or not self._fits_batch_bytes(request.adapter, batch_bytes, in_batch)):
                 request.passed_over += 1
                 continue
             if new_adapter and not self.pool.is_resident(request.adapter) and not self._loadable(request.adapter,
@@ -167,14 +176,23 @@ class Scheduler:
             if request.adapter is not None:
                 self.pool.pin(request.adapter)
                 self.pool.touch(request.adapter)
+                if new_adapter:
+                    batch_bytes += self._adapter_bytes(request.adapter)
                 in_batch.add(request.adapter)
             self._add_chunk(request, length, plan)
             budget -= length
 
+    def _adapter_bytes(self, name: str) -> int:
+        return self.adapter_pages(name) * self.page_bytes
+
+    def _fits_batch_bytes(self, name: str, batch_bytes: int, in_batch: set[str]) -> bool:
+        bound = self.max_batch_adapter_bytes
+        return not bound or not in_batch or batch_bytes + self._adapter_bytes(name) <= bound
+
     def _candidates(self, in_batch: set[str]) -> list[Request]:
-        """The first `fairness_window` waiting requests, best-clustered first; a request passed over
-        `fairness_window` times ranks first (no starvation)."""
-        window = list(self.waiting)[: self.config.fairness_window]
+        """The first `cluster_window` (at least `fairness_window`) waiting requests, best-clustered first; a
+        request passed over `fairness_window` times ranks first (no starvation)."""
+        window = list(self.waiting)[: max(self.config.fairness_window, self.config.cluster_window)]
 
         def rank(item: tuple[int, Request]) -> tuple[int, int]:
             position, request = item

@@ -188,3 +188,41 @@ async def test_scheduler_waits_for_packing_and_fails_only_unreadable_adapters(ti
     finally:
         engine.store.cache.clear()
         arena.close()
+
+
+def test_batch_adapter_bytes_bound_holds_every_step_and_keeps_outputs(tiny_llama, adapters):
+    """With the distinct adapters' bytes of a step bounded (about two of these adapters) and a wide clustering
+    window, every planned step stays within the bound (or holds one adapter) and greedy outputs equal
+    HF+PEFT's."""
+    from conftest import PeftOracle
+    from lorafleet.engine import LLM
+
+    rng = random.Random(5)
+    names = [rng.choice([*adapters, None]) for _ in range(14)]
+    prompts = [[rng.randrange(3, 300) for _ in range(rng.randint(2, 9))] for _ in names]
+    oracle = PeftOracle(tiny_llama, adapters)
+    want = [oracle.greedy(p, a, 5) for p, a in zip(prompts, names)]
+    llm = LLM(str(tiny_llama), adapters=adapters, max_batch_adapter_fraction=1.0, cluster_window=64)
+    engine = llm.engine
+    scheduler = engine.scheduler
+    sizes = sorted(scheduler._adapter_bytes(name) for name in adapters)
+    scheduler.max_batch_adapter_bytes = bound = sizes[-1] + sizes[0]  # the two extremes, not three
+    seen, passed = [], []
+    plan_step = engine.plan_step
+
+    def checked_plan_step():
+        planned = plan_step()
+        if planned is not None:
+            slots = planned[1].slots
+            used = sum(scheduler._adapter_bytes(name) for name in slots)
+            assert len(slots) <= 1 or used <= bound, f"step reads {used} adapter bytes > {bound}"
+            seen.append(len(slots))
+            passed.append(any(r.passed_over for r in scheduler.waiting))
+        return planned
+
+    engine.plan_step = checked_plan_step
+    got = llm.generate(prompts, adapters=names, max_tokens=5, ignore_eos=True)
+    assert [g.token_ids for g in got] == want
+    assert max(seen) >= 2, "the bound was meant to allow two adapters at once"
+    assert any(passed), "the bound never made a request wait"
+    assert scheduler.max_batch_adapter_bytes > 0
