@@ -186,11 +186,12 @@ class WsConnection:
         try:
             frame = json.loads(msg.data) if msg.type == WSMsgType.TEXT else msgpack.unpackb(msg.data, raw=False)
         except RecursionError as exc:
-            raise ApiError(400, "invalid_json", "the frame is nested too deeply to parse", "body") from exc
+            raise ApiError(400, "invalid_json", "body: the frame is nested too deeply to parse", "body") from exc
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-            raise ApiError(400, "invalid_json", f"the frame is not valid {self._format(msg)}: {exc}") from exc
+            raise ApiError(400, "invalid_json", f"body: the frame is not valid {self._format(msg)}: {exc}",
+                           "body") from exc
         if not isinstance(frame, dict):
-            raise ApiError(400, "invalid_json", "a frame must be an object")
+            raise ApiError(400, "invalid_json", "body: a frame must be an object", "body")
         return frame
 
     @staticmethod
