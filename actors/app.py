@@ -138,6 +138,7 @@ async def debug_state(request: web.Request) -> web.Response:
         "step": dataclasses.asdict(hub.timing),
         "prefetch": dataclasses.asdict(hub.prefetch),
         "healthy": hub.healthy,
+        "invalid_adapters": hub.invalid_adapters,
     })
 
 

@@ -41,6 +41,7 @@ class ServeHub(Hub):
 
     info: dict[str, Any] = field(default_factory=dict)
     adapters: dict[str, str] = field(default_factory=dict)
+    invalid_adapters: dict[str, str] = field(default_factory=dict)  # under --adapter-root, refused on first use
     healthy: bool = True
     health_reason: str = ""
     draining: bool = False

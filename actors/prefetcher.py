@@ -6,8 +6,9 @@ server's host arena each comes with the extent reserved for it: a worker packs t
 that page-locked shared memory (the same validation and packing as AdapterStore.register) and the
 prefetcher answers `AdapterFetched`, after which the scheduler commits the extent to the cache; without an
 arena the worker returns a packed tensor that the scheduler inserts. A failure answers `AdapterFetchFailed`
-(the scheduler fails that adapter's requests). Up to `workers` adapters are packed at once. Counters go
-to the hub.
+(the scheduler fails that adapter's requests). Up to `workers` adapters are packed at once. The
+scheduler also asks it to read adapters under --adapter-root on first use (docs/adapters.md). Counters
+go to the hub.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lorafleet.actors.fields import (
@@ -33,6 +34,7 @@ from lorafleet.actors.fields import (
     read_params,
     show,
 )
+from lorafleet.engine.adapter_index import find_adapter_dir
 from lorafleet.engine.request import ParamError, SamplingParams
 
 __all__ = ["ApiError", "GenerationSpec", "ParseContext", "bad", "client_id", "parse_generation", "parse_ws_generate"]
@@ -57,6 +59,7 @@ class ParseContext:
     vocab_size: int
     tokenizer: Any = None
     default_slo_ttft_ms: float | None = None
+    adapter_root: Path | None = None  # names not loaded that resolve to a directory under it are read on first use
 
 
 def _vocab(ctx: ParseContext) -> int:
@@ -114,7 +117,7 @@ def resolve_model(body: dict, ctx: ParseContext) -> tuple[str, str | None]:
     if model is None or model == "" or model == ctx.base_name:
         return ctx.base_name, None
     MODEL.check("model", model, ctx)
-    if model not in ctx.adapters:
+    if model not in ctx.adapters and (ctx.adapter_root is None or find_adapter_dir(ctx.adapter_root, model) is None):
         raise ApiError(404, "model_not_found", f"model: {show(model)} is neither the base model nor a loaded "
                        "adapter", "model")
     return model, model

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -41,6 +42,7 @@ from lorafleet.actors.schema import (
     Submit,
 )
 from lorafleet.dashboard.hub import RooflineTotals, roofline_class
+from lorafleet.engine.adapter_index import AdapterIndex
 from lorafleet.engine.adapters import AdapterError
 from lorafleet.engine.engine import Engine
 from lorafleet.engine.plan import StepPlan
@@ -127,9 +129,11 @@ class Live:
 class SchedulerActor:
     def __init__(self, engine: Engine, executors, inbox: LocalChannel, router: Channel, admission: Channel,
                  prefetcher: Channel, hub: ServeHub, log_steps_s: float = 0.0,
-                 roofline: tuple[StepCostModel, DevicePeak] | None = None) -> None:
-        self.engine, self.executors = engine, executors
+                 roofline: tuple[StepCostModel, DevicePeak] | None = None,
+                 index: AdapterIndex | None = None) -> None:
+        self.engine, self.executors, self.index = engine, executors, index
         self.roofline = roofline if roofline and roofline[1].bandwidth > 0 and roofline[1].matmul_flops > 0 else None
+        self.parked: dict[str, list[Submit]] = {}  # adapter being read on first use -> the submits waiting for it
         self.step_log = StepLog(log_steps_s) if log_steps_s > 0 else None
         self._result_at: float | None = None
         self.in_flight: InFlight | None = None
@@ -151,7 +155,8 @@ class SchedulerActor:
     async def run(self) -> None:
         while True:
             if self.in_flight is None and not self._runnable():
-                self.idle.set()
+                if not any(self.parked.values()):
+                    self.idle.set()
                 await self._guarded(await self.inbox.recv())
             while (msg := self.inbox.poll()) is not None:
                 await self._guarded(msg)
@@ -431,7 +436,7 @@ class SchedulerActor:
         elif isinstance(msg, Drain):
             self.draining = True
             if msg.cancel_all:
-                for request_id in list(self.live):
+                for request_id in [*self.live, *(s.request_id for w in self.parked.values() for s in w)]:
                     self._cancel(request_id, "cancelled")
         else:
             raise TypeError(f"scheduler got unexpected message {type(msg).__name__}")
@@ -439,6 +444,8 @@ class SchedulerActor:
     def _submit(self, msg: Submit) -> None:
         self.seen_seq = max(self.seen_seq, msg.seq)
         refusal = self._check_submit(msg)
+        if refusal is None and self._first_use(msg):
+            return
         if refusal is None:
             try:
                 self.engine.add_request(msg.request_id, msg.prompt_ids, params_from_wire(msg.params), msg.adapter)
@@ -465,6 +472,7 @@ class SchedulerActor:
     def _cancel(self, request_id: str, reason: str, code: str | None = None, message: str | None = None) -> None:
         live = self.live.pop(request_id, None)
         if live is None:
+            self._cancel_parked(request_id)
             return
         self.engine.abort(request_id)
         now = time.monotonic()
@@ -512,7 +520,7 @@ class SchedulerActor:
         if self.engine.pool.is_resident(name):
             self.engine.pool.evict_adapter(name)
         self.engine.store.unregister(name)
-        self.hub.adapters = {n: info.path for n, info in self.engine.store.infos.items()}
+        self._adapters_changed()
         self.hub.count("adapter_read_failures")
 
     def _staging_failed(self, plan, exc: AdapterError) -> None:
@@ -530,7 +538,7 @@ class SchedulerActor:
                 self.engine.pool.evict_adapter(name)
             if name not in self.engine.store.cache:
                 self.engine.store.unregister(name)
-        self.hub.adapters = {name: info.path for name, info in self.engine.store.infos.items()}
+        self._adapters_changed()
         self.hub.count("adapter_staging_failures")
         self._publish()
 
@@ -573,7 +581,9 @@ class SchedulerActor:
         except AdapterError as exc:
             self.router.send(AdminResult(msg.request_id, False, "adapter_invalid", str(exc)))
             return
-        self.hub.adapters = {name: info.path for name, info in self.engine.store.infos.items()}
+        if self.index is not None:
+            self.index.invalid.pop(msg.name, None)
+        self._adapters_changed()
         self._publish()
         self.router.send(AdminResult(msg.request_id, True, None, f"{msg.op} {msg.name}: ok"))
 
@@ -594,6 +604,10 @@ class SchedulerActor:
 
     def _fetched(self, msg: AdapterFetched) -> None:
         self._asked.discard(msg.name)
+        waiting = self.parked.pop(msg.name, None)
+        if waiting is not None:
+            self._resolved(msg, waiting)
+            return
         store = self.engine.store
         if msg.packed.arena_offset is not None:
             store.commit(msg.name, msg.packed.arena_offset)  # False (extent freed) if unregistered meanwhile
@@ -604,12 +618,90 @@ class SchedulerActor:
         store.put(msg.packed)  # the store's LRU insert (bounded in bytes)
 
     def _fetch_failed(self, msg: AdapterFetchFailed) -> None:
-        """A prefetch could not read the adapter: its requests fail (`adapter_invalid`), it is unregistered."""
+        """A prefetch could not read the adapter: its requests fail (`adapter_invalid`), it is unregistered
+        (or, read on first use from the adapter root, remembered as invalid)."""
         self._asked.discard(msg.name)
         store = self.engine.store
         if msg.target is not None:
             store.abandon(msg.name, msg.target.arena_offset)
+        waiting = self.parked.pop(msg.name, None)
+        if waiting is not None:
+            self._refuse_parked(msg.name, msg.path, msg.message, waiting)
+            return
         info = store.infos.get(msg.name)
         if info is not None and info.path == msg.path and not store.is_cached(msg.name):
             self._adapter_unreadable(msg.name, AdapterError(msg.message))
             self._publish()
+
+    # adapters under --adapter-root, read on first use (docs/adapters.md) -------------------------------
+    def _first_use(self, msg: Submit) -> bool:
+        """True when `msg` names an adapter under the adapter root that is not loaded: it waits (parked)
+        while the prefetcher reads and validates the directory off the loop, or, if the directory was
+        found invalid before and has not changed, it is refused at once. False when there is nothing to
+        resolve (the base model, a loaded adapter, or a name that is not under the root)."""
+        name = msg.adapter
+        if name is None or self.index is None or name in self.engine.store.infos:
+            return False
+        path = self.index.find(name)
+        if path is None:
+            return False
+        why = self.index.refusal(name, path)
+        if why is not None:
+            self.router.send(_invalid(msg.request_id, name, why))
+            self._publish()
+            return True
+        waiting = self.parked.setdefault(name, [])
+        if not waiting and name not in self._asked:
+            self._asked.add(name)
+            self.prefetcher.send(Prefetch({name: path}))
+        waiting.append(msg)
+        self.idle.clear()
+        return True
+
+    def _resolved(self, msg: AdapterFetched, waiting: list[Submit]) -> None:
+        if msg.name not in self.engine.store.infos:  # else an admin load registered it meanwhile
+            try:
+                self.engine.store.register_packed(msg.packed)
+            except AdapterError as exc:  # e.g. larger than the whole host cache
+                self._refuse_parked(msg.name, msg.path, str(exc), waiting)
+                return
+            self._adapters_changed()
+            print(f"lorafleet: adapter {msg.name!r} loaded from the adapter root on first use "
+                  f"({msg.seconds * 1000:.0f} ms)", flush=True)
+        for submit in waiting:
+            self._submit(submit)
+
+    def _refuse_parked(self, name: str, path: str, message: str, waiting: list[Submit]) -> None:
+        """An adapter read on first use failed validation: its requests are refused (400 adapter_invalid)
+        and it is remembered as invalid, listed in a warning; the server goes on serving everything else."""
+        if self.index is not None:
+            self.index.mark_invalid(name, path, message)
+        self.hub.count("adapter_invalid")
+        print(f"lorafleet: warning: adapter {name!r} under the adapter root is invalid and refused: {message}",
+              file=sys.stderr, flush=True)
+        for submit in waiting:
+            self.router.send(_invalid(submit.request_id, name, message))
+        self._adapters_changed()
+        self._publish()
+
+    def _cancel_parked(self, request_id: str) -> None:
+        for waiting in self.parked.values():
+            for submit in waiting:
+                if submit.request_id == request_id:
+                    waiting.remove(submit)
+                    self.router.send(Admitted(request_id))
+                    self.router.send(StepDeltas(self.hub.timing.step, [DeltaItem(
+                        request_id, [], "", True, "cancelled", len(submit.prompt_ids), 0)]))
+                    return
+
+    def _adapters_changed(self) -> None:
+        """What /v1/models lists: the loaded adapters, and the root's indexed ones not found invalid."""
+        listed = self.index.listed() if self.index is not None else {}
+        listed.update((name, info.path) for name, info in self.engine.store.infos.items())
+        self.hub.adapters = listed
+        if self.index is not None:
+            self.hub.invalid_adapters = {name: why for name, (_, why) in self.index.invalid.items()}
+
+
+def _invalid(request_id: str, name: str, why: str) -> Rejected:
+    return Rejected(request_id, "adapter_invalid", f"model: adapter {name!r} is invalid: {why}", 400, "model")

@@ -25,8 +25,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="HF model directory or synthetic:NAME (default: the demo model)")
     p.add_argument("--served-model-name", default=None, help="name of the base model in the API")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="serve a PEFT adapter")
-    p.add_argument("--adapter-root", default=None, help="every PEFT dir below it is served by its relative path; "
-                   "runtime loads are restricted to it")
+    p.add_argument("--adapter-root", default=None, help="every PEFT dir below it is served by its relative path, "
+                   "indexed at start and validated on first use; runtime loads are restricted to it")
     p.add_argument("--synthetic-adapters", type=int, default=0, metavar="N",
                    help="also serve N random adapters synthetic-0..N-1, made in memory (for benchmarks)")
     p.add_argument("--synthetic-ranks", default="8,16,32,64", help="their ranks, cycled (default 8,16,32,64)")
@@ -97,12 +97,14 @@ def metric_prefix(value: str) -> str:
 
 @dataclass
 class Assets:
-    """The model directory, the base model's API name and the adapters to register at start."""
+    """The model directory, the base model's API name, the adapters to register (and validate) at start,
+    and the adapter root, whose adapters are indexed at start and read on first use (docs/adapters.md)."""
 
     model_ref: str
     model_dir: Path
     base_name: str
     adapters: dict[str, str]
+    adapter_root: Path | None = None
 
 
 def default_assets() -> tuple[str, dict[str, str], str]:
@@ -140,14 +142,6 @@ def _write_once(out: Path, write) -> None:
         shutil.rmtree(tmp)
 
 
-def scan_adapter_root(root: Path) -> dict[str, str]:
-    """name (path relative to root, '/'-separated) -> dir, for every dir below root with adapter_config.json."""
-    found = {}
-    for config in sorted(root.rglob("adapter_config.json")):
-        found[config.parent.relative_to(root).as_posix()] = str(config.parent)
-    return found
-
-
 def synthetic_adapters(args: argparse.Namespace) -> dict[str, str]:
     """--synthetic-adapters N: synthetic-i (rank cycling through --synthetic-ranks, seed i), the names and
     ranks the PEFT baseline server gives its own random adapters."""
@@ -173,18 +167,22 @@ def resolve_assets(args: argparse.Namespace) -> Assets:
         ref, adapters = args.model, {}
         base = args.model.replace("synthetic:", "synthetic-") if args.model.startswith("synthetic:") \
             else Path(args.model).resolve().name
+    root = None
     if args.adapter_root is not None:
         root = Path(args.adapter_root)
         if not root.is_dir():
             raise ValueError(f"--adapter-root: {root} is not a directory")
-        adapters.update(scan_adapter_root(root))
     for spec in args.adapter:
         name, sep, path = spec.partition("=")
         if not sep or not name or not path:
             raise ValueError(f"--adapter: expected NAME=DIR, got {spec!r}")
         adapters[name] = path
     adapters.update(synthetic_adapters(args))
-    return Assets(ref, resolve_model(ref), args.served_model_name or base, adapters)
+    served = args.served_model_name or base
+    if served in adapters:
+        raise ValueError(f"--adapter: the name {served!r} is the base model's served name; an adapter needs "
+                         "another name")
+    return Assets(ref, resolve_model(ref), served, adapters, root)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from lorafleet.actors.protocol import ParseContext
 from lorafleet.actors.scheduler import SchedulerActor
 from lorafleet.actors.schema import Drain, ExecutorDown, ExecutorUp
 from lorafleet.actors.serve import EXIT_EXECUTOR_FAILED, Assets
+from lorafleet.engine.adapter_index import AdapterIndex, scan_adapter_root
 from lorafleet.engine.adapter_store import AdapterStore
 from lorafleet.engine.adapters import AdapterError
 from lorafleet.engine.config import ConfigError, EngineConfig, ModelConfig, page_geometry
@@ -79,6 +80,21 @@ def build_planning_engine(assets: Assets, config: EngineConfig, host_cache_bytes
     return engine, tokenizer, page_elements
 
 
+def index_adapter_root(assets: Assets, engine: Engine) -> AdapterIndex | None:
+    """Index the adapters under --adapter-root (names only: they are read and validated on first use);
+    a directory named like the base model or a start-up adapter is left out, with a warning."""
+    if assets.adapter_root is None:
+        return None
+    reserved = {assets.base_name, *engine.store.infos}
+    found = scan_adapter_root(assets.adapter_root)
+    index = AdapterIndex(assets.adapter_root, {name: path for name, path in found.items() if name not in reserved})
+    shadowed = sorted(set(found) & reserved)
+    if shadowed:
+        print(f"lorafleet: warning: adapter-root directories {shadowed} are not served under the adapter root: "
+              "their names are taken by the base model or a --adapter", file=sys.stderr, flush=True)
+    return index
+
+
 class Server:
     def __init__(self, args: Namespace, assets: Assets, config: EngineConfig, engine: Engine, tokenizer,
                  page_elements: int) -> None:
@@ -87,9 +103,11 @@ class Server:
                                   "started": time.time(), "config": dict(config.__dict__),
                                   "slo_ttft_ms": args.slo_ttft_ms, "max_queue": args.max_queue,
                                   "block_size": engine.block_tokens, "metric_prefix": args.metric_prefix})
-        self.hub.adapters = {name: info.path for name, info in engine.store.infos.items()}
+        self.index = index_adapter_root(assets, engine)
+        indexed = self.index.listed() if self.index is not None else {}
+        self.hub.adapters = {**indexed, **{name: info.path for name, info in engine.store.infos.items()}}
         self.ctx = ParseContext(assets.base_name, set(self.hub.adapters), engine.max_model_len,
-                                engine.model.vocab_size, tokenizer, args.slo_ttft_ms)
+                                engine.model.vocab_size, tokenizer, args.slo_ttft_ms, assets.adapter_root)
         self.loader = AdapterLoader(engine.model, page_elements, config.torch_dtype, config.max_lora_rank,
                                     config.tensor_parallel_size)
         self.executors: ExecutorGroup | None = None
@@ -119,7 +137,8 @@ class Server:
         self.scheduler_box = scheduler_box
         self.executors.watch(lambda rank, reason: scheduler_box.send(ExecutorDown(rank, reason)))
         self.scheduler = SchedulerActor(self.engine, self.executors, scheduler_box, router_box, admission_box,
-                                        prefetch_box, self.hub, args.log_steps, self._roofline())
+                                        prefetch_box, self.hub, args.log_steps, self._roofline(),
+                                        self.index)
         self.admission_box = admission_box
         policy = AdmissionPolicy(args.max_queue, self.config.max_batch_tokens)
         actors = {

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import torch
 
-from lorafleet.engine.adapters import AdapterError, AdapterWeights, load_adapter, pack_adapter, shard_adapter
+from lorafleet.engine.adapters import (
+    AdapterError,
+    AdapterWeights,
+    adapter_errors,
+    load_adapter,
+    pack_adapter,
+    shard_adapter,
+)
 from lorafleet.engine.config import ModelConfig
 from lorafleet.engine.host_arena import HostArena
 from lorafleet.engine.layout import AdapterLayout
@@ -85,30 +92,56 @@ class AdapterStore:
     def register(self, name: str, path: str | Path) -> AdapterInfo:
         """Validate the PEFT directory and make it servable as `name` (replacing nothing). A directory is
         read, packed and cached; a `synthetic:` adapter (made in memory) is packed on first use."""
-        if not name or not isinstance(name, str):
-            raise AdapterError("lora_name: must be a non-empty string")
-        if name in self.infos:
-            raise AdapterError(f"lora_name: adapter {name!r} is already loaded")
+        self._check_new_name(name)
         info, parts = self._read(name, str(path))
         self.infos[name] = info
         if self.arena is None and not info.path.startswith(SYNTHETIC_ADAPTER):
             self._put(self._pack(info, parts))
         return info
 
+    def register_packed(self, packed: PackedAdapter) -> AdapterInfo:
+        """Make an adapter read, validated and packed elsewhere (by `load_packed` in a worker thread, e.g.
+        on first use of an adapter under the adapter root) servable under its name, and cache its pages
+        (with an arena: copied into an extent when one can be made now, else packed again on demand).
+        AdapterError if the name is taken or the adapter is larger than the whole host cache."""
+        name = packed.info.name
+        self._check_new_name(name)
+        self.infos[name] = packed.info
+        if self.arena is None:
+            self._put(packed)
+            return packed.info
+        try:
+            target = self.reserve(name)
+        except AdapterError:
+            del self.infos[name]
+            raise
+        if target is not None:
+            target.pages.copy_(packed.pages)
+            self.commit(name, target.arena_offset)
+        return packed.info
+
+    def _check_new_name(self, name: str) -> None:
+        if not name or not isinstance(name, str):
+            raise AdapterError("lora_name: must be a non-empty string")
+        if name in self.infos:
+            raise AdapterError(f"lora_name: adapter {name!r} is already loaded")
+
     def load_packed(self, name: str, path: str) -> PackedAdapter:
         """Read, validate, shard (one part per tensor-parallel rank) and pack an adapter; touches no state."""
         return self._pack(*self._read(name, path))
 
     def _read(self, name: str, path: str) -> tuple[AdapterInfo, list[AdapterWeights]]:
-        weights = load_adapter(name, path, self.model, self.max_rank)
-        parts = [shard_adapter(weights, rank, self.shards) for rank in range(self.shards)]
-        layout = AdapterLayout.from_matrices(parts[0].matrices(), self.page_elements)
-        return AdapterInfo(name, path, weights.rank, weights.scale, weights.ranks(), layout), parts
+        with adapter_errors(path):
+            weights = load_adapter(name, path, self.model, self.max_rank)
+            parts = [shard_adapter(weights, rank, self.shards) for rank in range(self.shards)]
+            layout = AdapterLayout.from_matrices(parts[0].matrices(), self.page_elements)
+            return AdapterInfo(name, path, weights.rank, weights.scale, weights.ranks(), layout), parts
 
     def _pack(self, info: AdapterInfo, parts: list[AdapterWeights]) -> PackedAdapter:
-        pages = [pack_adapter(part, info.layout, self.dtype) for part in parts]
-        stacked = pages[0] if self.shards == 1 else torch.stack(pages)
-        return PackedAdapter(info, stacked, self.shards)
+        with adapter_errors(info.path):
+            pages = [pack_adapter(part, info.layout, self.dtype) for part in parts]
+            stacked = pages[0] if self.shards == 1 else torch.stack(pages)
+            return PackedAdapter(info, stacked, self.shards)
 
     def pack_into(self, target: PackedAdapter, path: str) -> None:
         """Read, validate and pack the adapter at `path` into `target.pages` (a reserved extent); touches no
@@ -116,8 +149,9 @@ class AdapterStore:
         info, parts = self._read(target.info.name, path)
         if info.layout != target.info.layout:
             raise AdapterError(f"lora_path: adapter {info.name!r} changed on disk since it was registered")
-        for rank, part in enumerate(parts):
-            pack_adapter(part, info.layout, self.dtype, out=target.for_rank(rank))
+        with adapter_errors(path):
+            for rank, part in enumerate(parts):
+                pack_adapter(part, info.layout, self.dtype, out=target.for_rank(rank))
 
     def packed_shape(self, info: AdapterInfo) -> tuple[int, ...]:
         """Shape of the packed pages: [layers, pages, page_elements], with a leading [ranks] when sharded."""

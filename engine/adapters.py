@@ -1,11 +1,18 @@
-"""PEFT LoRA adapters: load and validate a PEFT directory, and pack its weights into pool pages."""
+"""PEFT LoRA adapters: load and validate a PEFT directory, and pack its weights into pool pages.
+
+adapter_config.json is read with PEFT's semantics (lorafleet.engine.peft_config; docs/adapters.md).
+Every tensor must be the lora_A or lora_B of a module the base model has and the config selects, with the
+shape the base model and the module's rank give, and finite values of a plausible magnitude. Any failure,
+whatever the files hold, is an AdapterError naming the field or the tensor.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,18 +21,29 @@ from safetensors import safe_open
 
 from lorafleet.engine.config import TARGET_MODULES, ModelConfig
 from lorafleet.engine.layout import AdapterLayout
+from lorafleet.engine.peft_config import ConfigFieldError, LoraSpec, parse_lora_config
 from lorafleet.engine.synthetic import SYNTHETIC_ADAPTER, parse_synthetic_adapter, synthetic_adapter_tensors
 
-_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
-_REFUSED_TRUE = {
-    "use_dora": "DoRA adapters are not supported",
-    "fan_in_fan_out": "fan_in_fan_out adapters are not supported (Llama uses nn.Linear)",
-    "lora_bias": "LoRA bias vectors are not supported",
-}
+_KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?P<group>self_attn|mlp)\."
+                  r"(?P<module>\w+)\.lora_(?P<which>[AB])(?:\.[\w-]+)?\.weight")
+_GROUP = {m: "self_attn" if m in TARGET_MODULES[:4] else "mlp" for m in TARGET_MODULES}
+MAX_WEIGHT = 1e4  # |LoRA factor entries| beyond this are not a trained adapter (trained ones are well below 10)
 
 
 class AdapterError(ValueError):
     """A PEFT adapter this engine cannot serve; the message names the offending field or tensor."""
+
+
+@contextmanager
+def adapter_errors(where: str | Path) -> Iterator[None]:
+    """Turn any exception raised while reading or packing an adapter into an AdapterError: whatever a
+    directory holds, reading it may fail the load that asked for it, never the process that runs it."""
+    try:
+        yield
+    except AdapterError:
+        raise
+    except Exception as exc:  # the point: no input may escape as another exception type
+        raise AdapterError(f"{where}: cannot be read as a LoRA adapter ({type(exc).__name__}: {exc})") from exc
 
 
 @dataclass(frozen=True)
@@ -38,13 +56,15 @@ class AdapterWeights:
     scale: float
     a: dict[str, torch.Tensor]
     b: dict[str, torch.Tensor]
+    module_ranks: dict[str, int] = field(default_factory=dict)  # when modules differ (rank_pattern)
 
     @property
     def targets(self) -> tuple[str, ...]:
         return tuple(m for m in TARGET_MODULES if m in self.a)
 
     def ranks(self) -> dict[str, int]:
-        return {m: self.rank for m in self.targets}
+        """Each targeted module's (full, unsharded) rank."""
+        return {m: self.module_ranks.get(m, self.rank) for m in self.targets}
 
     def matrices(self) -> dict[str, tuple[int, int, int, int]]:
         """Per module (A rows, A row width, Bᵀ rows, Bᵀ row width) as held here (sharded or not)."""
@@ -55,47 +75,20 @@ class AdapterWeights:
         return sum(t.numel() * t.element_size() for t in [*self.a.values(), *self.b.values()])
 
 
-def read_adapter_config(adapter_dir: Path, max_rank: int) -> dict:
-    """Parse and validate adapter_config.json; raises AdapterError naming the field."""
+def read_adapter_config(adapter_dir: Path, max_rank: int) -> LoraSpec:
+    """Parse and validate adapter_config.json with PEFT's semantics (lorafleet.engine.peft_config);
+    raises AdapterError naming the field."""
     path = adapter_dir / "adapter_config.json"
     if not path.is_file():
         raise AdapterError(f"adapter_config.json not found in {adapter_dir}")
     try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"adapter_config.json is not valid JSON: {exc}") from exc
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"peft_type: {cfg.get('peft_type')!r} is not LORA")
-    for name, why in _REFUSED_TRUE.items():
-        if cfg.get(name):
-            raise AdapterError(f"{name}: {why}")
-    if cfg.get("modules_to_save"):
-        raise AdapterError(f"modules_to_save: {cfg['modules_to_save']} is not supported (full-weight modules)")
-    if cfg.get("bias", "none") != "none":
-        raise AdapterError(f"bias: {cfg['bias']!r} is not supported, only 'none'")
-    for name in ("rank_pattern", "alpha_pattern"):
-        if cfg.get(name):
-            raise AdapterError(f"{name}: per-module ranks/alphas are not supported")
-    rank = cfg.get("r")
-    if not isinstance(rank, int) or not 1 <= rank <= max_rank:
-        raise AdapterError(f"r: rank {rank!r} must be an integer in 1..{max_rank} (the configured maximum)")
-    targets = cfg.get("target_modules")
-    if isinstance(targets, list):
-        unknown = sorted(set(targets) - set(TARGET_MODULES))
-        if unknown:
-            raise AdapterError(f"target_modules: {unknown} not supported; allowed {list(TARGET_MODULES)}")
-    return cfg
-
-
-def _transformed_layers(cfg: dict, num_layers: int) -> set[int]:
-    layers = cfg.get("layers_to_transform")
-    if layers is None:
-        return set(range(num_layers))
-    layers = {layers} if isinstance(layers, int) else set(layers)
-    bad = sorted(x for x in layers if not 0 <= x < num_layers)
-    if bad:
-        raise AdapterError(f"layers_to_transform: layers {bad} do not exist in a {num_layers}-layer model")
-    return layers
+        raw = json.loads(path.read_bytes())
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too-long integers
+        raise AdapterError(f"adapter_config.json: not valid JSON ({exc})") from None
+    try:
+        return parse_lora_config(raw, max_rank)
+    except ConfigFieldError as exc:
+        raise AdapterError(str(exc)) from None
 
 
 def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
@@ -111,29 +104,79 @@ def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 def load_adapter(name: str, adapter_dir: str | Path, model: ModelConfig, max_rank: int) -> AdapterWeights:
     """Load and validate a PEFT LoRA directory against the base model's shapes (or make the random
-    adapter a `synthetic:` path describes, see lorafleet.engine.synthetic)."""
+    adapter a `synthetic:` path describes, see lorafleet.engine.synthetic). Raises AdapterError (and no
+    other exception) naming the field or tensor at fault."""
+    with adapter_errors(adapter_dir):
+        return _load_adapter(name, adapter_dir, model, max_rank)
+
+
+def _load_adapter(name: str, adapter_dir: str | Path, model: ModelConfig, max_rank: int) -> AdapterWeights:
     if str(adapter_dir).startswith(SYNTHETIC_ADAPTER):
         return _synthetic_adapter(name, str(adapter_dir), model, max_rank)
     adapter_dir = Path(adapter_dir)
-    cfg = read_adapter_config(adapter_dir, max_rank)
-    rank = cfg["r"]
-    alpha = cfg.get("lora_alpha", rank)
-    scale = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
-    layers = _transformed_layers(cfg, model.num_layers)
+    spec = read_adapter_config(adapter_dir, max_rank)
+    pairs: dict[tuple[str, int], dict[str, tuple[str, torch.Tensor]]] = {}
     dims = model.module_dims()
-    a: dict[str, torch.Tensor] = {}
-    b: dict[str, torch.Tensor] = {}
-    for key, tensor in _read_tensors(adapter_dir).items():
-        layer, module, which = _parse_key(key, model.num_layers, layers)
+    for key, tensor in sorted(_read_tensors(adapter_dir).items()):
+        layer, module, which, path = _parse_key(key, model.num_layers)
+        if not spec.selects(path):
+            raise AdapterError(f"{key}: module {path} is not selected by target_modules/exclude_modules/"
+                               "layers_to_transform (PEFT would not load this tensor)")
+        rank = spec.rank(path)
         in_dim, out_dim = dims[module]
         expected = (rank, in_dim) if which == "A" else (out_dim, rank)
         if tuple(tensor.shape) != expected:
-            raise AdapterError(f"{key}: shape {tuple(tensor.shape)} does not match the base model, expected {expected}")
-        store = a if which == "A" else b
-        shape = (model.num_layers, *expected)
-        store.setdefault(module, torch.zeros(shape, dtype=torch.float32))[layer] = tensor.float()
-    _check_pairs(a, b)
-    return AdapterWeights(name=name, rank=rank, scale=scale, a=a, b=b)
+            source = "rank_pattern" if rank != spec.r else "r"
+            raise AdapterError(f"{key}: shape {tuple(tensor.shape)} does not match the base model and the rank, "
+                               f"expected {expected} ({source} = {rank})")
+        pairs.setdefault((module, layer), {})[which] = (key, _finite(key, tensor.float()))
+    return _assemble(name, spec, pairs, model.num_layers)
+
+
+def _finite(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    if not bool(torch.isfinite(tensor).all()):
+        raise AdapterError(f"{key}: holds NaN or infinite values")
+    largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+    if largest > MAX_WEIGHT:
+        raise AdapterError(f"{key}: holds a value of magnitude {largest:g}, beyond {MAX_WEIGHT:g}: not a trained "
+                           "LoRA factor")
+    return tensor
+
+
+def _assemble(name: str, spec: LoraSpec, pairs: dict, num_layers: int) -> AdapterWeights:
+    """Stack per-layer A/B into [layers, r, in] / [layers, out, r] per module. A module's rank is its
+    largest layer's (rank_pattern may differ per layer): smaller layers are zero-padded, which adds
+    nothing. When scales differ between modules or layers (alpha_pattern, rank_pattern), each layer's B
+    carries its own scale and the adapter's scale is 1."""
+    if not pairs:
+        raise AdapterError("adapter_model.safetensors: no LoRA weights found")
+    for found in pairs.values():
+        if len(found) == 1:
+            raise AdapterError(f"{next(iter(found.values()))[0]}: lora_A and lora_B must both be present")
+    paths = {(m, layer): _module_path(m, layer) for m, layer in pairs}
+    scales = {spec.scale(path) for path in paths.values()}
+    scale = scales.pop() if len(scales) == 1 else 1.0
+    a: dict[str, torch.Tensor] = {}
+    b: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for module in TARGET_MODULES:
+        layers = sorted(layer for m, layer in pairs if m == module)
+        if not layers:
+            continue
+        ranks[module] = rank = max(spec.rank(paths[module, layer]) for layer in layers)
+        in_dim, out_dim = pairs[module, layers[0]]["A"][1].shape[1], pairs[module, layers[0]]["B"][1].shape[0]
+        a[module] = torch.zeros(num_layers, rank, in_dim)
+        b[module] = torch.zeros(num_layers, out_dim, rank)
+        for layer in layers:
+            la, lb = pairs[module, layer]["A"][1], pairs[module, layer]["B"][1]
+            own = spec.scale(paths[module, layer])
+            a[module][layer, : la.shape[0]] = la
+            b[module][layer, :, : lb.shape[1]] = lb if own == scale else lb * own
+    return AdapterWeights(name=name, rank=max(ranks.values()), scale=scale, a=a, b=b, module_ranks=ranks)
+
+
+def _module_path(module: str, layer: int) -> str:
+    return f"model.layers.{layer}.{_GROUP[module]}.{module}"
 
 
 def _synthetic_adapter(name: str, path: str, model: ModelConfig, max_rank: int) -> AdapterWeights:
@@ -147,24 +190,17 @@ def _synthetic_adapter(name: str, path: str, model: ModelConfig, max_rank: int) 
     return AdapterWeights(name=name, rank=rank, scale=2.0, a=a, b=b)  # lora_alpha = 2r, as the PEFT baseline
 
 
-def _parse_key(key: str, num_layers: int, layers: set[int]) -> tuple[int, str, str]:
-    match = _KEY.search(key)
-    if match is None:
-        raise AdapterError(f"{key}: unsupported tensor (only lora_A/lora_B of {list(TARGET_MODULES)})")
-    layer, module, which = int(match.group(1)), match.group(2), match.group(3)
-    if module not in TARGET_MODULES:
-        raise AdapterError(f"{key}: module {module!r} is not a supported target")
-    if layer >= num_layers or layer not in layers:
-        raise AdapterError(f"{key}: layer {layer} is outside the model or layers_to_transform")
-    return layer, module, which
-
-
-def _check_pairs(a: dict, b: dict) -> None:
-    if not a:
-        raise AdapterError("adapter_model.safetensors: no LoRA weights found")
-    unpaired = sorted(set(a) ^ set(b))
-    if unpaired:
-        raise AdapterError(f"{unpaired[0]}: lora_A and lora_B must both be present")
+def _parse_key(key: str, num_layers: int) -> tuple[int, str, str, str]:
+    """(layer, module, 'A' or 'B', module path) of a PEFT tensor name; refuses, naming the tensor, a name
+    whose module path the base model does not have (another tower, the embeddings, layer >= num_layers)."""
+    match = _KEY.fullmatch(key)
+    if match is None or _GROUP.get(match["module"]) != match["group"]:
+        raise AdapterError(f"{key}: not a LoRA tensor of a module this base model has (lora_A/lora_B of "
+                           "model.layers.N.self_attn.{q,k,v,o}_proj or model.layers.N.mlp.{gate,up,down}_proj)")
+    layer = int(match["layer"])
+    if layer >= num_layers:
+        raise AdapterError(f"{key}: layer {layer} does not exist in a {num_layers}-layer model")
+    return layer, match["module"], match["which"], _module_path(match["module"], layer)
 
 
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
@@ -185,17 +221,20 @@ def shard_adapter(weights: AdapterWeights, rank: int, size: int) -> AdapterWeigh
     `rank` and `scale` stay the adapter's own (PEFT's alpha / r)."""
     if size == 1:
         return weights
-    pad = padded_rank(weights.rank, size) - weights.rank
 
     def part(tensor: torch.Tensor, dim: int) -> torch.Tensor:
         step = tensor.shape[dim] // size
         return tensor.narrow(dim, rank * step, step).contiguous()
 
-    a = {m: F.pad(t, (0, 0, 0, pad)) if pad else t for m, t in weights.a.items()}  # [layers, r', in]
-    b = {m: F.pad(t, (0, pad)) if pad else t for m, t in weights.b.items()}  # [layers, out, r']
-    a = {m: part(t, 1) if m in COLUMN_PARALLEL else part(t, 2) for m, t in a.items()}
-    b = {m: part(t, 1) if m in COLUMN_PARALLEL else part(t, 2) for m, t in b.items()}
-    return AdapterWeights(weights.name, weights.rank, weights.scale, a, b)
+    a: dict[str, torch.Tensor] = {}
+    b: dict[str, torch.Tensor] = {}
+    for m, full in weights.ranks().items():
+        pad = padded_rank(full, size) - full
+        ta = F.pad(weights.a[m], (0, 0, 0, pad)) if pad else weights.a[m]  # [layers, r', in]
+        tb = F.pad(weights.b[m], (0, pad)) if pad else weights.b[m]  # [layers, out, r']
+        a[m] = part(ta, 1) if m in COLUMN_PARALLEL else part(ta, 2)
+        b[m] = part(tb, 1) if m in COLUMN_PARALLEL else part(tb, 2)
+    return AdapterWeights(weights.name, weights.rank, weights.scale, a, b, weights.module_ranks)
 
 
 def pack_adapter(weights: AdapterWeights, layout: AdapterLayout, dtype: torch.dtype,

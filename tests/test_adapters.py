@@ -38,11 +38,11 @@ REFUSALS = [
     ({"r": 128}, "r: rank 128"),
     ({"r": 0}, "r: rank 0"),
     ({"target_modules": ["q_proj", "embed_tokens"]}, "target_modules"),
-    ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
-    ({"alpha_pattern": {"q_proj": 8}}, "alpha_pattern"),
+    ({"rank_pattern": {"q_proj": 8}}, "rank_pattern = 8"),  # honoured: the file's q_proj tensors are rank 4
+    ({"alpha_pattern": {"q_proj": float("inf")}}, "alpha_pattern"),
     ({"peft_type": "PREFIX_TUNING"}, "peft_type"),
     ({"layers_to_transform": [5]}, "layers_to_transform"),
-    ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+    ({"fan_in_fan_out": "yes"}, "fan_in_fan_out"),
 ]
 
 
@@ -69,11 +69,11 @@ def test_unknown_tensor_and_missing_pair_and_corrupt_file(good_adapter, tiny_lla
     cfg = ModelConfig.from_dir(tiny_llama)
     extra = _variant(good_adapter, tmp_path / "extra",
                      tensors=lambda w: {**w, "base_model.model.lm_head.weight": torch.zeros(3, 3)})
-    with pytest.raises(AdapterError, match="lm_head.weight: unsupported tensor"):
+    with pytest.raises(AdapterError, match="lm_head.weight: not a LoRA tensor of a module this base model has"):
         load_adapter("x", extra, cfg, 64)
     lonely = _variant(good_adapter, tmp_path / "lonely",
                       tensors=lambda w: {k: v for k, v in w.items() if "v_proj.lora_B" not in k})
-    with pytest.raises(AdapterError, match="v_proj: lora_A and lora_B"):
+    with pytest.raises(AdapterError, match=r"layers\.0\.self_attn\.v_proj\.lora_A\.weight: lora_A and lora_B"):
         load_adapter("x", lonely, cfg, 64)
     corrupt = _variant(good_adapter, tmp_path / "corrupt")
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)

@@ -465,7 +465,7 @@ def test_schema_decoding_fuzz_only_raises_schema_errors(tag, fields):
 
 
 def test_adapter_root_names_adapters_by_relative_path(tmp_path):
-    from lorafleet.actors.serve import scan_adapter_root
+    from lorafleet.engine.adapter_index import scan_adapter_root
 
     for rel in ("sql", "team-a/summarize", "team-a/deep/x"):
         (tmp_path / rel).mkdir(parents=True)

@@ -1,0 +1,83 @@
+"""The adapter root: adapters found by name under a directory, validated on first use.
+
+At start-up `AdapterIndex.scan` lists the directories under `--adapter-root` that hold an
+adapter_config.json (names only: nothing is read, so thousands of adapters cost a directory walk). A
+request naming an adapter that is not loaded is resolved here: the name is a path relative to the root
+(`team-a/sql`), indexed at start-up or added to the disk since. The directory is then read and validated
+like any adapter; one that fails is remembered as invalid (with the reason, until its adapter_config.json
+changes) so later requests are refused at once with the same message. See docs/adapters.md.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONFIG_NAME = "adapter_config.json"
+
+
+def find_adapter_dir(root: str | Path, name: str) -> str | None:
+    """The real path of `root/name` when it is a directory holding adapter_config.json that lies inside
+    `root` (after symlinks and `..`); None otherwise, including for names that are not relative paths."""
+    if not isinstance(name, str) or not name or "\0" in name or os.path.isabs(name) or len(name) > 4096:
+        return None
+    real_root = os.path.realpath(root)
+    try:
+        path = os.path.realpath(os.path.join(real_root, name))
+        inside = os.path.commonpath([real_root, path]) == real_root and path != real_root
+        return path if inside and os.path.isfile(os.path.join(path, CONFIG_NAME)) else None
+    except (OSError, ValueError):
+        return None
+
+
+def scan_adapter_root(root: str | Path) -> dict[str, str]:
+    """name (path relative to root, '/'-separated) -> dir, for every dir below root with adapter_config.json."""
+    root = Path(root)
+    return {config.parent.relative_to(root).as_posix(): str(config.parent)
+            for config in sorted(root.rglob(CONFIG_NAME)) if config.parent != root}
+
+
+def _config_mtime(path: str) -> float | None:
+    try:
+        return os.stat(os.path.join(path, CONFIG_NAME)).st_mtime
+    except OSError:
+        return None
+
+
+@dataclass
+class AdapterIndex:
+    """Names of the adapters under `root` (not yet read) and the ones found invalid on first use.
+
+    `indexed`: name -> directory, from the start-up scan (what /v1/models lists before first use).
+    `invalid`: name -> (adapter_config.json mtime when it failed, the AdapterError message)."""
+
+    root: Path
+    indexed: dict[str, str] = field(default_factory=dict)
+    invalid: dict[str, tuple[float | None, str]] = field(default_factory=dict)
+
+    @classmethod
+    def scan(cls, root: str | Path) -> AdapterIndex:
+        return cls(Path(root), scan_adapter_root(root))
+
+    def find(self, name: str) -> str | None:
+        """The directory that serves `name`, indexed at start-up or present on disk now; None if neither."""
+        path = self.indexed.get(name)
+        return path if path is not None and os.path.isdir(path) else find_adapter_dir(self.root, name)
+
+    def refusal(self, name: str, path: str) -> str | None:
+        """Why `name` was refused before, unless its adapter_config.json changed since (then it is tried again)."""
+        known = self.invalid.get(name)
+        if known is None:
+            return None
+        if known[0] != _config_mtime(path):
+            del self.invalid[name]
+            return None
+        return known[1]
+
+    def mark_invalid(self, name: str, path: str, message: str) -> None:
+        self.invalid[name] = (_config_mtime(path), message)
+
+    def listed(self) -> dict[str, str]:
+        """The indexed adapters not (yet) known to be invalid: name -> directory."""
+        return {name: path for name, path in self.indexed.items() if name not in self.invalid}

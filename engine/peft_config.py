@@ -1,0 +1,294 @@
+"""adapter_config.json read with PEFT's semantics (peft.LoraConfig), field by field, without importing peft.
+
+Every LoraConfig field is either honoured as PEFT honours it when it loads an adapter onto a Llama-family
+model (defaults included: a missing `lora_alpha` is 8, a missing `target_modules` is PEFT's default for
+the model type), refused with an `AdapterError` naming the field (when it changes the math and this
+engine cannot reproduce it), or ignored because it has no effect at inference. The table with the reason
+for each field is docs/adapters.md. Types are checked: a value of the wrong JSON type is refused naming
+the field, never passed on to fail later.
+
+Source of the matching rules: peft.tuners.tuners_utils.check_target_module_exists (target_modules,
+exclude_modules, layers_to_transform, layers_pattern), peft.utils.other.get_pattern_key (rank_pattern,
+alpha_pattern) and peft.tuners.lora.layer.LoraLayer.update_layer (the scale: lora_alpha / r, or
+lora_alpha / sqrt(r) with use_rslora), peft 0.21.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from lorafleet.engine.config import TARGET_MODULES
+
+MAX_SCALE = 1e4  # |lora_alpha / r| beyond this is not a trained adapter (typical scales are 0.1..64)
+DEFAULT_R = 8  # peft.LoraConfig defaults
+DEFAULT_ALPHA = 8
+DEFAULT_TARGETS = ("q_proj", "v_proj")  # PEFT's default target_modules for llama, mistral and qwen2
+ALL_LINEAR = "all-linear"  # PEFT's shorthand: every nn.Linear except the output layer
+
+# fields whose non-default value changes the math in a way this engine does not reproduce: value -> why
+_REFUSED = {
+    "use_dora": "DoRA (weight-decomposed LoRA) is not supported",
+    "lora_bias": "LoRA bias vectors (lora_B bias) are not supported",
+    "alora_invocation_tokens": "Activated LoRA (aLoRA applies the adapter only after its invocation tokens) is not "
+                               "supported",
+    "target_parameters": "LoRA on nn.Parameter targets (e.g. MoE experts) is not supported",
+    "trainable_token_indices": "trainable token embeddings are not supported",
+    "layer_replication": "layer replication changes the model's layer stack and is not supported",
+    "modules_to_save": "fully trained modules (modules_to_save) are not supported",
+    "use_qalora": "QA-LoRA (pooled inputs) is not supported",
+    "arrow_config": "Arrow routing between LoRA experts is not supported",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA) is not supported",
+    "velora_config": "VeLoRA is not supported",
+    "monteclora_config": "MonteCLoRA is not supported",
+    "kasa_config": "KaSA (singular-value adaptation) is not supported",
+}
+# init_lora_weights values whose training changed the base model's weights (the adapter expects that base)
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+class ConfigFieldError(ValueError):
+    """adapter_config.json is unusable; the message starts with the field's name."""
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The parts of a LoraConfig that decide which modules of which layers get a LoRA and its r and alpha."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: str | frozenset[str]  # a regex (fullmatch on the module name), or names/suffixes
+    exclude_modules: str | frozenset[str] | None
+    layers_to_transform: int | tuple[int, ...] | None
+    layers_pattern: tuple[str, ...] | None
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+
+    def selects(self, module: str) -> bool:
+        """Whether PEFT puts a LoRA on the module named `module` (e.g. 'model.layers.0.self_attn.q_proj')."""
+        if self._excluded(module):
+            return False
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, module) is not None
+        if module in self.target_modules:
+            return True  # a full name selects its module whatever layers_to_transform says (as PEFT)
+        if not any(module.endswith(f".{t}") for t in self.target_modules):
+            return False
+        return self._in_layers(module)
+
+    def _excluded(self, module: str) -> bool:
+        ex = self.exclude_modules
+        if not ex:
+            return False
+        if isinstance(ex, str):
+            return re.fullmatch(ex, module) is not None
+        return module in ex or any(module.endswith(f".{e}") for e in ex)
+
+    def _in_layers(self, module: str) -> bool:
+        layers = self.layers_to_transform
+        if layers is None or layers == ():
+            return True
+        if not self.layers_pattern:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+        else:
+            match = None
+            for pattern in self.layers_pattern:
+                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+                if match is not None:
+                    break
+        if match is None:
+            return False
+        index = int(match.group("idx"))
+        return index == layers if isinstance(layers, int) else index in layers
+
+    def rank(self, module: str) -> int:
+        key = _pattern_key(self.rank_pattern, module)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha(self, module: str) -> float:
+        key = _pattern_key(self.alpha_pattern, module)
+        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+    def scale(self, module: str) -> float:
+        """lora_alpha / r of this module (lora_alpha / sqrt(r) with use_rslora)."""
+        r = self.rank(module)
+        return self.alpha(module) / (math.sqrt(r) if self.use_rslora else r)
+
+
+def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def parse_lora_config(raw: object, max_rank: int) -> LoraSpec:
+    """Validate an adapter_config.json document (already parsed JSON) the way PEFT would read it.
+    Raises ConfigFieldError naming the field for a wrong type, a refused feature or an unusable value."""
+    if not isinstance(raw, dict):
+        raise ConfigFieldError(f"adapter_config.json: must be a JSON object, got {_json_type(raw)}")
+    peft_type = raw.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise ConfigFieldError(f"peft_type: {_short(peft_type)} is not LORA")
+    _check_refused(raw)
+    spec = LoraSpec(
+        r=_rank(raw.get("r", DEFAULT_R), "r", max_rank),
+        lora_alpha=_number(raw.get("lora_alpha", DEFAULT_ALPHA), "lora_alpha"),
+        use_rslora=_bool(raw, "use_rslora"),
+        target_modules=_targets(raw.get("target_modules")),
+        exclude_modules=_names_or_regex(raw.get("exclude_modules"), "exclude_modules"),
+        layers_to_transform=_layers(raw.get("layers_to_transform")),
+        layers_pattern=_layers_pattern(raw.get("layers_pattern")),
+        rank_pattern=_pattern(raw.get("rank_pattern", {}), "rank_pattern", lambda v, f: _rank(v, f, max_rank)),
+        alpha_pattern=_pattern(raw.get("alpha_pattern", {}), "alpha_pattern", _number),
+    )
+    _check_combinations(spec, isinstance(raw.get("target_modules"), str))
+    _check_scale(spec)
+    return spec
+
+
+def _check_refused(raw: dict) -> None:
+    for name in ("use_dora", "lora_bias", "use_qalora", "fan_in_fan_out", "inference_mode"):
+        _bool(raw, name)
+    for name, why in _REFUSED.items():
+        value = raw.get(name)
+        unset = value is None or (name != "alora_invocation_tokens" and value in (False, [], {}))
+        if not unset:
+            raise ConfigFieldError(f"{name}: {why} (got {_short(value)})")
+    bias = raw.get("bias", "none")
+    if bias != "none":
+        raise ConfigFieldError(f"bias: {_short(bias)} is not supported, only 'none' (bias vectors are trained)")
+    init = raw.get("init_lora_weights", True)
+    if not isinstance(init, (bool, str)):
+        raise ConfigFieldError(f"init_lora_weights: must be a boolean or a string, got {_json_type(init)}")
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise ConfigFieldError(f"init_lora_weights: {init!r} trains against modified base weights; convert the "
+                               "adapter to a plain LoRA first (PEFT's path_initial_model_for_weight_conversion)")
+
+
+def _check_combinations(spec: LoraSpec, targets_string: bool) -> None:
+    """LoraConfig.__post_init__'s refusals (a string target_modules, 'all-linear' included, excludes layers)."""
+    if targets_string and spec.layers_to_transform is not None:
+        raise ConfigFieldError("layers_to_transform: cannot be used when target_modules is a string")
+    if targets_string and spec.layers_pattern is not None:
+        raise ConfigFieldError("layers_pattern: cannot be used when target_modules is a string")
+    if spec.layers_pattern and spec.layers_to_transform is None:
+        raise ConfigFieldError("layers_pattern: needs layers_to_transform")
+
+
+def _check_scale(spec: LoraSpec) -> None:
+    """Every scale the adapter can produce must be finite and within ±MAX_SCALE."""
+    cases = [("lora_alpha", spec.lora_alpha, spec.r)]
+    cases += [(f"alpha_pattern[{k!r}]", a, spec.r) for k, a in spec.alpha_pattern.items()]
+    cases += [(f"rank_pattern[{k!r}]", a, r) for k, r in spec.rank_pattern.items()
+              for a in (spec.lora_alpha, *spec.alpha_pattern.values())]
+    divisor = "sqrt(r)" if spec.use_rslora else "r"
+    for field, alpha, r in cases:
+        scale = alpha / (math.sqrt(r) if spec.use_rslora else r)
+        if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
+            raise ConfigFieldError(f"{field}: gives the scale {scale:g} (lora_alpha/{divisor}), beyond "
+                                   f"±{MAX_SCALE:g}: not a usable adapter")
+
+
+# typed readers ------------------------------------------------------------------------------------
+def _json_type(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+             int: "an integer", float: "a number"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _bool(raw: dict, name: str) -> bool:
+    value = raw.get(name, False)
+    if not isinstance(value, bool):
+        raise ConfigFieldError(f"{name}: must be true or false, got {_json_type(value)} {_short(value)}")
+    return value
+
+
+def _rank(value: object, field: str, max_rank: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigFieldError(f"{field}: rank must be an integer, got {_json_type(value)} {_short(value)}")
+    if not 1 <= value <= max_rank:
+        raise ConfigFieldError(f"{field}: rank {value} must be an integer in 1..{max_rank} (the configured maximum)")
+    return value
+
+
+def _number(value: object, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigFieldError(f"{field}: must be a number, got {_json_type(value)} {_short(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigFieldError(f"{field}: must be finite, got {_short(value)}")
+    return number
+
+
+def _strings(value: list, field: str) -> frozenset[str]:
+    if not all(isinstance(v, str) for v in value):
+        raise ConfigFieldError(f"{field}: must be a string or a list of strings")
+    return frozenset(value)
+
+
+def _regex(value: str, field: str, template: str = "{}") -> str:
+    """`value`, if it compiles as a regular expression inside `template` (where PEFT embeds it)."""
+    try:
+        re.compile(template.replace("{}", value))
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise ConfigFieldError(f"{field}: {_short(value)} is not a valid regular expression ({exc})") from None
+    return value
+
+
+def _names_or_regex(value: object, field: str) -> str | frozenset[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return _regex(value, field)
+    if isinstance(value, list):
+        return _strings(value, field)
+    raise ConfigFieldError(f"{field}: must be a string or a list of strings, got {_json_type(value)}")
+
+
+def _targets(value: object) -> str | frozenset[str]:
+    if value is None:
+        return frozenset(DEFAULT_TARGETS)
+    if isinstance(value, str) and value.lower() == ALL_LINEAR:
+        return frozenset(TARGET_MODULES)  # every Linear of a Llama decoder layer; lm_head is the output layer
+    targets = _names_or_regex(value, "target_modules")
+    if not targets:
+        raise ConfigFieldError("target_modules: selects no module (empty)")
+    return targets
+
+
+def _layers(value: object) -> int | tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    raise ConfigFieldError(f"layers_to_transform: must be an integer or a list of integers, got {_json_type(value)} "
+                           f"{_short(value)}")
+
+
+def _layers_pattern(value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise ConfigFieldError(f"layers_pattern: must be a string or a list of strings, got {_json_type(value)}")
+    return tuple(_regex(v, "layers_pattern", r"(?:^|.*?\.){}\.(?P<idx>\d+)\.") for v in items)
+
+
+def _pattern(value: object, field: str, read) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigFieldError(f"{field}: must be an object (module pattern -> value), got {_json_type(value)}")
+    return {_regex(key, field, r"(.*\.)?({})$"): read(v, f"{field}[{key!r}]") for key, v in value.items()}

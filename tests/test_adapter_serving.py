@@ -1,0 +1,150 @@
+"""Adapters in a live `lorafleet serve`, over real sockets: the adapter root is indexed at start-up and each
+adapter validated on first use (a bad one refused with 400 `adapter_invalid`, listed in a warning, the server
+serving on); runtime loads of bad adapters answer 400 and kill nothing; an adapter may not take the base
+model's served name; a bad `--adapter` stops start-up with one line and exit 2."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+from adapter_faults import SERVE_FAULTS, write_fault
+from test_serve_support import WsClient, get_json, post_json, start_server, stop_server
+
+MAX_TOKENS = 6
+ADMIN = "admin-secret"
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+BASE = "tuned-base"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from lorafleet.engine.synthetic import write_adapter, write_model
+
+    root = tmp_path_factory.mktemp("adapter-serving")
+    model = write_model("tiny", root / "model")
+    adapter_root = root / "adapters"
+    good = write_adapter(adapter_root / "team" / "good", model, 4, seed=5, std=0.2)
+    bad = {name: write_fault(adapter_root / name, model, fault) for name, fault in SERVE_FAULTS.items()}
+    return {"model": model, "root": adapter_root, "good": good, "bad": bad, "tmp": root}
+
+
+@pytest.fixture(scope="module")
+def server(assets):
+    proc = start_server(["--model", str(assets["model"]), "--adapter-root", str(assets["root"]),
+                         "--admin-key", ADMIN, "--served-model-name", BASE])
+    yield proc
+    assert stop_server(proc) == 0, proc.output()
+
+
+def _offline(model: Path, name: str, path: Path, prompt: str) -> list[int]:
+    from lorafleet.engine import LLM
+
+    llm = LLM(str(model), adapters={name: str(path)})
+    return llm.generate([prompt], adapters=[name], max_tokens=MAX_TOKENS, temperature=0.0)[0].token_ids
+
+
+async def _complete(session, url: str, model: str, prompt: str = "adapter root") -> tuple[int, dict]:
+    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True}
+    status, out, _ = await post_json(session, url + "/v1/completions", body)
+    return status, out
+
+
+async def test_indexed_adapters_are_listed_and_read_on_first_use(server, assets):
+    async with aiohttp.ClientSession() as session:
+        listed = {m["id"] for m in (await get_json(session, server.url + "/v1/models"))[1]["data"]}
+        assert {"team/good", *SERVE_FAULTS} <= listed  # indexed by name, nothing read yet
+        status, body = await _complete(session, server.url, "team/good")
+        assert status == 200, body
+        assert body["choices"][0]["token_ids"] == _offline(assets["model"], "g", assets["good"], "adapter root")
+
+
+async def test_bad_adapter_under_root_is_refused_on_use_and_the_server_serves_on(server, assets):
+    async with aiohttp.ClientSession() as session:
+        for name, fault in SERVE_FAULTS.items():
+            for _ in range(2):  # the second refusal comes from the remembered verdict
+                status, body = await _complete(session, server.url, name)
+                assert (status, body["error"]["code"]) == (400, "adapter_invalid"), (name, body)
+                assert fault.names in body["error"]["message"], (name, body)
+                assert "Traceback" not in body["error"]["message"]
+            assert (await _complete(session, server.url, BASE))[0] == 200
+        state = (await get_json(session, server.url + "/v1/debug/state", AUTH))[1]
+        assert set(state["invalid_adapters"]) == set(SERVE_FAULTS)
+        listed = {m["id"] for m in (await get_json(session, server.url + "/v1/models"))[1]["data"]}
+        assert not listed & set(SERVE_FAULTS) and "team/good" in listed
+    assert server.proc.poll() is None
+    warnings = [line for line in server.lines if "warning: adapter" in line]
+    assert {name for name in SERVE_FAULTS if any(repr(name) in w for w in warnings)} == set(SERVE_FAULTS)
+
+
+async def test_bad_adapter_over_websocket_errors_that_id_only(server):
+    async with aiohttp.ClientSession() as session, session.ws_connect(server.ws_url) as ws:
+        client = WsClient(ws)
+        reader = asyncio.create_task(client.read_loop())
+        bad_name = next(iter(SERVE_FAULTS))
+        frames = [{"type": "generate", "id": "bad", "model": bad_name, "prompt": "x", "max_tokens": 3},
+                  {"type": "generate", "id": "ok", "model": BASE, "prompt": "x", "max_tokens": 3}]
+        for frame in frames:
+            await client.send(frame)
+        end = await asyncio.wait_for(asyncio.gather(client.expect("bad"), client.expect("ok")), 60)
+        assert end[0]["type"] == "error" and end[0]["error"]["code"] == "adapter_invalid"
+        assert end[1]["type"] == "done"
+        await ws.close()
+        await reader
+
+
+async def test_adapter_added_after_start_is_resolved_by_name(server, assets):
+    from lorafleet.engine.synthetic import write_adapter
+
+    late = write_adapter(assets["root"] / "late" / "v2", assets["model"], 3, seed=9, std=0.2)
+    async with aiohttp.ClientSession() as session:
+        status, body = await _complete(session, server.url, "late/v2", "late one")
+        assert status == 200, body
+        assert body["choices"][0]["token_ids"] == _offline(assets["model"], "late", late, "late one")
+        for name in ("late", "late/v3", "../model", "/etc", "late/v2/.."):  # not adapters under the root
+            status, body = await _complete(session, server.url, name)
+            assert (status, body["error"]["code"]) == (404, "model_not_found"), (name, body)
+
+
+async def test_runtime_load_of_bad_adapters_answers_400_and_serves_on(server, assets):
+    load = server.url + "/v1/load_lora_adapter"
+    async with aiohttp.ClientSession() as session:
+        for name, path in assets["bad"].items():
+            status, body, _ = await post_json(session, load, {"lora_name": "rt-" + name, "lora_path": str(path)},
+                                              AUTH)
+            assert (status, body["error"]["code"]) == (400, "adapter_invalid"), (name, body)
+            assert SERVE_FAULTS[name].names in body["error"]["message"], body
+            assert (await _complete(session, server.url, BASE))[0] == 200
+        status, body, _ = await post_json(session, load, {"lora_name": BASE, "lora_path": str(assets["good"])}, AUTH)
+        assert (status, body["error"]["param"]) == (400, "lora_name"), body
+    assert server.proc.poll() is None
+
+
+def _serve_exit(args: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "lorafleet", "serve", "--port", "0", "--torch-threads", "1", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_startup_refuses_an_adapter_named_like_the_base_model(assets):
+    done = _serve_exit(["--model", str(assets["model"]), "--served-model-name", "tuned",
+                        "--adapter", f"tuned={assets['good']}"])
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "'tuned'" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("name", sorted(SERVE_FAULTS)[:2])
+def test_startup_with_a_bad_adapter_exits_2_with_one_line(assets, name):
+    done = _serve_exit(["--model", str(assets["model"]), "--adapter", f"x={assets['bad'][name]}"])
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and SERVE_FAULTS[name].names in lines[0], done.stderr
+
+
+def test_json_fault_documents_are_what_they_say(assets):
+    raw = (assets["bad"]["array-document"] / "adapter_config.json").read_text()
+    assert isinstance(json.loads(raw), list)
