@@ -80,6 +80,9 @@ class Generation:
         if isinstance(msg, Rejected):
             self.finished = True
             raise ApiError(msg.status, msg.code, msg.message, msg.param, msg.retry_after)
+        if isinstance(msg, DeltaItem) and msg.finished:  # failed before its Admitted went out
+            self.finished = True
+            raise item_error(msg)
         assert isinstance(msg, Admitted), f"unexpected first message {msg!r}"
 
     async def next(self) -> DeltaItem:

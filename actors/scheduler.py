@@ -305,6 +305,7 @@ class SchedulerActor:
             if isinstance(msg, Submit) and msg.request_id in self.live:
                 self._cancel(msg.request_id, "cancelled", INTERNAL_ERROR, message)
             elif isinstance(msg, Submit):
+                self.engine.abort(msg.request_id)  # if it got that far
                 self.router.send(Rejected(msg.request_id, INTERNAL_ERROR, message, 500))
             elif isinstance(msg, AdminOp):
                 self.router.send(AdminResult(msg.request_id, False, INTERNAL_ERROR, message))
