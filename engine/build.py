@@ -68,15 +68,16 @@ def _max_len(cfg: ModelConfig, config: EngineConfig) -> int:
     return min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
 
 
-def auto_num_pages(cfg: ModelConfig, config: EngineConfig, page_elements: int) -> int:
-    """Pages that fit in `gpu_memory_utilization` of the GPU after this rank's weights, keeping room for
-    activations and logits of a full step. CPU: 512."""
+def auto_num_pages(cfg: ModelConfig, config: EngineConfig, page_elements: int, weight_bytes: int | None = None) -> int:
+    """Pages of one rank's pool (`page_elements` is the rank's page) that fit in `gpu_memory_utilization` of its
+    GPU after its weights — `weight_bytes` when the rank has loaded them, else `rank_param_bytes` — keeping room
+    for activations and logits of a full step. CPU: 512."""
     if not config.device.startswith("cuda"):
         return 512
     tp = config.tensor_parallel_size
     total = torch.cuda.get_device_properties(torch.device(config.device)).total_memory
-    weights = torch.cuda.memory_allocated() if tp == 1 else _param_bytes(cfg, config) // tp
-    step = config.max_batch_tokens * (cfg.vocab_size * 4 + 16 * cfg.intermediate_size * 2)
+    weights = rank_param_bytes(cfg, config) if weight_bytes is None else weight_bytes
+    step = config.max_batch_tokens * (cfg.vocab_size * 4 + 16 * cfg.intermediate_size // tp * 2)
     page_bytes = cfg.num_layers * page_elements * config.torch_dtype.itemsize
     pages = int((total * config.gpu_memory_utilization - weights - step - (1 << 30)) // page_bytes)
     if pages < 16:
@@ -85,10 +86,13 @@ def auto_num_pages(cfg: ModelConfig, config: EngineConfig, page_elements: int) -
     return pages
 
 
-def _param_bytes(cfg: ModelConfig, config: EngineConfig) -> int:
-    per_layer = sum(i * o for i, o in cfg.module_dims().values())
-    embeddings = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
-    return (cfg.num_layers * per_layer + embeddings) * config.torch_dtype.itemsize
+def rank_param_bytes(cfg: ModelConfig, config: EngineConfig) -> int:
+    """Bytes of one tensor-parallel rank's weights: its 1/tp of every linear layer, whole embeddings, lm_head
+    and norms (replicated)."""
+    per_layer = sum(i * o for i, o in cfg.module_dims().values()) // config.tensor_parallel_size
+    replicated = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    replicated += (2 * cfg.num_layers + 1) * cfg.hidden_size
+    return (cfg.num_layers * per_layer + replicated) * config.torch_dtype.itemsize
 
 
 def join_parallel_group(config: EngineConfig, rank: int, size: int, init_file: str) -> EngineConfig:
@@ -117,7 +121,8 @@ def build_runner(model_dir: Path, config: EngineConfig, shard: Shard, fetch) -> 
     kernels.use_flex_prefill_attention(config.flex_prefill_attention)
     model = build_model(model_dir, config, shard)
     if config.num_pages == 0:
-        config = dataclasses.replace(config, num_pages=auto_num_pages(cfg, config, page_elements))
+        loaded = torch.cuda.memory_allocated(torch.device(config.device)) if config.device.startswith("cuda") else 0
+        config = dataclasses.replace(config, num_pages=auto_num_pages(cfg, config, page_elements, loaded))
     runner = ModelRunner(model, config.num_pages, page_elements, block_tokens, fetch,
                          sample_on_this_rank=shard.rank == 0)
     if config.cuda_graphs:

@@ -314,16 +314,15 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def load(self, source: TensorSource, max_positions: int) -> None:
-        """Copy every parameter from `source` (HF names), sharded by this model's group."""
+        """Copy every parameter from `source` (HF names), sharded by this model's group: a sharded parameter
+        is read as this rank's slice only (`TensorSource.get_shard`), never whole."""
         available = set(source.names())
         for name, param in self.named_parameters():
             hf_name = name if name in available else _tied_name(name, self.config)
             if hf_name not in available:
                 raise KeyError(f"weight {name} missing from the model files")
-            tensor = source.get(hf_name)
             dim = shard_dim(name)
-            if dim is not None:
-                tensor = self.group.shard.split(tensor, dim)
+            tensor = source.get(hf_name) if dim is None else source.get_shard(hf_name, dim, self.group.shard)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ValueError(f"weight {name}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
             param.copy_(tensor.to(param.dtype))

@@ -67,8 +67,12 @@ def _serve(runner, staged: dict[str, PackedAdapter], conn: Connection) -> None:
         if message is None:
             return
         if message == "stats":
+            graphs = len(runner.graphs.graphs) if runner.graphs is not None else 0
             conn.send(("stats", {"resident": sorted(runner.resident), "pool_shape": list(runner.pool.shape),
-                                 "piecewise_steps": runner.piecewise_steps}))
+                                 "piecewise_steps": runner.piecewise_steps, "decode_graphs": graphs}))
+            continue
+        if message == "logits":
+            conn.send(("logits", {rid: row.float().cpu() for rid, row in runner.last_logits.items()}))
             continue
         plan_wire, adapters = message
         staged.clear()
@@ -109,10 +113,18 @@ class ProcessGroupExecutor:
         return self._collect("ok", None)[0]
 
     def rank_stats(self) -> list[dict]:
-        """Each rank's view of its pool (resident adapters, pool tensor shape) and its piecewise step count."""
+        """Each rank's view of its pool (resident adapters, pool tensor shape), its piecewise step count and
+        its number of captured decode graphs."""
         for conn in self.conns:
             conn.send("stats")
         return self._collect("stats", 60.0)
+
+    @property
+    def last_logits(self) -> dict[int, torch.Tensor]:
+        """Rank 0's logits of the last step's sampled rows, by request id (fp32, on the host; for tests)."""
+        for conn in self.conns:
+            conn.send("logits")
+        return self._collect("logits", 60.0)[0]
 
     def _collect(self, kind: str, timeout: float | None) -> list:
         """One reply per rank, in rank order; any failure stops every rank and raises ExecutorDied."""

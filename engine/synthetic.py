@@ -9,6 +9,7 @@ names and shapes, so the same loader (names, sharding, shape checks) runs withou
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from safetensors.torch import save_file
 
 from lorafleet.engine.config import TARGET_MODULES, ModelConfig
 from lorafleet.engine.tokenizer import build_byte_tokenizer
+from lorafleet.engine.weights import Shard, shard_dim
 
 _LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
           "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1}
@@ -31,6 +33,9 @@ SHAPES: dict[str, dict] = {
                    "max_position_embeddings": 4096, "rope_theta": 10000.0},
     "llama-2-13b": {**_LLAMA, "vocab_size": 32000, "hidden_size": 5120, "intermediate_size": 13824,
                     "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40,
+                    "max_position_embeddings": 4096, "rope_theta": 10000.0},
+    "llama-2-70b": {**_LLAMA, "vocab_size": 32000, "hidden_size": 8192, "intermediate_size": 28672,
+                    "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
                     "max_position_embeddings": 4096, "rope_theta": 10000.0},
     "llama-3-8b": {**_LLAMA, "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -61,7 +66,12 @@ def checkpoint_shapes(raw: dict) -> dict[str, tuple[int, ...]]:
 
 
 class RandomSource:
-    """Seeded random weights by HF name: N(0, std) for matrices, ~1 for norm weights."""
+    """Seeded random weights by HF name: N(0, std) for matrices, ~1 for norm weights.
+
+    A tensor that tensor parallelism splits (`weights.shard_dim`) is made of RANDOM_BLOCKS blocks along that
+    dimension, each from its own seeded generator, so a rank makes only its own blocks (`get_shard`: a 70B
+    model at tp=4 never exists whole in one process) and the blocks of every rank equal the slices of the whole
+    tensor (`get`): tp=N and tp=1 serve the same weights."""
 
     def __init__(self, raw: dict, seed: int = 0, std: float = 0.02, device: str = "cpu") -> None:
         self.shapes = checkpoint_shapes(raw)
@@ -72,10 +82,34 @@ class RandomSource:
         return iter(self.shapes)
 
     def get(self, name: str) -> torch.Tensor:
-        generator = torch.Generator(self.device).manual_seed(self.seed * 7919 + self._order[name])
-        shape = self.shapes[name]
-        noise = torch.randn(shape, generator=generator, device=self.device)
+        dim = shard_dim(name)
+        return self._noise(name) if dim is None else self.get_shard(name, dim, Shard())
+
+    def get_shard(self, name: str, dim: int, shard: Shard) -> torch.Tensor:
+        """The rank's slice along `dim`: its blocks only (or, when the blocks do not split evenly over the
+        ranks, the whole tensor narrowed)."""
+        length = self.shapes[name][dim]
+        blocks = math.gcd(length, RANDOM_BLOCKS)
+        if blocks % shard.size:
+            return shard.split(self.get(name), dim)
+        start, part = shard.range(length)
+        width = length // blocks
+        first = start // width
+        return torch.cat([self._block(name, dim, b, width) for b in range(first, first + part // width)], dim=dim)
+
+    def _block(self, name: str, dim: int, index: int, width: int) -> torch.Tensor:
+        shape = list(self.shapes[name])
+        shape[dim] = width
+        return self._noise(name, index + 1, tuple(shape))
+
+    def _noise(self, name: str, block: int = 0, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        seed = self.seed * 7919 + self._order[name] + block * 1_000_003
+        generator = torch.Generator(self.device).manual_seed(seed)
+        noise = torch.randn(shape or self.shapes[name], generator=generator, device=self.device)
         return 1.0 + 0.1 * noise if name.endswith("norm.weight") else self.std * noise
+
+
+RANDOM_BLOCKS = 8  # blocks per sharded tensor: tensor-parallel sizes 1, 2, 4 and 8 make only their own
 
 
 def write_model(shape: str, out_dir: str | Path, seed: int = 0) -> Path:

@@ -16,11 +16,14 @@ from lorafleet.engine.config import ConfigError
 
 
 class TensorSource(Protocol):
-    """Named tensors in HuggingFace naming (`model.layers.0.self_attn.q_proj.weight`, ...)."""
+    """Named tensors in HuggingFace naming (`model.layers.0.self_attn.q_proj.weight`, ...). `get_shard` gives
+    one tensor-parallel rank's slice without materialising the whole tensor where the source can."""
 
     def names(self) -> Iterator[str]: ...
 
     def get(self, name: str) -> torch.Tensor: ...
+
+    def get_shard(self, name: str, dim: int, shard: Shard) -> torch.Tensor: ...
 
 
 class SafetensorsSource:
@@ -44,10 +47,22 @@ class SafetensorsSource:
         return iter(self._file_of)
 
     def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def get_shard(self, name: str, dim: int, shard: Shard) -> torch.Tensor:
+        """The rank's slice, read from the file alone (safetensors slices: the rest is never read)."""
+        if shard.size == 1:
+            return self.get(name)
+        part = self._handle(name).get_slice(name)
+        start, length = shard.range(part.get_shape()[dim])
+        index = (slice(None),) * dim + (slice(start, start + length),)
+        return part[index].contiguous()
+
+    def _handle(self, name: str):
         path = self._file_of[name]
         if path not in self._handles:
             self._handles[path] = safe_open(str(path), framework="pt")
-        return self._handles[path].get_tensor(name)
+        return self._handles[path]
 
 
 @dataclass(frozen=True)
@@ -57,15 +72,18 @@ class Shard:
     rank: int = 0
     size: int = 1
 
+    def range(self, length: int) -> tuple[int, int]:
+        """(start, length) of the rank's contiguous part of a dimension of `length` (size must divide it)."""
+        if length % self.size:
+            raise ConfigError(f"dimension {length} is not divisible by tensor-parallel size {self.size}")
+        part = length // self.size
+        return self.rank * part, part
+
     def split(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """The rank's contiguous slice of `tensor` along `dim` (size must divide it)."""
         if self.size == 1:
             return tensor
-        length = tensor.shape[dim]
-        if length % self.size:
-            raise ConfigError(f"dimension {length} is not divisible by tensor-parallel size {self.size}")
-        part = length // self.size
-        return tensor.narrow(dim, self.rank * part, part).contiguous()
+        return tensor.narrow(dim, *self.range(tensor.shape[dim])).contiguous()
 
 
 # How each HF parameter is sharded: dim to split for column-parallel (0) / row-parallel (1), None = replicate.

@@ -225,6 +225,17 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
     return samples
 
 
+def server_tensor_parallel_size(url: str) -> int | None:
+    """The number of executor ranks a lorafleet server reports on /health (its tensor-parallel size); None
+    for a server that does not report executors (the PEFT baseline: one process, one device)."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as resp:
+            executors = json.loads(resp.read().decode()).get("executors")
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    return len(executors) if isinstance(executors, list) and executors else None
+
+
 def metrics_seconds(entry: dict) -> float:
     return float(entry["metrics"].get("duration_s") or 0.0)
 
@@ -280,11 +291,13 @@ def run_group(kind: str, backends: list[str], args: argparse.Namespace, gpu: str
         if server is not None:
             server.start(args.startup_timeout)
             url = server.url
+        tp = server_tensor_parallel_size(url) if kind == "lorafleet" else 1
         for backend in backends:
             for n in _counts_for(backend, args):
                 before = scrape_server_metrics(url) if backend != "peft" else None
                 entry, target = asyncio.run(measure(args, url, backend, n))
                 row = make_row(backend, entry, target, args, gpu)
+                row["tensor_parallel_size"] = tp
                 if before is not None:
                     row.update(server_figures(before, scrape_server_metrics(url), metrics_seconds(entry)))
                 document["rows"].append(row)

@@ -277,6 +277,7 @@ def test_bench_against_a_running_server_and_cli_errors(server, tmp_path) -> None
     doc = json.loads(out.read_text())
     rows = doc["rows"]
     assert [(r["backend"], r["num_adapters"]) for r in rows] == [("lorafleet", 2), ("lorafleet-nolora", 2)]
+    assert [r["tensor_parallel_size"] for r in rows] == [None, None], "this stand-in server reports no executors"
     assert rows[0]["num_requests"] == rows[1]["num_requests"] == rows[0]["completed"] == rows[1]["completed"]
     assert doc["runs"][1]["config"]["no_lora"] is True
     assert loadgen_main(["--url", server, "--input-len", "0:3"]) == 2
@@ -320,7 +321,7 @@ def test_bench_starts_and_stops_the_peft_server(tiny, tmp_path, monkeypatch) -> 
     assert doc["runs"][0]["config"]["base_model"] == "base" and doc["failures"] == []
     required = {"backend", "num_adapters", "req_per_s", "first_token_latency_s", "slo_attainment", "duration_s", "gpu"}
     for row in rows:
-        assert required <= row.keys() and row["backend"] == "peft"
+        assert required <= row.keys() and row["backend"] == "peft" and row["tensor_parallel_size"] == 1
         assert row["completed"] == row["num_requests"] > 0 and row["req_per_s"] > 0
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass  # the server is gone

@@ -9,6 +9,8 @@ import asyncio
 import aiohttp
 from test_serve_support import ALL, ATTN, get_json, post_json, start_server, stop_server, wait_gone
 
+from lorafleet.loadgen.bench import server_tensor_parallel_size
+
 ADAPTERS = [(3, ATTN), (5, ("gate_proj", "up_proj", "down_proj")), (7, ALL), (8, ("q_proj", "v_proj")), (16, ALL)]
 
 
@@ -29,12 +31,14 @@ async def test_two_rank_executors_equal_offline(tmp_path):
     try:
         async with aiohttp.ClientSession() as session:
             health = (await get_json(session, server.url + "/health"))[1]
+            bench_tp = await asyncio.to_thread(server_tensor_parallel_size, server.url)
             answers = await asyncio.gather(*[post_json(session, server.url + "/v1/completions", {
                 "model": a, "prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
                 "return_token_ids": True}) for p, a in work])
     finally:
         code = stop_server(server)
     assert [e["rank"] for e in health["executors"]] == [0, 1]
+    assert bench_tp == 2, "lorafleet bench labels this server's rows tensor_parallel_size 2"
     for (status, body, _), w in zip(answers, want):
         assert status == 200, body
         assert body["choices"][0]["token_ids"] == w.token_ids

@@ -59,6 +59,38 @@ def test_shards_of_any_rank_rebuild_the_delta(rank, size):
     torch.testing.assert_close(got, want["o_proj"])
 
 
+def test_synthetic_llama_2_70b_is_made_per_rank_shard():
+    """Issue #14: `synthetic:llama-2-70b` at tp=4 — each rank makes only its own blocks of a sharded weight, the
+    blocks of all ranks equal the whole tensor, and the per-rank pool sizing counts 1/4 of the linear layers
+    plus the replicated embeddings (checked against transformers' own parameter count on the meta device)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorafleet.engine.build import rank_param_bytes
+    from lorafleet.engine.config import EngineConfig, ModelConfig, page_geometry
+    from lorafleet.engine.synthetic import SHAPES, RandomSource
+    from lorafleet.engine.weights import Shard
+
+    raw = dict(SHAPES["llama-2-70b"])
+    cfg = ModelConfig.from_dict(raw)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size,
+            cfg.vocab_size) == (80, 8192, 64, 8, 28672, 32000)
+    source = RandomSource(raw, seed=0)
+    made: list[tuple[int, ...]] = []
+    noise = source._noise
+    source._noise = lambda name, block=0, shape=None: made.append(shape) or noise(name, block, shape)
+    name = "model.layers.3.self_attn.k_proj.weight"  # [1024, 8192], column-parallel
+    parts = [source.get_shard(name, 0, Shard(k, 4)) for k in range(4)]
+    assert [p.shape for p in parts] == [(256, 8192)] * 4 and max(s[0] for s in made) == 128
+    assert torch.equal(torch.cat(parts), source.get(name))
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in raw.items() if k != "architectures"}))
+    total = sum(p.numel() for p in hf.parameters())
+    replicated = 2 * 32000 * 8192 + (2 * 80 + 1) * 8192
+    config = EngineConfig(dtype="bfloat16", tensor_parallel_size=4)
+    assert rank_param_bytes(cfg, config) == 2 * ((total - replicated) // 4 + replicated)
+    assert page_geometry(cfg, 16, 4) == (64, 64 * 2 * 1024 // 4), "a page holds a 28672-wide down_proj A row"
+
+
 def test_tp2_equals_tp1_and_hf_peft_with_any_rank(assets):
     base, adapters = assets
     prompts, which = _mixed(adapters, 16)
