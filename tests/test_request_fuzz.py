@@ -226,6 +226,45 @@ async def test_lora_path_with_nul_or_over_4096_bytes_is_400(server):
         assert status == 400 and _check_error(status, text)["param"] == "lora_name"
 
 
+async def test_the_issues_500s_are_400s_naming_the_field_over_http_and_ws(server):
+    """Issue #16: these gave HTTP 500 text/plain, and over WS a closed socket (1006) whose other generations
+    never got their `done`."""
+    cases = [  # (raw JSON body, the param named)
+        (b'{"prompt": "abc\\n", "temperature": 1' + b"0" * 400 + b"}", "temperature"),
+        (b'{"prompt": "ab\\ud800c"}', "prompt"),
+        (b'{"prompt": "abc", "seed": -9223372036854775809}', "seed"),
+        (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "body"),
+        (b"[" * 100_000 + b"]" * 100_000, "body"),
+    ]
+    chat = (b'{"messages": [{"role": "user", "content": "x\\udfffy"}]}', "messages[0].content")
+    async with aiohttp.ClientSession() as session:
+        for data, param in cases:
+            status, text = await _post(session, server.url + "/v1/completions", data=data)
+            assert status == 400 and _check_error(status, text)["param"] == param, (data[:60], text[:300])
+        status, text = await _post(session, server.url + "/v1/chat/completions", data=chat[0])
+        assert status == 400 and _check_error(status, text)["param"] == chat[1]
+        for binary in (False, True):
+            sock = await _socket(session, server.ws_url, binary)
+            await sock.send({"type": "generate", "id": "long", "model": "upper", "prompt": "still here\n",
+                             "max_tokens": 30, "ignore_eos": True, "temperature": 0})
+            for i, (data, param) in enumerate([*cases, chat]):
+                frame = data.replace(b"{", b'{"type": "generate", "id": "e%d", ' % i, 1) if data[:1] == b"{" \
+                    else data
+                await sock.send(frame.decode())
+                if data[:1] == b"{" and param != "body":
+                    got = await sock.wait(f"e{i}")
+                    assert got["types"] == ["error"] and got["end"]["error"]["param"] == param, got
+            if binary:
+                await sock.send(b"\x91" * 100_000 + b"\xc0")  # msgpack nested 100 000 deep
+                await sock.send(_pack({"type": "generate", "id": "x", "prompt": "a", "seed": msgpack.ExtType(1, b"")}))
+                assert (await sock.wait("x"))["end"]["error"]["param"] == "seed"
+            long = await sock.wait("long")
+            assert long["end"]["type"] == "done" and long["text"].startswith("STILL HERE\n")
+            assert [f["error"]["param"] for f in sock.frames.get(None, [])] == ["body"] * (2 + binary)
+            sock.assert_open()
+            await sock.ws.close()
+
+
 # the fuzz ----------------------------------------------------------------------------------------------
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "seed", "stop", "stop_token_ids", "ignore_eos", "slo_ttft_ms", "stream", "stream_options",
