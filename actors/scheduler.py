@@ -18,6 +18,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 
 from lorafleet.actors.admission import SHUTTING_DOWN, SLO_UNATTAINABLE
 from lorafleet.actors.channels import Channel, LocalChannel, RingFull
@@ -395,7 +396,8 @@ class SchedulerActor:
         step in flight nor the queue's next requests need); when none can be made, asking waits for later."""
         store, pool = self.engine.store, self.engine.pool
         config = self.engine.config
-        window = list(self.engine.scheduler.waiting)[: max(config.fairness_window, config.max_num_seqs)]
+        window = islice(self.engine.scheduler.waiting, max(config.fairness_window, config.cluster_window,
+                                                          config.max_num_seqs))
         names = list(dict.fromkeys(r.adapter for r in window if r.adapter is not None))
         keep = {name for name in names if not pool.is_resident(name)}
         wanted, targets = {}, {}

@@ -251,9 +251,9 @@ def pack_adapter(weights: AdapterWeights, layout: AdapterLayout, dtype: torch.dt
             raise ValueError(f"pack_adapter: out is {tuple(out.shape)} {out.dtype}, expected {shape} {dtype}")
         flat = out.view(num_layers, -1)
         flat.zero_()
-    for module, rows in layout.modules.items():
-        _scatter_rows(flat, rows.a_rows, weights.a[module])
-        _scatter_rows(flat, rows.b_rows, weights.b[module].transpose(1, 2))
+    for module, rows in layout.modules.items():  # each matrix converted once, then copied row run by row run
+        _scatter_rows(flat, rows.a_rows, weights.a[module].to(dtype).contiguous())
+        _scatter_rows(flat, rows.b_rows, weights.b[module].to(dtype).transpose(1, 2).contiguous())
     return flat.view(num_layers, layout.num_pages, layout.page_elements)
 
 

@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
 
 from lorafleet.engine.config import EngineConfig
 from lorafleet.engine.pool import PagePool
@@ -192,7 +193,7 @@ class Scheduler:
     def _candidates(self, in_batch: set[str]) -> list[Request]:
         """The first `cluster_window` (at least `fairness_window`) waiting requests, best-clustered first; a
         request passed over `fairness_window` times ranks first (no starvation)."""
-        window = list(self.waiting)[: max(self.config.fairness_window, self.config.cluster_window)]
+        window = list(islice(self.waiting, max(self.config.fairness_window, self.config.cluster_window)))
 
         def rank(item: tuple[int, Request]) -> tuple[int, int]:
             position, request = item
