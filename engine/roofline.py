@@ -96,6 +96,13 @@ def measure_peak(device: torch.device, dtype: torch.dtype, copy_mib: int = 1024,
     n×n×n product in `dtype`) measured on `device`, best of `repeats` after a warm-up."""
     if device.type != "cuda":  # small sizes: a CPU figure only keeps the log line meaningful
         copy_mib, matmul_n, dtype = min(copy_mib, 64), min(matmul_n, 512), torch.float32
+    peak = _measure(device, dtype, copy_mib, matmul_n, repeats)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the pool is sized from free memory next: give the buffers back
+    return peak
+
+
+def _measure(device: torch.device, dtype: torch.dtype, copy_mib: int, matmul_n: int, repeats: int) -> DevicePeak:
     elements = (copy_mib << 20) // dtype.itemsize
     src = torch.empty(elements, dtype=dtype, device=device)
     dst = torch.empty_like(src)
@@ -103,9 +110,6 @@ def measure_peak(device: torch.device, dtype: torch.dtype, copy_mib: int = 1024,
     a = torch.randn(matmul_n, matmul_n, dtype=dtype, device=device)
     b = torch.randn(matmul_n, matmul_n, dtype=dtype, device=device)
     matmul_s = _best(lambda: torch.mm(a, b), device, repeats)
-    del src, dst, a, b
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the pool is sized from free memory next: give these buffers back
     return DevicePeak(2 * elements * dtype.itemsize / copy_s, 2 * matmul_n ** 3 / matmul_s)
 
 
