@@ -115,6 +115,10 @@ def _load_adapter(name: str, adapter_dir: str | Path, model: ModelConfig, max_ra
         return _synthetic_adapter(name, str(adapter_dir), model, max_rank)
     adapter_dir = Path(adapter_dir)
     spec = read_adapter_config(adapter_dir, max_rank)
+    for container in _other_modules(model.num_layers):
+        if spec.selects(container):
+            raise AdapterError(f"target_modules: selects {container}, which is not a linear layer (PEFT cannot "
+                               "put a LoRA on it either)")
     pairs: dict[tuple[str, int], dict[str, tuple[str, torch.Tensor]]] = {}
     dims = model.module_dims()
     for key, tensor in sorted(_read_tensors(adapter_dir).items()):
@@ -173,6 +177,15 @@ def _assemble(name: str, spec: LoraSpec, pairs: dict, num_layers: int) -> Adapte
             a[module][layer, : la.shape[0]] = la
             b[module][layer, :, : lb.shape[1]] = lb if own == scale else lb * own
     return AdapterWeights(name=name, rank=max(ranks.values()), scale=scale, a=a, b=b, module_ranks=ranks)
+
+
+def _other_modules(num_layers: int) -> list[str]:
+    """Names of the Llama-family modules (transformers' LlamaForCausalLM, Mistral, Qwen2) that are neither
+    a LoRA target we serve nor a layer PEFT can adapt with zero effect (embed_tokens, lm_head): a config
+    selecting one of these is one PEFT refuses to load."""
+    per_layer = ("", ".self_attn", ".mlp", ".mlp.act_fn", ".input_layernorm", ".post_attention_layernorm")
+    return ["model", "model.layers", "model.norm", "model.rotary_emb",
+            *(f"model.layers.{i}{part}" for i in range(num_layers) for part in per_layer)]
 
 
 def _module_path(module: str, layer: int) -> str:

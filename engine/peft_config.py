@@ -45,6 +45,9 @@ _REFUSED = {
     "monteclora_config": "MonteCLoRA is not supported",
     "kasa_config": "KaSA (singular-value adaptation) is not supported",
 }
+# values that mean "off" besides null (a sub-config such as kasa_config is on even when it is `{}`)
+_UNSET = {"use_dora": (False,), "lora_bias": (False,), "use_qalora": (False,), "target_parameters": ([],),
+          "trainable_token_indices": ([], {}), "layer_replication": ([],), "modules_to_save": ([],)}
 # init_lora_weights values whose training changed the base model's weights (the adapter expects that base)
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
@@ -155,8 +158,7 @@ def _check_refused(raw: dict) -> None:
         _bool(raw, name)
     for name, why in _REFUSED.items():
         value = raw.get(name)
-        unset = value is None or (name != "alora_invocation_tokens" and value in (False, [], {}))
-        if not unset:
+        if value is not None and value not in _UNSET.get(name, ()):
             raise ConfigFieldError(f"{name}: {why} (got {_short(value)})")
     bias = raw.get("bias", "none")
     if bias != "none":

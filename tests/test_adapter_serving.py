@@ -137,7 +137,7 @@ def test_startup_refuses_an_adapter_named_like_the_base_model(assets):
     assert len(done.stderr.strip().splitlines()) == 1 and "'tuned'" in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("name", sorted(SERVE_FAULTS)[:2])
+@pytest.mark.parametrize("name", ["alpha-null", "array-document"])
 def test_startup_with_a_bad_adapter_exits_2_with_one_line(assets, name):
     done = _serve_exit(["--model", str(assets["model"]), "--adapter", f"x={assets['bad'][name]}"])
     assert done.returncode == 2, done.stderr

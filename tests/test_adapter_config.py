@@ -1,0 +1,413 @@
+"""adapter_config.json read as PEFT reads it, checked against PEFT itself.
+
+- Random documents (every JSON type in every LoraConfig field, missing fields, unknown fields, documents
+  that are not objects) never raise anything but AdapterError.
+- Random plausible LoRA configs: PEFT builds its model from the directory (LoraConfig.from_pretrained +
+  get_peft_model on a tiny HF Llama, random A and B saved with PEFT's own state-dict function); whenever
+  PEFT puts a LoRA anywhere, lorafleet must load the same directory, and every linear layer's
+  scale * B @ A (targets, layers, per-module ranks and scales at once) must equal PEFT's; whenever PEFT
+  refuses the config, lorafleet refuses it too.
+- A sample of those forms generates greedily token for token as HF + PEFT.
+- One test per adapter fault users reported, with the right value as the expectation.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from adapter_faults import SERVE_FAULTS, Fault, apply_fault
+from safetensors.torch import load_file, save_file
+
+from conftest import PeftOracle
+from lorafleet.engine.adapters import AdapterError, load_adapter, read_adapter_config
+from lorafleet.engine.config import TARGET_MODULES, ModelConfig
+
+peft = pytest.importorskip("peft")
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+MAX_RANK = 64
+LAYERS = 2  # the tiny Llama of conftest
+GROUP = {m: "self_attn" if m in TARGET_MODULES[:4] else "mlp" for m in TARGET_MODULES}
+LINEAR = [f"model.layers.{i}.{GROUP[m]}.{m}" for i in range(LAYERS) for m in TARGET_MODULES]
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                      HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@pytest.fixture(scope="module")
+def base(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def model_cfg(tiny_llama) -> ModelConfig:
+    return ModelConfig.from_dir(tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def full_tensors(tiny_llama, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """A rank-4 adapter's tensors on all seven modules of both layers."""
+    from lorafleet.engine.synthetic import write_adapter
+
+    out = write_adapter(tmp_path_factory.mktemp("full") / "a", tiny_llama, 4, targets=TARGET_MODULES, seed=1)
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+class Dirs:
+    """Fresh directories inside one module-scoped temporary folder (hypothesis runs many examples)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.count = root, 0
+
+    def new(self) -> Path:
+        self.count += 1
+        path = self.root / f"d{self.count}"
+        path.mkdir()
+        return path
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> Dirs:
+    return Dirs(tmp_path_factory.mktemp("configs"))
+
+
+def _write_config(path: Path, doc: object) -> None:
+    (path / "adapter_config.json").write_text(json.dumps(doc))
+
+
+# strategies -------------------------------------------------------------------------------------------
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6)
+
+
+def _lora_fields() -> list[str]:
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(peft.LoraConfig)]
+
+
+FIELD_EXAMPLES = {  # values of the right kind, so that documents get past the first field now and then
+    "r": st.integers(min_value=-2, max_value=80),
+    "lora_alpha": st.one_of(st.integers(-4, 64), st.floats(allow_nan=True, allow_infinity=True)),
+    "target_modules": st.one_of(st.just("all-linear"), st.lists(st.sampled_from(TARGET_MODULES), max_size=7),
+                                st.sampled_from([".*proj", "q_proj", r".*\.(q|v)_proj", "(", ".*"])),
+    "layers_to_transform": st.one_of(st.integers(-1, 3), st.lists(st.integers(-1, 3), max_size=3)),
+    "peft_type": st.sampled_from(["LORA", "lora", "IA3"]),
+    "bias": st.sampled_from(["none", "all", "lora_only"]),
+    "rank_pattern": st.dictionaries(st.sampled_from(["q_proj", "(", "mlp.down_proj"]), st.integers(0, 9),
+                                    max_size=2),
+}
+
+
+@st.composite
+def documents(draw) -> object:
+    if draw(st.integers(0, 9)) == 0:
+        return draw(JSON)  # any JSON document, objects or not
+    fields = _lora_fields() + ["unknown_field"]
+    doc = {}
+    for name in draw(st.lists(st.sampled_from(fields), max_size=8, unique=True)):
+        doc[name] = draw(FIELD_EXAMPLES[name] if name in FIELD_EXAMPLES and draw(st.booleans()) else JSON)
+    return doc
+
+
+SUFFIX_FORMS = [
+    ["q_proj", "v_proj"], ["self_attn.q_proj", "mlp.down_proj"], list(TARGET_MODULES), ["o_proj", "gate_proj"],
+    ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.k_proj", "up_proj"],
+    [f"model.layers.{i}.{GROUP[m]}.{m}" for i in range(LAYERS) for m in TARGET_MODULES],  # all-linear as saved
+]
+REGEX_FORMS = [r".*\.(q|v)_proj", r"model\.layers\.1\..*_proj", r".*proj", r".*mlp\.(up|down)_proj", "ALL-LINEAR",
+               "all-linear"]
+
+
+@st.composite
+def lora_configs(draw) -> dict:
+    """adapter_config.json documents of the forms PEFT writes (each field present or not)."""
+    doc: dict = {"peft_type": "LORA", "task_type": "CAUSAL_LM"}
+    optional = {
+        "r": st.integers(1, 8),
+        "lora_alpha": st.one_of(st.integers(-8, 32), st.floats(0.5, 64.0)),
+        "use_rslora": st.booleans(),
+        "target_modules": st.one_of(st.sampled_from(SUFFIX_FORMS), st.sampled_from(REGEX_FORMS)),
+        "exclude_modules": st.one_of(st.sampled_from([["k_proj"], ["model.layers.0.mlp.up_proj"]]),
+                                     st.just(r".*layers\.0\.self_attn\.q_proj")),
+        "layers_to_transform": st.one_of(st.integers(0, 2), st.lists(st.integers(0, 3), max_size=2, unique=True)),
+        "layers_pattern": st.sampled_from(["layers", ["layers"], "blocks"]),
+        "rank_pattern": st.dictionaries(st.sampled_from(["q_proj", "mlp.down_proj", r"layers\.1\.self_attn\.k_proj"]),
+                                        st.integers(1, 8), max_size=2),
+        "alpha_pattern": st.dictionaries(st.sampled_from(["v_proj", "up_proj", r"layers\.0\..*"]),
+                                         st.integers(1, 32), max_size=2),
+        "lora_dropout": st.sampled_from([0.0, 0.1]),
+        "fan_in_fan_out": st.booleans(),
+        "init_lora_weights": st.sampled_from([True, False, "gaussian"]),
+        "bias": st.just("none"),
+    }
+    for name, strategy in optional.items():
+        if draw(st.booleans()):
+            doc[name] = draw(strategy)
+    return doc
+
+
+# PEFT as the oracle -----------------------------------------------------------------------------------
+def _peft_model(base, adapter_dir: Path):
+    """PEFT's model for the directory's config, with random (non-zero) A and B everywhere it puts a LoRA."""
+    config = peft.LoraConfig.from_pretrained(str(adapter_dir))
+    config.init_lora_weights = False
+    torch.manual_seed(0)
+    return peft.get_peft_model(copy.deepcopy(base), config)
+
+
+def _peft_layers(model) -> dict[str, tuple[int, float, torch.Tensor]]:
+    """module name -> (r, scaling, scaling * B @ A) for every LoRA layer PEFT made."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            scaling = module.scaling["default"]
+            out[name.removeprefix("base_model.model.")] = (module.r["default"], scaling, (scaling * b @ a).detach())
+    return out
+
+
+def _our_deltas(weights) -> dict[str, torch.Tensor]:
+    out = {}
+    for module in weights.targets:
+        for layer in range(LAYERS):
+            delta = weights.scale * weights.b[module][layer] @ weights.a[module][layer]
+            out[f"model.layers.{layer}.{GROUP[module]}.{module}"] = delta
+    return out
+
+
+def _refuses(path: Path, model_cfg: ModelConfig) -> bool:
+    try:
+        load_adapter("x", path, model_cfg, MAX_RANK)
+    except AdapterError:
+        return True
+    return False
+
+
+# property tests ---------------------------------------------------------------------------------------
+@settings(max_examples=150, **SETTINGS)
+@given(doc=documents())
+def test_any_document_gives_an_adapter_or_an_adapter_error(doc, dirs, model_cfg, full_tensors):
+    path = dirs.new()
+    _write_config(path, doc)
+    save_file(full_tensors, str(path / "adapter_model.safetensors"))
+    try:
+        weights = load_adapter("x", path, model_cfg, MAX_RANK)
+    except AdapterError as exc:
+        message = str(exc)
+        assert message and "Traceback" not in message
+        hypothesis.event(f"refused at {message.split(':')[0][:30]}")
+        return
+    hypothesis.event("accepted")
+    assert math.isfinite(weights.scale) and abs(weights.scale) <= 1e4
+
+
+@settings(max_examples=80, **SETTINGS)
+@given(doc=lora_configs())
+def test_accepted_configs_mean_what_peft_builds(doc, dirs, base, model_cfg):
+    path = dirs.new()
+    _write_config(path, doc)
+    try:
+        model = _peft_model(base, path)
+    except (ValueError, TypeError) as exc:  # PEFT refuses the config (or finds no module to adapt)
+        hypothesis.event("PEFT refuses")
+        with pytest.raises(AdapterError):
+            save_file({}, str(path / "adapter_model.safetensors"))
+            load_adapter("x", path, model_cfg, MAX_RANK)
+        assert str(exc)
+        return
+    layers = _peft_layers(model)
+    hypothesis.event(f"PEFT adapts {len(layers)} of {len(LINEAR)} layers")
+    save_file(peft.get_peft_model_state_dict(model), str(path / "adapter_model.safetensors"))
+    _write_config(path, doc)  # the document under test, not PEFT's rewrite of it
+    weights = load_adapter("x", path, model_cfg, MAX_RANK)
+    spec = read_adapter_config(path, MAX_RANK)
+    ours = _our_deltas(weights)
+    assert {n for n in LINEAR if spec.selects(n)} == set(layers), "targets and layers differ from PEFT's"
+    for name in LINEAR:
+        if name in layers:
+            r, scaling, delta = layers[name]
+            assert (spec.rank(name), spec.scale(name)) == (r, pytest.approx(scaling, rel=1e-12)), name
+            assert torch.allclose(ours[name], delta, rtol=1e-5, atol=1e-6), name
+        elif name in ours:
+            assert torch.count_nonzero(ours[name]) == 0, name
+
+
+# greedy equality on a sample of the forms --------------------------------------------------------------
+SAMPLE = {
+    "no-alpha": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+    "suffix": {"r": 4, "lora_alpha": 16, "target_modules": ["self_attn.q_proj", "mlp.down_proj"]},
+    "dotted": {"r": 2, "lora_alpha": 4, "target_modules": [
+        f"model.layers.{i}.{GROUP[m]}.{m}" for i in range(LAYERS) for m in TARGET_MODULES]},
+    "regex-patterns": {"r": 4, "lora_alpha": 8, "target_modules": r".*\.(q|k|v|o|up)_proj",
+                       "rank_pattern": {"q_proj": 8}, "alpha_pattern": {r"layers\.1\..*": 32}},
+    "layers": {"r": 3, "lora_alpha": 6, "target_modules": "all-linear", "exclude_modules": ["gate_proj"],
+               "use_rslora": True},
+    "one-layer": {"r": 4, "lora_alpha": 8, "target_modules": ["o_proj", "up_proj"], "layers_to_transform": [1],
+                  "layers_pattern": "layers"},
+}
+
+
+def test_greedy_outputs_equal_hf_peft_on_a_sample(tiny_llama, base, tmp_path):
+    from lorafleet.engine import LLM
+
+    adapters = {}
+    for i, (name, doc) in enumerate(SAMPLE.items()):
+        path = tmp_path / name
+        path.mkdir()
+        full = {"peft_type": "LORA", "task_type": "CAUSAL_LM", **doc}
+        _write_config(path, full)
+        torch.manual_seed(i)
+        model = _peft_model(base, path)
+        with torch.no_grad():  # B of this scale so that every adapter changes the greedy tokens
+            for p_name, param in model.named_parameters():
+                if "lora_B" in p_name:
+                    param.mul_(3.0)
+        save_file(peft.get_peft_model_state_dict(model), str(path / "adapter_model.safetensors"))
+        _write_config(path, full)
+        adapters[name] = path
+    oracle = PeftOracle(tiny_llama, adapters)
+    prompts = [[5, 17, 90, 33], [200, 7, 7, 41, 12, 3]]
+    work = [(p, a) for a in [*adapters, None] for p in prompts]
+    llm = LLM(str(tiny_llama), adapters={k: str(v) for k, v in adapters.items()})
+    got = llm.generate([p for p, _ in work], adapters=[a for _, a in work], max_tokens=8, ignore_eos=True)
+    base_tokens = {tuple(p): oracle.greedy(p, None, 8) for p in prompts}
+    for (prompt, adapter), out in zip(work, got):
+        want = oracle.greedy(prompt, adapter, 8)
+        assert out.token_ids == want, (adapter, prompt)
+    changed = {a for (p, a), out in zip(work, got) if a and out.token_ids != base_tokens[tuple(p)]}
+    assert changed == set(adapters), "every sampled adapter must change some greedy output"
+
+
+# one test per reported fault --------------------------------------------------------------------------
+def _adapter(tmp_path: Path, tiny_llama: Path, fault: Fault | None = None, name: str = "a", **write) -> Path:
+    from lorafleet.engine.synthetic import write_adapter
+
+    out = write_adapter(tmp_path / name, tiny_llama, write.pop("rank", 4), seed=write.pop("seed", 3), **write)
+    if fault is not None:
+        apply_fault(out, fault)
+    return out
+
+
+def test_missing_lora_alpha_is_peft_default_8_not_r(tiny_llama, model_cfg, tmp_path):
+    from adapter_faults import DROP
+
+    path = _adapter(tmp_path, tiny_llama, Fault("", {"lora_alpha": DROP}), rank=4)
+    assert load_adapter("a", path, model_cfg, MAX_RANK).scale == 8 / 4
+    assert peft.LoraConfig.from_pretrained(str(path)).lora_alpha == 8  # the oracle agrees
+    rs = _adapter(tmp_path, tiny_llama, Fault("", {"lora_alpha": DROP, "use_rslora": True}), name="rs", rank=16)
+    assert load_adapter("rs", rs, model_cfg, MAX_RANK).scale == 8 / math.sqrt(16)
+
+
+def test_missing_r_is_peft_default_8(tiny_llama, model_cfg, tmp_path):
+    from adapter_faults import DROP
+
+    path = _adapter(tmp_path, tiny_llama, Fault("", {"r": DROP, "lora_alpha": 16}), rank=8)
+    weights = load_adapter("a", path, model_cfg, MAX_RANK)
+    assert (weights.rank, weights.scale) == (8, 2.0)
+    wrong = _adapter(tmp_path, tiny_llama, Fault("", {"r": DROP}), name="r4", rank=4)
+    with pytest.raises(AdapterError, match=r"expected \(8, 64\) \(r = 8\)"):
+        load_adapter("b", wrong, model_cfg, MAX_RANK)
+
+
+@pytest.mark.parametrize("name", sorted(SERVE_FAULTS))
+def test_each_reported_fault_is_refused_naming_its_field_or_tensor(tiny_llama, model_cfg, tmp_path, name):
+    path = _adapter(tmp_path, tiny_llama, SERVE_FAULTS[name])
+    with pytest.raises(AdapterError, match=re.escape(SERVE_FAULTS[name].names)):
+        load_adapter("a", path, model_cfg, MAX_RANK)
+
+
+REFUSED_FIELDS = [
+    ("use_dora", True), ("lora_bias", True), ("modules_to_save", ["lm_head"]), ("bias", "lora_only"),
+    ("alora_invocation_tokens", []), ("target_parameters", ["mlp.experts.gate_up_proj"]),
+    ("trainable_token_indices", [1, 2]), ("layer_replication", [[0, 1], [0, 1]]), ("use_qalora", True),
+    ("arrow_config", {"top_k": 2}), ("use_bdlora", {"nblocks": 2}), ("kasa_config", {}),
+    ("init_lora_weights", "pissa_niter_4"), ("init_lora_weights", "olora"), ("init_lora_weights", "loftq"),
+    ("peft_type", "IA3"), ("r", 65), ("r", 0), ("r", 4.0), ("r", True), ("lora_alpha", True),
+    ("use_rslora", "yes"), ("target_modules", 7), ("target_modules", ["q_proj", 3]), ("target_modules", "("),
+    ("target_modules", []), ("exclude_modules", {"a": 1}), ("layers_to_transform", [0, "1"]),
+    ("layers_to_transform", 1.0), ("layers_pattern", 5), ("rank_pattern", []), ("rank_pattern", {"q_proj": 0}),
+    ("rank_pattern", {"(": 4}), ("alpha_pattern", {"q_proj": None}), ("alpha_pattern", {"q_proj": 1e300}),
+    ("init_lora_weights", 3),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), REFUSED_FIELDS, ids=[f"{f}={v!r}"[:40] for f, v in REFUSED_FIELDS])
+def test_refused_values_name_the_field(tiny_llama, model_cfg, tmp_path, field, value):
+    path = _adapter(tmp_path, tiny_llama, Fault("", {field: value}))
+    with pytest.raises(AdapterError, match=f"^{re.escape(field)}"):
+        load_adapter("a", path, model_cfg, MAX_RANK)
+
+
+@pytest.mark.parametrize("doc", [[], "LORA", 4, None, True, [{"r": 4}]], ids=repr)
+def test_a_document_that_is_not_an_object_is_refused(tiny_llama, model_cfg, tmp_path, doc):
+    path = _adapter(tmp_path, tiny_llama, Fault("", doc, whole=True))
+    with pytest.raises(AdapterError, match="adapter_config.json: must be a JSON object"):
+        load_adapter("a", path, model_cfg, MAX_RANK)
+
+
+@pytest.mark.parametrize("raw", [b"{", b"\xff\xfe", b'{"r": ' + b"9" * 5000 + b"}", b"[" * 100000])
+def test_unparseable_json_is_refused(tiny_llama, model_cfg, tmp_path, raw):
+    path = _adapter(tmp_path, tiny_llama)
+    (path / "adapter_config.json").write_bytes(raw)
+    with pytest.raises(AdapterError, match="adapter_config.json"):
+        load_adapter("a", path, model_cfg, MAX_RANK)
+
+
+def test_full_dotted_and_suffix_target_modules_are_accepted(tiny_llama, model_cfg, tmp_path):
+    dotted = [f"model.layers.{i}.{GROUP[m]}.{m}" for i in range(LAYERS) for m in ("q_proj", "k_proj", "v_proj",
+                                                                                 "o_proj")]
+    for name, targets in (("dotted", dotted), ("suffix", ["self_attn.q_proj", "self_attn.k_proj", "v_proj",
+                                                          "self_attn.o_proj"])):
+        path = _adapter(tmp_path, tiny_llama, Fault("", {"target_modules": targets}), name=name)
+        weights = load_adapter(name, path, model_cfg, MAX_RANK)
+        assert weights.targets == ("q_proj", "k_proj", "v_proj", "o_proj") and weights.scale == 2.0
+
+
+def test_tensors_outside_the_config_or_the_model_are_refused_naming_the_tensor(tiny_llama, model_cfg, tmp_path):
+    only_q = _adapter(tmp_path, tiny_llama, Fault("", {"target_modules": ["q_proj"]}), name="q")
+    with pytest.raises(AdapterError, match=r"layers\.0\.self_attn\.k_proj\.lora_A\.weight: module .* not selected"):
+        load_adapter("q", only_q, model_cfg, MAX_RANK)
+    extra_layer = _adapter(tmp_path, tiny_llama, name="l5", fault=Fault("", tensors=lambda t: {
+        **t, "base_model.model.model.layers.5.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64)}))
+    with pytest.raises(AdapterError, match=r"layers\.5\.self_attn\.q_proj\.lora_A\.weight: layer 5 does not exist"):
+        load_adapter("l5", extra_layer, model_cfg, MAX_RANK)
+    swapped = _adapter(tmp_path, tiny_llama, name="sw", fault=Fault("", tensors=lambda t: {
+        k.replace("self_attn.q_proj", "mlp.q_proj"): v for k, v in t.items()}))
+    with pytest.raises(AdapterError, match=r"mlp\.q_proj\.lora_A\.weight: not a LoRA tensor of a module"):
+        load_adapter("sw", swapped, model_cfg, MAX_RANK)
+
+
+def test_selecting_a_module_that_is_not_linear_is_refused(tiny_llama, model_cfg, tmp_path):
+    path = _adapter(tmp_path, tiny_llama, Fault("", {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                         "mlp"]}))
+    with pytest.raises(AdapterError, match=r"^target_modules: selects model\.layers\.0\.mlp"):
+        load_adapter("a", path, model_cfg, MAX_RANK)
+
+
+def test_huge_weights_are_refused_naming_the_tensor(tiny_llama, model_cfg, tmp_path):
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    path = _adapter(tmp_path, tiny_llama, Fault("", tensors=lambda t: {**t, key: t[key] * 1e8}))
+    with pytest.raises(AdapterError, match=re.escape(key) + ": holds a value of magnitude"):
+        load_adapter("a", path, model_cfg, MAX_RANK)
+
+
+def test_fan_in_fan_out_and_dropout_are_ignored_as_peft_does_for_linear(tiny_llama, model_cfg, tmp_path):
+    plain = load_adapter("p", _adapter(tmp_path, tiny_llama, name="p"), model_cfg, MAX_RANK)
+    odd = _adapter(tmp_path, tiny_llama, Fault("", {"fan_in_fan_out": True, "lora_dropout": 0.5}), name="o")
+    weights = load_adapter("o", odd, model_cfg, MAX_RANK)
+    assert weights.scale == plain.scale and all(torch.equal(weights.a[m], plain.a[m]) for m in plain.a)
