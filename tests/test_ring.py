@@ -218,7 +218,7 @@ class _FullRingGroup:
         self.results = []
 
     def send(self, plan, packed):
-        from lorafleet.actors.schema import StepResult
+        from lorafleet.actors.executor import run_step
 
         self.tries += 1
         if plan.num_tokens > self.never_tokens:
@@ -226,7 +226,7 @@ class _FullRingGroup:
         if self.tries <= 3 or self.tries % 3 == 0:
             self.refused += 1
             raise RingFull("the plan ring is full now")
-        self.results.append(StepResult(plan.step, 0, self.runner.execute(plan), 0.0))
+        self.results.append(run_step(0, self.runner, plan))  # the executor's own step: result with logprobs
 
     async def receive(self):
         import asyncio
