@@ -240,7 +240,7 @@ def executor_main(spec: ExecutorSpec, plan_wake: Connection, result_wake: Connec
     try:
         runner, config = _build_runner(spec, readers, peaks)
         endpoint.send(ExecutorReady(spec.rank, os.getpid(), config.device, config.num_pages, peaks[0].bandwidth,
-                                    peaks[0].matmul_flops))
+                                    peaks[0].matmul_flops, torch.get_num_threads()))
         code = _serve(spec, runner, readers[0], endpoint)
     except ChannelClosed:
         code = 0
@@ -309,6 +309,7 @@ class _Rank:
     rings: tuple[ShmRing, ShmRing]
     pid: int = 0
     device: str = ""
+    torch_threads: int = 0
     exited: bool = False
 
 
@@ -366,7 +367,7 @@ class ExecutorGroup:
                 msg = await asyncio.wait_for(r.channel.recv(), start_timeout)
                 if not isinstance(msg, ExecutorReady):
                     raise ExecutorDied(r.rank, getattr(msg, "message", f"unexpected {type(msg).__name__}"))
-                r.pid, r.device = msg.pid, msg.device
+                r.pid, r.device, r.torch_threads = msg.pid, msg.device, msg.torch_threads
                 self.peak = self.peak or DevicePeak(msg.bandwidth, msg.matmul_flops)
                 self.num_pages = min(self.num_pages or msg.num_pages, msg.num_pages)
         except (ChannelClosed, TimeoutError, asyncio.TimeoutError) as exc:
@@ -377,8 +378,8 @@ class ExecutorGroup:
             raise
 
     def info(self) -> list[dict]:
-        return [{"rank": r.rank, "pid": r.pid, "device": r.device, "alive": not r.exited and r.process.is_alive()}
-                for r in self.ranks]
+        return [{"rank": r.rank, "pid": r.pid, "device": r.device, "torch_threads": r.torch_threads,
+                 "alive": not r.exited and r.process.is_alive()} for r in self.ranks]
 
     def send(self, plan: StepPlan, packed: list[PackedAdapter]) -> None:
         """Send one step to every rank; at most one more may be sent before its result is received (the
