@@ -194,7 +194,7 @@ async def test_metrics_names_and_model_name_label(demo_server):
     assert "lorafleet:pool_capacity_pages" in names and "lorafleet:pool_pages_total" not in names
     assert samples[("lorafleet:pool_capacity_pages", (("model_name", BASE),))] == 40
     unlabelled = {name for name, labels in samples if "model_name" not in dict(labels)}
-    assert unlabelled == {"lorafleet:lora_requests_info"}  # as in vLLM
+    assert unlabelled == {"lorafleet:lora_requests_info", "lorafleet:cache_config_info"}  # as in vLLM
 
 
 async def test_admin_routes_refuse_without_an_admin_key(demo_server):
