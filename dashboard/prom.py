@@ -176,9 +176,9 @@ class FleetCollector(Collector):
                   ("roofline_adapter_bytes", "adapter_bytes", "Distinct adapters' bytes those steps had to read."),
                   ("roofline_prefill_flops", "prefill_flops", "Prefill FLOPs of those steps."))
         for name, attr, doc in fields:
-            family = CounterMetricFamily(self.prefix + name, doc, labels=["seqs"])
+            family = CounterMetricFamily(self.prefix + name, doc, labels=self._labels("seqs"))
             for label, totals in sorted(hub.roofline.items()):
-                family.add_metric([label], getattr(totals, attr))
+                family.add_metric(self._values(label), getattr(totals, attr))
             yield family
 
     def _window_families(self) -> Iterator[Metric]:
