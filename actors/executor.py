@@ -237,15 +237,19 @@ def executor_main(spec: ExecutorSpec, plan_wake: Connection, result_wake: Connec
                             result_wake.fileno(), plan_wake.fileno())
     readers: list[StagedReader] = []
     peaks: list[DevicePeak] = []
+    ready = False
     try:
         runner, config = _build_runner(spec, readers, peaks)
         endpoint.send(ExecutorReady(spec.rank, os.getpid(), config.device, config.num_pages, peaks[0].bandwidth,
                                     peaks[0].matmul_flops, torch.get_num_threads()))
+        ready = True
         code = _serve(spec, runner, readers[0], endpoint)
     except ChannelClosed:
         code = 0
     except Exception as exc:  # report any failure to the scheduler, then exit non-zero
-        traceback.print_exc()  # the log has the traceback; clients and /health get one line
+        if ready or os.environ.get("LORAFLEET_LOG_LEVEL") == "debug":
+            traceback.print_exc()  # the log has the traceback; clients and /health get one line
+        # a start-up failure is reported in the server's one line (the traceback with --log-level debug)
         endpoint.send(ExecutorFailed(spec.rank, f"{type(exc).__name__}: {one_line(str(exc))}"))
         code = 1
     for reader in readers:

@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     from lorafleet.actors.startup import PortInUse, bind_listener, thread_policy
 
     setup_logging(args.log_format, args.log_level, access=not args.disable_log_requests)
+    os.environ["LORAFLEET_LOG_LEVEL"] = args.log_level  # the executor processes inherit it
     try:
         sock = bind_listener(args.host, args.port)  # before anything loads: a busy port fails in a second
     except PortInUse as exc:
