@@ -123,6 +123,12 @@ def _engine_args(g) -> None:
                    help="adapters of waiting requests loaded ahead into free pool pages per step")
     g.add_argument("--prefetch-workers", type=int, default=2,
                    help="threads packing adapters into the host cache at once")
+    g.add_argument("--cluster-window", type=int, default=0,
+                   help="waiting requests admission looks through for ones whose adapter is already in the batch "
+                   "(0 = the fairness window, 32)")
+    g.add_argument("--max-batch-adapter-fraction", type=float, default=0.0,
+                   help="bound the distinct adapters' bytes a step reads to this fraction of the weight bytes "
+                   "(0 = no bound; see docs/benchmarks.md, roofline)")
     g.add_argument("--prefill-attention", choices=("triton", "flex"), default="triton",
                    help="prefill attention kernel: ours (Triton) or PyTorch flex_attention over the pages")
     g.add_argument("--roofline-bandwidth-gbps", type=float, default=0.0,
