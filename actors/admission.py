@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from lorafleet.actors.channels import Channel
-from lorafleet.actors.hub import RequestRecord, ServeHub
+from lorafleet.actors.hub import ServeHub
 from lorafleet.actors.schema import Cancel, Drain, Rejected, SchedulerStats, Submit
 
 QUEUE_FULL = "queue_full"
@@ -116,5 +116,4 @@ class AdmissionActor:
             return
         self.router.send(refusal)
         self.hub.count("early_aborted" if refusal.code == SLO_UNATTAINABLE else "rejected_429")
-        self.hub.publish_record(RequestRecord(submit.request_id, submit.adapter, len(submit.prompt_ids), 0, None,
-                                              refusal.code, slo_ttft_ms=submit.slo_ttft_ms))
+        # the frontend records the refused request (Generation.admitted), as it does for every refusal

@@ -20,6 +20,7 @@ MAX_PATH_BYTES = 4096  # PATH_MAX on Linux
 MAX_LORA_NAME = 1024
 
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/debug/state")
+KEY_ONLY_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # closed to everyone without --admin-key
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -35,7 +36,9 @@ def _matches(given: str | None, expected: str) -> bool:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
-    """--api-key guards /v1/*; --admin-key (when set) guards the admin paths and also opens /v1/*."""
+    """--api-key guards /v1/*; --admin-key guards the admin paths and also opens /v1/*. Without an admin
+    key the routes that change what is served (load/unload) answer 403 to everyone; /v1/debug/state
+    (read-only) then follows the /v1 rule."""
     frontend: Frontend = request.app["frontend"]
     if not request.path.startswith("/v1/"):
         return await handler(request)
@@ -58,6 +61,9 @@ async def auth_middleware(request: web.Request, handler):
 def _check_keys(request: web.Request, frontend: Frontend) -> ApiError | None:
     given = _bearer(request)
     is_admin = frontend.admin_key is not None and _matches(given, frontend.admin_key)
+    if request.path in KEY_ONLY_PATHS and frontend.admin_key is None:
+        return ApiError(403, "admin_disabled", f"{request.path} is disabled: start the server with --admin-key "
+                        "(or LORAFLEET_ADMIN_KEY) to load and unload adapters at runtime")
     if request.path in ADMIN_PATHS and frontend.admin_key is not None and not is_admin:
         return ApiError(403, "forbidden", "this endpoint needs the admin key")
     if frontend.api_key is not None and not is_admin and not _matches(given, frontend.api_key):
@@ -147,6 +153,10 @@ async def _close_sockets(app: web.Application) -> None:
         await ws.close(code=1001, message=b"server shutting down")
 
 
+async def _to_dashboard(request: web.Request) -> web.Response:
+    raise web.HTTPFound("/dashboard")
+
+
 def build_app(frontend: Frontend) -> web.Application:
     """The aiohttp app; calls lorafleet.dashboard.setup_routes(app, hub) when the dashboard provides it."""
     app = web.Application(middlewares=[auth_middleware], client_max_size=frontend.max_body_bytes)
@@ -165,8 +175,9 @@ def build_app(frontend: Frontend) -> web.Application:
     except ImportError:
         setup_routes = None
     if setup_routes is not None:
+        app.router.add_get("/", _to_dashboard)
         info = frontend.hub.info
         setup_routes(app, frontend.hub, max_lora=info.get("config", {}).get("max_adapters_per_batch"),
                      default_slo_ttft_ms=info.get("slo_ttft_ms"), title=f"lorafleet · {frontend.ctx.base_name}",
-                     metric_prefix=info.get("metric_prefix") or "lorafleet:")
+                     metric_prefix=info.get("metric_prefix") or "lorafleet:", model_name=frontend.ctx.base_name)
     return app

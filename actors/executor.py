@@ -237,15 +237,19 @@ def executor_main(spec: ExecutorSpec, plan_wake: Connection, result_wake: Connec
                             result_wake.fileno(), plan_wake.fileno())
     readers: list[StagedReader] = []
     peaks: list[DevicePeak] = []
+    ready = False
     try:
         runner, config = _build_runner(spec, readers, peaks)
         endpoint.send(ExecutorReady(spec.rank, os.getpid(), config.device, config.num_pages, peaks[0].bandwidth,
-                                    peaks[0].matmul_flops))
+                                    peaks[0].matmul_flops, torch.get_num_threads()))
+        ready = True
         code = _serve(spec, runner, readers[0], endpoint)
     except ChannelClosed:
         code = 0
     except Exception as exc:  # report any failure to the scheduler, then exit non-zero
-        traceback.print_exc()  # the log has the traceback; clients and /health get one line
+        if ready or os.environ.get("LORAFLEET_LOG_LEVEL") == "debug":
+            traceback.print_exc()  # the log has the traceback; clients and /health get one line
+        # a start-up failure is reported in the server's one line (the traceback with --log-level debug)
         endpoint.send(ExecutorFailed(spec.rank, f"{type(exc).__name__}: {one_line(str(exc))}"))
         code = 1
     for reader in readers:
@@ -309,6 +313,7 @@ class _Rank:
     rings: tuple[ShmRing, ShmRing]
     pid: int = 0
     device: str = ""
+    torch_threads: int = 0
     exited: bool = False
 
 
@@ -366,7 +371,7 @@ class ExecutorGroup:
                 msg = await asyncio.wait_for(r.channel.recv(), start_timeout)
                 if not isinstance(msg, ExecutorReady):
                     raise ExecutorDied(r.rank, getattr(msg, "message", f"unexpected {type(msg).__name__}"))
-                r.pid, r.device = msg.pid, msg.device
+                r.pid, r.device, r.torch_threads = msg.pid, msg.device, msg.torch_threads
                 self.peak = self.peak or DevicePeak(msg.bandwidth, msg.matmul_flops)
                 self.num_pages = min(self.num_pages or msg.num_pages, msg.num_pages)
         except (ChannelClosed, TimeoutError, asyncio.TimeoutError) as exc:
@@ -377,8 +382,8 @@ class ExecutorGroup:
             raise
 
     def info(self) -> list[dict]:
-        return [{"rank": r.rank, "pid": r.pid, "device": r.device, "alive": not r.exited and r.process.is_alive()}
-                for r in self.ranks]
+        return [{"rank": r.rank, "pid": r.pid, "device": r.device, "torch_threads": r.torch_threads,
+                 "alive": not r.exited and r.process.is_alive()} for r in self.ranks]
 
     def send(self, plan: StepPlan, packed: list[PackedAdapter]) -> None:
         """Send one step to every rank; at most one more may be sent before its result is received (the

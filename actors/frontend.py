@@ -21,7 +21,7 @@ from aiohttp import WSMsgType, web
 
 from lorafleet.actors.channels import Channel, LocalChannel
 from lorafleet.actors.fields import redact, show
-from lorafleet.actors.hub import ServeHub
+from lorafleet.actors.hub import RequestRecord, ServeHub
 from lorafleet.actors.protocol import ApiError, GenerationSpec, ParseContext, bad, client_id, parse_ws_generate
 from lorafleet.actors.schema import AdminOp, AdminResult, Admitted, Cancel, DeltaItem, Rejected, StepDeltas, Submit
 
@@ -79,7 +79,9 @@ class Generation:
         msg = await self.queue.get()
         if isinstance(msg, Rejected):
             self.finished = True
-            raise ApiError(msg.status, msg.code, msg.message, msg.param, msg.retry_after)
+            exc = ApiError(msg.status, msg.code, msg.message, msg.param, msg.retry_after)
+            self.frontend.refused(exc, self.spec, self.request_id)
+            raise exc
         if isinstance(msg, DeltaItem) and msg.finished:  # failed before its Admitted went out
             self.finished = True
             raise item_error(msg)
@@ -128,6 +130,16 @@ class Frontend:
         self.admission.send(Submit(request_id, spec.prompt_ids, spec.params, spec.adapter, spec.slo_ttft_ms,
                                    time.monotonic()))
         return Generation(self, request_id, spec, queue)
+
+    def refused(self, exc: ApiError, spec: GenerationSpec | None = None, request_id: str | None = None) -> None:
+        """Record a generation request that ended with an error before it was admitted: a client error
+        (bad field, unknown model, too long...) or a refusal (queue full, SLO unattainable, shutting down),
+        so request_failure_total, the dashboard's FAILED tile and the access log see it. The adapter is
+        only named when the request parsed (a client-chosen unknown name must not become a label)."""
+        self.hub.publish_record(RequestRecord(
+            request_id or self.new_id(), spec.adapter if spec is not None else None,
+            len(spec.prompt_ids) if spec is not None else 0, 0, None, exc.code,
+            slo_ttft_ms=spec.slo_ttft_ms if spec is not None else None, status=exc.status))
 
     async def admin(self, op: str, name: str, path: str | None) -> AdminResult:
         request_id = self.new_id("admin")
@@ -209,10 +221,12 @@ class WsConnection:
             cid = _valid_id(frame)
             await self.dispatch(frame)
         except ApiError as exc:
+            self.frontend.refused(exc)
             await self.error(None if exc.code in _UNTIED else cid, exc)
         except Exception as exc:  # a bug must not end the socket or show the client a traceback
             ref = self.frontend.new_id("err")
             log.exception("ws frame failed (%s, id %r)", ref, cid)
+            self.frontend.refused(internal_error(ref, exc))
             await self.error(cid, internal_error(ref, exc))
 
     async def dispatch(self, frame: dict) -> None:

@@ -126,6 +126,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         body = await read_json(request, frontend)
         spec = parse_generation(body, frontend.ctx, chat)
     except ApiError as exc:
+        frontend.refused(exc)
         return error_response(exc)
     generation = frontend.start(spec)
     out = Completion(chat, spec.model, ("chatcmpl-" if chat else "cmpl-") + generation.request_id)

@@ -14,6 +14,7 @@ go to the hub.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ import torch
 
 from lorafleet.actors.channels import Channel
 from lorafleet.actors.hub import ServeHub
+from lorafleet.actors.logs import adapter_log, event
 from lorafleet.actors.schema import AdapterFetched, AdapterFetchFailed, Prefetch
 from lorafleet.engine.adapter_store import AdapterStore, PackedAdapter
 from lorafleet.engine.adapters import AdapterError
@@ -84,7 +86,7 @@ class PrefetcherActor:
                 packed = await asyncio.to_thread(self.loader.pack_into, target, path)
         except (AdapterError, OSError, ValueError) as exc:
             stats.failed += 1
-            print(f"lorafleet: prefetch of adapter {name!r} failed: {exc}", flush=True)
+            event(adapter_log, f"prefetch of adapter {name!r} failed: {exc}", logging.WARNING, adapter=name)
             self.scheduler.send(AdapterFetchFailed(name, path, str(exc), target))
             return
         finally:
@@ -92,4 +94,5 @@ class PrefetcherActor:
         seconds = time.perf_counter() - started
         stats.loaded += 1
         stats.load_seconds += seconds
+        event(adapter_log, "adapter read into the host cache", adapter=name, read_ms=round(seconds * 1e3, 1))
         self.scheduler.send(AdapterFetched(name, path, packed, seconds))

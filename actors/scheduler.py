@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from itertools import islice
@@ -24,6 +23,7 @@ from lorafleet.actors.admission import SHUTTING_DOWN, SLO_UNATTAINABLE
 from lorafleet.actors.channels import Channel, LocalChannel, RingFull
 from lorafleet.actors.executor import ExecutorDied
 from lorafleet.actors.hub import RequestRecord, ServeHub, StepRecord
+from lorafleet.actors.logs import adapter_log, event, steps_log
 from lorafleet.actors.protocol import params_from_wire
 from lorafleet.actors.schema import (
     AdapterFetched,
@@ -95,16 +95,18 @@ class StepLog:
 
     def _print(self, now: float) -> None:
         n, seconds = self.steps, now - self.since
-        print(f"lorafleet: steps {n / seconds:.1f}/s  seqs {self.seqs / n:.1f}  tokens "
+        event(steps_log, f"steps {n / seconds:.1f}/s  seqs {self.seqs / n:.1f}  tokens "
               f"{self.tokens / n:.1f}  step {self.step_ms / n:.1f} ms (executor {self.executor_ms / n:.1f})  "
               f"host {self.host_ms / n:.1f} ms  adapter loads {self.load_bytes / seconds / 1e6:.0f} MB/s "
-              f"stalls {self.load_stalls}", flush=True)
+              f"stalls {self.load_stalls}", steps_per_s=round(n / seconds, 1), seqs=round(self.seqs / n, 1),
+              tokens=round(self.tokens / n, 1), step_ms=round(self.step_ms / n, 1),
+              executor_ms=round(self.executor_ms / n, 1), host_ms=round(self.host_ms / n, 1),
+              adapter_load_mb_per_s=round(self.load_bytes / seconds / 1e6, 1), load_stalls=self.load_stalls)
         if self.cost:
             c = {key: value / n for key, value in self.cost.items()}
-            print(f"lorafleet: roofline {c['ms']:.1f} ms (read weights {c['weights'] / 1e9:.2f} GB, kv "
+            event(steps_log, f"roofline {c['ms']:.1f} ms (read weights {c['weights'] / 1e9:.2f} GB, kv "
                   f"{c['kv'] / 1e9:.2f} GB, lora {c['lora'] / 1e6:.0f} MB; prefill {c['flops'] / 1e12:.2f} TFLOP)  "
-                  f"executor {self.executor_ms / n:.1f} ms = {self.executor_ms / n / max(c['ms'], 1e-9):.2f}x",
-                  flush=True)
+                  f"executor {self.executor_ms / n:.1f} ms = {self.executor_ms / n / max(c['ms'], 1e-9):.2f}x")
 
 
 @dataclass
@@ -377,6 +379,7 @@ class SchedulerActor:
         timing.batch_tokens, timing.batch_seqs = plan.num_tokens, len(plan.seqs)
         self.hub.publish_step(StepRecord(plan.step, len(plan.seqs), plan.num_tokens, elapsed_ms, list(plan.slots),
                                          adapter_loads=[load.name for load in plan.loads]))
+        _log_pool_changes(plan)
         self._publish(throttled=True)
         self._ask_prefetch()
 
@@ -525,6 +528,7 @@ class SchedulerActor:
         self.engine.store.unregister(name)
         self._adapters_changed()
         self.hub.count("adapter_read_failures")
+        event(adapter_log, f"adapter unregistered: it can no longer be read: {exc}", logging.WARNING, adapter=name)
 
     def _staging_failed(self, plan, exc: AdapterError) -> None:
         """An adapter this plan loads can no longer be read (e.g. its files changed on disk). The plan is
@@ -588,6 +592,8 @@ class SchedulerActor:
             self.index.invalid.pop(msg.name, None)
         self._adapters_changed()
         self._publish()
+        event(adapter_log, "adapter registered" if msg.op == "load" else "adapter unregistered", adapter=msg.name,
+              path=msg.path, via="admin")
         self.router.send(AdminResult(msg.request_id, True, None, f"{msg.op} {msg.name}: ok"))
 
     def _admin_refusal(self, msg: AdminOp) -> AdminResult | None:
@@ -669,8 +675,8 @@ class SchedulerActor:
                 self._refuse_parked(msg.name, msg.path, str(exc), waiting)
                 return
             self._adapters_changed()
-            print(f"lorafleet: adapter {msg.name!r} loaded from the adapter root on first use "
-                  f"({msg.seconds * 1000:.0f} ms)", flush=True)
+            event(adapter_log, "adapter registered from the adapter root on first use", adapter=msg.name,
+                  path=msg.path, read_ms=round(msg.seconds * 1000, 1))
         for submit in waiting:
             self._submit(submit)
 
@@ -680,8 +686,8 @@ class SchedulerActor:
         if self.index is not None:
             self.index.mark_invalid(name, path, message)
         self.hub.count("adapter_invalid")
-        print(f"lorafleet: warning: adapter {name!r} under the adapter root is invalid and refused: {message}",
-              file=sys.stderr, flush=True)
+        event(adapter_log, f"adapter {name!r} under the adapter root is invalid and refused: {message}",
+              logging.WARNING, adapter=name)
         for submit in waiting:
             self.router.send(_invalid(submit.request_id, name, message))
         self._adapters_changed()
@@ -708,3 +714,11 @@ class SchedulerActor:
 
 def _invalid(request_id: str, name: str, why: str) -> Rejected:
     return Rejected(request_id, "adapter_invalid", f"model: adapter {name!r} is invalid: {why}", 400, "model")
+
+
+def _log_pool_changes(plan: StepPlan) -> None:
+    """One lorafleet.adapters line per adapter a step loads into the pool or evicts from it."""
+    for load in plan.loads:
+        event(adapter_log, "adapter loaded into the pool", adapter=load.name, pages=len(load.pages), step=plan.step)
+    for name in plan.evicted:
+        event(adapter_log, "adapter evicted from the pool", adapter=name, step=plan.step)

@@ -231,6 +231,7 @@ class ExecutorReady:
     num_pages: int = 0
     bandwidth: float = 0.0  # measured device copy bandwidth, bytes/s (read + write), for the step roofline
     matmul_flops: float = 0.0  # measured matmul throughput in the model dtype, FLOP/s
+    torch_threads: int = 0  # the executor's torch intra-op threads (the thread policy's choice)
 
 
 @message("executor_failed")

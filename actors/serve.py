@@ -1,7 +1,8 @@
 """`lorafleet serve`: build the planning engine, spawn the executor(s), run the actors and the web app.
 
-Exit codes: 0 after a clean shutdown (SIGTERM/SIGINT drains first), 2 for bad arguments or assets,
-3 when an executor died (in-flight requests got errors and /health answered 503 meanwhile).
+Exit codes: 0 after a clean shutdown (SIGTERM/SIGINT drains first), 2 for bad arguments, assets or any
+other failed start-up (busy port, executor that does not start: one line on stderr), 3 when an executor
+died (in-flight requests got errors and /health answered 503 meanwhile).
 """
 
 from __future__ import annotations
@@ -9,81 +10,149 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
+import logging
 import os
 import signal
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 EXIT_EXECUTOR_FAILED = 3
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="lorafleet serve", description="Serve a base model and its LoRA adapters.")
-    p.add_argument("--model", default=None, help="HF model directory or synthetic:NAME (default: the demo model)")
-    p.add_argument("--served-model-name", default=None, help="name of the base model in the API")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="serve a PEFT adapter")
-    p.add_argument("--adapter-root", default=None, help="every PEFT dir below it is served by its relative path, "
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default (flags without a value or default say what "none" means
+    in their help instead); the description and epilog keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == [] \
+                or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+_DESCRIPTION = """Serve a base model and its LoRA adapters: OpenAI-compatible HTTP under /v1, the WebSocket stream
+/v1/stream, the operator dashboard /dashboard, Prometheus /metrics and /health."""
+
+_EPILOG = """vLLM spellings: --lora-modules, --max-loras, --max-num-batched-tokens, --block-size, --enforce-eager,
+--enable-lora, --disable-log-requests and the dtype names half/float mean what they mean in `vllm serve`
+(docs/serving.md lists the mapping and the flags that differ).
+
+Exit status: 0 after a clean shutdown, 2 for bad arguments or a failed start-up (one line on stderr),
+3 when an executor died while serving."""
+
+DTYPES = {"float32": "float32", "float": "float32", "float16": "float16", "half": "float16", "bfloat16": "bfloat16"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lorafleet serve", description=_DESCRIPTION, epilog=_EPILOG,
+                                formatter_class=_HelpFormatter)
+    _model_args(p.add_argument_group("model and adapters"))
+    _network_args(p.add_argument_group("network and access"))
+    _engine_args(p.add_argument_group("engine"))
+    _lifecycle_args(p.add_argument_group("lifecycle and logs"))
+    return p
+
+
+def _model_args(g) -> None:
+    g.add_argument("model_pos", nargs="?", default=None, metavar="MODEL",
+                   help="HF model directory or synthetic:NAME (same as --model); none: the embedded demo model")
+    g.add_argument("--model", default=None, help="HF model directory or synthetic:NAME; none: the demo model")
+    g.add_argument("--served-model-name", default=None, help="the base model's name in the API "
+                   "(none: the model directory's name)")
+    g.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="serve a PEFT adapter "
+                   "(repeatable)")
+    g.add_argument("--lora-modules", dest="adapter", action="extend", nargs="+", metavar="NAME=DIR",
+                   help="vLLM's spelling of --adapter: NAME=DIR pairs or JSON objects with name and path")
+    g.add_argument("--adapter-root", default=None, help="every PEFT dir below it is served by its relative path, "
                    "indexed at start and validated on first use; runtime loads are restricted to it")
-    p.add_argument("--synthetic-adapters", type=int, default=0, metavar="N",
+    g.add_argument("--synthetic-adapters", type=int, default=0, metavar="N",
                    help="also serve N random adapters synthetic-0..N-1, made in memory (for benchmarks)")
-    p.add_argument("--synthetic-ranks", default="8,16,32,64", help="their ranks, cycled (default 8,16,32,64)")
-    p.add_argument("--synthetic-targets", default="q_proj,k_proj,v_proj,o_proj", help="their target modules")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
-    p.add_argument("--num-pages", type=int, default=512, help="pool pages per device; 0 = size from free GPU memory")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="with --num-pages 0")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, help="executor processes (one per GPU)")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="do not replay steps from CUDA graphs")
-    p.add_argument("--no-piecewise-graphs", action="store_true",
+    g.add_argument("--synthetic-ranks", default="8,16,32,64", help="the synthetic adapters' ranks, cycled")
+    g.add_argument("--synthetic-targets", default="q_proj,k_proj,v_proj,o_proj",
+                   help="the synthetic adapters' target modules")
+    g.add_argument("--enable-lora", action="store_true", help="accepted for vLLM command lines; LoRA is always on")
+
+
+def _network_args(g) -> None:
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one); checked before the "
+                   "model loads")
+    g.add_argument("--api-key", default=None, help="key every /v1 request must carry (Authorization: Bearer KEY); "
+                   "none: $LORAFLEET_API_KEY, else no key needed")
+    g.add_argument("--admin-key", default=None, help="key of the admin routes /v1/load_lora_adapter and "
+                   "/v1/unload_lora_adapter (none: $LORAFLEET_ADMIN_KEY); without one those routes answer 403")
+    g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body or WebSocket frame")
+    g.add_argument("--max-queue", type=int, default=1024, help="waiting requests before new ones get 429")
+    g.add_argument("--slo-ttft-ms", type=float, default=None, help="first-token SLO of requests that carry none "
+                   "(early abort when it cannot be met); none: no SLO")
+
+
+def _engine_args(g) -> None:
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="weights, activations and pool "
+                   "dtype (half = float16, float = float32, as in vLLM)")
+    g.add_argument("--num-pages", type=int, default=512, help="pool pages per device (KV cache and adapter "
+                   "weights share them); 0 = size from free GPU memory")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory the "
+                   "executor may use, with --num-pages 0")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="executor processes (one per GPU)")
+    g.add_argument("--no-cuda-graphs", "--enforce-eager", action="store_true",
+                   help="run every step eagerly, never from CUDA graphs (vLLM: --enforce-eager)")
+    g.add_argument("--no-piecewise-graphs", action="store_true",
                    help="run steps with prefill tokens eagerly (decode steps still replay their graphs)")
-    p.add_argument("--block-tokens", type=int, default=16)
-    p.add_argument("--max-batch-tokens", type=int, default=512)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-adapters-per-batch", type=int, default=16)
-    p.add_argument("--max-lora-rank", type=int, default=64)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--host-cache-mb", type=int, default=4096, help="host LRU cache of packed adapters (MiB)")
-    p.add_argument("--slo-ttft-ms", type=float, default=None, help="default first-token SLO (early abort)")
-    p.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 429")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight work")
-    p.add_argument("--failure-linger", type=float, default=2.0,
-                   help="seconds to keep answering (503) after an executor died, before exiting 3")
-    p.add_argument("--executor-restarts", type=int, default=0,
-                   help="restart a dead executor up to N times (0: exit 3 after --failure-linger)")
-    p.add_argument("--api-key", default=os.environ.get("LORAFLEET_API_KEY"))
-    p.add_argument("--admin-key", default=os.environ.get("LORAFLEET_ADMIN_KEY"))
-    p.add_argument("--log-steps", type=float, default=0.0, metavar="S",
-                   help="every S seconds print steps/s, batch size and where a step's time went (0 = off)")
-    p.add_argument("--metric-prefix", type=metric_prefix, default="lorafleet:",
-                   help="prefix of every /metrics name; 'vllm:' serves vLLM's names (Kubernetes inference gateway, "
-                   "vLLM dashboards; docs/scale-out.md)")
-    p.add_argument("--torch-threads", type=int, default=0, help="torch threads per executor (0 = default)")
-    p.add_argument("--max-adapter-load-bytes-per-step", type=int, default=256 << 20, metavar="BYTES",
+    g.add_argument("--block-tokens", "--block-size", type=int, default=16,
+                   help="tokens per KV page (vLLM: --block-size); rounded to the pool's page geometry")
+    g.add_argument("--max-batch-tokens", "--max-num-batched-tokens", type=int, default=512,
+                   help="tokens per engine step, prefill and decode together (vLLM: --max-num-batched-tokens)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
+    g.add_argument("--max-adapters-per-batch", "--max-loras", type=int, default=16,
+                   help="distinct adapters per engine step (vLLM: --max-loras)")
+    g.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
+    g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion in tokens "
+                   "(none: the model's max_position_embeddings)")
+    g.add_argument("--host-cache-mb", type=int, default=4096, help="host LRU cache of packed adapters (MiB)")
+    g.add_argument("--torch-threads", type=int, default=0, help="torch threads per executor process; 0: chosen "
+                   "from the cores this process may use (stated in the start-up banner)")
+    g.add_argument("--max-adapter-load-bytes-per-step", type=int, default=256 << 20, metavar="BYTES",
                    help="adapter bytes (one GPU's pool) a step may load; requests whose adapter does not fit wait "
                    "a step while others run (0 = no bound; a step's first load always fits)")
-    p.add_argument("--prefetch-adapters", type=int, default=8,
+    g.add_argument("--prefetch-adapters", type=int, default=8,
                    help="adapters of waiting requests loaded ahead into free pool pages per step")
-    p.add_argument("--prefetch-workers", type=int, default=2,
+    g.add_argument("--prefetch-workers", type=int, default=2,
                    help="threads packing adapters into the host cache at once")
-    p.add_argument("--cluster-window", type=int, default=0,
+    g.add_argument("--cluster-window", type=int, default=0,
                    help="waiting requests admission looks through for ones whose adapter is already in the batch "
                    "(0 = the fairness window, 32)")
-    p.add_argument("--max-batch-adapter-fraction", type=float, default=0.0,
+    g.add_argument("--max-batch-adapter-fraction", type=float, default=0.0,
                    help="bound the distinct adapters' bytes a step reads to this fraction of the weight bytes "
                    "(0 = no bound; see docs/benchmarks.md, roofline)")
-    p.add_argument("--prefill-attention", choices=("triton", "flex"), default="triton",
+    g.add_argument("--prefill-attention", choices=("triton", "flex"), default="triton",
                    help="prefill attention kernel: ours (Triton) or PyTorch flex_attention over the pages")
-    p.add_argument("--roofline-bandwidth-gbps", type=float, default=0.0,
+    g.add_argument("--roofline-bandwidth-gbps", type=float, default=0.0,
                    help="device memory bandwidth for the step roofline (GB/s; 0 = measured at start-up)")
-    p.add_argument("--roofline-tflops", type=float, default=0.0,
+    g.add_argument("--roofline-tflops", type=float, default=0.0,
                    help="matmul peak for the step roofline (TFLOP/s; 0 = measured at start-up)")
-    return p.parse_args(argv)
+
+
+def _lifecycle_args(g) -> None:
+    g.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight work")
+    g.add_argument("--failure-linger", type=float, default=2.0,
+                   help="seconds to keep answering (503) after an executor died, before exiting 3")
+    g.add_argument("--executor-restarts", type=int, default=0,
+                   help="restart a dead executor up to N times (0: exit 3 after --failure-linger)")
+    g.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="log lines as text or as one JSON object per line")
+    g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                   help="debug also prints start-up tracebacks")
+    g.add_argument("--disable-log-requests", action="store_true", help="no access line per request (as in vLLM)")
+    g.add_argument("--log-steps", type=float, default=0.0, metavar="S",
+                   help="every S seconds log steps/s, batch size and where a step's time went (0 = off)")
+    g.add_argument("--metric-prefix", type=metric_prefix, default="lorafleet:",
+                   help="prefix of every /metrics name; 'vllm:' serves vLLM's names (Kubernetes inference gateway, "
+                   "vLLM dashboards; docs/scale-out.md)")
 
 
 def metric_prefix(value: str) -> str:
@@ -93,6 +162,18 @@ def metric_prefix(value: str) -> str:
     if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", value):
         raise argparse.ArgumentTypeError(f"{value!r} is not a Prometheus name prefix ([a-zA-Z_:][a-zA-Z0-9_:]*)")
     return value
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.model_pos is not None and args.model is not None and args.model_pos != args.model:
+        parser.error(f"the model is given twice: {args.model_pos!r} and --model {args.model!r}")
+    args.model = args.model if args.model is not None else args.model_pos
+    args.dtype = DTYPES[args.dtype]
+    args.api_key = args.api_key if args.api_key is not None else os.environ.get("LORAFLEET_API_KEY") or None
+    args.admin_key = args.admin_key if args.admin_key is not None else os.environ.get("LORAFLEET_ADMIN_KEY") or None
+    return args
 
 
 @dataclass
@@ -158,6 +239,25 @@ def synthetic_adapters(args: argparse.Namespace) -> dict[str, str]:
             for i in range(args.synthetic_adapters)}
 
 
+def adapter_spec(spec: str) -> tuple[str, str]:
+    """(name, dir) of an --adapter / --lora-modules value: NAME=DIR, or vLLM's JSON form
+    {"name": ..., "path": ...} (its optional base_model_name must be the served base model; not checked here).
+    ValueError names the flag and the expected forms."""
+    if spec.lstrip().startswith("{"):
+        try:
+            obj = json.loads(spec)
+        except ValueError as exc:
+            raise ValueError(f"--lora-modules: {spec!r} is not valid JSON: {exc}") from exc
+        name, path = obj.get("name"), obj.get("path")
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            raise ValueError(f"--lora-modules: a JSON module needs string 'name' and 'path', got {spec!r}")
+        return name, path
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--adapter/--lora-modules: expected NAME=DIR or a JSON object, got {spec!r}")
+    return name, path
+
+
 def resolve_assets(args: argparse.Namespace) -> Assets:
     from lorafleet.engine.build import resolve_model
 
@@ -173,9 +273,7 @@ def resolve_assets(args: argparse.Namespace) -> Assets:
         if not root.is_dir():
             raise ValueError(f"--adapter-root: {root} is not a directory")
     for spec in args.adapter:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise ValueError(f"--adapter: expected NAME=DIR, got {spec!r}")
+        name, path = adapter_spec(spec)
         adapters[name] = path
     adapters.update(synthetic_adapters(args))
     served = args.served_model_name or base
@@ -185,24 +283,60 @@ def resolve_assets(args: argparse.Namespace) -> Assets:
     return Assets(ref, resolve_model(ref), served, adapters, root)
 
 
+EXIT_STARTUP_FAILED = 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    from lorafleet.actors.server import engine_config
-    from lorafleet.engine.config import ConfigError
+    from lorafleet.actors.logs import setup_logging
+    from lorafleet.actors.startup import PortInUse, bind_listener, thread_policy
 
+    setup_logging(args.log_format, args.log_level, access=not args.disable_log_requests)
+    os.environ["LORAFLEET_LOG_LEVEL"] = args.log_level  # the executor processes inherit it
     try:
-        assets = resolve_assets(args)
-        config = engine_config(args)
-    except (ValueError, ConfigError) as exc:
-        print(f"lorafleet serve: {exc}", file=sys.stderr)
-        return 2
-    return asyncio.run(run(args, assets, config))
+        sock = bind_listener(args.host, args.port)  # before anything loads: a busy port fails in a second
+    except PortInUse as exc:
+        return startup_failed(args, exc)
+    try:
+        args.thread_policy = thread_policy(args.torch_threads, args.tensor_parallel_size)
+        args.torch_threads = args.thread_policy.executor_threads
+        _limit_threads(args.thread_policy.frontend_threads)
+        from lorafleet.actors.server import engine_config
+        from lorafleet.engine.config import ConfigError
+
+        try:
+            assets = resolve_assets(args)
+            config = engine_config(args)
+        except (ValueError, ConfigError, OSError) as exc:
+            return startup_failed(args, exc)
+        return asyncio.run(run(args, assets, config, sock))
+    finally:
+        sock.close()
 
 
-async def run(args: argparse.Namespace, assets: Assets, config) -> int:
+def _limit_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def startup_failed(args: argparse.Namespace, exc: BaseException) -> int:
+    """Report a failed start-up in one line on stderr (the traceback too with --log-level debug); 2."""
+    from lorafleet.actors.logs import event, server_log
+
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    event(server_log, f"start-up failed: {reason}", logging.ERROR)
+    if args.log_level == "debug":
+        server_log.debug("start-up traceback", exc_info=exc)
+    return EXIT_STARTUP_FAILED
+
+
+async def run(args: argparse.Namespace, assets: Assets, config, sock) -> int:
     """Spawn the executors first (they load the model while this process builds its planning engine),
-    start the actors and the web app, serve until a signal or a failure, then stop everything. The host
-    cache's shared segment is made first: the executors map and page-lock it once while they start."""
+    start the actors and the web app on the already bound `sock`, serve until a signal or a failure,
+    then stop everything. The host cache's shared segment is made first: the executors map and page-lock
+    it once while they start. A start-up failure stops what started and returns 2."""
+    from lorafleet.actors.logs import event, server_log
     from lorafleet.engine.host_arena import HostArena, shared_memory_free
 
     loop = asyncio.get_running_loop()
@@ -214,45 +348,41 @@ async def run(args: argparse.Namespace, assets: Assets, config) -> int:
     free = shared_memory_free()
     if free is not None and capacity > 0.9 * free:
         capacity = int(0.9 * free)
-        print(f"lorafleet serve: --host-cache-mb {args.host_cache_mb} exceeds the free shared memory "
-              f"({free >> 20} MiB); the host cache gets {capacity >> 20} MiB", file=sys.stderr, flush=True)
+        event(server_log, f"--host-cache-mb {args.host_cache_mb} exceeds the free shared memory ({free >> 20} MiB); "
+              f"the host cache gets {capacity >> 20} MiB", logging.WARNING)
     try:
         arena = HostArena(capacity)
     except (OSError, ValueError) as exc:
-        print(f"lorafleet serve: --host-cache-mb: cannot make a {args.host_cache_mb} MiB shared host cache: {exc}",
-              file=sys.stderr)
-        return 2
+        return startup_failed(args, ValueError(f"--host-cache-mb: cannot make a {args.host_cache_mb} MiB shared "
+                                               f"host cache: {exc}"))
     try:
-        return await _run(args, assets, config, arena, stop, started)
+        return await _run(args, assets, config, arena, stop, started, sock)
     finally:
         arena.close()
 
 
-async def _run(args: argparse.Namespace, assets: Assets, config, arena, stop: asyncio.Event, started: float) -> int:
+async def _run(args: argparse.Namespace, assets: Assets, config, arena, stop: asyncio.Event, started: float,
+               sock) -> int:
     from lorafleet.actors.executor import ExecutorDied, ExecutorGroup
     from lorafleet.actors.server import Server
 
     executors = ExecutorGroup.spawn(str(assets.model_dir), config, args.torch_threads, arena.name)
     if config.num_pages == 0:  # the executors size the pool from their free memory: wait for that number
         try:
-            await executors.wait_ready()
+            await executors.wait_ready()  # stops the group itself when it fails
         except ExecutorDied as exc:
-            print(f"lorafleet serve: startup failed: {exc}", file=sys.stderr)
-            return 1
+            return startup_failed(args, exc)
         config = dataclasses.replace(config, num_pages=executors.num_pages)
     try:
         server = Server.build(args, assets, config, executors, arena)
     except ValueError as exc:
-        print(f"lorafleet serve: {exc}", file=sys.stderr)
         await executors.stop(timeout=0.0)
-        return 2
+        return startup_failed(args, exc)
     try:
-        await server.start()
-    except Exception as exc:  # startup failed: report, clean up, exit non-zero
-        print(f"lorafleet serve: startup failed: {exc}", file=sys.stderr)
-        traceback.print_exc()
+        await server.start(sock)
+    except Exception as exc:  # start-up failed: report in one line, clean up, exit 2
         await server.stop()
-        return 1
+        return startup_failed(args, exc)
     server.print_urls(time.monotonic() - started)
     try:
         return await server.serve_until(stop)

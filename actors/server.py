@@ -6,9 +6,9 @@ Every actor task is created here, and cancelled and awaited in `stop()`.
 from __future__ import annotations
 
 import asyncio
-import sys
+import logging
+import socket
 import time
-import traceback
 from argparse import Namespace
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from lorafleet.actors.channels import LocalChannel
 from lorafleet.actors.executor import ExecutorDied, ExecutorGroup
 from lorafleet.actors.frontend import Frontend, Router
 from lorafleet.actors.hub import ServeHub
+from lorafleet.actors.logs import AccessLog, adapter_log, event, server_log
 from lorafleet.actors.openai_api import natural_key
 from lorafleet.actors.prefetcher import AdapterLoader, PrefetcherActor
 from lorafleet.actors.protocol import ParseContext
@@ -90,8 +91,8 @@ def index_adapter_root(assets: Assets, engine: Engine) -> AdapterIndex | None:
     index = AdapterIndex(assets.adapter_root, {name: path for name, path in found.items() if name not in reserved})
     shadowed = sorted(set(found) & reserved)
     if shadowed:
-        print(f"lorafleet: warning: adapter-root directories {shadowed} are not served under the adapter root: "
-              "their names are taken by the base model or a --adapter", file=sys.stderr, flush=True)
+        event(adapter_log, f"adapter-root directories {shadowed} are not served under the adapter root: "
+              "their names are taken by the base model or a --adapter", logging.WARNING)
     return index
 
 
@@ -128,9 +129,17 @@ class Server:
         server.executors = executors
         return server
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket) -> None:
+        """Wait for the executors, start the actors and serve the web app on `sock` (bound, not listening).
+        Raises ExecutorDied (the group already stopped itself) or OSError."""
         args = self.args
-        await self.executors.wait_ready()
+        try:
+            await self.executors.wait_ready()
+        except ExecutorDied:
+            self.executors = None  # wait_ready stopped the group; stop() must not close its channels again
+            raise
+        if not args.disable_log_requests:
+            self.hub.add_listener(AccessLog())
         self.hub.executors = self.executors.info()
         admission_box, scheduler_box, router_box, prefetch_box = (LocalChannel() for _ in range(4))
         self.router = Router(router_box)
@@ -155,10 +164,11 @@ class Server:
         self.runner = web.AppRunner(build_app(frontend), handler_cancellation=True, shutdown_timeout=5.0,
                                     access_log=None)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, args.host, args.port)
+        site = web.SockSite(self.runner, sock)
         await site.start()
-        port = self.runner.addresses[0][1]
-        self.url = f"http://{args.host}:{port}"
+        host, port = sock.getsockname()[:2]
+        host = args.host if args.host not in ("", "0.0.0.0", "::") else host
+        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
     def _roofline(self) -> tuple[StepCostModel, DevicePeak]:
         """The step cost model and the device figures: --roofline-* flags, else rank 0's measurement."""
@@ -170,17 +180,30 @@ class Server:
         return model, DevicePeak(bandwidth, flops)
 
     def print_urls(self, seconds: float) -> None:
-        ws = self.url.replace("http", "ws", 1)
+        """The start-up banner: model, adapters, device, dtype, pool, threads, then the URLs and `ready on`."""
         listed = sorted(self.hub.adapters, key=natural_key)
         names = ", ".join(listed[:SHOWN_ADAPTERS]) or "(none)"
         if len(listed) > SHOWN_ADAPTERS:
             names += f", … ({len(listed) - SHOWN_ADAPTERS} more: GET /v1/models lists them all)"
-        print(f"lorafleet: serving {self.assets.base_name} with {len(self.hub.adapters)} adapter(s): {names}\n"
-              f"  OpenAI API  {self.url}/v1  (completions, chat/completions, models)\n"
-              f"  WebSocket   {ws}/v1/stream\n"
-              f"  dashboard   {self.url}/dashboard\n"
-              f"  health      {self.url}/health\n"
-              f"lorafleet: ready on {self.url} in {seconds:.1f}s", flush=True)
+        config, policy = self.config, getattr(self.args, "thread_policy", None)
+        event(server_log, f"serving {self.assets.base_name} with {len(self.hub.adapters)} adapter(s): {names}",
+              model=self.assets.base_name, adapters=len(self.hub.adapters))
+        event(server_log, f"device {config.device} x{config.tensor_parallel_size}, {config.dtype}, pool "
+              f"{config.num_pages} pages of {self.engine.block_tokens} tokens, max_model_len "
+              f"{self.engine.max_model_len}", device=config.device, tensor_parallel_size=config.tensor_parallel_size,
+              dtype=config.dtype, pool_pages=config.num_pages, page_tokens=self.engine.block_tokens,
+              max_model_len=self.engine.max_model_len)
+        if policy is not None:
+            event(server_log, f"threads: {policy.describe()}", executor_threads=policy.executor_threads,
+                  server_threads=policy.frontend_threads, cores=policy.cores)
+        admin = "open (admin key set)" if self.args.admin_key else "closed (no --admin-key)"
+        ws = self.url.replace("http", "ws", 1)
+        for label, url in (("OpenAI API", f"{self.url}/v1  (completions, chat/completions, models)"),
+                           ("WebSocket", f"{ws}/v1/stream"), ("dashboard", f"{self.url}/dashboard"),
+                           ("metrics", f"{self.url}/metrics"), ("health", f"{self.url}/health"),
+                           ("admin", f"{self.url}/v1/load_lora_adapter, unload_lora_adapter: {admin}")):
+            event(server_log, f"  {label:<10}  {url}")
+        event(server_log, f"ready on {self.url} in {seconds:.1f}s", url=self.url, startup_s=round(seconds, 1))
 
     async def serve_until(self, stop: asyncio.Event) -> int:
         """Run until SIGTERM/SIGINT (drain, 0), an executor death (restart, or 3) or an actor crash (1)."""
@@ -206,7 +229,7 @@ class Server:
 
     async def restart_executors(self) -> bool:
         """Replace a dead executor group; False if the new one does not start either."""
-        print(f"lorafleet: {self.hub.health_reason}; restarting the executor", file=sys.stderr, flush=True)
+        event(server_log, f"{self.hub.health_reason}; restarting the executor", logging.WARNING)
         await self.executors.stop(timeout=0.0)
         self.executors = ExecutorGroup.spawn(str(self.assets.model_dir), self.config, self.args.torch_threads,
                                              self.executors.stager.arena)
@@ -219,19 +242,18 @@ class Server:
         self.scheduler.recovered.clear()
         self.scheduler_box.send(ExecutorUp(self.executors))
         await self.scheduler.recovered.wait()
-        print("lorafleet: executor restarted", flush=True)
+        event(server_log, "executor restarted")
         return True
 
     async def _finish(self, done: set[asyncio.Task], stop: asyncio.Event) -> int:
         crashed = [t for t in self.tasks if t in done]
         if crashed:
             for task in crashed:
-                print(f"lorafleet: actor {task.get_name()} stopped: {task.exception()!r}", file=sys.stderr)
-                if task.exception() is not None:
-                    traceback.print_exception(task.exception())
+                server_log.error("actor %s stopped: %r", task.get_name(), task.exception(),
+                                 exc_info=task.exception())
             return 1
         if self.scheduler.failed.is_set():
-            print(f"lorafleet: {self.hub.health_reason}; exiting in {self.args.failure_linger:.0f}s", file=sys.stderr)
+            event(server_log, f"{self.hub.health_reason}; exiting in {self.args.failure_linger:.0f}s", logging.ERROR)
             try:
                 await asyncio.wait_for(stop.wait(), self.args.failure_linger)
             except TimeoutError:
@@ -242,7 +264,7 @@ class Server:
 
     async def drain(self) -> None:
         """Stop admitting, let in-flight requests finish within --drain-timeout, cancel the rest."""
-        print("lorafleet: draining", flush=True)
+        event(server_log, "draining")
         self.hub.draining = True
         self.admission_box.send(Drain())
         try:

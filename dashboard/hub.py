@@ -18,7 +18,8 @@ from lorafleet.engine.engine import EngineSnapshot
 
 @dataclass(frozen=True)
 class RequestRecord:
-    """One finished (or refused/failed) request. Times in milliseconds; None where not reached."""
+    """One finished (or refused/failed) request. Times in milliseconds; None where not reached. `status`
+    is the HTTP status the client got when it was not a plain 200 finish (refusals, client errors)."""
 
     id: str
     adapter: str | None
@@ -32,6 +33,7 @@ class RequestRecord:
     tpot_ms: float | None = None
     slo_ttft_ms: float | None = None
     finished_at: float = field(default_factory=time.time)
+    status: int | None = None
 
 
 @dataclass

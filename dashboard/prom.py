@@ -25,24 +25,45 @@ class FleetCollector(Collector):
     """Yields every lorafleet family from one read of the hub and the stats. `prefix` is prepended to
     every name ("lorafleet:" by default; "vllm:" makes the vLLM-named families drop-in for vLLM tooling)."""
 
-    def __init__(self, stats: FleetStats, max_lora: int | None = None, prefix: str = PREFIX) -> None:
+    def __init__(self, stats: FleetStats, max_lora: int | None = None, prefix: str = PREFIX,
+                 model_name: str | None = None) -> None:
         self.stats = stats
         self.max_lora = max_lora
         self.prefix = prefix
+        # vLLM labels every family of a served model with model_name (all but lora_requests_info)
+        self.const = {"model_name": model_name} if model_name else {}
+
+    def _labels(self, *names: str) -> list[str]:
+        return [*names, *self.const]
+
+    def _values(self, *values: str) -> list[str]:
+        return [*values, *self.const.values()]
 
     def _histogram(self, name: str, doc: str, hist: Histogram) -> HistogramMetricFamily:
-        return HistogramMetricFamily(self.prefix + name, doc, buckets=hist.cumulative(), sum_value=hist.total)
+        family = HistogramMetricFamily(self.prefix + name, doc, labels=self._labels())
+        family.add_metric(self._values(), hist.cumulative(), hist.total)
+        return family
 
     def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
-        return CounterMetricFamily(self.prefix + name, doc, value=value)
+        family = CounterMetricFamily(self.prefix + name, doc, labels=self._labels())
+        family.add_metric(self._values(), value)
+        return family
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
-        return GaugeMetricFamily(self.prefix + name, doc, value=value)
+        family = GaugeMetricFamily(self.prefix + name, doc, labels=self._labels())
+        family.add_metric(self._values(), value)
+        return family
 
     def _labelled(self, name: str, doc: str, label: str, values: dict[str, int]) -> CounterMetricFamily:
-        family = CounterMetricFamily(self.prefix + name, doc, labels=[label])
+        family = CounterMetricFamily(self.prefix + name, doc, labels=self._labels(label))
         for key, value in sorted(values.items()):
-            family.add_metric([key], value)
+            family.add_metric(self._values(key), value)
+        return family
+
+    def _gauges(self, name: str, doc: str, label: str, values: dict[str, float]) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(self.prefix + name, doc, labels=self._labels(label))
+        for key, value in values.items():
+            family.add_metric(self._values(key), value)
         return family
 
     def collect(self) -> Iterator[Metric]:
@@ -64,11 +85,10 @@ class FleetCollector(Collector):
                      kv / num_pages if num_pages else 0.0)
         yield self._gauge("pool_usage_perc", "Fraction (0-1) of the unified pool's pages in use (KV + adapters).",
                      (num_pages - usage.get("free", num_pages)) / num_pages if num_pages else 0.0)
-        yield self._gauge("pool_pages_total", "Pages in the unified pool.", num_pages)
-        pages = GaugeMetricFamily(self.prefix + "pool_pages", "Unified pool pages by kind.", labels=["kind"])
-        for kind in ("free", "kv", "adapter"):
-            pages.add_metric([kind], usage.get(kind, 0))
-        yield pages
+        yield self._gauge("pool_capacity_pages", "Pages in the unified pool (a gauge; was pool_pages_total).",
+                          num_pages)
+        yield self._gauges("pool_pages", "Unified pool pages by kind.", "kind",
+                           {kind: usage.get(kind, 0) for kind in ("free", "kv", "adapter")})
         yield self._counter("num_preemptions", "Requests preempted (KV freed, recomputed later).",
                        snap.preemptions if snap else 0)
         yield self._counter("adapter_evictions", "Adapters evicted from the pool.", snap.evictions if snap else 0)
@@ -138,10 +158,7 @@ class FleetCollector(Collector):
         yield self._counter("adapter_load_stalls", "Times a waiting request waited a step for its adapter (not yet "
                             "packed in host memory, or the step's load-bytes bound was spent).",
                             counters.get("adapter_load_stalls", 0))
-        tiers = GaugeMetricFamily(self.prefix + "adapters", "Registered adapters by storage tier.", labels=["tier"])
-        for tier, count in adapter_tiers(snap).items():
-            tiers.add_metric([tier], count)
-        yield tiers
+        yield self._gauges("adapters", "Registered adapters by storage tier.", "tier", adapter_tiers(snap))
 
     def _roofline_families(self) -> Iterator[Metric]:
         """Executor time beside the step roofline, summed per batch-size class (label `seqs`)."""
@@ -159,9 +176,9 @@ class FleetCollector(Collector):
                   ("roofline_adapter_bytes", "adapter_bytes", "Distinct adapters' bytes those steps had to read."),
                   ("roofline_prefill_flops", "prefill_flops", "Prefill FLOPs of those steps."))
         for name, attr, doc in fields:
-            family = CounterMetricFamily(self.prefix + name, doc, labels=["seqs"])
+            family = CounterMetricFamily(self.prefix + name, doc, labels=self._labels("seqs"))
             for label, totals in sorted(hub.roofline.items()):
-                family.add_metric([label], getattr(totals, attr))
+                family.add_metric(self._values(label), getattr(totals, attr))
             yield family
 
     def _window_families(self) -> Iterator[Metric]:
@@ -182,10 +199,12 @@ def adapter_tiers(snap) -> dict[str, int]:
     return {"gpu": len(gpu), "host": len(host), "disk": len(registered) - len(gpu) - len(host)}
 
 
-def make_registry(stats: FleetStats, max_lora: int | None = None, prefix: str = PREFIX) -> CollectorRegistry:
-    """A fresh registry (never the process-global one) holding the fleet collector."""
+def make_registry(stats: FleetStats, max_lora: int | None = None, prefix: str = PREFIX,
+                  model_name: str | None = None) -> CollectorRegistry:
+    """A fresh registry (never the process-global one) holding the fleet collector; `model_name` (the
+    served base model) labels every family but lora_requests_info, as vLLM does."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(FleetCollector(stats, max_lora, prefix))
+    registry.register(FleetCollector(stats, max_lora, prefix, model_name))
     return registry
 
 

@@ -36,18 +36,19 @@ def static_dir() -> Path:
 def setup_routes(app: web.Application, hub: Hub, *, max_lora: int | None = None, window_s: float = 60.0,
                  default_slo_ttft_ms: float | None = None, update_interval_s: float = 0.25,
                  title: str = "lorafleet", static_prefix: str = "/static/",
-                 metric_prefix: str = "lorafleet:") -> FleetStats:
+                 metric_prefix: str = "lorafleet:", model_name: str | None = None) -> FleetStats:
     """Register /dashboard, /ws/dashboard, /metrics and the static files on `app`, reading `hub`.
 
     `max_lora` is the engine's cap on distinct adapters per batch (the `max_lora` label of
     lora_requests_info); `default_slo_ttft_ms` applies to requests that carry no SLO; `metric_prefix`
-    starts every /metrics name ("vllm:" for drop-in use with vLLM dashboards). Returns the
+    starts every /metrics name ("vllm:" for drop-in use with vLLM dashboards); `model_name` (the served
+    base model's name) labels the families as vLLM's do. Returns the
     FleetStats aggregator (already listening to the hub)."""
     stats = FleetStats(hub, window_s=window_s, default_slo_ttft_ms=default_slo_ttft_ms)
     app[STATS] = stats
     app[FEED] = Feed(stats, min_interval=min(0.2, update_interval_s * 0.8))
     app[SOCKETS] = weakref.WeakSet()
-    app[REGISTRY] = make_registry(stats, max_lora, metric_prefix)
+    app[REGISTRY] = make_registry(stats, max_lora, metric_prefix, model_name)
     app[TEMPLATES] = jinja2.Environment(
         loader=jinja2.PackageLoader("lorafleet.dashboard", "templates"), autoescape=True)
     app[SETTINGS] = {"interval": update_interval_s, "title": title, "static": static_prefix.rstrip("/")}

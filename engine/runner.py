@@ -171,15 +171,15 @@ class ModelRunner:
     def _forward(self, plan: StepPlan) -> torch.Tensor:
         """Hidden states of every token of the step: a CUDA-graph replay for decode steps that fit one, a
         piecewise replay (graphs around eager attention) for other steps that fit, eager execution otherwise."""
-        token_slots, scales, tables = self._lora_tables(plan)
-        widest = max((t[0].shape[1] for t in tables.values()), default=0)
         graphs, pieces = self.graphs, self.pieces
+        # under tensor parallelism with graphs, the tables use the graphs' static shrink width (an eager step
+        # runs as well with it), so they are built once per step
+        token_slots, scales, tables = self._lora_tables(plan, static=graphs is not None or pieces is not None)
+        widest = max((t[0].shape[1] for t in tables.values()), default=0)
         decode = graphs is not None and plan.is_decode and graphs.fits(
             len(plan.seqs), len(scales), widest, max(len(s.block_table) for s in plan.seqs))
         piecewise = not decode and pieces is not None and pieces.fits(plan.num_tokens, len(scales), widest)
         if decode or piecewise:
-            if scales and self.shard.size > 1:  # graphs shrink into the static width: remap the columns
-                token_slots, scales, tables = self._lora_tables(plan, static=True)
             positions, slots = self._positions(plan)
             input_ids = [t for s in plan.seqs for t in s.token_ids]
             inputs = StepInputs(input_ids, positions, slots, [s.block_table for s in plan.seqs],

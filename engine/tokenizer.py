@@ -10,12 +10,20 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 SPECIALS = ("<s>", "</s>", "<unk>")
 
 
+NO_TOKENIZER_LIMIT = int(1e30)  # transformers' own "no limit" value
+
+
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase | None:
-    """The directory's tokenizer via AutoTokenizer, or None when it ships none (token-id prompts only)."""
+    """The directory's tokenizer via AutoTokenizer, or None when it ships none (token-id prompts only).
+
+    Its `model_max_length` is lifted: the engine checks prompt + max_tokens against max_model_len itself and
+    answers `context_length_exceeded`; the tokenizer's own check would only log a warning per long prompt."""
     model_dir = Path(model_dir)
     if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer.model_max_length = NO_TOKENIZER_LIMIT
+    return tokenizer
 
 
 def text_decoder(tokenizer: PreTrainedTokenizerBase | None) -> Callable[[list[int]], str] | None:

@@ -91,6 +91,23 @@ def test_synthetic_llama_2_70b_is_made_per_rank_shard():
     assert page_geometry(cfg, 16, 4) == (64, 64 * 2 * 1024 // 4), "a page holds a 28672-wide down_proj A row"
 
 
+def test_synthetic_weights_made_per_shard_serve_tp1_outputs(tmp_path, monkeypatch):
+    """A synthetic model without weight files (as the large shapes are): each tp=2 rank generates only its own
+    blocks of the random weights, and greedy outputs equal tp=1's, with adapters of ranks 3 and 8."""
+    from lorafleet.engine import synthetic
+
+    monkeypatch.setattr(synthetic, "WRITE_WEIGHTS_UP_TO", 0)  # the config and tokenizer only
+    model = synthetic.write_model("tiny", tmp_path / "model", seed=4)
+    assert not (model / "model.safetensors").exists()
+    adapters = {f"r{r}": str(synthetic.write_adapter(tmp_path / f"r{r}", model, r, targets=t, seed=r, std=0.2))
+                for r, t in ((3, ALL_TARGETS), (8, ATTENTION))}
+    prompts, which = _mixed(adapters, 6)
+    expected = LLM(str(model), adapters=adapters).generate(prompts, adapters=which, max_tokens=6, ignore_eos=True)
+    with LLM(str(model), adapters=adapters, tp=2) as llm:
+        outs = llm.generate(prompts, adapters=which, max_tokens=6, ignore_eos=True)
+    assert [o.token_ids for o in outs] == [e.token_ids for e in expected]
+
+
 def test_tp2_equals_tp1_and_hf_peft_with_any_rank(assets):
     base, adapters = assets
     prompts, which = _mixed(adapters, 16)
