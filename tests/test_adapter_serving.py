@@ -148,3 +148,59 @@ def test_startup_with_a_bad_adapter_exits_2_with_one_line(assets, name):
 def test_json_fault_documents_are_what_they_say(assets):
     raw = (assets["bad"]["array-document"] / "adapter_config.json").read_text()
     assert isinstance(json.loads(raw), list)
+
+
+async def test_scheduler_reads_a_root_adapter_once_for_its_waiting_requests(tiny_llama, tmp_path):
+    """In process: requests for an adapter of the root that is not loaded wait for one read; a cancel while
+    waiting ends that request alone; a bad adapter refuses all its waiters, and later ones without a read."""
+    from test_serve_units import _InProcessGroup
+
+    from lorafleet.actors.channels import LocalChannel
+    from lorafleet.actors.hub import ServeHub
+    from lorafleet.actors.prefetcher import AdapterLoader, PrefetcherActor
+    from lorafleet.actors.scheduler import SchedulerActor
+    from lorafleet.actors.schema import Admitted, Cancel, Rejected, StepDeltas, Submit
+    from lorafleet.engine import LLM
+    from lorafleet.engine.adapter_index import AdapterIndex
+    from lorafleet.engine.build import build_engine
+    from lorafleet.engine.config import EngineConfig
+    from lorafleet.engine.synthetic import write_adapter
+
+    good = write_adapter(tmp_path / "root" / "g", tiny_llama, 4, seed=2, std=0.2)
+    write_fault(tmp_path / "root" / "b", tiny_llama, SERVE_FAULTS["alpha-string"])
+    want = LLM(str(tiny_llama), adapters={"g": str(good)}).generate([[7, 8, 9]], adapters=["g"], max_tokens=4)
+    engine, _ = build_engine(str(tiny_llama), EngineConfig(), {})
+    inbox, router, admission, prefetch = (LocalChannel() for _ in range(4))
+    hub = ServeHub()
+    loader = AdapterLoader(engine.model, engine.store.page_elements, engine.store.dtype, 64)
+    actor = SchedulerActor(engine, _InProcessGroup(engine.executor), inbox, router, admission, prefetch, hub,
+                           index=AdapterIndex.scan(tmp_path / "root"))
+    tasks = [asyncio.create_task(actor.run()), asyncio.create_task(PrefetcherActor(loader, prefetch, inbox, hub).run())]
+    params = {"max_tokens": 4, "temperature": 0.0}
+    for rid, name in (("g1", "g"), ("g2", "g"), ("b1", "b"), ("g3", "g")):
+        inbox.send(Submit(rid, [7, 8, 9], params, name, None, 0.0))
+    inbox.send(Cancel("g3"))
+    events: dict[str, list] = {}
+    finished: set[str] = set()
+    while finished != {"g1", "g2", "b1", "g3"}:
+        msg = await asyncio.wait_for(router.recv(), 60)
+        items = msg.items if isinstance(msg, StepDeltas) else [msg]
+        for item in items:
+            events.setdefault(item.request_id, []).append(item)
+            if isinstance(item, Rejected) or getattr(item, "finished", False):
+                finished.add(item.request_id)
+    assert hub.prefetch.requested == 2  # one read per adapter, whatever the number of waiting requests
+    for rid in ("g1", "g2"):
+        assert isinstance(events[rid][0], Admitted)
+        assert [t for e in events[rid][1:] for t in e.token_ids] == want[0].token_ids
+    assert events["g3"][-1].finish_reason == "cancelled" and not events["g3"][-1].token_ids
+    refusal = events["b1"][0]
+    assert (refusal.code, refusal.status, refusal.param) == ("adapter_invalid", 400, "model")
+    assert "lora_alpha" in refusal.message and "b" in hub.invalid_adapters and "b" not in hub.adapters
+    inbox.send(Submit("b2", [1], params, "b", None, 0.0))
+    again = await asyncio.wait_for(router.recv(), 60)
+    assert isinstance(again, Rejected) and again.code == "adapter_invalid" and hub.prefetch.requested == 2
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    engine.pool.check()
