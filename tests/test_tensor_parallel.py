@@ -29,6 +29,10 @@ def assets(tmp_path_factory):
     base = make_hf_model("qwen2", root / "base", seed=3)  # GQA + QKV bias: 2 kv heads -> 1 per rank
     adapters = {f"r{r}-{i}": str(make_peft_adapter(base, root / f"a{i}", rank=r, targets=t, seed=10 + i))
                 for i, (r, t) in enumerate(ADAPTERS)}
+    # per-module ranks and alphas (PEFT's rank_pattern / alpha_pattern), odd ranks padded per module
+    patterns = {"rank_pattern": {"q_proj": 7, "down_proj": 3}, "alpha_pattern": {"v_proj": 3}}
+    adapters["pattern"] = str(make_peft_adapter(base, root / "pattern", rank=4, targets=ALL_TARGETS, seed=40,
+                                                **patterns))
     return base, adapters
 
 
@@ -123,7 +127,7 @@ def test_tp2_equals_tp1_and_hf_peft_with_any_rank(assets):
         resident = sorted(llm.engine.pool.adapter_pages)
         assert [s["resident"] for s in stats] == [resident, resident]
         assert stats[0]["pool_shape"] == stats[1]["pool_shape"]
-    oracle = PeftOracle(base, {n: adapters[n] for n in adapters if n.startswith(("r3-", "r5-", "r7-"))})
+    oracle = PeftOracle(base, {n: adapters[n] for n in adapters if n.startswith(("r3-", "r5-", "r7-", "pattern"))})
     for prompt, name, out in zip(prompts, which, outs):
         if name is None or name in oracle.adapters:
             assert out.token_ids == oracle.greedy(prompt, name, 8), name
