@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import hmac
 import logging
 import os
@@ -14,6 +15,7 @@ from lorafleet.actors import openai_api
 from lorafleet.actors.fields import Text, check_document, is_text
 from lorafleet.actors.frontend import Frontend, internal_error, ws_stream
 from lorafleet.actors.protocol import ApiError, bad
+from lorafleet.actors.security import files_inside, origin_allowed
 
 log = logging.getLogger("lorafleet.app")
 MAX_PATH_BYTES = 4096  # PATH_MAX on Linux
@@ -21,6 +23,8 @@ MAX_LORA_NAME = 1024
 
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/debug/state")
 KEY_ONLY_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # closed to everyone without --admin-key
+DASHBOARD_PATHS = ("/dashboard", "/ws/dashboard")
+DASHBOARD_COOKIE = "lorafleet_dashboard"
 
 
 def _bearer(request: web.Request) -> str | None:
@@ -34,12 +38,54 @@ def _matches(given: str | None, expected: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
+def _dashboard_token(key: str) -> str:
+    """The dashboard cookie's value: an HMAC of the key (the cookie never holds the key itself)."""
+    return hmac.new(key.encode(), b"lorafleet-dashboard", hashlib.sha256).hexdigest()
+
+
+def _origin_refusal(request: web.Request, frontend: Frontend) -> ApiError | None:
+    """Browser WebSocket upgrades and POSTs from an origin not allowed (actors/security.py) get 403."""
+    upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+    if not upgrade and request.method in ("GET", "HEAD", "OPTIONS"):
+        return None
+    origin = request.headers.get("Origin")
+    if origin_allowed(origin, request.host, frontend.allowed_origins):
+        return None
+    return ApiError(403, "forbidden_origin", f"Origin: {origin!r} is not allowed (same origin, localhost, or "
+                    "--allowed-origin)", "Origin")
+
+
+async def _dashboard_guarded(request: web.Request, handler, frontend: Frontend) -> web.StreamResponse:
+    """/dashboard and /ws/dashboard need --dashboard-key (default: the API key; the admin key also opens them)
+    when one is set: as a bearer/X-API-Key header, `?api_key=`, or the cookie /dashboard sets once opened
+    with the key, which the page's own WebSocket then carries."""
+    keys = [k for k in (frontend.dashboard_key or frontend.api_key, frontend.admin_key) if k]
+    if not keys:
+        return await handler(request)
+    given = _bearer(request)
+    cookie = request.cookies.get(DASHBOARD_COOKIE)
+    key = next((k for k in keys if _matches(given, k) or _matches(cookie, _dashboard_token(k))), None)
+    if key is None:
+        return openai_api.error_response(ApiError(401, "invalid_api_key", "the dashboard needs its key: open "
+                                                  "/dashboard?api_key=<key> (--dashboard-key, else --api-key)"))
+    response = await handler(request)
+    if request.path == "/dashboard" and _matches(given, key) and not response.prepared:
+        response.set_cookie(DASHBOARD_COOKIE, _dashboard_token(key), httponly=True, samesite="Strict", path="/")
+    return response
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
-    """--api-key guards /v1/*; --admin-key guards the admin paths and also opens /v1/*. Without an admin
-    key the routes that change what is served (load/unload) answer 403 to everyone; /v1/debug/state
+    """Origin allow-list for browser upgrades/POSTs; --dashboard-key (or --api-key) guards the dashboard;
+    --api-key guards /v1/*; --admin-key guards the admin paths and also opens /v1/*. Without an admin key
+    the routes that change what is served (load/unload) answer 403 to everyone; /v1/debug/state
     (read-only) then follows the /v1 rule."""
     frontend: Frontend = request.app["frontend"]
+    refusal = _origin_refusal(request, frontend)
+    if refusal is not None:
+        return openai_api.error_response(refusal)
+    if request.path in DASHBOARD_PATHS:
+        return await _dashboard_guarded(request, handler, frontend)
     if not request.path.startswith("/v1/"):
         return await handler(request)
     refusal = _check_keys(request, frontend)
@@ -87,6 +133,9 @@ def _adapter_path(frontend: Frontend, raw: object) -> str:
     if not Path(path).is_dir():
         raise ApiError(404, "adapter_not_found", f"lora_path: {raw!r} is not a directory under the adapter root",
                        "lora_path")
+    outside = files_inside(root, path)
+    if outside is not None:
+        raise ApiError(403, "forbidden_path", f"lora_path: {outside!r} links outside the adapter root", "lora_path")
     return path
 
 
@@ -126,8 +175,8 @@ async def unload_lora_adapter(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     hub = request.app["frontend"].hub
     body = {"status": "ok", "executors": hub.executors, "step": hub.timing.step}
-    if not hub.healthy:
-        body.update(status="unhealthy", reason=hub.health_reason)
+    if not hub.healthy or hub.stalled:
+        body.update(status="unhealthy", reason=hub.health_reason or hub.stalled)
         return web.json_response(body, status=503)
     if hub.draining:
         body.update(status="draining")

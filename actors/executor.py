@@ -326,6 +326,7 @@ class ExecutorGroup:
         self.num_pages = 0
         self.peak: DevicePeak | None = None  # rank 0's measured device figures
         self.stopping = False
+        self.kill_reason = ""
         self._watched: list[int] = []
 
     def watch(self, on_death: Callable[[int, str], None]) -> None:
@@ -342,7 +343,12 @@ class ExecutorGroup:
         if not self.stopping:
             rank.process.join(0)  # may be too early to reap: the exit code is reported when known
             code = rank.process.exitcode
-            on_death(rank.rank, f"process {rank.pid} exited" + (f" with code {code}" if code is not None else ""))
+            on_death(rank.rank, self._death(f"process {rank.pid} exited" + (f" with code {code}" if code is not None
+                                                                               else "")))
+
+    def _death(self, what: str) -> str:
+        """How a rank ended, led by why it was killed when the watchdog killed it."""
+        return f"{self.kill_reason}; killed, {what}" if self.kill_reason else what
 
     @classmethod
     def spawn(cls, model_dir: str, engine_config: EngineConfig, torch_threads: int = 0,
@@ -401,7 +407,7 @@ class ExecutorGroup:
             for r in self.ranks:
                 r.channel.send_frame(frame)
         except (ChannelClosed, OSError) as exc:
-            self.dead = f"process exited ({exc})"
+            self.dead = self._death(f"process exited ({exc})")
             raise ExecutorDied(0, self.dead) from exc
 
     async def receive(self) -> StepResult:
@@ -411,7 +417,7 @@ class ExecutorGroup:
         try:
             results = [await r.channel.recv() for r in self.ranks]
         except (ChannelClosed, OSError) as exc:
-            self.dead = f"process exited ({exc})"
+            self.dead = self._death(f"process exited ({exc})")
             raise ExecutorDied(0, self.dead) from exc
         self.stager.release_retired()
         for result in results:
@@ -419,6 +425,13 @@ class ExecutorGroup:
                 self.dead = getattr(result, "message", f"unexpected {type(result).__name__}")
                 raise ExecutorDied(getattr(result, "rank", 0), self.dead)
         return next((r for r in results if r.error is not None), results[0])  # a step failed on any rank fails
+
+    def kill(self, reason: str) -> None:
+        """Kill every rank now (a stalled executor); the process watch reports the deaths with `reason`."""
+        self.kill_reason = self.kill_reason or reason
+        for r in self.ranks:
+            if r.process.is_alive():
+                r.process.kill()
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Ask every rank to exit, wait (without blocking the loop), then kill stragglers."""

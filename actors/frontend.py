@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from lorafleet.actors.channels import Channel, LocalChannel
 from lorafleet.actors.fields import redact, show
@@ -105,6 +105,35 @@ class Generation:
         self.frontend.router.close(self.request_id)
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Per-connection limits (docs/serving.md, "Overload and hostile clients").
+
+    `ws_generations`: generations in flight on one WebSocket (more get a `too_many_generations` error
+    frame; the socket stays usable). `ws_frame_rate` / `ws_frame_burst`: a token bucket of client frames
+    per second; an invalid frame costs `ws_invalid_cost` tokens; a socket that empties the bucket is closed
+    with 1008 (policy violation). `body_timeout`: seconds a client may take to send a request body (408)."""
+
+    ws_generations: int = 64
+    ws_frame_rate: float = 200.0
+    ws_frame_burst: float = 400.0
+    ws_invalid_cost: float = 10.0
+    body_timeout: float = 30.0
+
+
+class FrameBucket:
+    """Token bucket over a socket's frames: `take(cost)` is False once the client sends faster than allowed."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst, self.tokens, self.at = rate, burst, burst, time.monotonic()
+
+    def take(self, cost: float = 1.0) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate) - cost
+        self.at = now
+        return self.tokens >= 0
+
+
 @dataclass
 class Frontend:
     """Shared state of the HTTP/WS handlers (read-only except the id counter and open sockets)."""
@@ -118,6 +147,9 @@ class Frontend:
     admin_key: str | None = None
     adapter_root: Path | None = None
     max_body_bytes: int = 1 << 20
+    dashboard_key: str | None = None
+    allowed_origins: frozenset[str] = frozenset()  # browser origins beyond same-origin and localhost
+    limits: ConnectionLimits = field(default_factory=lambda: ConnectionLimits())
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
     _ids: itertools.count = field(default_factory=itertools.count)
 
@@ -172,6 +204,8 @@ class WsConnection:
         self.lock = asyncio.Lock()
         self.active: dict[str, Generation] = {}
         self.tasks: set[asyncio.Task] = set()
+        limits = frontend.limits
+        self.bucket = FrameBucket(limits.ws_frame_rate, limits.ws_frame_burst)
 
     def _encode(self, frame: dict[str, Any]) -> str | bytes:
         if self.binary:
@@ -179,6 +213,8 @@ class WsConnection:
         return json.dumps(frame, separators=(",", ":"))
 
     async def send(self, frame: dict[str, Any]) -> None:
+        """Send a frame; a client that has gone away loses it silently (its generations are cancelled when
+        the socket's loop ends), so no task dies of a closed connection."""
         if self.ws.closed:
             return
         try:
@@ -187,11 +223,19 @@ class WsConnection:
             log.error("ws frame %s for id %r could not be encoded: %r", frame.get("type"), frame.get("id"), exc)
             data = self._encode({"type": "error", "id": None, "error": {
                 "code": "internal_error", "message": "a frame for this socket could not be encoded", "param": None}})
-        async with self.lock:
-            if isinstance(data, bytes):
-                await self.ws.send_bytes(data)
-            else:
-                await self.ws.send_str(data)
+        try:
+            async with self.lock:
+                if isinstance(data, bytes):
+                    await self.ws.send_bytes(data)
+                else:
+                    await self.ws.send_str(data)
+        except ConnectionError:
+            pass  # the client disconnected meanwhile
+
+    def admit_frame(self, invalid: bool = False) -> bool:
+        """Charge the socket's frame bucket: False when the client exceeds its frame rate."""
+        limits = self.frontend.limits
+        return self.bucket.take(limits.ws_invalid_cost if invalid else 1.0)
 
     async def error(self, cid: str | None, exc: ApiError) -> None:
         await self.send({"type": "error", "id": cid, "error": {"code": exc.code, "message": redact(exc.message),
@@ -213,13 +257,15 @@ class WsConnection:
     def _format(msg) -> str:
         return "JSON" if msg.type == WSMsgType.TEXT else "msgpack"
 
-    async def handle(self, msg) -> None:
-        """One client frame; any error is answered with an error frame (the socket goes on)."""
+    async def handle(self, msg) -> bool:
+        """One client frame; any error is answered with an error frame (the socket goes on). False when the
+        frame was refused (it costs more of the socket's frame budget)."""
         cid = None
         try:
             frame = self.decode(msg)
             cid = _valid_id(frame)
             await self.dispatch(frame)
+            return True
         except ApiError as exc:
             self.frontend.refused(exc)
             await self.error(None if exc.code in _UNTIED else cid, exc)
@@ -228,6 +274,7 @@ class WsConnection:
             log.exception("ws frame failed (%s, id %r)", ref, cid)
             self.frontend.refused(internal_error(ref, exc))
             await self.error(cid, internal_error(ref, exc))
+        return False
 
     async def dispatch(self, frame: dict) -> None:
         kind = frame.get("type")
@@ -244,12 +291,23 @@ class WsConnection:
         cid = client_id(frame)
         if cid in self.active:
             raise ApiError(400, "duplicate_id", f"id: {cid!r} is already generating on this socket", "id")
+        cap = self.frontend.limits.ws_generations
+        if len(self.active) >= cap:
+            raise ApiError(429, "too_many_generations", f"this socket already has {cap} generations in flight (the "
+                           "per-connection limit); wait for one to end", None, 1.0)
         spec = parse_ws_generate(frame, self.frontend.ctx)
         generation = self.frontend.start(spec)
         self.active[cid] = generation
         task = asyncio.create_task(self.pump(cid, generation), name=f"ws-{cid}")
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._pump_done)
+
+    def _pump_done(self, task: asyncio.Task) -> None:
+        """Owner's end of a generation task: its outcome is always retrieved (an unexpected failure is
+        logged with its id, never left as "Task exception was never retrieved")."""
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("generation %s failed", task.get_name(), exc_info=task.exception())
 
     async def pump(self, cid: str, generation: Generation) -> None:
         try:
@@ -318,12 +376,23 @@ async def ws_stream(request: web.Request) -> web.WebSocketResponse:
     frontend.sockets.add(ws)
     try:
         async for msg in ws:
-            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                await conn.handle(msg)
+            if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                continue
+            if not conn.admit_frame(invalid=not await conn.handle(msg)):
+                await _close_abusive(conn)
+                break
+            await asyncio.sleep(0)  # one socket's backlog of frames never holds the loop from the others
     finally:
         frontend.sockets.discard(ws)
         await conn.close()
     return ws
+
+
+async def _close_abusive(conn: WsConnection) -> None:
+    limits = conn.frontend.limits
+    conn.frontend.hub.count("ws_closed_frame_rate")
+    await conn.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=f"frame rate over {limits.ws_frame_rate:g}/s "
+                        f"(an invalid frame counts {limits.ws_invalid_cost:g})".encode())
 
 
 def bad_body(exc: Exception) -> ApiError:

@@ -45,6 +45,7 @@ class ServeHub(Hub):
     healthy: bool = True
     health_reason: str = ""
     draining: bool = False
+    stalled: str = ""  # the step watchdog's reason while no step result arrives (actors/watchdog.py)
     executors: list[dict] = field(default_factory=list)
     prefetch: PrefetchStats = field(default_factory=PrefetchStats)
     timing: StepTiming = field(default_factory=StepTiming)

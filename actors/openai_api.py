@@ -6,6 +6,7 @@ Extensions: `return_token_ids` (choices carry `token_ids`, the response `prompt_
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -22,12 +23,28 @@ def error_response(exc: ApiError) -> web.Response:
     return web.json_response(exc.body(), status=exc.status, headers=headers)
 
 
+def _require_json_type(request: web.Request) -> None:
+    """JSON bodies only under a JSON Content-Type (415 otherwise): a browser sends text/plain and form bodies
+    cross-site without asking, application/json only after a CORS preflight this server never grants."""
+    kind = request.content_type
+    if kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json")):
+        return
+    got = repr(request.headers["Content-Type"]) if "Content-Type" in request.headers else "none"
+    raise ApiError(415, "unsupported_media_type", f"Content-Type: must be application/json, got {got}",
+                   "Content-Type")
+
+
 async def read_json(request: web.Request, frontend: Frontend) -> object:
     if request.content_length is not None and request.content_length > frontend.max_body_bytes:
         raise ApiError(413, "body_too_large", f"body: {request.content_length} bytes, at most "
                        f"{frontend.max_body_bytes}", "body")
+    _require_json_type(request)
     try:
-        raw = await request.read()
+        async with asyncio.timeout(frontend.limits.body_timeout):
+            raw = await request.read()
+    except TimeoutError as exc:
+        raise ApiError(408, "request_timeout", f"body: not received within {frontend.limits.body_timeout:g} s",
+                       "body") from exc
     except web.HTTPRequestEntityTooLarge as exc:
         raise ApiError(413, "body_too_large", f"body: larger than {frontend.max_body_bytes} bytes", "body") from exc
     try:
@@ -164,9 +181,10 @@ async def models(request: web.Request) -> web.Response:
     hub = frontend.hub
     base = frontend.ctx.base_name
     created = int(hub.info.get("started", time.time()))
-    data = [{"id": base, "object": "model", "created": created, "owned_by": "lorafleet",
-             "root": hub.info.get("model_path", base), "parent": None, "max_model_len": frontend.ctx.max_model_len}]
-    for name, path in sorted(hub.adapters.items(), key=lambda item: natural_key(item[0])):
-        data.append({"id": name, "object": "model", "created": created, "owned_by": "lorafleet", "root": path,
+    # "root" names the model, never a server path (a client has no use for one and should not learn it)
+    data = [{"id": base, "object": "model", "created": created, "owned_by": "lorafleet", "root": base,
+             "parent": None, "max_model_len": frontend.ctx.max_model_len}]
+    for name in sorted(hub.adapters, key=natural_key):
+        data.append({"id": name, "object": "model", "created": created, "owned_by": "lorafleet", "root": name,
                      "parent": base})
     return web.json_response({"object": "list", "data": data})

@@ -148,6 +148,7 @@ class SchedulerActor:
         self.seen_seq = 0
         self.step_ms = 0.0
         self.ring_full_pause = 0.0  # > 0 while the last step did not fit the plan ring: wait, then retry
+        self.waiting_since: float | None = None  # monotonic time the wait for a step result began
         self._asked: set[str] = set()
         self._stalls_seen = 0
         self.idle = asyncio.Event()
@@ -236,12 +237,15 @@ class SchedulerActor:
     async def _complete(self, step: InFlight) -> None:
         if self.dead is not None:  # its requests were failed when the executor died
             return
+        self.waiting_since = time.monotonic()
         try:
             result = await self.executors.receive()
         except ExecutorDied as exc:
             self._executor_died(str(exc))
             self.in_flight = None  # the step sent after this one died with it
             return
+        finally:
+            self.waiting_since = None
         now = time.perf_counter()
         # the step's own time: from when the executor could start it (sent, or the previous result) to its result
         elapsed_ms = (now - max(step.sent_at, self._result_at or 0.0)) * 1000
@@ -441,9 +445,10 @@ class SchedulerActor:
             self._executor_up(msg.group)
         elif isinstance(msg, Drain):
             self.draining = True
-            if msg.cancel_all:
+            if msg.cancel_all:  # the drain deadline: an error, so no client takes a cut answer for a whole one
                 for request_id in [*self.live, *(s.request_id for w in self.parked.values() for s in w)]:
-                    self._cancel(request_id, "cancelled")
+                    self._cancel(request_id, "cancelled", SHUTTING_DOWN, "the server shut down before this request "
+                                 "finished (drain deadline, --drain-timeout)")
         else:
             raise TypeError(f"scheduler got unexpected message {type(msg).__name__}")
 
@@ -478,7 +483,7 @@ class SchedulerActor:
     def _cancel(self, request_id: str, reason: str, code: str | None = None, message: str | None = None) -> None:
         live = self.live.pop(request_id, None)
         if live is None:
-            self._cancel_parked(request_id)
+            self._cancel_parked(request_id, reason, code, message)
             return
         self.engine.abort(request_id)
         now = time.monotonic()
@@ -693,14 +698,16 @@ class SchedulerActor:
         self._adapters_changed()
         self._publish()
 
-    def _cancel_parked(self, request_id: str) -> None:
+    def _cancel_parked(self, request_id: str, reason: str = "cancelled", code: str | None = None,
+                       message: str | None = None) -> None:
         for waiting in self.parked.values():
             for submit in waiting:
                 if submit.request_id == request_id:
                     waiting.remove(submit)
                     self.router.send(Admitted(request_id))
                     self.router.send(StepDeltas(self.hub.timing.step, [DeltaItem(
-                        request_id, [], "", True, "cancelled", len(submit.prompt_ids), 0)]))
+                        request_id, [], "", True, reason if code is None else None, len(submit.prompt_ids), 0,
+                        code, message)]))
                     return
 
     def _adapters_changed(self) -> None:

@@ -1,8 +1,9 @@
 """`lorafleet serve`: build the planning engine, spawn the executor(s), run the actors and the web app.
 
-Exit codes: 0 after a clean shutdown (SIGTERM/SIGINT drains first), 2 for bad arguments, assets or any
-other failed start-up (busy port, executor that does not start: one line on stderr), 3 when an executor
-died (in-flight requests got errors and /health answered 503 meanwhile).
+Exit codes (EXIT_CODES, also at the end of `--help` and in docs/serving.md): 0 clean shutdown (SIGTERM/SIGINT
+drained every request), 1 internal failure (an actor crashed), 2 bad arguments or assets or any other failed
+start-up (one line on stderr), 3 executor failure (died, or stalled past --stall-kill-after, with no restart
+left), 4 drain cut at --drain-timeout (requests still running then got a `server_shutting_down` error).
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-EXIT_EXECUTOR_FAILED = 3
+DEFAULT_SLO_TTFT_MS = 30_000.0
+EXIT_OK, EXIT_INTERNAL, EXIT_STARTUP_FAILED, EXIT_EXECUTOR_FAILED, EXIT_DRAIN_CUT = 0, 1, 2, 3, 4
+EXIT_CODES = f"""Exit status (for supervisors):
+  {EXIT_OK}  clean shutdown: SIGTERM/SIGINT drained every in-flight request
+  {EXIT_INTERNAL}  internal failure: an actor crashed
+  {EXIT_STARTUP_FAILED}  bad arguments, model or adapter, or another failed start-up (one line on stderr)
+  {EXIT_EXECUTOR_FAILED}  executor failure: an executor died (or stalled past --stall-kill-after) and no
+     --executor-restarts were left; in-flight requests got executor_failed errors
+  {EXIT_DRAIN_CUT}  drain cut: requests still running at --drain-timeout got server_shutting_down errors"""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -40,8 +49,7 @@ _EPILOG = """vLLM spellings: --lora-modules, --max-loras, --max-num-batched-toke
 --enable-lora, --disable-log-requests and the dtype names half/float mean what they mean in `vllm serve`
 (docs/serving.md lists the mapping and the flags that differ).
 
-Exit status: 0 after a clean shutdown, 2 for bad arguments or a failed start-up (one line on stderr),
-3 when an executor died while serving."""
+""" + EXIT_CODES
 
 DTYPES = {"float32": "float32", "float": "float32", "float16": "float16", "half": "float16", "bfloat16": "bfloat16"}
 
@@ -84,10 +92,27 @@ def _network_args(g) -> None:
                    "none: $LORAFLEET_API_KEY, else no key needed")
     g.add_argument("--admin-key", default=None, help="key of the admin routes /v1/load_lora_adapter and "
                    "/v1/unload_lora_adapter (none: $LORAFLEET_ADMIN_KEY); without one those routes answer 403")
+    g.add_argument("--dashboard-key", default=None, help="key of /dashboard and /ws/dashboard (none: "
+                   "$LORAFLEET_DASHBOARD_KEY, else the API key); open the page once as /dashboard?api_key=KEY, a "
+                   "cookie keeps it")
+    g.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                   help="also serve browser WebSockets and POSTs from this origin, e.g. https://ops.example.com "
+                   "(repeatable; '*': any); none: the server's own origin and localhost only")
     g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body or WebSocket frame")
+    g.add_argument("--header-timeout", type=float, default=15.0, metavar="S",
+                   help="close a connection whose request headers are not complete S seconds after it opened or "
+                   "after its previous request (slow clients; also the keep-alive idle limit)")
+    g.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                   help="a request body not received within S seconds gets 408")
+    g.add_argument("--ws-max-generations", type=int, default=64, metavar="N",
+                   help="generations in flight on one WebSocket; more get a too_many_generations error")
+    g.add_argument("--ws-frame-rate", type=float, default=200.0, metavar="R",
+                   help="client frames per second one WebSocket may send (bursts of 2R; an invalid frame counts "
+                   "10); a socket over it is closed with 1008")
     g.add_argument("--max-queue", type=int, default=1024, help="waiting requests before new ones get 429")
-    g.add_argument("--slo-ttft-ms", type=float, default=None, help="first-token SLO of requests that carry none "
-                   "(early abort when it cannot be met); none: no SLO")
+    g.add_argument("--slo-ttft-ms", type=float, default=DEFAULT_SLO_TTFT_MS, metavar="MS",
+                   help="first-token deadline of requests that carry no slo_ttft_ms: refused at admission (429 + "
+                   "Retry-After) when it cannot be met, ended with an error once it has passed; 0: none")
 
 
 def _engine_args(g) -> None:
@@ -138,7 +163,14 @@ def _engine_args(g) -> None:
 
 
 def _lifecycle_args(g) -> None:
-    g.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for in-flight work")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for in-flight work; what still runs then gets a server_shutting_down "
+                   "error and the exit status is 4")
+    g.add_argument("--stall-timeout", type=float, default=30.0, metavar="S",
+                   help="no step result for S seconds while a step runs: /health answers 503 'executor stalled'")
+    g.add_argument("--stall-kill-after", type=float, default=120.0, metavar="S",
+                   help="a stall lasting S seconds kills the executor: the executor-failure path (restart or exit "
+                   "3); 0: never")
     g.add_argument("--failure-linger", type=float, default=2.0,
                    help="seconds to keep answering (503) after an executor died, before exiting 3")
     g.add_argument("--executor-restarts", type=int, default=0,
@@ -173,6 +205,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.dtype = DTYPES[args.dtype]
     args.api_key = args.api_key if args.api_key is not None else os.environ.get("LORAFLEET_API_KEY") or None
     args.admin_key = args.admin_key if args.admin_key is not None else os.environ.get("LORAFLEET_ADMIN_KEY") or None
+    args.dashboard_key = (args.dashboard_key if args.dashboard_key is not None
+                          else os.environ.get("LORAFLEET_DASHBOARD_KEY") or None)
     return args
 
 
@@ -283,7 +317,17 @@ def resolve_assets(args: argparse.Namespace) -> Assets:
     return Assets(ref, resolve_model(ref), served, adapters, root)
 
 
-EXIT_STARTUP_FAILED = 2
+def check_limits(args: argparse.Namespace) -> None:
+    """ValueError naming the first overload/connection/watchdog flag out of range."""
+    from lorafleet.actors.watchdog import StepWatchdog
+
+    StepWatchdog(args.stall_timeout, args.stall_kill_after)
+    for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout),
+                        ("--ws-frame-rate", args.ws_frame_rate), ("--ws-max-generations", args.ws_max_generations)):
+        if not value > 0:
+            raise ValueError(f"{flag} must be > 0, got {value}")
+    if args.slo_ttft_ms < 0:
+        raise ValueError(f"--slo-ttft-ms must be >= 0 (0: no default deadline), got {args.slo_ttft_ms:g}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         from lorafleet.engine.config import ConfigError
 
         try:
+            check_limits(args)
             assets = resolve_assets(args)
             config = engine_config(args)
         except (ValueError, ConfigError, OSError) as exc:

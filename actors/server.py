@@ -18,7 +18,7 @@ from lorafleet.actors.admission import AdmissionActor, AdmissionPolicy
 from lorafleet.actors.app import build_app
 from lorafleet.actors.channels import LocalChannel
 from lorafleet.actors.executor import ExecutorDied, ExecutorGroup
-from lorafleet.actors.frontend import Frontend, Router
+from lorafleet.actors.frontend import ConnectionLimits, Frontend, Router
 from lorafleet.actors.hub import ServeHub
 from lorafleet.actors.logs import AccessLog, adapter_log, event, server_log
 from lorafleet.actors.openai_api import natural_key
@@ -26,7 +26,8 @@ from lorafleet.actors.prefetcher import AdapterLoader, PrefetcherActor
 from lorafleet.actors.protocol import ParseContext
 from lorafleet.actors.scheduler import SchedulerActor
 from lorafleet.actors.schema import Drain, ExecutorDown, ExecutorUp
-from lorafleet.actors.serve import EXIT_EXECUTOR_FAILED, Assets
+from lorafleet.actors.serve import EXIT_DRAIN_CUT, EXIT_EXECUTOR_FAILED, EXIT_INTERNAL, EXIT_OK, Assets
+from lorafleet.actors.watchdog import StepWatchdog, watch_steps
 from lorafleet.engine.adapter_index import AdapterIndex, scan_adapter_root
 from lorafleet.engine.adapter_store import AdapterStore
 from lorafleet.engine.adapters import AdapterError
@@ -102,13 +103,13 @@ class Server:
         self.args, self.assets, self.config, self.engine = args, assets, config, engine
         self.hub = ServeHub(info={"model": assets.base_name, "model_path": str(assets.model_dir),
                                   "started": time.time(), "config": dict(config.__dict__),
-                                  "slo_ttft_ms": args.slo_ttft_ms, "max_queue": args.max_queue,
+                                  "slo_ttft_ms": args.slo_ttft_ms or None, "max_queue": args.max_queue,
                                   "block_size": engine.block_tokens, "metric_prefix": args.metric_prefix})
         self.index = index_adapter_root(assets, engine)
         indexed = self.index.listed() if self.index is not None else {}
         self.hub.adapters = {**indexed, **{name: info.path for name, info in engine.store.infos.items()}}
         self.ctx = ParseContext(assets.base_name, set(self.hub.adapters), engine.max_model_len,
-                                engine.model.vocab_size, tokenizer, args.slo_ttft_ms, assets.adapter_root)
+                                engine.model.vocab_size, tokenizer, args.slo_ttft_ms or None, assets.adapter_root)
         self.loader = AdapterLoader(engine.model, page_elements, config.torch_dtype, config.max_lora_rank,
                                     config.tensor_parallel_size)
         self.executors: ExecutorGroup | None = None
@@ -156,13 +157,18 @@ class Server:
             "admission": AdmissionActor(policy, admission_box, scheduler_box, router_box, self.hub).run(),
             "prefetcher": PrefetcherActor(self.loader, prefetch_box, scheduler_box, self.hub,
                                           args.prefetch_workers).run(),
+            "watchdog": watch_steps(StepWatchdog(args.stall_timeout, args.stall_kill_after),
+                                    lambda: self.scheduler.waiting_since, self.hub, self._kill_executors),
         }
         self.tasks = [asyncio.create_task(coro, name=name) for name, coro in actors.items()]
         self.scheduler._publish()
         frontend = Frontend(self.ctx, admission_box, scheduler_box, self.router, self.hub, args.api_key,
-                            args.admin_key, _root(args), args.max_body_bytes)
+                            args.admin_key, _root(args), args.max_body_bytes, dashboard_key=args.dashboard_key,
+                            allowed_origins=frozenset(o.rstrip("/") for o in args.allowed_origin),
+                            limits=connection_limits(args))
+        # keepalive_timeout also closes a connection that has not completed its request headers by then
         self.runner = web.AppRunner(build_app(frontend), handler_cancellation=True, shutdown_timeout=5.0,
-                                    access_log=None)
+                                    access_log=None, keepalive_timeout=args.header_timeout)
         await self.runner.setup()
         site = web.SockSite(self.runner, sock)
         await site.start()
@@ -178,6 +184,10 @@ class Server:
         self.hub.device_peak = (bandwidth, flops)
         model = StepCostModel(self.engine.model, self.config.torch_dtype.itemsize, self.config.tensor_parallel_size)
         return model, DevicePeak(bandwidth, flops)
+
+    def _kill_executors(self, reason: str) -> None:
+        if self.executors is not None:
+            self.executors.kill(reason)
 
     def print_urls(self, seconds: float) -> None:
         """The start-up banner: model, adapters, device, dtype, pool, threads, then the URLs and `ready on`."""
@@ -206,7 +216,8 @@ class Server:
         event(server_log, f"ready on {self.url} in {seconds:.1f}s", url=self.url, startup_s=round(seconds, 1))
 
     async def serve_until(self, stop: asyncio.Event) -> int:
-        """Run until SIGTERM/SIGINT (drain, 0), an executor death (restart, or 3) or an actor crash (1)."""
+        """Run until SIGTERM/SIGINT (drain: 0, or 4 if cut at the deadline), an executor death (restart, or
+        3) or an actor crash (1)."""
         restarts = 0
         while True:
             done = await self._wait_event(stop)
@@ -251,7 +262,7 @@ class Server:
             for task in crashed:
                 server_log.error("actor %s stopped: %r", task.get_name(), task.exception(),
                                  exc_info=task.exception())
-            return 1
+            return EXIT_INTERNAL
         if self.scheduler.failed.is_set():
             event(server_log, f"{self.hub.health_reason}; exiting in {self.args.failure_linger:.0f}s", logging.ERROR)
             try:
@@ -259,19 +270,27 @@ class Server:
             except TimeoutError:
                 pass  # the linger elapsed: exit now
             return EXIT_EXECUTOR_FAILED
-        await self.drain()
-        return 0
+        return await self.drain()
 
-    async def drain(self) -> None:
-        """Stop admitting, let in-flight requests finish within --drain-timeout, cancel the rest."""
+    async def drain(self) -> int:
+        """Stop admitting, let in-flight requests finish within --drain-timeout; the rest end with a
+        `server_shutting_down` error (not a quiet `cancelled`) and the exit code says the drain was cut."""
         event(server_log, "draining")
         self.hub.draining = True
         self.admission_box.send(Drain())
         try:
             await asyncio.wait_for(self.scheduler.wait_idle(), self.args.drain_timeout)
         except TimeoutError:
+            cut = len(self.scheduler.live)
+            event(server_log, f"drain deadline ({self.args.drain_timeout:g} s) reached: {cut} request(s) cut with "
+                  f"server_shutting_down; exit {EXIT_DRAIN_CUT}", logging.WARNING)
             self.admission_box.send(Drain(cancel_all=True))
-            await asyncio.wait_for(self.scheduler.wait_idle(), 5.0)
+            try:
+                await asyncio.wait_for(self.scheduler.wait_idle(), 5.0)
+            except TimeoutError:
+                pass  # a frozen executor: the requests already got their errors; stop() kills it
+            return EXIT_DRAIN_CUT
+        return EXIT_OK
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -284,6 +303,11 @@ class Server:
         if self.executors is not None:
             await self.executors.stop()
             self.executors = None
+
+
+def connection_limits(args: Namespace) -> ConnectionLimits:
+    return ConnectionLimits(ws_generations=args.ws_max_generations, ws_frame_rate=args.ws_frame_rate,
+                            ws_frame_burst=2 * args.ws_frame_rate, body_timeout=args.body_timeout)
 
 
 def _root(args: Namespace) -> Path | None:

@@ -1,0 +1,128 @@
+"""Per-connection limits and slow clients, over real sockets: a WebSocket's generations in flight are capped,
+a socket flooding invalid frames is closed (1008) after a handful while another socket's generation goes on,
+slow-header and slow-body connections are timed out, and abrupt disconnects leave no unretrieved task errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+from test_serve_support import WsClient, start_server, stop_server
+from test_serve_support import write_assets as _write_assets
+
+from lorafleet.actors.frontend import FrameBucket
+
+
+def test_frame_bucket():
+    bucket = FrameBucket(rate=10.0, burst=5.0)
+    assert all(bucket.take() for _ in range(5))
+    assert not bucket.take()
+    bucket.tokens, bucket.at = 0.0, time.monotonic() - 1.0  # a second later: 10 tokens back, capped at 5
+    assert bucket.take(5.0) and not bucket.take()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model = _write_assets(tmp_path_factory.mktemp("connections"))[0]
+    proc = start_server(["--model", str(model), "--ws-max-generations", "2", "--ws-frame-rate", "50",
+                         "--header-timeout", "1", "--body-timeout", "1"])
+    yield proc
+    assert stop_server(proc) == 0, proc.output()
+
+
+async def test_generations_per_socket_are_capped_and_the_socket_stays_usable(server):
+    async with aiohttp.ClientSession() as session, session.ws_connect(server.ws_url) as ws:
+        client = WsClient(ws)
+        reader = asyncio.create_task(client.read_loop())
+        for i in range(3):
+            await client.send({"type": "generate", "id": f"g{i}", "prompt": "cap", "max_tokens": 800,
+                               "ignore_eos": True})
+        third = await asyncio.wait_for(client.expect("g2"), 60)
+        await client.send({"type": "cancel", "id": "g0"})
+        await asyncio.wait_for(client.expect("g0"), 60)
+        await client.send({"type": "generate", "id": "g3", "prompt": "after", "max_tokens": 3})
+        after = await asyncio.wait_for(client.expect("g3"), 60)
+        await client.send({"type": "cancel", "id": "g1"})
+        await asyncio.wait_for(client.expect("g1"), 60)
+        await ws.close()
+        await reader
+    assert third["type"] == "error" and third["error"]["code"] == "too_many_generations", third
+    assert after["type"] == "done" and after["usage"]["completion_tokens"] == 3
+
+
+async def test_a_socket_flooding_invalid_frames_is_closed_and_others_go_on(server):
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(server.ws_url) as good:
+            client = WsClient(good)
+            reader = asyncio.create_task(client.read_loop())
+            await client.send({"type": "generate", "id": "v", "prompt": "victim", "max_tokens": 40,
+                               "ignore_eos": True})
+            async with session.ws_connect(server.ws_url) as flood:
+                sent = 0
+                try:
+                    while sent < 50_000:
+                        await flood.send_str("{not json")
+                        sent += 1
+                except ConnectionError:
+                    pass  # the server closed it while we were still sending
+                errors = 0
+                while (msg := await flood.receive(timeout=30)).type == aiohttp.WSMsgType.TEXT:
+                    errors += 1
+                close_code = flood.close_code
+            victim = await asyncio.wait_for(client.expect("v"), 120)
+            await good.close()
+            await reader
+    assert close_code == aiohttp.WSCloseCode.POLICY_VIOLATION, (msg, close_code)
+    assert errors < 200, f"the server answered {errors} of {sent} invalid frames before closing the socket"
+    assert victim["type"] == "done" and victim["usage"]["completion_tokens"] == 40
+
+
+async def _closed_within(reader: asyncio.StreamReader, seconds: float) -> bytes:
+    """Everything the server sent until it closed the connection; fails if it stays open `seconds`."""
+    data = b""
+    async with asyncio.timeout(seconds):
+        while chunk := await reader.read(65536):
+            data += chunk
+    return data
+
+
+async def test_slow_header_and_slow_body_connections_are_closed(server):
+    host, port = server.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+    for _ in range(3):  # a header line now and then, never the blank line that ends them
+        await asyncio.sleep(0.3)
+        writer.write(b"X-Slow: 1\r\n")
+    slow_header = await _closed_within(reader, 15)
+    writer.close()
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
+    slow_body = await _closed_within(reader, 15)
+    writer.close()
+    assert b" 200 " not in slow_header
+    assert slow_body.startswith(b"HTTP/1.1 408"), slow_body[:200]
+    assert b"request_timeout" in slow_body
+
+
+async def test_abrupt_disconnects_leave_no_task_errors(server):
+    for _ in range(4):
+        session = aiohttp.ClientSession()
+        ws = await session.ws_connect(server.ws_url)
+        for j in range(2):
+            await ws.send_json({"type": "generate", "id": f"d{j}", "prompt": "drop", "max_tokens": 300,
+                                "ignore_eos": True})
+        while (await ws.receive_json(timeout=60))["type"] != "delta":
+            pass
+        ws._response.connection.transport.abort()  # vanish mid-stream, no close frame
+        await session.close()
+    async with aiohttp.ClientSession() as session:  # still serving
+        async with session.post(server.url + "/v1/completions", json={"prompt": "ok", "max_tokens": 2}) as resp:
+            assert resp.status == 200
+    await asyncio.sleep(1.0)
+    assert "Task exception was never retrieved" not in server.output()
+    assert "Traceback" not in server.output(), server.output()[-3000:]
