@@ -4,14 +4,17 @@
   localhost, or origins added with `--allowed-origin` (`*` = any); clients without `Origin` are not
   browsers and pass. Applied to WebSocket upgrades and POSTs, so a page on another site cannot drive the
   server (together with the JSON-only rule: a cross-site JSON POST needs a CORS preflight, never granted).
-* `files_inside`: an adapter directory's files must resolve (symlinks followed) inside the adapter root.
+* `files_inside` (engine/adapter_index.py's `outside_root`): an adapter directory's files must resolve
+  (symlinks followed) inside the adapter root; start-up scans and name lookups apply it too.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from urllib.parse import urlsplit
+
+from lorafleet.engine.adapter_index import outside_root as files_inside
+
+__all__ = ["LOCAL_HOSTS", "files_inside", "origin_allowed"]
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
@@ -27,16 +30,3 @@ def origin_allowed(origin: str | None, host: str, allowed: frozenset[str]) -> bo
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return False  # "null" (sandboxed frames, file://) and anything odd
     return parts.netloc.lower() == host.lower() or parts.hostname in LOCAL_HOSTS
-
-
-def files_inside(root: str | Path, directory: str | Path) -> str | None:
-    """None if `directory` and every file in it resolve inside `root`; else the name of the first that
-    does not (a symlink leading out of the adapter root)."""
-    real_root = os.path.realpath(root)
-    real_dir = os.path.realpath(directory)
-    if os.path.commonpath([real_root, real_dir]) != real_root:
-        return Path(directory).name
-    for entry in sorted(Path(directory).iterdir()):
-        if os.path.commonpath([real_root, os.path.realpath(entry)]) != real_root:
-            return entry.name
-    return None

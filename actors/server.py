@@ -88,7 +88,11 @@ def index_adapter_root(assets: Assets, engine: Engine) -> AdapterIndex | None:
     if assets.adapter_root is None:
         return None
     reserved = {assets.base_name, *engine.store.infos}
-    found = scan_adapter_root(assets.adapter_root)
+    unsafe: list[str] = []
+    found = scan_adapter_root(assets.adapter_root, unsafe)
+    if unsafe:
+        print(f"lorafleet: warning: adapter-root directories {unsafe} are not served: a file in them links "
+              "outside --adapter-root", file=sys.stderr, flush=True)
     index = AdapterIndex(assets.adapter_root, {name: path for name, path in found.items() if name not in reserved})
     shadowed = sorted(set(found) & reserved)
     if shadowed:

@@ -17,25 +17,52 @@ from pathlib import Path
 CONFIG_NAME = "adapter_config.json"
 
 
+def outside_root(root: str | Path, directory: str | Path) -> str | None:
+    """None if `directory` and every file in it resolve (symlinks followed) inside `root`; else the name of
+    the first entry that does not: a link leading out of the adapter root, never read."""
+    real_root = os.path.realpath(root)
+    try:
+        if os.path.commonpath([real_root, os.path.realpath(directory)]) != real_root:
+            return Path(directory).name
+        for entry in sorted(Path(directory).iterdir()):
+            if os.path.commonpath([real_root, os.path.realpath(entry)]) != real_root:
+                return entry.name
+    except (OSError, ValueError):
+        return Path(directory).name
+    return None
+
+
 def find_adapter_dir(root: str | Path, name: str) -> str | None:
     """The real path of `root/name` when it is a directory holding adapter_config.json that lies inside
-    `root` (after symlinks and `..`); None otherwise, including for names that are not relative paths."""
+    `root` (after symlinks and `..`) with no file linking outside it; None otherwise, including for names
+    that are not relative paths."""
     if not isinstance(name, str) or not name or "\0" in name or os.path.isabs(name) or len(name) > 4096:
         return None
     real_root = os.path.realpath(root)
     try:
         path = os.path.realpath(os.path.join(real_root, name))
         inside = os.path.commonpath([real_root, path]) == real_root and path != real_root
-        return path if inside and os.path.isfile(os.path.join(path, CONFIG_NAME)) else None
+        found = inside and os.path.isfile(os.path.join(path, CONFIG_NAME))
+        return path if found and outside_root(real_root, path) is None else None
     except (OSError, ValueError):
         return None
 
 
-def scan_adapter_root(root: str | Path) -> dict[str, str]:
-    """name (path relative to root, '/'-separated) -> dir, for every dir below root with adapter_config.json."""
+def scan_adapter_root(root: str | Path, skipped: list[str] | None = None) -> dict[str, str]:
+    """name (path relative to root, '/'-separated) -> dir, for every dir below root with adapter_config.json.
+    A directory with a file linking outside the root is left out (its name appended to `skipped`)."""
     root = Path(root)
-    return {config.parent.relative_to(root).as_posix(): str(config.parent)
-            for config in sorted(root.rglob(CONFIG_NAME)) if config.parent != root}
+    found = {}
+    for config in sorted(root.rglob(CONFIG_NAME)):
+        if config.parent == root:
+            continue
+        name = config.parent.relative_to(root).as_posix()
+        if outside_root(root, config.parent) is not None:
+            if skipped is not None:
+                skipped.append(name)
+            continue
+        found[name] = str(config.parent)
+    return found
 
 
 def _config_mtime(path: str) -> float | None:
