@@ -91,8 +91,8 @@ def index_adapter_root(assets: Assets, engine: Engine) -> AdapterIndex | None:
     unsafe: list[str] = []
     found = scan_adapter_root(assets.adapter_root, unsafe)
     if unsafe:
-        print(f"lorafleet: warning: adapter-root directories {unsafe} are not served: a file in them links "
-              "outside --adapter-root", file=sys.stderr, flush=True)
+        event(adapter_log, f"adapter-root directories {unsafe} are not served: a file in them links outside "
+              "--adapter-root", logging.WARNING)
     index = AdapterIndex(assets.adapter_root, {name: path for name, path in found.items() if name not in reserved})
     shadowed = sorted(set(found) & reserved)
     if shadowed:
