@@ -84,7 +84,9 @@ class PrefetcherActor:
                 packed = await asyncio.to_thread(self.loader.load, name, path)
             else:
                 packed = await asyncio.to_thread(self.loader.pack_into, target, path)
-        except (AdapterError, OSError, ValueError) as exc:
+        except Exception as exc:  # whatever reading the adapter raised fails that adapter's requests, not the actor
+            if not isinstance(exc, (AdapterError, OSError, ValueError)):
+                exc = AdapterError(f"{type(exc).__name__}: {exc}")
             stats.failed += 1
             event(adapter_log, f"prefetch of adapter {name!r} failed: {exc}", logging.WARNING, adapter=name)
             self.scheduler.send(AdapterFetchFailed(name, path, str(exc), target))

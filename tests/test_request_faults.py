@@ -141,3 +141,28 @@ def test_run_step_reports_one_line_and_forgets_the_failed_requests(tiny_llama):
     result = run_step(0, runner, plan)
     assert result.error == "ValueError: bad" and result.sampled == []
     assert runner.last_sampled == {plan.seqs[0].request_id: 0}  # a queued plan continuing it still resolves
+
+
+async def test_prefetcher_turns_any_read_failure_into_a_failed_fetch():
+    """An adapter whose reading raises something unforeseen fails that fetch (its requests get an error);
+    the prefetcher goes on to the next adapter."""
+    from lorafleet.actors.hub import ServeHub
+    from lorafleet.actors.prefetcher import PrefetcherActor
+    from lorafleet.actors.schema import AdapterFetched, AdapterFetchFailed, Prefetch
+
+    class Loader:
+        def load(self, name, path):
+            if name == "bad":
+                raise TypeError("'NoneType' object is not subscriptable")
+            return f"packed {name}"
+
+    inbox, scheduler = LocalChannel(), LocalChannel()
+    task = asyncio.create_task(PrefetcherActor(Loader(), inbox, scheduler, ServeHub()).run())
+    inbox.send(Prefetch({"bad": "/x/bad"}))
+    inbox.send(Prefetch({"good": "/x/good"}))
+    first, second = [await asyncio.wait_for(scheduler.recv(), 30) for _ in range(2)]
+    assert isinstance(first, AdapterFetchFailed) and first.name == "bad" and "TypeError" in first.message
+    assert isinstance(second, AdapterFetched) and second.packed == "packed good"
+    assert not task.done()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
