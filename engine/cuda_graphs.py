@@ -96,17 +96,20 @@ class StaticBatch:
 
 
 class DecodeGraphs:
-    """Captures and replays decode-step graphs of `model` over `pool`."""
+    """Captures and replays decode-step graphs of `model` over `pool`. `capture=False` runs the same static
+    buffers and bucket padding eagerly (CPU tests of the plumbing, e.g. under tensor parallelism with gloo)."""
 
     def __init__(self, model: CausalLM, pool: torch.Tensor, block_tokens: int, scratch_page: int,
-                 max_batch: int, max_blocks: int, max_slots: int, max_rank: int, mempool=None) -> None:
+                 max_batch: int, max_blocks: int, max_slots: int, max_rank: int, mempool=None,
+                 capture: bool = True) -> None:
         self.model, self.pool, self.block_tokens, self.scratch_page = model, pool, block_tokens, scratch_page
         self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
         self.max_slots, self.max_rank = max_slots, max_rank
         self.static = StaticBatch(self.buckets[-1], max_blocks, max_slots, max_rank, pool.device,
                                   tp=model.group.shard.size)
         self.graphs: dict[tuple[int, frozenset[str]], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.mempool = mempool if mempool is not None else torch.cuda.graph_pool_handle()
+        self.capture = capture
+        self.mempool = mempool if mempool is not None or not capture else torch.cuda.graph_pool_handle()
 
     def fits(self, batch: int, num_slots: int, widest_rank: int, blocks: int) -> bool:
         return (batch <= self.buckets[-1] and num_slots <= self.max_slots and widest_rank <= self.max_rank
@@ -117,6 +120,9 @@ class DecodeGraphs:
         batch = len(inputs.input_ids)
         bucket = next(b for b in self.buckets if b >= batch)
         self._fill(inputs, bucket)
+        if not self.capture:  # fresh views: the metadata caches must not carry one step's tables into the next
+            input_ids, attn, lora = self.static.views(bucket, frozenset(inputs.modules))
+            return self.model(input_ids, attn, lora, self.pool, self.block_tokens)[:batch]
         key = (bucket, frozenset(inputs.modules))  # one graph per bucket and set of targeted modules
         if key not in self.graphs:
             self.graphs[key] = self._capture(*key)

@@ -69,7 +69,8 @@ def _serve(runner, staged: dict[str, PackedAdapter], conn: Connection) -> None:
         if message == "stats":
             graphs = len(runner.graphs.graphs) if runner.graphs is not None else 0
             conn.send(("stats", {"resident": sorted(runner.resident), "pool_shape": list(runner.pool.shape),
-                                 "piecewise_steps": runner.piecewise_steps, "decode_graphs": graphs}))
+                                 "piecewise_steps": runner.piecewise_steps, "decode_graphs": graphs,
+                                 "decode_graph_steps": runner.decode_graph_steps}))
             continue
         if message == "logits":
             conn.send(("logits", {rid: row.float().cpu() for rid, row in runner.last_logits.items()}))
@@ -113,8 +114,8 @@ class ProcessGroupExecutor:
         return self._collect("ok", None)[0]
 
     def rank_stats(self) -> list[dict]:
-        """Each rank's view of its pool (resident adapters, pool tensor shape), its piecewise step count and
-        its number of captured decode graphs."""
+        """Each rank's view of its pool (resident adapters, pool tensor shape), its counts of piecewise and
+        whole decode-graph steps, and its number of captured decode graphs."""
         for conn in self.conns:
             conn.send("stats")
         return self._collect("stats", 60.0)

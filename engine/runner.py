@@ -53,6 +53,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.pieces: PiecewiseGraphs | None = None
         self.piecewise_steps = 0  # steps replayed piecewise (for tests and logs)
+        self.decode_graph_steps = 0  # steps replayed from a whole-step decode graph (for tests and logs)
         self.max_rank = 0
         self.last_logits: dict[int, torch.Tensor] = {}
         self.last_sampled: dict[int, int] = {}  # request id -> token sampled in the last step
@@ -185,6 +186,7 @@ class ModelRunner:
             inputs = StepInputs(input_ids, positions, slots, [s.block_table for s in plan.seqs],
                                   token_slots or [-1] * len(input_ids), scales, tables)
             if decode:
+                self.decode_graph_steps += 1
                 return graphs.run(inputs)
             self.piecewise_steps += 1
             return pieces.run(inputs, self._attention_batch(plan, positions, slots))
@@ -201,16 +203,16 @@ class ModelRunner:
     def enable_cuda_graphs(self, max_batch: int, max_blocks: int, max_slots: int, max_rank: int,
                            max_tokens: int = 0, capture: bool = True) -> None:
         """Replay decode steps from CUDA graphs and, with `max_tokens`, other steps of up to that many tokens
-        piecewise (CUDA only, except `capture=False`: the piecewise plumbing without graphs, for tests). Under
-        tensor parallelism every rank captures the same buckets at the same step, NCCL collectives included."""
+        piecewise (CUDA only, except `capture=False`: the same static buffers and buckets without graphs, for
+        tests). Under tensor parallelism every rank captures the same buckets at the same step, NCCL
+        collectives included."""
         scratch = self.pool.shape[1] - 1  # the pool's last page
         max_rank = self.max_rank = padded_rank(max_rank, self.shard.size)  # adapters are stored padded
         if capture and self.device.type != "cuda":
             return
         mempool = torch.cuda.graph_pool_handle() if capture else None
-        if capture:
-            self.graphs = DecodeGraphs(self.model, self.pool, self.block_tokens, scratch, max_batch, max_blocks,
-                                       max_slots, max_rank, mempool)
+        self.graphs = DecodeGraphs(self.model, self.pool, self.block_tokens, scratch, max_batch, max_blocks,
+                                   max_slots, max_rank, mempool, capture)
         if max_tokens:
             self.pieces = PiecewiseGraphs(self.model, self.pool, self.block_tokens, scratch, max_tokens, max_slots,
                                           max_rank, mempool, capture)

@@ -134,8 +134,9 @@ def test_tp2_equals_tp1_and_hf_peft_with_any_rank(assets):
 
 
 def test_tp2_static_tables_equal_tp1(assets):
-    """The graphed steps' path (static buffers at the padded maximum rank, fixed shrink width, bucket padding)
-    without capture: chunked prefills beside decodes, at tp=2, equal the plain tp=1 engine."""
+    """The graphed steps' paths (static buffers at the padded maximum rank, fixed shrink width, bucket padding)
+    without capture: chunked prefills beside decodes (piecewise) and decode steps (whole), at tp=2, equal the
+    plain tp=1 engine."""
     base, adapters = assets
     prompts, which = _mixed(adapters, 10)
     prompts = [p * 4 for p in prompts]  # long enough to be chunked by a 24-token budget
@@ -144,8 +145,9 @@ def test_tp2_static_tables_equal_tp1(assets):
                                                                      ignore_eos=True)
     with LLM(str(base), adapters=adapters, tp=2, graph_capture=False, **options) as llm:
         outs = llm.generate(prompts, adapters=which, max_tokens=6, ignore_eos=True)
-        steps = [s["piecewise_steps"] for s in llm.engine.executor.rank_stats()]
-    assert steps[0] == steps[1] > 5, "the workload was meant to run many steps through the static buffers"
+        stats = llm.engine.executor.rank_stats()
+    pieces, decodes = ([s[key] for s in stats] for key in ("piecewise_steps", "decode_graph_steps"))
+    assert pieces[0] == pieces[1] > 5 and decodes[0] == decodes[1] > 2, "many steps through the static buffers"
     assert [o.token_ids for o in outs] == [e.token_ids for e in expected]
 
 
