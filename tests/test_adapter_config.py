@@ -411,3 +411,61 @@ def test_fan_in_fan_out_and_dropout_are_ignored_as_peft_does_for_linear(tiny_lla
     odd = _adapter(tmp_path, tiny_llama, Fault("", {"fan_in_fan_out": True, "lora_dropout": 0.5}), name="o")
     weights = load_adapter("o", odd, model_cfg, MAX_RANK)
     assert weights.scale == plain.scale and all(torch.equal(weights.a[m], plain.a[m]) for m in plain.a)
+
+
+KEY_PARTS = {
+    "prefix": ["base_model.model.", "", "base_model.model.model.vision_tower.", "x."],
+    "layer": ["0", "1", "2", "99999999999999999999", "-1", "a"],
+    "group": ["self_attn", "mlp", "attn", ""],
+    "module": [*TARGET_MODULES, "lm_head", "embed_tokens", "q_proj.base_layer"],
+    "which": ["lora_A", "lora_B", "lora_magnitude_vector", "lora_embedding_A"],
+    "suffix": [".weight", ".default.weight", ".bias", ""],
+}
+TINY_DIMS = {**dict.fromkeys(TARGET_MODULES[:4], (64, 64)), "gate_proj": (64, 128), "up_proj": (64, 128),
+             "down_proj": (128, 64)}  # (in, out) of conftest's tiny Llama
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int64, torch.bool]
+
+
+@st.composite
+def tensor_files(draw) -> dict[str, torch.Tensor] | bytes:
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.binary(max_size=64))
+    out = {}
+    for _ in range(draw(st.integers(0, 6))):
+        if draw(st.booleans()):  # a well-formed name, often with the right shape
+            layer, module = draw(st.integers(0, 1)), draw(st.sampled_from(TARGET_MODULES))
+            which = draw(st.sampled_from("AB"))
+            key = f"base_model.model.model.layers.{layer}.{GROUP[module]}.{module}.lora_{which}.weight"
+            fan_in, fan_out = TINY_DIMS[module]
+            right = (4, fan_in) if which == "A" else (fan_out, 4)
+        else:
+            p = {k: draw(st.sampled_from(v)) for k, v in KEY_PARTS.items()}
+            key = f"{p['prefix']}model.layers.{p['layer']}.{p['group']}.{p['module']}.{p['which']}{p['suffix']}"
+            right = (4, 64)
+        shape = draw(st.sampled_from([right, right, (64, 4), (16, 4), (4, 128), (4,), (0, 64), (2, 4, 64)]))
+        tensor = torch.randn(shape).to(draw(st.sampled_from([torch.float32, *DTYPES])))
+        if tensor.is_floating_point() and tensor.numel() and draw(st.booleans()):
+            tensor.view(-1)[0] = draw(st.sampled_from([float("nan"), float("inf"), 1e30, -1e5]))
+        out[key] = tensor
+    return out
+
+
+@settings(max_examples=80, **SETTINGS)
+@given(tensors=tensor_files(), targets=st.sampled_from([list(TARGET_MODULES), "all-linear", ["q_proj"]]))
+def test_any_tensor_file_gives_an_adapter_or_an_adapter_error(tensors, targets, dirs, model_cfg, full_tensors):
+    path = dirs.new()
+    _write_config(path, {"r": 4, "lora_alpha": 8, "target_modules": targets})
+    weights_path = path / "adapter_model.safetensors"
+    if isinstance(tensors, bytes):
+        weights_path.write_bytes(tensors)
+    else:
+        save_file({**(full_tensors if tensors and tensors.keys() <= full_tensors.keys() else {}), **tensors},
+                  str(weights_path))
+    try:
+        weights = load_adapter("x", path, model_cfg, MAX_RANK)
+    except AdapterError as exc:
+        hypothesis.event(f"refused: {str(exc).split(':')[-1][:25]}")
+        return
+    hypothesis.event("accepted")
+    for module in weights.targets:
+        assert torch.isfinite(weights.a[module]).all() and torch.isfinite(weights.b[module]).all()
