@@ -7,7 +7,7 @@ resident in the pool, its physical row tables (built once when the adapter is lo
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ class ResidentAdapter:
     scale: float
     rank: int
     rows: dict[str, tuple[list[int], list[int]]]
+    cols: dict[tuple[str, int], list[int]] = field(default_factory=dict, compare=False)  # _cols, memoised
 
 
 class ModelRunner:
@@ -331,12 +332,16 @@ class ModelRunner:
         intermediate has all r' columns, and this rank's Bᵀ rows are its `local` rank columns."""
         if module not in adapter.rows:
             return []
-        a_rows, b_rows = adapter.rows[module]
-        if module in COLUMN_PARALLEL:
-            local = len(a_rows)
-            return [(c // local) * width + c % local for c in range(local * self.shard.size)]
-        local = len(b_rows)
-        return [self.shard.rank * local + j for j in range(local)]
+        key = (module, width if module in COLUMN_PARALLEL else 0)
+        if key not in adapter.cols:  # the same for every step the adapter stays resident (a static width)
+            a_rows, b_rows = adapter.rows[module]
+            if module in COLUMN_PARALLEL:
+                local = len(a_rows)
+                adapter.cols[key] = [(c // local) * width + c % local for c in range(local * self.shard.size)]
+            else:
+                local = len(b_rows)
+                adapter.cols[key] = [self.shard.rank * local + j for j in range(local)]
+        return adapter.cols[key]
 
 
 def _decode_first(plan: StepPlan) -> StepPlan:
