@@ -160,6 +160,9 @@ def _check_refused(raw: dict) -> None:
         value = raw.get(name)
         if value is not None and value not in _UNSET.get(name, ()):
             raise ConfigFieldError(f"{name}: {why} (got {_short(value)})")
+    dropout = _number(raw.get("lora_dropout", 0.0), "lora_dropout")
+    if not 0.0 <= dropout <= 1.0:  # torch.nn.Dropout refuses it when PEFT builds the layer
+        raise ConfigFieldError(f"lora_dropout: {dropout:g} is not a probability in 0..1")
     bias = raw.get("bias", "none")
     if bias != "none":
         raise ConfigFieldError(f"bias: {_short(bias)} is not supported, only 'none' (bias vectors are trained)")
