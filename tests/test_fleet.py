@@ -32,6 +32,7 @@ from lorafleet.engine.demo import BASE_MODEL_NAME, TASKS, demo_adapter_dirs, ech
 
 pytestmark = pytest.mark.slow
 MAX_NUM_SEQS = 4
+ADMIN = {"Authorization": "Bearer fleet-admin-key"}  # runtime loads and /fleet/state need the admin key
 START_TIMEOUT = 420.0
 
 
@@ -56,7 +57,7 @@ def fleet(tmp_path_factory):
     port = _free_port()
     cmd = [sys.executable, "-m", "lorafleet", "fleet", "--replicas", "2", "--port", str(port), "--ray-num-cpus", "4",
            "--num-cpus-per-replica", "1", "--", "--adapter-root", str(root), "--torch-threads", "1",
-           "--max-num-seqs", str(MAX_NUM_SEQS), "--num-pages", "256"]
+           "--max-num-seqs", str(MAX_NUM_SEQS), "--num-pages", "256", "--admin-key", "fleet-admin-key"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
@@ -106,7 +107,7 @@ def _expected(model: str, line: str) -> str:
 
 
 async def _state(session: aiohttp.ClientSession, fleet: Fleet) -> dict:
-    async with session.get(fleet.url + "/fleet/state") as resp:
+    async with session.get(fleet.url + "/fleet/state", headers=ADMIN) as resp:
         return await resp.json()
 
 
@@ -222,7 +223,7 @@ async def _listed(fleet: Fleet) -> dict[str, dict]:
 async def test_a_runtime_loaded_adapter_is_loaded_on_and_answers_from_both_replicas(fleet):
     shutil.copytree(demo_adapter_dirs()["upper"], fleet.root / "loaded" / "upper-copy")
     async with aiohttp.ClientSession() as session:
-        async with session.post(fleet.url + "/v1/load_lora_adapter",
+        async with session.post(fleet.url + "/v1/load_lora_adapter", headers=ADMIN,
                                 json={"lora_name": "shouty", "lora_path": "loaded/upper-copy"}) as resp:
             body = await resp.json()
             assert resp.status == 200, body
