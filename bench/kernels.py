@@ -656,6 +656,12 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save_partial(out: str, result: dict) -> None:
+    """Write what is measured so far (a run cut short by a time limit keeps its finished sections)."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({**result, "partial": True}, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/kernels-h200.json")
@@ -683,9 +689,6 @@ def main(argv: list[str] | None = None) -> int:
     small = args.smoke
     result["lora"] = bench_lora(clock, device, shapes, (1, 16) if small else (1, 16, 64, 256),
                                 (1, 8) if small else (1, 8, 64), result["copy_GBps"]) if "lora" in sections else []
-    mlp_cases = [(16, 4)] if small else [(64, 64), (256, 8), (1024, 8), (2048, 16), (4096, 16)]
-    result["lora_mlp"] = bench_lora_mlp(clock, device, shapes["llama-3-8b"], mlp_cases, result["copy_GBps"]) \
-        if "lora_mlp" in sections else []
     result["tile_metadata"] = bench_tile_metadata(clock, device)
     heads = (4, 1, 16) if small else (32, 8, 128)
     decode_cases = [(1, 40), (4, 100)] if small else [(1, 128), (1, 2048), (1, 8192), (16, 512), (16, 2048),
@@ -700,6 +703,11 @@ def main(argv: list[str] | None = None) -> int:
     prefill_cases = [(1, 40)] if small else [(1, 512), (1, 2048), (1, 8192), (8, 1024), (32, 256)]
     result["prefill_attention"] = bench_prefill_attention(clock, device, *heads, prefill_cases) \
         if "prefill" in sections else []
+    _save_partial(args.out, result)
+    mlp_cases = [(16, 4)] if small else [(64, 64), (256, 8), (1024, 8), (2048, 16), (4096, 16)]
+    result["lora_mlp"] = bench_lora_mlp(clock, device, shapes["llama-3-8b"], mlp_cases, result["copy_GBps"]) \
+        if "lora_mlp" in sections else []
+    _save_partial(args.out, result)
     result["norms"] = bench_norms(clock, device, (4,) if small else (64, 4096), 64 if small else 4096,
                                   cuda and not args.no_compile) if "norms" in sections else []
     segments.REBUILD_IN_CAPTURE = True  # the decode step's graph rebuilds its metadata, as the engine's would
