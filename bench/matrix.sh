@@ -33,7 +33,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/lorafleet-matrix-$shape.XXXXXX")
 model=${MODEL_DIR:-$work/model}
 python3 -c "from lorafleet.engine.synthetic import write_model; write_model('$shape', '$model')"
 S=(--device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" --num-pages "${NUM_PAGES:-0}" --max-num-seqs 256 --max-batch-tokens 4096
-   --max-adapters-per-batch 256 --host-cache-mb "${HOST_CACHE_MB:-16384}" --max-queue 8192
+   --max-adapters-per-batch 256 --host-cache-mb "${HOST_CACHE_MB:-8192}" --max-queue 8192
    --synthetic-adapters "$max_n" --synthetic-targets "$targets" --log-steps 10
    --prefetch-workers "${PREFETCH_WORKERS:-4}" --prefetch-adapters 16
    --max-adapter-load-bytes-per-step "${MAX_LOAD_BYTES:-268435456}"
