@@ -226,3 +226,63 @@ def test_batch_adapter_bytes_bound_holds_every_step_and_keeps_outputs(tiny_llama
     assert max(seen) >= 2, "the bound was meant to allow two adapters at once"
     assert any(passed), "the bound never made a request wait"
     assert scheduler.max_batch_adapter_bytes > 0
+
+
+async def test_a_request_waiting_for_its_adapter_does_not_block_the_ones_behind_it(tiny_llama, adapters):
+    """The head of the queue waits for its adapter's packing (held back here) while a base request and a request
+    of an already packed adapter behind it run to completion; once packed, it runs and matches offline."""
+    import threading
+
+    from lorafleet.actors.hub import ServeHub
+    from lorafleet.actors.prefetcher import AdapterLoader, PrefetcherActor
+    from lorafleet.actors.scheduler import SchedulerActor
+    from lorafleet.engine import LLM
+    from lorafleet.engine.build import build_engine
+    from lorafleet.engine.config import EngineConfig
+
+    gate = threading.Event()
+
+    class HeldLoader(AdapterLoader):
+        def pack_into(self, target, path):
+            if target.info.name == "a2":
+                gate.wait(30)
+            return super().pack_into(target, path)
+
+    prompts = {"slow": [7, 8, 9], "base": [4, 5, 6], "fast": [1, 2, 3, 4]}
+    names = {"slow": "a2", "base": None, "fast": "a0"}
+    want = LLM(str(tiny_llama), adapters=adapters).generate(list(prompts.values()), adapters=list(names.values()),
+                                                           max_tokens=6)
+    engine, _ = build_engine(str(tiny_llama), EngineConfig(), adapters)
+    arena = _arena_store(engine, 4)
+    hub = ServeHub()
+    inbox, router, admission, prefetch = (LocalChannel() for _ in range(4))
+    loader = HeldLoader(engine.model, engine.store.page_elements, engine.store.dtype, 64)
+    actor = SchedulerActor(engine, _InProcessGroup(engine.executor), inbox, router, admission, prefetch, hub)
+    tasks = [asyncio.create_task(actor.run()),
+             asyncio.create_task(PrefetcherActor(loader, prefetch, inbox, hub, workers=2).run())]
+    tokens: dict[str, list[int]] = {rid: [] for rid in prompts}
+    done: list[str] = []
+    try:
+        for seq, rid in enumerate(prompts, 1):  # "slow" is first in the queue
+            inbox.send(Submit(rid, prompts[rid], {"max_tokens": 6, "temperature": 0.0}, names[rid], None, 0.0, seq))
+        while len(done) < 3:
+            msg = await asyncio.wait_for(router.recv(), 60)
+            for item in msg.items if isinstance(msg, StepDeltas) else []:
+                tokens[item.request_id] += item.token_ids
+                if item.finished:
+                    done.append(item.request_id)
+            if sorted(done) == ["base", "fast"] and not gate.is_set():
+                assert tokens["slow"] == [] and not engine.store.is_ready("a2")
+                gate.set()  # now let its packing finish
+    finally:
+        gate.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    try:
+        assert done[-1] == "slow"
+        assert [tokens[rid] for rid in prompts] == [w.token_ids for w in want]
+        assert hub.counters["adapter_load_stalls"] > 0
+    finally:
+        engine.store.cache.clear()
+        arena.close()
