@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 import torch
 
-from lorafleet.kernels.attention_flex import paged_prefill_attention_flex
 from lorafleet.kernels.attention_ref import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
@@ -79,7 +78,9 @@ def use_flex_prefill_attention(enabled: bool) -> None:
 
 
 def paged_prefill_attention(q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    if _FLEX_PREFILL[0]:
+    if _FLEX_PREFILL[0]:  # imported on use: flex_attention needs a recent torch, the rest of the engine does not
+        from lorafleet.kernels.attention_flex import paged_prefill_attention_flex
+
         return paged_prefill_attention_flex(q, *args, **kwargs)
     return _paged_prefill_attention(q, *args, **kwargs)
 
