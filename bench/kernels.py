@@ -436,10 +436,10 @@ def bench_prefill_attention(clock: Clock, device: str, heads, kv_heads, head_dim
 def _flex_prefill(clock: Clock, args: tuple, sdpa_us: float) -> dict:
     """flex_attention over the pages: the per-layer call (plan cached, as every layer after the first reuses
     it) and the plan (gather indices + block mask, once per step). An error is recorded, not raised."""
-    from lorafleet.kernels import attention_flex
-
     q, kv, tables, lens, starts, scale = args
     try:
+        from lorafleet.kernels import attention_flex
+
         attention_flex.paged_prefill_attention_flex(*args)  # compile and warm the plan cache
         flex = clock.eager(lambda: attention_flex.paged_prefill_attention_flex(*args))
         plan = clock.eager(lambda: attention_flex.flex_plan(kv.shape[2], tables, lens, starts, q.shape[0]))
