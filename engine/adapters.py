@@ -28,6 +28,7 @@ _KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?P<g
                   r"(?P<module>\w+)\.lora_(?P<which>[AB])(?:\.[\w-]+)?\.weight")
 _GROUP = {m: "self_attn" if m in TARGET_MODULES[:4] else "mlp" for m in TARGET_MODULES}
 MAX_WEIGHT = 1e4  # |LoRA factor entries| beyond this are not a trained adapter (trained ones are well below 10)
+MAX_DELTA = 1e4  # bound on |scale * B @ A| entries (trained adapters: below ~100 even at r=256 with rsLoRA)
 
 
 class AdapterError(ValueError):
@@ -140,11 +141,24 @@ def _load_adapter(name: str, adapter_dir: str | Path, model: ModelConfig, max_ra
 def _finite(key: str, tensor: torch.Tensor) -> torch.Tensor:
     if not bool(torch.isfinite(tensor).all()):
         raise AdapterError(f"{key}: holds NaN or infinite values")
-    largest = float(tensor.abs().max()) if tensor.numel() else 0.0
+    largest = _largest(tensor)
     if largest > MAX_WEIGHT:
         raise AdapterError(f"{key}: holds a value of magnitude {largest:g}, beyond {MAX_WEIGHT:g}: not a trained "
                            "LoRA factor")
     return tensor
+
+
+def _largest(tensor: torch.Tensor) -> float:
+    return float(tensor.abs().max()) if tensor.numel() else 0.0
+
+
+def _check_delta(key: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    """Every entry of the delta scale * B @ A is at most |scale| * r * max|A| * max|B|; beyond MAX_DELTA
+    (base weights are below 1) the adapter can only overflow activations, so it is refused."""
+    bound = abs(scale) * a.shape[0] * _largest(a) * _largest(b)
+    if bound > MAX_DELTA:
+        raise AdapterError(f"{key}: scale * B @ A may reach {bound:g} (|scale| * r * max|A| * max|B|), beyond "
+                           f"{MAX_DELTA:g}: not a usable adapter")
 
 
 def _assemble(name: str, spec: LoraSpec, pairs: dict, num_layers: int) -> AdapterWeights:
@@ -174,6 +188,7 @@ def _assemble(name: str, spec: LoraSpec, pairs: dict, num_layers: int) -> Adapte
         for layer in layers:
             la, lb = pairs[module, layer]["A"][1], pairs[module, layer]["B"][1]
             own = spec.scale(paths[module, layer])
+            _check_delta(pairs[module, layer]["B"][0], la, lb, own)
             a[module][layer, : la.shape[0]] = la
             b[module][layer, :, : lb.shape[1]] = lb if own == scale else lb * own
     return AdapterWeights(name=name, rank=max(ranks.values()), scale=scale, a=a, b=b, module_ranks=ranks)
