@@ -196,7 +196,7 @@ class SchedulerActor:
         try:
             packed = [store.fetch(load.name) for load in plan.loads]
         except AdapterError as exc:
-            self.engine.unplan(schedule)
+            self.engine.unplan(schedule, plan)
             self._staging_failed(plan, exc)
             return None
         if store.arena is not None:
@@ -210,7 +210,7 @@ class SchedulerActor:
             self._ring_full(schedule, plan, exc)
             return None
         except Exception as exc:  # e.g. a value the plan's wire form cannot carry: its requests fail, not the actor
-            self.engine.unplan(schedule)
+            self.engine.unplan(schedule, plan)
             self._fail_plan(plan, [c.request.external_id for c in schedule.chunks], f"step {plan.step} could not "
                             "be sent", exc)
             return None
@@ -223,7 +223,7 @@ class SchedulerActor:
         requests fail (`step_too_large`) and the others go on; else it is planned again after the step in
         flight completes (the executor has read the ring by then) or after a short pause (1 ms, doubling
         to 50 ms) when none is in flight. The actor itself never stops for it."""
-        self.engine.unplan(schedule)
+        self.engine.unplan(schedule, plan)
         self.hub.count("plan_ring_full")
         if not exc.never_fits:
             low, high = RING_FULL_PAUSE_S

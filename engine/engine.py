@@ -102,6 +102,7 @@ class Engine:
         self._step = 0  # steps completed
         self._planned = 0  # steps planned (a plan's number)
         self._released: list[int] = []  # requests finished since the last plan (the runner drops their state)
+        self._taken_back: tuple[list[str], list[str]] = ([], [])  # loads and evictions of plans never sent
 
     # requests ---------------------------------------------------------------------------------------
     def add_request(
@@ -175,8 +176,15 @@ class Engine:
             request.pending += chunk.sample
         return schedule, plan
 
-    def unplan(self, schedule: Schedule) -> None:
-        """Take back a planned step that was never sent (its requests run again in the next step)."""
+    def unplan(self, schedule: Schedule, plan: StepPlan | None = None) -> None:
+        """Take back a planned step that was never sent (its requests run again in the next step). With its
+        `plan`, what the executors were to learn from it (adapters loaded into pages, adapters evicted,
+        requests released) goes with the next plan instead: an adapter the pool's books already count as
+        resident would otherwise never be written into the executor's pages."""
+        if plan is not None:
+            self._taken_back[0].extend(load.name for load in plan.loads)
+            self._taken_back[1].extend(plan.evicted)
+            self._released[:0] = plan.released
         for chunk in schedule.chunks:
             request = chunk.request
             request.in_flight -= 1
@@ -206,9 +214,11 @@ class Engine:
         slots = schedule.adapters
         slot_of = {name: i for i, name in enumerate(slots)}
         seqs = [self._seq_plan(chunk, slot_of) for chunk in schedule.chunks]
-        loads = [AdapterLoad(name, list(self.pool.adapter_pages[name])) for name in schedule.loads]
+        (carried, evicted), self._taken_back = self._taken_back, ([], [])
+        names = [n for n in dict.fromkeys([*carried, *schedule.loads]) if self.pool.is_resident(n)]
+        loads = [AdapterLoad(name, list(self.pool.adapter_pages[name])) for name in names]
         released, self._released = self._released, []
-        return StepPlan(self._planned, seqs, slots, loads, self.pool.drain_evicted(), released)
+        return StepPlan(self._planned, seqs, slots, loads, evicted + self.pool.drain_evicted(), released)
 
     def _seq_plan(self, chunk: Chunk, slot_of: dict[str, int]) -> SeqPlan:
         r, p = chunk.request, chunk.request.params

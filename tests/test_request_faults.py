@@ -166,3 +166,25 @@ async def test_prefetcher_turns_any_read_failure_into_a_failed_fetch():
     assert not task.done()
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+def test_a_plan_taken_back_hands_its_adapter_loads_to_the_next(tiny_llama, tmp_path):
+    """A plan that is never sent (the ring is full, or it could not be encoded) leaves its adapters resident
+    in the pool's books: the next plan must carry their loads, or the executor never writes their pages."""
+    from conftest import make_peft_adapter
+    from lorafleet.engine import LLM
+    from lorafleet.engine.build import build_engine
+    from lorafleet.engine.config import EngineConfig
+    from lorafleet.engine.request import SamplingParams
+
+    adapters = {"a": str(make_peft_adapter(tiny_llama, tmp_path / "a", 4, seed=3))}
+    want = LLM(str(tiny_llama), adapters=adapters).generate([[5, 9, 30]], adapters=["a"], max_tokens=4)[0]
+    engine, _ = build_engine(str(tiny_llama), EngineConfig(), adapters)
+    engine.add_request("x", [5, 9, 30], SamplingParams(max_tokens=4, temperature=0.0), "a")
+    schedule, plan = engine.plan_step()
+    assert [load.name for load in plan.loads] == ["a"]
+    engine.unplan(schedule, plan)
+    tokens = []
+    while engine.has_unfinished():
+        tokens += [t for out in engine.step() for t in out.new_token_ids]
+    assert tokens == want.token_ids
