@@ -22,6 +22,10 @@ def assets(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"gpu-{request.param}")
     base = make_hf_model(request.param, root / "base", seed=5)
     adapters = {f"r{r}": str(make_peft_adapter(base, root / f"r{r}", rank=r, targets=t, seed=r)) for r, t in ADAPTERS}
+    # per-module ranks and alphas (PEFT's rank_pattern / alpha_pattern): the kernels see a different rank per module
+    patterns = {"rank_pattern": {"q_proj": 12, "down_proj": 3}, "alpha_pattern": {"v_proj": 4}}
+    adapters["pattern"] = str(make_peft_adapter(base, root / "pattern", rank=8, targets=ALL_TARGETS, seed=40,
+                                                **patterns))
     return base, adapters
 
 
