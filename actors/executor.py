@@ -372,11 +372,12 @@ class ExecutorGroup:
         if self.num_pages:
             return
         group = self
+        # every rank at once: the first failure (say rank 1 of 2 has no GPU) is reported as soon as it comes,
+        # while the other ranks may still wait for it in the process-group rendezvous
+        waits = [asyncio.ensure_future(self._ready(r)) for r in self.ranks]
         try:
-            for r in self.ranks:
-                msg = await asyncio.wait_for(r.channel.recv(), start_timeout)
-                if not isinstance(msg, ExecutorReady):
-                    raise ExecutorDied(r.rank, getattr(msg, "message", f"unexpected {type(msg).__name__}"))
+            for done in asyncio.as_completed(waits, timeout=start_timeout):
+                r, msg = await done
                 r.pid, r.device, r.torch_threads = msg.pid, msg.device, msg.torch_threads
                 self.peak = self.peak or DevicePeak(msg.bandwidth, msg.matmul_flops)
                 self.num_pages = min(self.num_pages or msg.num_pages, msg.num_pages)
@@ -386,6 +387,17 @@ class ExecutorGroup:
         except ExecutorDied:
             await group.stop()
             raise
+        finally:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+
+    @staticmethod
+    async def _ready(r: _Rank) -> tuple[_Rank, ExecutorReady]:
+        msg = await r.channel.recv()
+        if not isinstance(msg, ExecutorReady):
+            raise ExecutorDied(r.rank, getattr(msg, "message", f"unexpected {type(msg).__name__}"))
+        return r, msg
 
     def info(self) -> list[dict]:
         return [{"rank": r.rank, "pid": r.pid, "device": r.device, "torch_threads": r.torch_threads,

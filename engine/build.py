@@ -104,6 +104,10 @@ def join_parallel_group(config: EngineConfig, rank: int, size: int, init_file: s
 
     backend = "nccl" if config.device.startswith("cuda") else "gloo"
     if backend == "nccl":
+        visible = torch.cuda.device_count()
+        if rank >= visible:
+            raise ConfigError(f"tensor_parallel_size {size} needs {size} GPUs (one per rank), but {visible} "
+                              "are visible (CUDA_VISIBLE_DEVICES)")
         torch.cuda.set_device(rank)
         config = dataclasses.replace(config, device=f"cuda:{rank}")
     dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=size,

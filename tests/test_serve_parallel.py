@@ -44,3 +44,46 @@ async def test_two_rank_executors_equal_offline(tmp_path):
         assert body["choices"][0]["token_ids"] == w.token_ids
     assert code == 0, server.output()
     assert all(wait_gone(e["pid"]) for e in health["executors"])
+
+
+class _FakeChannel:
+    """A rank's channel that answers start-up with `reply`, or never (None: blocked in the rendezvous)."""
+
+    def __init__(self, reply) -> None:
+        self.reply = reply
+
+    async def recv(self):
+        if self.reply is None:
+            await asyncio.Event().wait()
+        return self.reply
+
+    def send(self, msg) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_rank_failing_at_start_up_is_reported_while_others_still_wait():
+    """Rank 1 fails (e.g. no GPU for it) while rank 0 waits for it in the rendezvous: the group reports rank 1's
+    error at once instead of waiting for rank 0's reply (which would only come with its rendezvous timeout)."""
+    import multiprocessing
+    import time
+
+    from lorafleet.actors.executor import ExecutorDied, ExecutorGroup, Stager, _Rank
+    from lorafleet.actors.schema import ExecutorFailed
+
+    ctx = multiprocessing.get_context("fork")
+    ranks = []
+    for rank, reply in enumerate([None, ExecutorFailed(1, "ConfigError: tensor_parallel_size 2 needs 2 GPUs")]):
+        process = ctx.Process(target=time.sleep, args=(1.0,))
+        process.start()
+        ranks.append(_Rank(rank, process, _FakeChannel(reply), ()))
+    group = ExecutorGroup(ranks, Stager())
+    try:
+        await asyncio.wait_for(group.wait_ready(start_timeout=600.0), 120.0)
+    except ExecutorDied as exc:
+        assert exc.rank == 1 and "needs 2 GPUs" in str(exc)
+    else:
+        raise AssertionError("the failing rank was not reported")
+    assert all(not r.process.is_alive() for r in ranks), "the group was stopped"
