@@ -11,7 +11,8 @@ router) it starts `lorafleet fleet` (its own local Ray cluster), then:
 2. throughput: `--requests` completions (demo adapters drawn Zipf-like, plus the base model; random demo
    inputs; `--max-tokens` tokens) with `--concurrency` in flight; requests/s, output tokens/s, the share
    answered right by meaning;
-3. affinity: per adapter, the share of its requests served by its most used replica ("home hit rate").
+3. affinity: per adapter, the share of its requests served by its most used replica ("home hit rate"), in
+   that run and in a low-load run (`--low-concurrency` in flight, below the spill queue).
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--overhead-requests", type=int, default=200)
+    p.add_argument("--low-concurrency", type=int, default=3, help="in flight for the low-load affinity run")
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--ray-num-cpus", type=int, default=4)
     p.add_argument("--seed", type=int, default=20261130)
@@ -179,11 +181,15 @@ def main(argv: list[str] | None = None) -> int:
                 run["overhead"] = asyncio.run(overhead(url, args.overhead_requests))
             asyncio.run(throughput(url, work[: max(16, len(work) // 8)], args.concurrency, args.max_tokens))  # warm
             run["throughput"] = asyncio.run(throughput(url, work, args.concurrency, args.max_tokens))
+            if replicas > 1:  # below the spill queue: where each adapter goes when nothing forces it to spread
+                run["low_load"] = asyncio.run(throughput(url, work[: len(work) // 2], args.low_concurrency,
+                                                         args.max_tokens))
             runs[name] = run
             print(name, json.dumps(run), flush=True)
         finally:
             stop_fleet(proc)
     one, two = runs["1-replica"]["throughput"], runs["2-replicas"]["throughput"]
+    ray_default = runs["2-replicas-ray-default-router"]
     result = {
         "command": "python bench/fleet.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
@@ -192,8 +198,14 @@ def main(argv: list[str] | None = None) -> int:
                     "overhead_ms_p99": runs["2-replicas"]["overhead"]["overhead_ms"]["p99"],
                     "throughput_2_vs_1": round(two["requests_per_s"] / one["requests_per_s"], 2),
                     "home_hit_rate_affinity": two["adapter_home_hit_rate"]["mean_over_requests"],
-                    "home_hit_rate_ray_default": runs["2-replicas-ray-default-router"]["throughput"][
-                        "adapter_home_hit_rate"]["mean_over_requests"]},
+                    "home_hit_rate_ray_default": ray_default["throughput"]["adapter_home_hit_rate"][
+                        "mean_over_requests"],
+                    "home_hit_rate_low_load_affinity": runs["2-replicas"]["low_load"]["adapter_home_hit_rate"][
+                        "mean_over_requests"],
+                    "home_hit_rate_low_load_ray_default": ray_default["low_load"]["adapter_home_hit_rate"][
+                        "mean_over_requests"],
+                    "throughput_2_affinity_vs_ray_default": round(
+                        two["requests_per_s"] / ray_default["throughput"]["requests_per_s"], 2)},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
