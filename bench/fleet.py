@@ -24,6 +24,7 @@ import os
 import platform
 import queue
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -168,8 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=8)
     p.add_argument("--ray-num-cpus", type=int, default=4)
     p.add_argument("--seed", type=int, default=20261130)
+    p.add_argument("--server-args", default="", help="more `lorafleet serve` arguments for every replica, one string "
+                   "(e.g. \"--device cuda --dtype bfloat16\": one GPU per replica)")
     args = p.parse_args(argv)
-    server_args = ["--max-num-seqs", str(args.max_num_seqs)]
+    server_args = ["--max-num-seqs", str(args.max_num_seqs), *shlex.split(args.server_args)]
     work = workload(args.requests, args.seed)
     runs = {}
     for name, replicas, router in (("1-replica", 1, "affinity"), ("2-replicas", 2, "affinity"),

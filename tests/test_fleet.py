@@ -95,9 +95,9 @@ def _client(fleet: Fleet):
     return openai.AsyncOpenAI(base_url=fleet.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-async def _complete(client, model: str, line: str, **extra) -> tuple[str, str]:
+async def _complete(client, model: str, line: str, max_tokens: int = 20, **extra) -> tuple[str, str]:
     """(replica that served it, completion text) through the openai client."""
-    raw = await client.completions.with_raw_response.create(model=model, prompt=line + "\n", max_tokens=20,
+    raw = await client.completions.with_raw_response.create(model=model, prompt=line + "\n", max_tokens=max_tokens,
                                                            temperature=0.0, extra_body=extra or None)
     return raw.headers["x-lorafleet-replica"], raw.parse().choices[0].text
 
@@ -277,7 +277,7 @@ async def _http_job(client, model: str, line: str, stream: bool) -> str:
 
     try:
         if not stream:
-            replica, text = await _complete(client, model, line)
+            await _complete(client, model, line, max_tokens=32, ignore_eos=True)
             return "completed"
         got = await client.completions.create(model=model, prompt=line + "\n", max_tokens=32, temperature=0.0,
                                               stream=True, extra_body={"ignore_eos": True})
@@ -340,9 +340,14 @@ async def test_killing_one_replicas_server_mid_load(fleet):
             await asyncio.sleep(0.2)
         outcomes = await asyncio.wait_for(asyncio.gather(*http, ws), 240)
         served_all_after = await recovered
+        events = {s.labels["event"]: s.value for s in (await _metrics(session, fleet))["lorafleet:fleet_events"].samples
+                  if s.name.endswith("_total")}
     flat = [*outcomes[:-1], *outcomes[-1]]
-    print("outcomes", Counter(flat), "every adapter served again after", served_all_after, "s; health", degraded)
+    print("outcomes", Counter(flat), "events", events, "every adapter served again after", served_all_after, "s;",
+          "health", degraded)
     assert len(flat) == 18 and all(o == "completed" or o.startswith("error:") for o in flat), flat
+    # a whole-body (non-streaming) response has no first byte before it is done: a failure is always retried
+    assert all(o == "completed" for o in outcomes[1:-1:2]), outcomes[:-1]
     assert Counter(flat)["completed"] >= 6, Counter(flat)
     assert degraded is not None and degraded["replicas_healthy"] == 1, "health said degraded while one was down"
     assert served_all_after is not None and served_all_after <= 10.0, served_all_after
