@@ -35,16 +35,27 @@ S=(--device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" --num-pages "${NUM_PA
 W=(--alpha 1 --cv 1 --input-len 8:512 --output-len 8:512 --rate "${RATE:-30}" --duration "${DURATION:-30}" --seed 0
    --slo-ttft-ms 6000 --drain-timeout "${DRAIN:-15}" --protocol ws --num-sockets 4 --no-progress
    --startup-timeout 300 --model "$model" --out "$out" --append)
+rows_of() {  # a server of size $1: its start-up (about one row's time), one row per adapter count, no-LoRA
+  local n; n=$(( $(tr ',' '\n' <<<"$counts" | grep -c .) + 1 ))
+  [ "$1" = "$NOLORA_TP" ] && n=$((n + 1))
+  echo "$n"
+}
+rows_left=0
+for tp in ${TPS//,/ }; do rows_left=$((rows_left + $(rows_of "$tp"))); done
 status=0
 for tp in ${TPS//,/ }; do
-  left=$(( deadline - $(date +%s) ))
-  if [ "$left" -le 30 ]; then echo "budget spent before tp=$tp" >&2; status=124; break; fi
+  # the budget left, shared by rows and start-ups: a slow first server cannot eat the next one's time
+  rows=$(rows_of "$tp")
+  left=$(( (deadline - $(date +%s)) * rows / rows_left ))
+  rows_left=$((rows_left - rows))
+  if [ "$left" -le 30 ]; then echo "budget spent before tp=$tp" >&2; status=124; continue; fi
   backends=lorafleet
   [ "$tp" = "$NOLORA_TP" ] && backends=lorafleet,lorafleet-nolora
+  code=0
   timeout -s INT "$left" lorafleet bench --backend "$backends" --num-adapters "$counts" \
       --nolora-num-adapters "${counts%%,*}" "${S[@]/#/--serve-arg=}" "--serve-arg=--tensor-parallel-size=$tp" \
-      "${W[@]}" --log-dir "$work/logs-tp$tp" || status=$?
+      "${W[@]}" --log-dir "$work/logs-tp$tp" || code=$?
   cp "$work/logs-tp$tp/lorafleet.log" "${out%.json}-tp$tp-steps.log" 2>/dev/null || true
-  [ "$status" -eq 0 ] || break
+  [ "$code" -eq 0 ] || { echo "tp=$tp: lorafleet bench exited with $code (rows done are kept)" >&2; status=$code; }
 done
 exit "$status"
