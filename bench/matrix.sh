@@ -37,7 +37,7 @@ S=(--device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" --num-pages "${NUM_PA
    --synthetic-adapters "$max_n" --synthetic-targets "$targets" --log-steps 10
    --prefetch-workers "${PREFETCH_WORKERS:-4}" --prefetch-adapters 16
    --max-adapter-load-bytes-per-step "${MAX_LOAD_BYTES:-268435456}"
-   --max-batch-adapter-fraction "${BATCH_ADAPTER_FRACTION:-0.5}" --cluster-window "${CLUSTER_WINDOW:-512}")
+   --max-batch-adapter-fraction "${BATCH_ADAPTER_FRACTION:-0}" --cluster-window "${CLUSTER_WINDOW:-0}")
 W=(--alpha 1 --cv 1 --input-len 8:512 --output-len 8:512 --rate "${RATE:-40}" --duration "${DURATION:-40}" --seed 0
    --slo-ttft-ms 6000 --drain-timeout 20 --protocol ws --num-sockets 4 --no-progress --startup-timeout 300
    --model "$model" --out "$out_dir/$name.json" --log-dir "$work/logs")
