@@ -24,6 +24,7 @@ import torch
 
 from lorafleet.actors.server import RemoteOnly
 from lorafleet.engine.adapter_store import AdapterStore
+from lorafleet.engine.adapters import COLUMN_PARALLEL
 from lorafleet.engine.config import EngineConfig, ModelConfig, page_geometry
 from lorafleet.engine.cuda_graphs import DecodeGraphs, StaticBatch, StepInputs
 from lorafleet.engine.engine import Engine
@@ -83,16 +84,19 @@ def measure_engine(engine: Engine, args: argparse.Namespace) -> dict:
     return {"steps": steps, "mean_seqs": seqs / steps, **{k: v / steps for k, v in totals.items()}}
 
 
-def measure_runner_metadata(args: argparse.Namespace, repeats: int = 30) -> dict:
-    """LoRA tables + positions + static-buffer fill of one decode step (host buffers stand in for the GPU's)."""
+def measure_runner_metadata(args: argparse.Namespace, tp: int = 1, repeats: int = 30) -> dict:
+    """LoRA tables + positions + static-buffer fill of one decode step (host buffers stand in for the GPU's), as
+    rank 0 of `tp` builds them (its shard's row counts; column maps under tensor parallelism)."""
     rng = random.Random(1)
     runner = ModelRunner.__new__(ModelRunner)
-    runner.shard, runner.block_tokens = SimpleNamespace(size=1, rank=0), 16
+    runner.shard, runner.block_tokens, runner.max_rank = SimpleNamespace(size=tp, rank=0), 16, 64
     runner.resident = {}
     for i in range(min(args.adapters, args.seqs)):
         rank = RANKS[i % len(RANKS)]
-        rows = {m: ([rng.randrange(10**8) for _ in range(rank)], [rng.randrange(10**8) for _ in range(rank)])
-                for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        rows = {}
+        for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            a_count, b_count = (rank // tp, rank) if m in COLUMN_PARALLEL else (rank, rank // tp)
+            rows[m] = ([rng.randrange(10**8) for _ in range(a_count)], [rng.randrange(10**8) for _ in range(b_count)])
         runner.resident[f"s{i}"] = ResidentAdapter(2.0, rank, rows)
     slots = list(runner.resident)
     plan_seqs = []
@@ -104,10 +108,10 @@ def measure_runner_metadata(args: argparse.Namespace, repeats: int = 30) -> dict
     plan = SimpleNamespace(seqs=plan_seqs, slots=slots)
     graphs = DecodeGraphs.__new__(DecodeGraphs)
     graphs.block_tokens, graphs.scratch_page, graphs.max_slots, graphs.max_rank = 16, args.num_pages, args.seqs, 64
-    graphs.static = StaticBatch(args.seqs, 4096 // 16, args.seqs, 64, torch.device("cpu"), False)
+    graphs.static = StaticBatch(args.seqs, 4096 // 16, args.seqs, 64, torch.device("cpu"), tp)
     started = time.perf_counter()
     for _ in range(repeats):
-        token_slots, scales, tables = runner._lora_tables(plan)
+        token_slots, scales, tables = runner._lora_tables(plan, static=True)
         positions, kv_slots = runner._positions(plan)
         inputs = StepInputs([s.token_ids[0] for s in plan.seqs], positions, kv_slots,
                               [s.block_table for s in plan.seqs], token_slots, scales, tables)
@@ -128,7 +132,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(write_model("llama-2-7b", tmp))
         result = {"engine": measure_engine(planning_engine(model_dir, args), args),
-                  "runner": measure_runner_metadata(args)}
+                  "runner": measure_runner_metadata(args),
+                  "runner_tp2_rank0": measure_runner_metadata(args, tp=2)}
     doc = {"schema": "lorafleet.engine-host/1", "command": "python bench/engine_host.py", "config": vars(args),
            "environment": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
                            "torch": torch.__version__},
