@@ -27,9 +27,17 @@ class AdmissionPolicy:
     """Queue bound and first-token-time estimate from the scheduler's latest stats.
 
     The waiting queue seen by a new request = the scheduler's waiting count + the submits forwarded that
-    the scheduler has not seen yet. The first-token estimate: the prompt tokens ahead of it (and its
-    own), prefilled at `max_batch_tokens - running` tokens per step, plus one step, times the smoothed
-    step time. With no step measured yet, nothing is refused for its SLO.
+    the scheduler has not seen yet. The first-token estimate is the larger of two measured views:
+
+    * compute: the prompt tokens ahead of it (and its own), prefilled at `max_batch_tokens - running`
+      tokens per step, plus one step, times the smoothed step time;
+    * queue: the requests ahead of it divided by the measured start rate (requests reaching their first
+      token per second while the queue never emptied), plus one step; before a rate is measured, the age
+      of the oldest waiting request (a queue that has not moved for that long will not move faster).
+
+    The queue view is what keeps first-token times bounded when capacity drops (slow steps, long decodes
+    holding every sequence slot): the compute view alone assumes free slots. With no step measured yet,
+    nothing is refused for its SLO. `retry_after` is derived from the same measurements.
     """
 
     max_queue: int
@@ -57,12 +65,26 @@ class AdmissionPolicy:
             return None
         ahead = self.stats.waiting_tokens + self.unseen_tokens + prompt_tokens
         per_step = max(1, self.max_batch_tokens - self.stats.num_running)
-        return (math.ceil(ahead / per_step) + 1) * self.stats.step_ms
+        compute = (math.ceil(ahead / per_step) + 1) * self.stats.step_ms
+        return max(compute, self.queue_wait_ms(self.queue_length()))
 
-    def retry_after(self) -> float:
-        """Seconds until the queue has likely drained a slot (at least 1, at most 60)."""
-        step_ms = self.stats.step_ms if self.stats and self.stats.step_ms > 0 else 100.0
-        return float(min(60, max(1, math.ceil(self.queue_length() * step_ms * 4 / 1000))))
+    def queue_wait_ms(self, requests_ahead: int) -> float:
+        """How long `requests_ahead` waiting requests take to start, from the measured start rate (or, before
+        one is measured, the oldest waiting request's age)."""
+        if requests_ahead == 0 or self.stats is None:
+            return 0.0
+        if self.stats.start_rate > 0:
+            return requests_ahead / self.stats.start_rate * 1000 + self.stats.step_ms
+        return self.stats.oldest_wait_ms
+
+    def retry_after(self, excess_ms: float = 0.0) -> float:
+        """Whole seconds (1..60) until a new request would likely be admitted: the time for the queue to drain
+        `excess_ms` of estimated wait, or one request's start when the queue is merely full."""
+        if excess_ms <= 0:
+            rate = self.stats.start_rate if self.stats else 0.0
+            step_ms = self.stats.step_ms if self.stats and self.stats.step_ms > 0 else 100.0
+            excess_ms = 1000 / rate if rate > 0 else self.queue_length() * step_ms
+        return float(min(60, max(1, math.ceil(excess_ms / 1000))))
 
     def decide(self, submit: Submit) -> Rejected | None:
         """None to admit, else the refusal."""
@@ -72,8 +94,8 @@ class AdmissionPolicy:
         estimate = self.estimate_ttft_ms(len(submit.prompt_ids))
         if submit.slo_ttft_ms is not None and estimate is not None and estimate > submit.slo_ttft_ms:
             return Rejected(submit.request_id, SLO_UNATTAINABLE, f"slo_ttft_ms: the first token is estimated at "
-                            f"{estimate:.0f} ms, over the {submit.slo_ttft_ms:.0f} ms SLO", 429, "slo_ttft_ms",
-                            self.retry_after())
+                            f"{estimate:.0f} ms, over the {submit.slo_ttft_ms:.0f} ms first-token deadline", 429,
+                            "slo_ttft_ms", self.retry_after(estimate - submit.slo_ttft_ms))
         return None
 
     def admitted(self, submit: Submit) -> int:

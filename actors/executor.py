@@ -264,6 +264,7 @@ def _serve(spec: ExecutorSpec, runner, reader: StagedReader, endpoint: RingEndpo
     """Run steps until Shutdown. A step that raises fails its own requests (a StepResult with `error`);
     MAX_STEP_FAILURES in a row mean the executor itself is broken: it reports ExecutorFailed and exits."""
     failures = 0
+    slow = StepDelayForTests.from_env()
     while True:
         msg = endpoint.recv()
         if isinstance(msg, Shutdown):
@@ -272,11 +273,39 @@ def _serve(spec: ExecutorSpec, runner, reader: StagedReader, endpoint: RingEndpo
             raise TypeError(f"executor got unexpected message {type(msg).__name__}")
         plan = StepPlan.from_wire(msg.plan)
         reader.set_step(msg.staged)
+        if slow is not None:
+            slow.sleep()
         result = run_step(spec.rank, runner, plan)
         failures = failures + 1 if result.error is not None else 0
         if failures >= MAX_STEP_FAILURES:
             raise RuntimeError(f"{failures} steps in a row failed, the last with {result.error}")
         endpoint.send(result)
+
+
+STEP_DELAY_ENV = "LORAFLEET_TEST_STEP_DELAY_FILE"
+
+
+@dataclass
+class StepDelayForTests:
+    """TEST-ONLY hook (soak and overload tests, bench/soak.py): with the environment variable
+    LORAFLEET_TEST_STEP_DELAY_FILE naming a file, every step first sleeps the seconds written in that file
+    (re-read each step, so a test slows steps down and speeds them up while the server runs; a missing or
+    empty file means no delay). Never set in production: it only makes steps slower."""
+
+    path: Path
+
+    @classmethod
+    def from_env(cls) -> StepDelayForTests | None:
+        path = os.environ.get(STEP_DELAY_ENV)
+        return cls(Path(path)) if path else None
+
+    def sleep(self) -> None:
+        try:
+            seconds = float(self.path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            seconds = 0.0
+        if seconds > 0:
+            time.sleep(seconds)
 
 
 def run_step(rank: int, runner, plan: StepPlan) -> StepResult:

@@ -110,6 +110,30 @@ class StepLog:
 
 
 @dataclass
+class StartRate:
+    """Requests reaching their first token per second, measured only over windows (of at least
+    `window_s`) in which the queue never emptied: the server's capacity to start requests, not the
+    arrival rate. Smoothed (half old, half new); 0 until a saturated window has been seen."""
+
+    window_s: float = 1.0
+    rate: float = 0.0
+    _at: float | None = None
+    _started: int = 0
+    _saturated: bool = False
+
+    def update(self, now: float, started: int, waiting: int) -> float:
+        if self._at is None or waiting == 0:
+            self._at, self._started, self._saturated = now, started, waiting > 0
+            return self.rate
+        if now - self._at >= self.window_s:
+            if self._saturated:
+                sample = (started - self._started) / (now - self._at)
+                self.rate = sample if self.rate == 0 else 0.5 * self.rate + 0.5 * sample
+            self._at, self._started, self._saturated = now, started, True
+        return self.rate
+
+
+@dataclass
 class InFlight:
     """A step sent to the executors whose result has not been received."""
 
@@ -149,6 +173,8 @@ class SchedulerActor:
         self.step_ms = 0.0
         self.ring_full_pause = 0.0  # > 0 while the last step did not fit the plan ring: wait, then retry
         self.waiting_since: float | None = None  # monotonic time the wait for a step result began
+        self.started = 0  # requests that got their first token
+        self.start_rate = StartRate()
         self._asked: set[str] = set()
         self._stalls_seen = 0
         self.idle = asyncio.Event()
@@ -259,7 +285,7 @@ class SchedulerActor:
             return
         try:
             outputs = self.engine.complete_step(step.schedule, result.output())
-            items = [self._item(out) for out in outputs]
+            items = [item for out in outputs if (item := self._item(out)) is not None]
         except Exception as exc:  # a bug in postprocessing (detokenizer, stop strings): fail the step's requests
             self._fail_plan(step.plan, [c.request.external_id for c in step.schedule.chunks],
                             f"step {step.plan.step} could not be completed", exc)
@@ -346,9 +372,15 @@ class SchedulerActor:
             self.step_log.load_bytes += schedule.load_bytes
             self.step_log.load_stalls += stalls
 
-    def _item(self, out: RequestOutput) -> DeltaItem:
+    def _item(self, out: RequestOutput) -> DeltaItem | None:
+        """The request's news of this step; None when its first token came after its first-token deadline
+        (the request is ended with an error instead: a deadline is kept, never delivered late)."""
         live = self.live[out.request_id]
         now = time.monotonic()
+        if live.first_token is None:
+            if self._past_deadline(live, now, "its first token came"):
+                return None
+            self.started += 1
         live.first_token = live.first_token or now
         logprobs = [lp.to_wire() for lp in out.logprobs]
         prompt = ([e.to_wire() if e is not None else None for e in out.prompt_logprobs]
@@ -389,10 +421,14 @@ class SchedulerActor:
 
     def _publish(self, throttled: bool = False) -> None:
         waiting = self.engine.scheduler.waiting
+        now = time.monotonic()
+        oldest = max((now - self.live[r.external_id].arrival for r in waiting if r.external_id in self.live),
+                     default=0.0)
+        rate = self.start_rate.update(now, self.started, len(waiting))
         self.admission.send(SchedulerStats(
             self.hub.timing.step, self.seen_seq, len(waiting), len(self.engine.scheduler.running),
-            sum(r.num_tokens - r.num_computed for r in waiting), self.step_ms))
-        now, busy = time.monotonic(), self.engine.has_unfinished()
+            sum(r.num_tokens - r.num_computed for r in waiting), self.step_ms, oldest * 1000, rate))
+        busy = self.engine.has_unfinished()
         if not throttled or now - self._snapshot_at >= SNAPSHOT_EVERY_S or busy != self._snapshot_busy:
             self._snapshot_at, self._snapshot_busy = now, busy
             self.hub.publish_snapshot(self.engine.snapshot())
@@ -491,20 +527,26 @@ class SchedulerActor:
                          len(live.request.output_ids), code, message, *self._timing(live, now))
         self._record(live, item)
         self.router.send(StepDeltas(self.hub.timing.step, [item]))
-        self._publish()
+        self._publish(throttled=True)  # admission's stats every time; the engine snapshot at most 20/s
 
     def _drop_expired(self) -> None:
-        """Early abort: waiting requests past their first-token deadline leave the queue."""
+        """Queue-age eviction: a request still without its first token past its first-token deadline
+        (`slo_ttft_ms`, else `--slo-ttft-ms`) ends with a `slo_unattainable` error, waiting or prefilling."""
         now = time.monotonic()
-        for request_id, live in list(self.live.items()):
-            if live.slo_ttft_ms is None or live.first_token is not None or live.request.scheduled_time is not None:
-                continue
-            waited_ms = (now - live.arrival) * 1000
-            if waited_ms > live.slo_ttft_ms:
-                self.hub.count("early_aborted")
-                self._cancel(request_id, "cancelled", SLO_UNATTAINABLE,
-                             f"slo_ttft_ms: waited {waited_ms:.0f} ms without being scheduled "
-                             f"(SLO {live.slo_ttft_ms:.0f} ms); dropped")
+        for live in list(self.live.values()):
+            if live.first_token is None:
+                self._past_deadline(live, now, "waited" if live.request.scheduled_time is None else "prefilled")
+
+    def _past_deadline(self, live: Live, now: float, what: str) -> bool:
+        """End `live` with `slo_unattainable` if it has no first token and its deadline has passed."""
+        waited_ms = (now - live.arrival) * 1000
+        if live.slo_ttft_ms is None or waited_ms <= live.slo_ttft_ms:
+            return False
+        self.hub.count("evicted_deadline")
+        self._cancel(live.request.external_id, "cancelled", SLO_UNATTAINABLE,
+                     f"slo_ttft_ms: {what} {waited_ms:.0f} ms without a first token, past the {live.slo_ttft_ms:.0f} "
+                     "ms first-token deadline; dropped")
+        return True
 
     def _ensure_readable(self) -> None:
         """Without a host arena (a store that reads misses in place): before planning, read into the host

@@ -333,6 +333,8 @@ class SchedulerStats:
     num_running: int
     waiting_tokens: int
     step_ms: float
+    oldest_wait_ms: float = 0.0  # age of the oldest waiting request
+    start_rate: float = 0.0  # requests started (first token) per second while the queue was never empty
 
 
 @message("admin_op")
