@@ -114,9 +114,9 @@ class ConnectionLimits:
     per second; an invalid frame costs `ws_invalid_cost` tokens; a socket that empties the bucket is closed
     with 1008 (policy violation). `body_timeout`: seconds a client may take to send a request body (408)."""
 
-    ws_generations: int = 64
-    ws_frame_rate: float = 200.0
-    ws_frame_burst: float = 400.0
+    ws_generations: int = 256
+    ws_frame_rate: float = 500.0
+    ws_frame_burst: float = 1000.0
     ws_invalid_cost: float = 10.0
     body_timeout: float = 30.0
 

@@ -104,9 +104,9 @@ def _network_args(g) -> None:
                    "after its previous request (slow clients; also the keep-alive idle limit)")
     g.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
                    help="a request body not received within S seconds gets 408")
-    g.add_argument("--ws-max-generations", type=int, default=64, metavar="N",
+    g.add_argument("--ws-max-generations", type=int, default=256, metavar="N",
                    help="generations in flight on one WebSocket; more get a too_many_generations error")
-    g.add_argument("--ws-frame-rate", type=float, default=200.0, metavar="R",
+    g.add_argument("--ws-frame-rate", type=float, default=500.0, metavar="R",
                    help="client frames per second one WebSocket may send (bursts of 2R; an invalid frame counts "
                    "10); a socket over it is closed with 1008")
     g.add_argument("--max-queue", type=int, default=1024, help="waiting requests before new ones get 429")
