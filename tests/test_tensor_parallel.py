@@ -152,11 +152,12 @@ def test_tp2_static_tables_equal_tp1(assets):
 
 
 def test_tp4_gqa_with_eight_kv_heads_equals_tp1(tmp_path):
-    """Issue #14's CPU check: 8 query / 8 KV heads over 4 ranks (2 KV heads each), adapters of ranks 3, 8, 64."""
+    """Issue #14's CPU check: GQA with 16 query / 8 KV heads over 4 ranks (4 query and 2 KV heads each), adapters
+    of ranks 3, 8, 64."""
     from transformers import LlamaConfig
 
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+    config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=256,
                          initializer_range=0.1, bos_token_id=0, eos_token_id=1)
     base = make_hf_model(config, tmp_path / "base", seed=7)
     adapters = {f"r{r}": str(make_peft_adapter(base, tmp_path / f"r{r}", rank=r, targets=t, seed=r))
@@ -167,7 +168,7 @@ def test_tp4_gqa_with_eight_kv_heads_equals_tp1(tmp_path):
     with LLM(str(base), adapters=adapters, tp=4, num_pages=200) as llm:
         outs = llm.generate(prompts, adapters=which, max_tokens=6, ignore_eos=True)
         shapes = [s["pool_shape"] for s in llm.engine.executor.rank_stats()]
-    assert shapes == [[2, 201, 16 * 2 * 64 // 4]] * 4, "pages of 16 tokens x K and V of 2 KV heads per rank"
+    assert shapes == [[2, 201, 16 * 2 * 2 * 8]] * 4, "pages of 16 tokens x K and V of 2 KV heads (d=8) per rank"
     assert [o.token_ids for o in outs] == [e.token_ids for e in expected]
 
 
