@@ -318,17 +318,25 @@ async def _serves_every_adapter_again(client, models: list[str], since: float) -
     return None
 
 
-async def test_killing_one_replicas_server_mid_load(fleet):
+async def _kill_under_load(fleet: Fleet, pid_key: str) -> None:
+    """Kill one replica's process `pid_key` ("pid": its server, "actor_pid": the Ray replica itself) while 18
+    generations stream over both replicas; check every request ends, health and recovery."""
     client = _client(fleet)
     models = [*TASKS, BASE_MODEL_NAME]
     rng = random.Random(11)
     async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 180  # a replica replaced after an earlier kill may still be starting
+        while True:
+            async with session.get(fleet.url + "/health") as resp:
+                if (await resp.json())["status"] == "ok" or time.monotonic() > deadline:
+                    break
+            await asyncio.sleep(1.0)
         victim, report = sorted((await _state(session, fleet))["replicas"].items())[0]
         http = [asyncio.create_task(_http_job(client, models[i % len(models)], random_input(rng), i % 2 == 0))
                 for i in range(12)]
         ws = asyncio.create_task(_ws_jobs(fleet, [(models[i % len(models)], random_input(rng)) for i in range(6)]))
         await asyncio.sleep(0.7)  # generations are under way on both replicas
-        os.kill(report["pid"], signal.SIGKILL)
+        os.kill(report[pid_key], signal.SIGKILL)
         killed = time.monotonic()
         recovered = asyncio.create_task(_serves_every_adapter_again(client, models, killed))
         degraded = None
@@ -343,11 +351,19 @@ async def test_killing_one_replicas_server_mid_load(fleet):
         events = {s.labels["event"]: s.value for s in (await _metrics(session, fleet))["lorafleet:fleet_events"].samples
                   if s.name.endswith("_total")}
     flat = [*outcomes[:-1], *outcomes[-1]]
-    print("outcomes", Counter(flat), "events", events, "every adapter served again after", served_all_after, "s;",
-          "health", degraded)
+    print(pid_key, "killed: outcomes", Counter(flat), "events", events, "every adapter served again after",
+          served_all_after, "s; health", degraded)
     assert len(flat) == 18 and all(o == "completed" or o.startswith("error:") for o in flat), flat
     # a whole-body (non-streaming) response has no first byte before it is done: a failure is always retried
     assert all(o == "completed" for o in outcomes[1:-1:2]), outcomes[:-1]
     assert Counter(flat)["completed"] >= 6, Counter(flat)
     assert degraded is not None and degraded["replicas_healthy"] == 1, "health said degraded while one was down"
     assert served_all_after is not None and served_all_after <= 10.0, served_all_after
+
+
+async def test_killing_one_replicas_server_mid_load(fleet):
+    await _kill_under_load(fleet, "pid")
+
+
+async def test_killing_one_replica_actor_mid_load(fleet):
+    await _kill_under_load(fleet, "actor_pid")

@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import context as serve_context
-from ray.serve.exceptions import RequestCancelledError
+from ray.serve.exceptions import ReplicaUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.websockets import WebSocketDisconnect
 
@@ -75,13 +75,19 @@ def _retryable(exc: BaseException) -> tuple[bool, str | None]:
     for candidate in (exc, getattr(exc, "cause", None)):
         if isinstance(candidate, ReplicaDown):
             return True, candidate.replica
-    return isinstance(exc, RayActorError), None
+    return isinstance(exc, (RayActorError, ReplicaUnavailableError)), None
 
 
-async def _rest(gen):
+async def _rest(gen, event_stream: bool):
+    """The response's remaining bytes. If the replica call itself fails after the first byte (its actor died),
+    an event stream still ends with an SSE error event; a whole-body response cannot say more than stop."""
     try:
         async for chunk in gen:
             yield chunk
+    except Exception as exc:  # after the first byte there is no retry; tell an SSE client in its own format
+        if event_stream:
+            error = error_body(REPLICA_FAILED, f"the replica failed mid-stream: {str(exc).splitlines()[-1][:300]}")
+            yield f"data: {json.dumps(error)}\n\n".encode()
     finally:
         gen.cancel()
 
@@ -317,7 +323,9 @@ class FleetIngress:
         headers.pop("content-type", None)
         headers.pop("Content-Type", None)
         media = meta["headers"].get("Content-Type") or meta["headers"].get("content-type")
-        return StreamingResponse(_rest(gen), status_code=meta["status"], headers=headers, media_type=media)
+        event_stream = (media or "").startswith("text/event-stream")
+        return StreamingResponse(_rest(gen, event_stream), status_code=meta["status"], headers=headers,
+                                 media_type=media)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -70,7 +71,8 @@ class LoraReplicaBase:
             await asyncio.sleep(REPORT_PERIOD_S)
 
     async def _collect(self) -> dict[str, Any]:
-        report: dict[str, Any] = {"pid": self.child.pid, "url": self.child.url, "served": self.served,
+        report: dict[str, Any] = {"pid": self.child.pid, "actor_pid": os.getpid(), "url": self.child.url,
+                                  "served": self.served,
                                   "healthy": False, "running": 0, "waiting": 0, "at": time.time()}
         if not self.child.alive():
             return {**report, "reason": f"server {self.child.exit_reason()}"}
