@@ -183,7 +183,7 @@ async def models(request: web.Request) -> web.Response:
     created = int(hub.info.get("started", time.time()))
     # "root" names the model, never a server path (a client has no use for one and should not learn it)
     data = [{"id": base, "object": "model", "created": created, "owned_by": "lorafleet", "root": base,
-             "parent": None, "max_model_len": frontend.ctx.max_model_len}]
+             "parent": None, "max_model_len": frontend.ctx.max_model_len, "vocab_size": frontend.ctx.vocab_size}]
     for name in sorted(hub.adapters, key=natural_key):
         data.append({"id": name, "object": "model", "created": created, "owned_by": "lorafleet", "root": name,
                      "parent": base})

@@ -3,7 +3,7 @@
 Thread policy (docs/serving.md): PyTorch's default gives every process one intra-op thread per core. The
 server runs one asyncio process (HTTP, tokenizer, planning, adapter packing) plus one executor process per
 tensor-parallel rank, so on a small CPU machine the defaults oversubscribe the cores and the OpenMP workers
-spin against each other (measured on 2 cores: ~100x slower first tokens under light load). The policy keeps
+spin against each other (reported on 2 cores: first tokens ~100x later under light load). The policy keeps
 one core for the asyncio process and splits the rest evenly over the executors, at least one thread each;
 the asyncio process itself runs torch on one thread.
 """

@@ -41,6 +41,10 @@ from lorafleet.loadgen.workload import (
     write_trace,
 )
 
+DEFAULT_SLO_TTFT_MS = 6000.0
+SLORA_LEN = (8, 512)  # S-LoRA's input and output length range
+DEFAULT_TOKEN_RANGE = (10, 499)
+
 
 def add_workload_args(parser: argparse.ArgumentParser, several_n: bool = False) -> None:
     """Workload and client options shared by `loadgen` and `bench` (where --num-adapters is a list)."""
@@ -57,13 +61,16 @@ def add_workload_args(parser: argparse.ArgumentParser, several_n: bool = False) 
     w.add_argument("--alpha", type=float, default=1.0, help="power-law popularity exponent (default 1)")
     w.add_argument("--rate", type=float, default=1.0, help="mean arrival rate, requests/s (default 1)")
     w.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of inter-arrival gaps")
-    w.add_argument("--input-len", default="8:512", help="prompt length range a:b, inclusive (default 8:512)")
-    w.add_argument("--output-len", default="8:512", help="output length range a:b, inclusive (default 8:512)")
+    w.add_argument("--input-len", default=None, help="prompt length range a:b in tokens, inclusive (default: "
+                   "S-LoRA's 8:512, scaled down to fit the server's max_model_len with --output-len)")
+    w.add_argument("--output-len", default=None, help="output length range a:b in tokens, inclusive (default: "
+                   "S-LoRA's 8:512, scaled down like --input-len)")
     w.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals (default 60)")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--base-fraction", type=float, default=0.0, help="fraction of requests to the base model")
     w.add_argument("--prompt-kind", choices=("tokens", "text"), default="tokens")
-    w.add_argument("--token-range", default="10:499", help="token ids of synthetic prompts, a:b inclusive")
+    w.add_argument("--token-range", default=None, help="token ids of synthetic prompts, a:b inclusive (default: "
+                   "10:499, cut to the server's vocabulary when /v1/models gives vocab_size)")
     w.add_argument("--trace", default=None, help="replay this JSONL trace instead of generating a workload")
     c = parser.add_argument_group("client")
     c.add_argument("--protocol", choices=("ws", "openai"), default="ws")
@@ -77,7 +84,11 @@ def add_workload_args(parser: argparse.ArgumentParser, several_n: bool = False) 
         help="abandon requests still running this many seconds after the last arrival (default: wait)",
     )
     c.add_argument("--temperature", type=float, default=0.0)
-    c.add_argument("--slo-ttft-ms", type=float, default=6000.0, help="first-token SLO (default 6000 ms)")
+    c.add_argument("--slo-ttft-ms", type=float, default=DEFAULT_SLO_TTFT_MS,
+                   help=f"first-token SLO in ms, the same for both protocols: attainment is measured against it "
+                   f"and it is sent with every request (default {DEFAULT_SLO_TTFT_MS:g})")
+    c.add_argument("--no-server-slo", action="store_true",
+                   help="measure attainment against --slo-ttft-ms but do not send it (no early abort by the server)")
     c.add_argument("--no-progress", action="store_true", help="no live progress display")
 
 
@@ -106,32 +117,70 @@ def build_parser() -> argparse.ArgumentParser:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """The server's base model name and the adapter names the workload draws from."""
+    """The server's base model name, the adapter names the workload draws from, and what the server said
+    about its base model in /v1/models (None when it did not say)."""
 
     base_model: str | None
     adapters: tuple[str, ...]
+    max_model_len: int | None = None
+    vocab_size: int | None = None
+
+
+def server_defaults(max_model_len: int | None, vocab_size: int | None) -> dict[str, str]:
+    """--input-len, --output-len and --token-range defaults for a server: S-LoRA's 8:512 lengths, both
+    upper bounds scaled down (input half, output the rest) when the longest prompt plus the longest output
+    would exceed `max_model_len`; token ids 10:499 cut to `vocab_size` - 1."""
+    (in_lo, in_hi), (out_lo, out_hi) = SLORA_LEN, SLORA_LEN
+    if max_model_len is not None and in_hi + out_hi > max_model_len:
+        in_hi = max(1, max_model_len // 2)
+        out_hi = max(1, max_model_len - in_hi)
+        in_lo, out_lo = min(in_lo, in_hi), min(out_lo, out_hi)
+    lo, hi = DEFAULT_TOKEN_RANGE
+    if vocab_size is not None:
+        hi = min(hi, vocab_size - 1)
+        lo = min(lo, hi)
+    return {"input_len": f"{in_lo}:{in_hi}", "output_len": f"{out_lo}:{out_hi}", "token_range": f"{lo}:{hi}"}
+
+
+def apply_server_defaults(args: argparse.Namespace, target: Target) -> None:
+    """Fill the length and token-id options the user left unset from what the server reported."""
+    for key, value in server_defaults(target.max_model_len, target.vocab_size).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def _base_facts(models: list[dict[str, object]], base: str | None) -> tuple[int | None, int | None]:
+    """(max_model_len, vocab_size) of the base model's /v1/models entry, where given as integers."""
+    entry = next((m for m in models if isinstance(m, dict) and m.get("id") == base), {})
+    facts = [entry.get(key) for key in ("max_model_len", "vocab_size")]
+    return tuple(v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None for v in facts)
 
 
 async def resolve_target(args: argparse.Namespace, need_adapters: bool) -> Target:
     """Adapter names from --adapters or the server's /v1/models, cut to --num-adapters."""
     names = [a for a in (args.adapters or "").split(",") if a]
     base = args.base_model
+    facts: tuple[int | None, int | None] = (None, None)
     if args.dry_run and not names:
         names = [f"adapter-{i}" for i in range(args.num_adapters or 0)]
-    elif (need_adapters and not names) or base is None:
+    elif not args.dry_run:
         try:
-            found_base, found = split_models(await list_models(args.url))
+            models = await list_models(args.url)
         except (aiohttp.ClientError, OSError, RuntimeError, asyncio.TimeoutError, ValueError) as exc:
             if need_adapters and not names:
                 raise RuntimeError(f"could not list the server's models: {exc}") from exc
-            found_base, found = None, []
+            models = []
+        found_base, found = split_models(models)
         base = base or found_base
         names = names or found
+        facts = _base_facts(models, base)
     if args.num_adapters is not None:
         if args.num_adapters > len(names):
             raise ValueError(f"--num-adapters {args.num_adapters} but only {len(names)} adapters are known")
         names = names[: args.num_adapters]
-    return Target(base, tuple(names))
+    target = Target(base, tuple(names), *facts)
+    apply_server_defaults(args, target)
+    return target
 
 
 def workload_config(args: argparse.Namespace, target: Target, rate: float) -> WorkloadConfig:
@@ -164,7 +213,7 @@ def client_config(args: argparse.Namespace, url: str, target: Target) -> ClientC
         request_timeout_s=args.request_timeout,
         drain_timeout_s=args.drain_timeout,
         temperature=args.temperature,
-        slo_ttft_ms=args.slo_ttft_ms,
+        slo_ttft_ms=None if args.no_server_slo else args.slo_ttft_ms,
     )
 
 
@@ -252,6 +301,7 @@ async def run_one(
         "drain_timeout_s": cfg.drain_timeout_s,
         "temperature": cfg.temperature,
         "slo_ttft_ms": args.slo_ttft_ms,
+        "slo_sent": cfg.slo_ttft_ms is not None,
         "no_lora": bool(args.no_lora),
         "base_model": target.base_model,
         "num_adapters": len(target.adapters),
@@ -321,7 +371,21 @@ def _write_outputs(args: argparse.Namespace, entries: list[dict[str, object]], p
         write_json(args.out, document)
     if args.plot:
         slo_s = None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1e3
-        plot_runs(plotted, slo_s, args.plot)
+        plot_runs(plotted, slo_s, args.plot, plot_title(args, entries[0]["config"]))  # type: ignore[index]
+
+
+def plot_title(args: argparse.Namespace, config: dict[str, object]) -> str:
+    """The configuration a plot shows: server, protocol, workload shape, lengths and SLO."""
+    where = f"{config['url']} ({config['protocol']}"
+    where += f", {args.num_sockets} socket(s))" if config["protocol"] == "ws" else ")"
+    if args.trace:
+        shape = f"trace {Path(args.trace).name}"
+    else:
+        rates = args.sweep_rates or f"{args.rate:g}"
+        shape = (f"rate {rates} req/s, cv {args.cv:g}, {args.duration:g} s; {config['num_adapters']} adapter(s), "
+                 f"alpha {args.alpha:g}; input {args.input_len}, output {args.output_len} tokens")
+    slo = "no SLO" if args.slo_ttft_ms is None else f"SLO TTFT {args.slo_ttft_ms:g} ms"
+    return f"lorafleet loadgen: {where}\n{shape}; {slo}"
 
 
 def main(argv: list[str] | None = None) -> int:

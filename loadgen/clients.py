@@ -188,6 +188,8 @@ def _openai_body(spec: RequestSpec, cfg: ClientConfig) -> dict[str, object]:
     model = cfg.model_for(spec)
     if model is not None:
         body["model"] = model
+    if cfg.slo_ttft_ms is not None:  # the same extension field the WebSocket frame carries
+        body["slo_ttft_ms"] = cfg.slo_ttft_ms
     return body
 
 

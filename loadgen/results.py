@@ -105,9 +105,22 @@ def summarize(records: list[RequestRecord], duration_s: float, slo_ttft_s: float
         "slo_attainment": good / len(records) if records else None,
         "goodput_req_per_s": good / span,
         "errors_by_code": dict(sorted(codes.items())),
+        "error_reasons": error_reasons(failed),
         "mid_stream_errors": sum(r.mid_stream for r in failed),
         "early_aborts": sum(is_early_abort(r.error_code) for r in failed),
     }
+
+
+def error_reasons(failed: list[RequestRecord]) -> dict[str, str]:
+    """One line per error code: the first failed request's message (and HTTP status) for that code."""
+    reasons: dict[str, str] = {}
+    for r in failed:
+        code = r.error_code or "unknown"
+        if code not in reasons:
+            message = " ".join((r.error_message or "no message").split())
+            status = f"HTTP {r.http_status}: " if r.http_status else ""
+            reasons[code] = status + (message if len(message) <= 160 else message[:157] + "...")
+    return dict(sorted(reasons.items()))
 
 
 def record_json(record: RequestRecord) -> dict[str, object]:
@@ -225,8 +238,9 @@ def summary_table(metrics: dict[str, object], title: str = "loadgen results") ->
         ),
         ("goodput", f"{metrics['goodput_req_per_s']:.3f} req/s"),
     ]
-    if metrics["errors_by_code"]:
-        lines.append(("errors", ", ".join(f"{k}: {v}" for k, v in metrics["errors_by_code"].items())))
+    reasons = metrics.get("error_reasons") or {}
+    for code, count in metrics["errors_by_code"].items():  # type: ignore[union-attr]
+        lines.append((f"error {code} x{count}", str(reasons.get(code, ""))))
     for label, text in lines:
         table.add_row(label, text, "", "", "")
     return table
@@ -236,50 +250,106 @@ def _ms(value: object) -> str:
     return "-" if value is None else f"{1e3 * float(value):.1f}"  # type: ignore[arg-type]
 
 
-def plot_runs(runs: list[tuple[str, list[RequestRecord]]], slo_ttft_s: float | None, path: str | Path) -> None:
-    """Latency CDFs (TTFT, E2E, TPOT), throughput over time and SLO attainment over time, one line per run."""
+def plot_runs(runs: list[tuple[str, list[RequestRecord]]], slo_ttft_s: float | None, path: str | Path,
+              title: str | None = None) -> None:
+    """Latency CDFs (TTFT, E2E, TPOT), throughput over time and SLO attainment over time, one line per run,
+    under `title` (the run's configuration). Each CDF's axis spans its own data (the SLO line is drawn only
+    when it falls inside; otherwise a note says where it is). A run in which no request completed gets a
+    figure that says so, with the error codes and their reasons, instead of empty axes."""
+    import matplotlib.pyplot as plt
+
+    fig = build_figure(runs, slo_ttft_s, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_figure(runs: list[tuple[str, list[RequestRecord]]], slo_ttft_s: float | None, title: str | None = None):
+    """The matplotlib Figure plot_runs saves (see there)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    if not any(r.ok for _, records in runs for r in records):
+        return _empty_figure(plt, runs, title)
+    return _figure(plt, runs, slo_ttft_s, title)
+
+
+def _figure(plt, runs: list[tuple[str, list[RequestRecord]]], slo_ttft_s: float | None, title: str | None):
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    latencies = {"TTFT": [], "E2E latency": [], "TPOT": []}
     for label, records in runs:
         done = [r for r in records if r.ok]
-        for ax, values, name in (
-            (axes[0][0], [r.ttft for r in done], "TTFT"),
-            (axes[0][1], [r.e2e for r in done], "E2E latency"),
-            (axes[0][2], [tpot(r) for r in done], "TPOT"),
-        ):
-            _cdf(ax, [v for v in values if v is not None], label, name)
+        for name, values in (("TTFT", [r.ttft for r in done]), ("E2E latency", [r.e2e for r in done]),
+                             ("TPOT", [tpot(r) for r in done])):
+            latencies[name].append((label, [v for v in values if v is not None]))
         series = timeline(records, slo_ttft_s)
         axes[1][0].plot(series["t"], series["req_per_s"], label=label)
         axes[1][1].plot(series["t"], series["tok_per_s"], label=label)
         axes[1][2].plot(series["t"], series["attainment"], label=label)
+    for ax, name in zip(axes[0], latencies):
+        _cdfs(ax, latencies[name], name, slo_ttft_s if name == "TTFT" else None)
     axes[1][2].set_ylim(0.0, 1.05)
-    if slo_ttft_s is not None:
-        axes[0][0].axvline(slo_ttft_s, color="grey", linestyle="--", linewidth=1)
-    for ax, title, ylabel in (
+    for ax, panel, ylabel in (
         (axes[1][0], "finished requests", "req/s"),
         (axes[1][1], "output tokens", "tok/s"),
         (axes[1][2], "SLO attainment (by send time)", "fraction"),
     ):
-        ax.set_title(title)
+        ax.set_title(panel)
         ax.set_xlabel("time since start (s)")
         ax.set_ylabel(ylabel)
     for ax in (a for row in axes for a in row):
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def _cdf(ax: object, values: list[float], label: str, name: str) -> None:
-    ax.set_title(f"{name} CDF")  # type: ignore[attr-defined]
-    ax.set_xlabel("seconds")  # type: ignore[attr-defined]
-    ax.set_ylabel("fraction of completed requests")  # type: ignore[attr-defined]
-    if values:
-        xs = np.sort(np.asarray(values))
-        ax.step(xs, np.arange(1, xs.size + 1) / xs.size, where="post", label=label)  # type: ignore[attr-defined]
+def _empty_figure(plt, runs: list[tuple[str, list[RequestRecord]]], title: str | None):
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.axis("off")
+    lines = []
+    for label, records in runs:
+        failed = [r for r in records if not r.ok]
+        lines.append(f"{label}: no request completed ({len(records)} sent, {len(failed)} failed)")
+        codes = Counter(r.error_code or "unknown" for r in failed)
+        for code, reason in error_reasons(failed).items():
+            lines.append(f"    {code} x{codes[code]}: {reason[:110]}")
+    if not any(records for _, records in runs):
+        lines.append("the workload had no requests")
+    ax.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _unit(values: list[float]) -> tuple[float, str]:
+    """(scale, unit) for seconds: milliseconds when the largest value is under 2 s."""
+    return (1e3, "ms") if values and max(values) < 2.0 else (1.0, "s")
+
+
+def _cdfs(ax, runs: list[tuple[str, list[float]]], name: str, slo_s: float | None) -> None:
+    """One CDF per run on an axis spanning the data (0 to the largest value plus 5 %)."""
+    everything = [v for _, values in runs for v in values]
+    scale, unit = _unit(everything)
+    ax.set_title(f"{name} CDF")
+    ax.set_xlabel(unit)
+    ax.set_ylabel("fraction of completed requests")
+    ax.set_ylim(0.0, 1.02)
+    for label, values in runs:
+        if values:
+            xs = np.sort(np.asarray(values)) * scale
+            ax.step(xs, np.arange(1, xs.size + 1) / xs.size, where="post", label=label)
+    if not everything:
+        ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes)
+        return
+    right = max(everything) * scale * 1.05 or 1.0
+    ax.set_xlim(0.0, right)
+    if slo_s is not None and slo_s * scale <= right:
+        ax.axvline(slo_s * scale, color="grey", linestyle="--", linewidth=1, label=f"SLO {slo_s * 1e3:g} ms")
+    elif slo_s is not None:
+        ax.text(0.98, 0.04, f"SLO {slo_s * 1e3:g} ms is beyond this axis", ha="right", va="bottom",
+                transform=ax.transAxes, fontsize=8, color="grey")
