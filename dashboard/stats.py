@@ -92,6 +92,18 @@ class AdapterTotals:
         return self.load_ms / self.load_timings if self.load_timings else self.mean_load_wait_ms
 
 
+def batch_means(steps: list[StepRecord]) -> tuple[float, float]:
+    """(sequences, distinct adapters) per step over `steps`, each step weighted by its duration: the batch
+    a running step had on average while the engine was busy (0 when no step ran). Short requests leave a
+    step's own size flickering between 0 and 1; this is what an operator means by "the batch size"."""
+    busy = sum(step.duration_ms for step in steps)
+    if busy <= 0:
+        return 0.0, 0.0
+    seqs = sum(step.batch_size * step.duration_ms for step in steps) / busy
+    adapters = sum(len(set(step.adapters_in_batch) - {None, ""}) * step.duration_ms for step in steps) / busy
+    return round(seqs, 1), round(adapters, 1)
+
+
 def percentile(sorted_values: list[float], q: float) -> float | None:
     """Nearest-rank percentile (q in [0, 100]) of an ascending list; None when empty."""
     if not sorted_values:
@@ -110,7 +122,8 @@ class Summary:
     req_per_s: float
     tokens_per_s: float
     gen_tokens_per_s: float
-    batch_size: int
+    batch_size: float
+    adapters_in_batch: float
     ttft_p50_ms: float | None
     ttft_p99_ms: float | None
     tpot_p50_ms: float | None
@@ -285,13 +298,13 @@ class FleetStats:
         tpot = sorted(r.tpot_ms for r in records if r.tpot_ms is not None and r.completion_tokens > 1)
         e2e = sorted(r.e2e_ms for r in records if r.e2e_ms is not None)
         met = sum(self.meets_slo(r) for r in records)
-        last = self.hub.steps[-1] if self.hub.steps else None
+        batch, adapters = batch_means(steps)
         return Summary(
             at=now, window_s=self.window_s, requests=len(records),
             req_per_s=len(recent) / self.rate_window_s,
             tokens_per_s=sum(s.num_tokens for s in steps) / self.rate_window_s,
             gen_tokens_per_s=sum(r.completion_tokens for r in recent) / self.rate_window_s,
-            batch_size=last.batch_size if last is not None and now - last.at < 2.0 else 0,
+            batch_size=batch, adapters_in_batch=adapters,
             ttft_p50_ms=percentile(ttft, 50), ttft_p99_ms=percentile(ttft, 99),
             tpot_p50_ms=percentile(tpot, 50), tpot_p99_ms=percentile(tpot, 99),
             e2e_p50_ms=percentile(e2e, 50), e2e_p99_ms=percentile(e2e, 99),

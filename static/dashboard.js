@@ -8,7 +8,7 @@ import { PoolMap } from "./poolmap.js";
 
 const $ = (id) => document.getElementById(id);
 
-const state = { engine: null, load: null, occupancy: [], loadHistory: [], updates: [], messages: 0 };
+const state = { engine: null, load: null, occupancy: [], loadHistory: [], updates: [], messages: 0, charts: {} };
 window.lorafleetDashboard = state; // for operators' consoles and the browser test
 
 const pool = new PoolMap($("pool-canvas"), $("pool-tip"), $("pool-legend"));
@@ -69,7 +69,7 @@ function renderTiles() {
   $("pool-caption").textContent = `${fmtNum(e.num_pages)} pages · one cell per page`;
   tile("load-queue", e.waiting);
   tile("load-running", e.running);
-  tile("load-batch", l.batch_size);
+  tile("load-batch", l.batch_size, fmtNum(l.batch_size, 1));
   tile("load-tps", l.tokens_per_s, fmtNum(l.tokens_per_s, 1));
   tile("load-rps", l.req_per_s, fmtNum(l.req_per_s, 2));
   tile("load-ttft-p50", l.ttft_p50_ms, fmtMs(l.ttft_p50_ms));
@@ -88,9 +88,7 @@ function renderTiles() {
   tile("ad-gpu", e.tiers.gpu);
   tile("ad-host", e.tiers.host);
   tile("ad-disk", e.tiers.disk);
-  let inBatch = 0;
-  for (const row of table.data.values()) inBatch += row[1];
-  tile("ad-batch", inBatch);
+  tile("ad-batch", l.adapters_in_batch, fmtNum(l.adapters_in_batch, 1));
   tile("ad-loads", e.adapter_loads);
   tile("ad-prefetch-hit", e.prefetch_hit_rate, fmtPct(e.prefetch_hit_rate));
   tile("ad-host-hit", e.host_hit_rate, fmtPct(e.host_hit_rate));
@@ -124,8 +122,8 @@ function scheduleRender() {
     renderTiles();
     pool.draw();
     table.refresh();
-    drawOccupancy($("occupancy-canvas"), state.occupancy, state.at);
-    drawLoad($("load-canvas"), state.loadHistory, state.at);
+    state.charts.occupancy = drawOccupancy($("occupancy-canvas"), state.occupancy, state.at);
+    state.charts.load = drawLoad($("load-canvas"), state.loadHistory, state.at);
   });
 }
 

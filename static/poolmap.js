@@ -20,13 +20,36 @@ function hslToRgb(h, s, l) {
   return [Math.round(f(0) * 255), Math.round(f(8) * 255), Math.round(f(4) * 255)];
 }
 
-/** Colour of an owner label: KV in blues (one shade per request), adapters in warm hues (one per adapter). */
+function hexRgb(hex) {
+  return [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16));
+}
+
+// Adapter colours: a categorical palette, picked greedily (max-min) from OKLCH candidates for the largest
+// CIEDE2000 distance to the colours already chosen, among those at least 20 from the KV blues, the free
+// grey and the background. Any two of these 12 differ by ΔE2000 >= 16.6 (any two of the first 8 by
+// >= 22.5; about 2 is a just-noticeable difference). docs/dashboard.md says how to regenerate it.
+export const ADAPTER_PALETTE = ["#f0a646", "#bf56b9", "#3cf4a7", "#7c9217", "#dd503f", "#2c9a88", "#feb8e6",
+  "#d9da26", "#f19f91", "#b27744", "#a2c580", "#e3769b"].map(hexRgb);
+
+const adapterOrder = new Map();
+
+/** An adapter's colour: palette entries in the order adapters first appear on this page, so the first 12
+ * adapters seen all differ; later ones reuse the palette, darker per round. */
+export function adapterColor(name) {
+  if (!adapterOrder.has(name)) adapterOrder.set(name, adapterOrder.size);
+  const i = adapterOrder.get(name);
+  const shade = 1 - 0.22 * (Math.floor(i / ADAPTER_PALETTE.length) % 3);
+  return ADAPTER_PALETTE[i % ADAPTER_PALETTE.length].map((c) => Math.round(c * shade));
+}
+
+/** Colour of an owner label: KV in blues (one shade per request), adapters from the palette. */
 export function ownerColor(label) {
   if (!label) return FREE_RGB;
-  const h = hash(label);
-  if (label.startsWith("kv:")) return hslToRgb(195 + (h % 45), 0.75, 0.45 + ((h >>> 8) % 20) / 100);
-  const warm = [0, 12, 24, 36, 48, 300, 320, 340];
-  return hslToRgb(warm[h % warm.length] + ((h >>> 4) % 10), 0.85, 0.5 + ((h >>> 8) % 14) / 100);
+  if (label.startsWith("kv:")) {
+    const h = hash(label);
+    return hslToRgb(195 + (h % 45), 0.75, 0.45 + ((h >>> 8) % 20) / 100);
+  }
+  return adapterColor(label.startsWith("adapter:") ? label.slice(8) : label);
 }
 
 export function kindOf(label) {
@@ -140,14 +163,20 @@ export class PoolMap {
       kinds[kindOf(label)] += n;
       if (label.startsWith("kv:")) requests.add(label);
     }
-    const swatch = (rgb) => `<i style="background:rgb(${rgb.join(",")})"></i>`;
+    const rgb = (c) => `rgb(${c.join(",")})`;
+    const swatch = (c) => `<i style="background:${rgb(c)}"></i>`;
+    // the kinds get mixed swatches, never one adapter's colour: KV shades, and the palette's first three
+    const mixed = (colors) => `<i style="background:linear-gradient(90deg,${colors.map(rgb).join(",")})"></i>`;
     const parts = [
       `${swatch(FREE_RGB)}free ${kinds.free}`,
-      `${swatch(ownerColor("kv:0"))}KV ${kinds.kv} (${requests.size} requests)`,
-      `${swatch(ownerColor("adapter:x"))}adapters ${kinds.adapter}`,
+      `${mixed(["kv:1", "kv:2", "kv:3"].map(ownerColor))}KV ${kinds.kv} (${requests.size} requests)`,
+      `${mixed(ADAPTER_PALETTE.slice(0, 3))}adapters ${kinds.adapter}`,
     ];
     const top = owners.filter(([l]) => l.startsWith("adapter:")).slice(0, 8);
-    for (const [label, n, code] of top) parts.push(`${swatch(this.color(code))}${escapeHtml(label.slice(8))} ${n}`);
+    for (const [label, n, code] of top) {
+      parts.push(`<span data-adapter="${escapeHtml(label.slice(8))}">${swatch(this.color(code))}`
+        + `${escapeHtml(label.slice(8))} ${n}</span>`);
+    }
     this.legend.innerHTML = parts.map((p) => `<span>${p}</span>`).join("");
   }
 

@@ -375,3 +375,94 @@ async def test_dashboard_against_lorafleet_serve(served, chromium):
     await page.fill("#adapter-search", "")
     await page.screenshot(path=str(ARTIFACTS / "dashboard-serve.png"), full_page=True)
     assert not chromium.errors, chromium.errors
+
+
+# the operator's view: chart axes, distinguishable adapter colours, failures counted --------------------------
+POOL_COLORS_JS = """(() => {
+    const d = window.lorafleetDashboard, p = d.pool, canvas = document.getElementById('pool-canvas');
+    const ctx = canvas.getContext('2d'), seen = {};
+    for (let page = 0; page < p.codes.length; page++) {
+        const owner = p.names[p.codes[page]] || '';
+        const key = owner.startsWith('kv:') ? 'kv:' + page : owner;
+        if (!owner || key in seen) continue;
+        const half = Math.max(0, Math.floor((p.cell - 1) / 2));
+        const x = (page % p.cols) * p.cell + half, y = Math.floor(page / p.cols) * p.cell + half;
+        seen[key] = Array.from(ctx.getImageData(x, y, 1, 1).data.slice(0, 3));
+    }
+    return seen;
+})()"""
+LEGEND_JS = """Object.fromEntries([...document.querySelectorAll('#pool-legend [data-adapter]')].map(
+    e => [e.dataset.adapter, getComputedStyle(e.querySelector('i')).backgroundColor]))"""
+MIN_ADAPTER_DELTA_E = 15.0  # CIEDE2000; about 2 is a just-noticeable difference
+
+
+def delta_e(a: list[int], b: list[int]) -> float:
+    from coloraide import Color
+
+    return Color("srgb", [c / 255 for c in a]).delta_e(Color("srgb", [c / 255 for c in b]), method="2000")
+
+
+async def test_dashboard_operator_view(served, chromium):
+    """GET / leads to the dashboard; every adapter's pool cells have a colour at least ΔE2000 15 from every
+    other adapter's and from the KV cells; both charts have labelled axes whose ticks span the data; the
+    batch-size tile is a mean over steps; a bad request moves the FAILED tile and request_failure_total."""
+    pytest.importorskip("coloraide")
+    url, names, _ = served
+    page = chromium.page
+    await page.goto(url + "/")
+    assert page.url == url + "/dashboard"
+    await page.wait_for_selector("#conn.on")
+    prompt = await page.input_value("#pg-prompt")
+    assert prompt.endswith("\n") and "newline" in await page.text_content("#pg-hint")
+    colors: dict[str, list[int]] = {}
+    kv: list[list[int]] = []
+    load = asyncio.gather(*(traffic(url, [name], count=3, concurrency=3, seed=i, max_tokens=(24, 48))
+                            for i, name in enumerate(names)))
+    busiest = 0.0
+    while not load.done():
+        seen = await page.evaluate(POOL_COLORS_JS)
+        for owner, rgb in seen.items():
+            if owner.startswith("adapter:"):
+                assert colors.setdefault(owner[8:], rgb) == rgb, f"{owner} changed colour"
+            elif owner.startswith("kv:"):
+                kv.append(rgb)
+        busiest = max(busiest, (await chromium.values())["load-batch"] or 0.0)
+        await asyncio.sleep(0.2)
+    finals = await load
+    assert all(e["type"] == "done" for run in finals for e in run)
+    assert set(colors) == set(names), "every adapter was seen in the pool"
+    for a, b in ((a, b) for i, a in enumerate(names) for b in names[i + 1:]):
+        assert delta_e(colors[a], colors[b]) >= MIN_ADAPTER_DELTA_E, (a, colors[a], b, colors[b])
+    for name in names:
+        assert min(delta_e(colors[name], k) for k in kv) >= MIN_ADAPTER_DELTA_E, (name, colors[name])
+    legend = await page.evaluate(LEGEND_JS)
+    assert legend and all(css == f"rgb({', '.join(map(str, colors[n]))})" for n, css in legend.items()), legend
+    assert busiest > 1.0, "24 generations over 8 sockets: the mean batch exceeds one sequence"
+
+    charts = await page.evaluate("window.lorafleetDashboard.charts")
+    load_chart, occupancy = charts["load"], charts["occupancy"]
+    assert (load_chart["left"]["label"], load_chart["right"]["label"]) == ("tokens/s", "TTFT (ms)")
+    assert load_chart["x"]["label"] == "time (s before now)" and load_chart["x"]["ticks"][0] == 0
+    for axis in (load_chart["left"], load_chart["right"]):
+        ticks = axis["ticks"]
+        assert ticks == sorted(ticks) and len(ticks) >= 2 and ticks[-1] >= axis["max"] > 0, axis
+    assert occupancy["y"]["label"] == "pages" and occupancy["y"]["ticks"][-1] >= occupancy["total"] == 160
+    axis_pixel = await page.evaluate("""(() => {
+        const c = document.getElementById('load-canvas'), r = window.devicePixelRatio || 1;
+        return Array.from(c.getContext('2d').getImageData(Math.floor(46.5 * r), Math.round(c.height / 2), 1, 1).data);
+    })()""")
+    assert axis_pixel[3] > 0 and sum(axis_pixel[:3]) > 150, f"no left axis line drawn: {axis_pixel}"
+
+    before = (await chromium.values())["load-failed"]
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url + "/v1/completions", json={"model": "no-such-adapter", "prompt": "x"}) as resp:
+            assert resp.status == 404
+        async with session.post(url + "/v1/completions", json={"model": BASE, "prompt": "x", "max_tokens": -1}) as resp:
+            assert resp.status == 400
+    after = await chromium.wait_for(lambda v: v["load-failed"] == before + 2, "the FAILED tile to count both")
+    samples = await scrape(url)
+    failed = sum(v for (name, _), v in samples.items() if name == P + "request_failure_total")
+    assert failed == after["load-failed"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "dashboard-operator-view.png"), full_page=True)
+    assert not chromium.errors, chromium.errors
