@@ -139,7 +139,7 @@ class Feed:
             "prefetch_misses": s.prefetch_misses,
             "prefetch_hit_rate": s.prefetch_hit_rate,
             "adapter_loads": s.adapter_loads,
-            "tiers": adapter_tiers(snap),
+            "tiers": adapter_tiers(snap, getattr(s.hub, "adapters", None)),
             **serving_extras(s.hub),
         }
 
@@ -160,12 +160,14 @@ class Feed:
             return {}
         pages = self._adapter_pages(codes)
         resident, cached = set(snap.resident_adapters), set(snap.host_cached_adapters)
-        registered = set(snap.registered_adapters)
+        # the serving hub also lists adapters indexed under --adapter-root and not read yet (on disk)
+        listed = list(getattr(s.hub, "adapters", None) or ())
+        registered = set(snap.registered_adapters) | set(listed)
         running = _count(a for _, a in snap.running)
         waiting = _count(a for _, a in snap.waiting)
         rates = s.adapter_rates(now)
         rows = {}
-        for name in dict.fromkeys([*snap.registered_adapters, *s.adapters]):
+        for name in dict.fromkeys([*snap.registered_adapters, *listed, *s.adapters]):
             totals = s.adapters.get(name)
             tier = "gpu" if name in resident else "host" if name in cached else "disk"
             if name not in registered:

@@ -158,7 +158,8 @@ class FleetCollector(Collector):
         yield self._counter("adapter_load_stalls", "Times a waiting request waited a step for its adapter (not yet "
                             "packed in host memory, or the step's load-bytes bound was spent).",
                             counters.get("adapter_load_stalls", 0))
-        yield self._gauges("adapters", "Registered adapters by storage tier.", "tier", adapter_tiers(snap))
+        yield self._gauges("adapters", "Registered adapters by storage tier.", "tier",
+                           adapter_tiers(snap, getattr(s.hub, "adapters", None)))
 
     def _roofline_families(self) -> Iterator[Metric]:
         """Executor time beside the step roofline, summed per batch-size class (label `seqs`)."""
@@ -189,11 +190,12 @@ class FleetCollector(Collector):
         yield self._gauge("window_requests", "Requests finished or failed in the sliding window.", summary.requests)
 
 
-def adapter_tiers(snap) -> dict[str, int]:
-    """Registered adapters by tier: gpu (resident in the pool), host (cached, not resident), disk."""
+def adapter_tiers(snap, listed=None) -> dict[str, int]:
+    """Registered adapters by tier: gpu (resident in the pool), host (cached, not resident), disk (also the
+    `listed` names the serving layer indexed under --adapter-root and has not read yet)."""
     if snap is None:
         return {"gpu": 0, "host": 0, "disk": 0}
-    registered = set(snap.registered_adapters)
+    registered = set(snap.registered_adapters) | set(listed or ())
     gpu = registered & set(snap.resident_adapters)
     host = (registered & set(snap.host_cached_adapters)) - gpu
     return {"gpu": len(gpu), "host": len(host), "disk": len(registered) - len(gpu) - len(host)}
