@@ -146,7 +146,7 @@ async def test_positional_model_and_vllm_flags_on_a_real_server(tmp_path):
                 data = (await resp.json())["data"]
             async with session.get(server.url + "/metrics") as resp:
                 metrics = await resp.text()
-        assert {m["id"]: m["root"] for m in data} == {"tiny": str(model), "a": str(a), "b": str(b)}
+        assert {m["id"] for m in data} == {"tiny", "a", "b"}  # start-up adapters are read at start: paths held
         assert 'max_lora="2"' in metrics
     finally:
         assert stop_server(server) == 0, server.output()
