@@ -203,7 +203,8 @@ async def _close_sockets(app: web.Application) -> None:
 
 
 async def _to_dashboard(request: web.Request) -> web.Response:
-    raise web.HTTPFound("/dashboard")
+    """GET / → /dashboard, keeping the query (`?api_key=` opens a dashboard that needs its key)."""
+    raise web.HTTPFound("/dashboard" + (f"?{request.query_string}" if request.query_string else ""))
 
 
 def build_app(frontend: Frontend) -> web.Application:

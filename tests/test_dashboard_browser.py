@@ -332,7 +332,7 @@ async def quiet_moment(browser: Browser, url: str) -> tuple[dict, dict, list[str
 async def test_dashboard_against_lorafleet_serve(served, chromium):
     url, names, root = served
     page = chromium.page
-    await page.goto(url + "/dashboard")
+    await page.goto(url + "/dashboard?api_key=secret")  # the admin key also opens the dashboard
     await page.wait_for_selector("#conn.on")
     load = asyncio.create_task(traffic(url, [None, *names], count=50, concurrency=10, seed=5, max_tokens=(16, 48)))
     first = await chromium.wait_for(lambda v: v["pool-kv"] and v["load-running"] and v["ad-gpu"], "traffic to show")
@@ -409,8 +409,8 @@ async def test_dashboard_operator_view(served, chromium):
     pytest.importorskip("coloraide")
     url, names, _ = served
     page = chromium.page
-    await page.goto(url + "/")
-    assert page.url == url + "/dashboard"
+    await page.goto(url + "/?api_key=secret")  # the served fixture has an admin key, which guards the dashboard
+    assert page.url == url + "/dashboard?api_key=secret"
     await page.wait_for_selector("#conn.on")
     prompt = await page.input_value("#pg-prompt")
     assert prompt.endswith("\n") and "newline" in await page.text_content("#pg-hint")
