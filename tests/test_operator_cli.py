@@ -150,3 +150,19 @@ async def test_positional_model_and_vllm_flags_on_a_real_server(tmp_path):
         assert 'max_lora="2"' in metrics
     finally:
         assert stop_server(server) == 0, server.output()
+
+
+def test_license_is_the_apache_2_0_text_pyproject_names():
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "LICENSE").read_text()
+    assert tomllib.loads((root / "pyproject.toml").read_text())["project"]["license"] == {"text": "Apache-2.0"}
+    assert " ".join(text.split()[:5]) == "Apache License Version 2.0, January"
+    sections = ["1. Definitions.", "2. Grant of Copyright License.", "3. Grant of Patent License.",
+                "4. Redistribution.", "5. Submission of Contributions.", "6. Trademarks.",
+                "7. Disclaimer of Warranty.", "8. Limitation of Liability.",
+                "9. Accepting Warranty or Additional Liability."]
+    positions = [text.index(s) for s in sections]
+    assert positions == sorted(positions) and "END OF TERMS AND CONDITIONS" in text
