@@ -188,6 +188,32 @@ async def test_one_websocket_streams_four_adapters_and_a_cancel_stops_the_right_
         assert grew == {accepted["w1"]["replica"]}, (before, after)
 
 
+async def test_bad_input_gets_a_clear_error_and_the_socket_keeps_serving(fleet):
+    async with aiohttp.ClientSession() as session:
+        async with session.post(fleet.url + "/v1/completions", data=b"{not json",
+                                headers={"Content-Type": "application/json"}) as resp:
+            assert resp.status == 400 and (await resp.json())["error"]["param"] == "body"
+        async with session.post(fleet.url + "/v1/completions",
+                                json={"model": "no-such-adapter", "prompt": "x", "max_tokens": 2}) as resp:
+            assert resp.status == 404 and "no-such-adapter" in (await resp.json())["error"]["message"]
+        async with session.ws_connect(fleet.ws_url) as ws:
+            await ws.send_str("{not json")
+            await ws.send_str(json.dumps({"type": "generate", "model": "upper", "prompt": "x\n"}))
+            await ws.send_str(json.dumps({"type": "stop", "id": "s1"}))
+            await ws.send_str(json.dumps({"type": "generate", "id": "s2", "model": "upper", "prompt": "x\n",
+                                          "max_tokens": -3}))
+            await ws.send_str(json.dumps({"type": "generate", "id": "ok", "model": "upper", "prompt": "abc\n",
+                                          "max_tokens": 20, "temperature": 0.0}))
+            frames = []
+            while not frames or not (frames[-1]["id"] == "ok" and frames[-1]["type"] in ("done", "error")):
+                frames.append(json.loads((await asyncio.wait_for(ws.receive(), 60)).data))
+    errors = [f for f in frames if f["type"] == "error"]
+    assert [(f["id"], f["error"]["code"]) for f in errors[:3]] == [
+        (None, "invalid_json"), (None, "invalid_request"), ("s1", "unknown_type")], errors
+    assert any(f["id"] == "s2" and f["error"]["param"] == "max_tokens" for f in errors), errors
+    assert "".join(f.get("text", "") for f in frames if f["id"] == "ok").rstrip("\n") == "ABC"
+
+
 async def _metrics(session: aiohttp.ClientSession, fleet: Fleet) -> dict:
     async with session.get(fleet.url + "/metrics") as resp:
         assert resp.status == 200
