@@ -24,6 +24,7 @@ MAX_LORA_NAME = 1024
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/debug/state")
 KEY_ONLY_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # closed to everyone without --admin-key
 DASHBOARD_PATHS = ("/dashboard", "/ws/dashboard")
+KEYED_ROOT_PATHS = ("/tokenize", "/detokenize")  # vLLM's routes outside /v1: --api-key guards them too
 DASHBOARD_COOKIE = "lorafleet_dashboard"
 
 
@@ -86,7 +87,7 @@ async def auth_middleware(request: web.Request, handler):
         return openai_api.error_response(refusal)
     if request.path in DASHBOARD_PATHS:
         return await _dashboard_guarded(request, handler, frontend)
-    if not request.path.startswith("/v1/"):
+    if not request.path.startswith("/v1/") and request.path not in KEYED_ROOT_PATHS:
         return await handler(request)
     refusal = _check_keys(request, frontend)
     if refusal is not None:
@@ -215,6 +216,11 @@ def build_app(frontend: Frontend) -> web.Application:
     app.router.add_post("/v1/completions", openai_api.completions)
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     app.router.add_get("/v1/models", openai_api.models)
+    app.router.add_get("/v1/models/{model}", openai_api.model)
+    app.router.add_get("/version", openai_api.version)
+    app.router.add_post("/tokenize", openai_api.tokenize)
+    app.router.add_post("/detokenize", openai_api.detokenize)
+    app.on_response_prepare.append(openai_api.request_id_header)
     app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
     app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
     app.router.add_get("/v1/debug/state", debug_state)

@@ -22,6 +22,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from lorafleet.actors.channels import Channel, LocalChannel
 from lorafleet.actors.fields import redact, show
 from lorafleet.actors.hub import RequestRecord, ServeHub
+from lorafleet.actors.logprobs import ws_logprobs
 from lorafleet.actors.protocol import ApiError, GenerationSpec, ParseContext, bad, client_id, parse_ws_generate
 from lorafleet.actors.schema import AdminOp, AdminResult, Admitted, Cancel, DeltaItem, Rejected, StepDeltas, Submit
 
@@ -173,6 +174,10 @@ class Frontend:
             len(spec.prompt_ids) if spec is not None else 0, 0, None, exc.code,
             slo_ttft_ms=spec.slo_ttft_ms if spec is not None else None, status=exc.status))
 
+    def start_choices(self, spec: GenerationSpec) -> list[Generation]:
+        """One generation per choice (prompts x n, `GenerationSpec.choices`), in choice-index order."""
+        return [self.start(choice) for choice in spec.choices()]
+
     async def admin(self, op: str, name: str, path: str | None) -> AdminResult:
         request_id = self.new_id("admin")
         queue = self.router.open(request_id)
@@ -183,6 +188,45 @@ class Frontend:
             self.router.close(request_id)
         assert isinstance(result, AdminResult)
         return result
+
+
+async def admit_all(generations: list[Generation]) -> None:
+    """Wait until every choice is admitted; the first refusal is raised (the caller closes them all)."""
+    results = await asyncio.gather(*(g.admitted() for g in generations), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+class Merged:
+    """The items of several generations in arrival order, each with its generation, until every one has
+    finished or failed. One reader task per generation, owned here: `close` cancels and awaits them."""
+
+    def __init__(self, generations: list[Generation]) -> None:
+        self.queue: asyncio.Queue[tuple[Generation, DeltaItem]] = asyncio.Queue()
+        self.open = len(generations)
+        self.tasks = [asyncio.create_task(self._read(g), name=f"read-{g.request_id}") for g in generations]
+
+    async def _read(self, generation: Generation) -> None:
+        while True:
+            item = await generation.next()
+            self.queue.put_nowait((generation, item))
+            if item.finished or item.error_code is not None:
+                return
+
+    async def next(self) -> tuple[Generation, DeltaItem] | None:
+        """The next (generation, item), or None when all have ended."""
+        if self.open == 0:
+            return None
+        generation, item = await self.queue.get()
+        if item.finished or item.error_code is not None:
+            self.open -= 1
+        return generation, item
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 def item_error(item: DeltaItem) -> ApiError:
@@ -202,7 +246,7 @@ class WsConnection:
         self.frontend, self.ws = frontend, ws
         self.binary = ws.ws_protocol == MSGPACK_PROTOCOL
         self.lock = asyncio.Lock()
-        self.active: dict[str, Generation] = {}
+        self.active: dict[str, list[Generation]] = {}  # client id -> its choices' generations
         self.tasks: set[asyncio.Task] = set()
         limits = frontend.limits
         self.bucket = FrameBucket(limits.ws_frame_rate, limits.ws_frame_burst)
@@ -282,8 +326,8 @@ class WsConnection:
             await self.generate(frame)
         elif kind == "cancel":
             cid = client_id(frame)
-            if cid in self.active:
-                self.active[cid].cancel()
+            for generation in self.active.get(cid, ()):
+                generation.cancel()
         else:
             raise ApiError(400, "unknown_type", f"type: unknown frame type {show(kind)} (generate, cancel)", "type")
 
@@ -296,9 +340,9 @@ class WsConnection:
             raise ApiError(429, "too_many_generations", f"this socket already has {cap} generations in flight (the "
                            "per-connection limit); wait for one to end", None, 1.0)
         spec = parse_ws_generate(frame, self.frontend.ctx)
-        generation = self.frontend.start(spec)
-        self.active[cid] = generation
-        task = asyncio.create_task(self.pump(cid, generation), name=f"ws-{cid}")
+        generations = self.frontend.start_choices(spec)
+        self.active[cid] = generations
+        task = asyncio.create_task(self.pump(cid, generations), name=f"ws-{cid}")
         self.tasks.add(task)
         task.add_done_callback(self._pump_done)
 
@@ -309,45 +353,59 @@ class WsConnection:
         if not task.cancelled() and task.exception() is not None:
             log.error("generation %s failed", task.get_name(), exc_info=task.exception())
 
-    async def pump(self, cid: str, generation: Generation) -> None:
+    async def pump(self, cid: str, generations: list[Generation]) -> None:
+        merged = None
         try:
             try:
-                await generation.admitted()
+                await admit_all(generations)
             except ApiError as exc:
-                self._release(cid, generation)
+                self._release(cid, generations)
                 await self.error(cid, exc)
                 return
             await self.send({"type": "accepted", "id": cid})
-            await self._stream(cid, generation)
+            merged = Merged(generations)
+            await self._stream(cid, generations, merged)
         finally:
-            self._release(cid, generation)
-            generation.close()
+            self._release(cid, generations)
+            if merged is not None:
+                await merged.close()
+            for generation in generations:
+                generation.close()
 
-    def _release(self, cid: str, generation: Generation) -> None:
+    def _release(self, cid: str, generations: list[Generation]) -> None:
         """Free the id before the final frame goes out: the client may reuse it as soon as it reads it."""
-        if self.active.get(cid) is generation:
+        if self.active.get(cid) is generations:
             del self.active[cid]
 
-    async def _stream(self, cid: str, generation: Generation) -> None:
-        while True:
-            item = await generation.next()
+    async def _stream(self, cid: str, generations: list[Generation], merged: Merged) -> None:
+        """delta frames as tokens arrive and one done frame per choice (`index`: prompt index * n + sample
+        index); the id is released with the last done. An error ends every choice of the id."""
+        tokenizer = self.frontend.ctx.tokenizer
+        while (got := await merged.next()) is not None:
+            generation, item = got
+            index = generation.spec.index
             if item.token_ids or item.text:
-                await self.send({"type": "delta", "id": cid, "text": item.text, "token_ids": item.token_ids})
+                frame = {"type": "delta", "id": cid, "index": index, "text": item.text, "token_ids": item.token_ids}
+                if generation.spec.params.get("logprobs") is not None:
+                    frame["logprobs"] = ws_logprobs(item.logprobs, tokenizer)
+                if item.prompt_logprobs is not None:
+                    frame["prompt_logprobs"] = ws_logprobs(item.prompt_logprobs, tokenizer)
+                await self.send(frame)
             if item.error_code is not None:
-                self._release(cid, generation)
+                self._release(cid, generations)
                 await self.error(cid, item_error(item))
                 return
             if item.finished:
-                self._release(cid, generation)
+                if merged.open == 0:
+                    self._release(cid, generations)
                 await self.send({
-                    "type": "done", "id": cid, "finish_reason": item.finish_reason,
+                    "type": "done", "id": cid, "index": index, "finish_reason": item.finish_reason,
                     "usage": {"prompt_tokens": item.prompt_tokens, "completion_tokens": item.completion_tokens},
                     "timing": {"queue_ms": item.queue_ms, "ttft_ms": item.ttft_ms, "e2e_ms": item.e2e_ms},
                 })
-                return
 
     async def close(self) -> None:
-        for generation in list(self.active.values()):
+        for generation in [g for choices in self.active.values() for g in choices]:
             generation.close()
         for task in list(self.tasks):
             task.cancel()

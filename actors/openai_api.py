@@ -7,15 +7,21 @@ Extensions: `return_token_ids` (choices carry `token_ids`, the response `prompt_
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
-from lorafleet.actors.frontend import Frontend, Generation, item_error
-from lorafleet.actors.protocol import ApiError, GenerationSpec, bad, parse_generation
+from lorafleet.actors.fields import show
+from lorafleet.actors.frontend import Frontend, Merged, admit_all, item_error
+from lorafleet.actors.logprobs import CompletionLogprobs, chat_logprobs, prompt_logprobs
+from lorafleet.actors.protocol import ApiError, GenerationSpec, bad, parse_detokenize, parse_generation, parse_tokenize
+from lorafleet.actors.schema import DeltaItem
 
 
 def error_response(exc: ApiError) -> web.Response:
@@ -56,56 +62,131 @@ async def read_json(request: web.Request, frontend: Frontend) -> object:
 
 
 @dataclass
-class Completion:
-    """Accumulates one generation's output for a response."""
+class ChoiceState:
+    """One choice's output so far (its spec is the choice's own: prompt, seed, index)."""
 
-    chat: bool
-    model: str
-    id: str
-    created: int = field(default_factory=lambda: int(time.time()))
+    spec: GenerationSpec
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
-    prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: CompletionLogprobs = field(default_factory=CompletionLogprobs)
+    chat_logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list | None = None
+    started: bool = False
+
+
+@dataclass
+class Piece:
+    """What one item adds to a choice: the chunk's share of text, ids and logprobs."""
+
+    text: str
+    token_ids: list[int]
+    first: bool
+    logprobs: CompletionLogprobs | None = None
+    chat_logprobs: list[dict] = field(default_factory=list)
+    prompt_logprobs: list | None = None
+
+
+@dataclass
+class Completion:
+    """Accumulates a request's choices for a response or a stream of chunks."""
+
+    chat: bool
+    spec: GenerationSpec
+    id: str
+    tokenizer: Any
+    choices: dict[int, ChoiceState] = field(default_factory=dict)
+    created: int = field(default_factory=lambda: int(time.time()))
 
     @property
     def object(self) -> str:
         return "chat.completion" if self.chat else "text_completion"
 
     def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+        """Prompt tokens count once per prompt (not per sample), completion tokens over all choices."""
+        prompt = sum(len(p) for p in self.spec.prompts)
+        completion = sum(c.completion_tokens for c in self.choices.values())
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def choice(self, text: str, token_ids: list[int], finish: str | None, spec: GenerationSpec,
-               first: bool = False, stream: bool = True) -> dict:
-        choice: dict = {"index": 0, "finish_reason": finish}
-        if self.chat and stream:
-            choice["delta"] = {"role": "assistant", "content": text} if first else {"content": text}
-        elif self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
+    def update(self, spec: GenerationSpec, item: DeltaItem) -> Piece:
+        """Take one item of choice `spec.index`; returns its share for a streamed chunk."""
+        state = self.choices.setdefault(spec.index, ChoiceState(spec))
+        piece = Piece(item.text, list(item.token_ids), not state.started)
+        state.started = True
+        ids, rows = list(item.token_ids), list(item.logprobs)
+        if piece.first and spec.echo:
+            piece.text = self.tokenizer.decode(spec.prompt_ids, skip_special_tokens=True) + piece.text \
+                if self.tokenizer is not None else piece.text
+            ids, rows = spec.prompt_ids + ids, (item.prompt_logprobs or [None] * len(spec.prompt_ids)) + rows
+        if spec.params.get("logprobs") is not None:
+            if self.chat:
+                piece.chat_logprobs = chat_logprobs(rows, self.tokenizer)
+                state.chat_logprobs += piece.chat_logprobs
+            else:
+                piece.logprobs = state.logprobs.add(ids, rows, self.tokenizer)
+        if item.prompt_logprobs is not None:
+            piece.prompt_logprobs = state.prompt_logprobs = prompt_logprobs(item.prompt_logprobs, self.tokenizer)
+        state.text += piece.text
+        state.token_ids += piece.token_ids
+        if item.finished:
+            state.finish_reason, state.completion_tokens = item.finish_reason, item.completion_tokens
+        return piece
+
+    def chunk_choice(self, spec: GenerationSpec, piece: Piece, finish: str | None) -> dict:
+        choice: dict = {"index": spec.index}
+        if self.chat:
+            choice["delta"] = {"role": "assistant", "content": piece.text} if piece.first else {"content": piece.text}
+            choice["logprobs"] = {"content": piece.chat_logprobs} if spec.params.get("logprobs") is not None else None
         else:
-            choice.update(text=text, logprobs=None)
+            choice["text"] = piece.text
+            choice["logprobs"] = piece.logprobs.body() if piece.logprobs is not None else None
+        choice["finish_reason"] = finish
+        self._extensions(choice, spec, piece.token_ids, piece.first, piece.prompt_logprobs)
+        return choice
+
+    def final_choice(self, state: ChoiceState) -> dict:
+        spec = state.spec
+        choice: dict = {"index": spec.index}
+        wants = spec.params.get("logprobs") is not None
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": state.text}
+            choice["logprobs"] = {"content": state.chat_logprobs} if wants else None
+        else:
+            choice["text"] = state.text
+            choice["logprobs"] = state.logprobs.body() if wants else None
+        choice["finish_reason"] = state.finish_reason
+        self._extensions(choice, spec, state.token_ids, True, state.prompt_logprobs)
+        return choice
+
+    @staticmethod
+    def _extensions(choice: dict, spec: GenerationSpec, token_ids: list[int], first: bool,
+                    prompt_rows: list | None) -> None:
+        """vLLM's extensions on a choice: `token_ids`, and `prompt_token_ids` / `prompt_logprobs` with the
+        choice's first chunk (or its whole response)."""
         if spec.return_token_ids:
             choice["token_ids"] = token_ids
-        return choice
+            if first:
+                choice["prompt_token_ids"] = spec.prompt_ids
+        if prompt_rows is not None:
+            choice["prompt_logprobs"] = prompt_rows
 
     def envelope(self, choices: list[dict], stream: bool) -> dict:
         kind = self.object + (".chunk" if stream and self.chat else "")
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.spec.model, "choices": choices}
+
+    def response(self) -> dict:
+        body = self.envelope([self.final_choice(self.choices[i]) for i in sorted(self.choices)], False)
+        body["usage"] = self.usage()
+        return body
 
 
-async def _collect(generation: Generation, out: Completion) -> None:
-    while True:
-        item = await generation.next()
-        out.text += item.text
-        out.token_ids += item.token_ids
+async def _collect(merged: Merged, out: Completion) -> None:
+    while (got := await merged.next()) is not None:
+        generation, item = got
         if item.error_code is not None:
             raise item_error(item)
-        if item.finished:
-            out.finish_reason = item.finish_reason
-            out.prompt_tokens, out.completion_tokens = item.prompt_tokens, item.completion_tokens
-            return
+        out.update(generation.spec, item)
 
 
 async def _sse(resp: web.StreamResponse, data: object) -> None:
@@ -113,25 +194,21 @@ async def _sse(resp: web.StreamResponse, data: object) -> None:
     await resp.write(f"data: {payload}\n\n".encode())
 
 
-async def _stream(request: web.Request, generation: Generation, out: Completion) -> web.StreamResponse:
-    spec = generation.spec
+async def _stream(request: web.Request, merged: Merged, out: Completion) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    first = True
-    while True:
-        item = await generation.next()
+    while (got := await merged.next()) is not None:
+        generation, item = got
         if item.error_code is not None:
             await _sse(resp, item_error(item).body())
             break
-        if item.text or item.token_ids or item.finished or (first and out.chat):
-            choice = out.choice(item.text, item.token_ids, item.finish_reason if item.finished else None, spec, first)
+        piece = out.update(generation.spec, item)
+        if piece.text or piece.token_ids or item.finished or (piece.first and out.chat):
+            choice = out.chunk_choice(generation.spec, piece, item.finish_reason if item.finished else None)
             await _sse(resp, out.envelope([choice], stream=True))
-            first = False
-        if item.finished:
-            out.prompt_tokens, out.completion_tokens = item.prompt_tokens, item.completion_tokens
-            if spec.include_usage:
-                await _sse(resp, {**out.envelope([], stream=True), "usage": out.usage()})
-            break
+    else:
+        if out.spec.include_usage:
+            await _sse(resp, {**out.envelope([], stream=True), "usage": out.usage()})
     await _sse(resp, "[DONE]")
     await resp.write_eof()
     return resp
@@ -145,22 +222,24 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     except ApiError as exc:
         frontend.refused(exc)
         return error_response(exc)
-    generation = frontend.start(spec)
-    out = Completion(chat, spec.model, ("chatcmpl-" if chat else "cmpl-") + generation.request_id)
+    generations = frontend.start_choices(spec)
+    out = Completion(chat, spec, ("chatcmpl-" if chat else "cmpl-") + generations[0].request_id,
+                     frontend.ctx.tokenizer)
+    merged = None
     try:
-        await generation.admitted()
+        await admit_all(generations)
+        merged = Merged(generations)
         if spec.stream:
-            return await _stream(request, generation, out)
-        await _collect(generation, out)
+            return await _stream(request, merged, out)
+        await _collect(merged, out)
     except ApiError as exc:
         return error_response(exc)
     finally:
-        generation.close()
-    response = out.envelope([out.choice(out.text, out.token_ids, out.finish_reason, spec, stream=False)], False)
-    response["usage"] = out.usage()
-    if spec.return_token_ids:
-        response["prompt_token_ids"] = spec.prompt_ids
-    return web.json_response(response)
+        if merged is not None:
+            await merged.close()
+        for generation in generations:
+            generation.close()
+    return web.json_response(out.response())
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -176,15 +255,72 @@ def natural_key(name: str) -> list:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
-async def models(request: web.Request) -> web.Response:
-    frontend: Frontend = request.app["frontend"]
+def _model_cards(frontend: Frontend) -> list[dict]:
     hub = frontend.hub
     base = frontend.ctx.base_name
     created = int(hub.info.get("started", time.time()))
     # "root" names the model, never a server path (a client has no use for one and should not learn it)
-    data = [{"id": base, "object": "model", "created": created, "owned_by": "lorafleet", "root": base,
-             "parent": None, "max_model_len": frontend.ctx.max_model_len, "vocab_size": frontend.ctx.vocab_size}]
+    cards = [{"id": base, "object": "model", "created": created, "owned_by": "lorafleet", "root": base,
+              "parent": None, "max_model_len": frontend.ctx.max_model_len, "vocab_size": frontend.ctx.vocab_size}]
     for name in sorted(hub.adapters, key=natural_key):
-        data.append({"id": name, "object": "model", "created": created, "owned_by": "lorafleet", "root": name,
-                     "parent": base})
-    return web.json_response({"object": "list", "data": data})
+        cards.append({"id": name, "object": "model", "created": created, "owned_by": "lorafleet", "root": name,
+                      "parent": base, "max_model_len": frontend.ctx.max_model_len})
+    return cards
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": _model_cards(request.app["frontend"])})
+
+
+async def model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: one model card (OpenAI `models.retrieve`), 404 `model_not_found` in OpenAI's shape."""
+    name = request.match_info["model"]
+    card = next((c for c in _model_cards(request.app["frontend"]) if c["id"] == name), None)
+    if card is None:
+        return error_response(ApiError(404, "model_not_found", f"model: {show(name)} is neither the base model "
+                                       "nor a loaded adapter", "model"))
+    return web.json_response(card)
+
+
+async def version(request: web.Request) -> web.Response:
+    """GET /version (vLLM): the server's package version."""
+    try:
+        value = importlib.metadata.version("lorafleet")
+    except importlib.metadata.PackageNotFoundError:
+        value = "unknown"
+    return web.json_response({"version": value})
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """POST /tokenize (vLLM's shape): `{"model", "prompt"}` or `{"model", "messages"}` → `{"count",
+    "max_model_len", "tokens"}` (the ids a completions / chat request with that input would run on)."""
+    frontend: Frontend = request.app["frontend"]
+    try:
+        body = await read_json(request, frontend)
+        ids = parse_tokenize(body, frontend.ctx)
+    except ApiError as exc:
+        return error_response(exc)
+    return web.json_response({"count": len(ids), "max_model_len": frontend.ctx.max_model_len, "tokens": ids})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    """POST /detokenize (vLLM's shape): `{"model", "tokens": [ids]}` → `{"prompt": text}`."""
+    frontend: Frontend = request.app["frontend"]
+    try:
+        body = await read_json(request, frontend)
+        ids = parse_detokenize(body, frontend.ctx)
+    except ApiError as exc:
+        return error_response(exc)
+    return web.json_response({"prompt": frontend.ctx.tokenizer.decode(ids)})
+
+
+_REQUEST_ID = "X-Request-Id"
+
+
+async def request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response carries `X-Request-Id`: the client's (printable, at most 256
+    characters) or a generated one."""
+    given = request.headers.get(_REQUEST_ID, "")
+    if not (0 < len(given) <= 256 and given.isprintable() and given.isascii()):
+        given = request.setdefault("request_id", uuid.uuid4().hex)
+    response.headers[_REQUEST_ID] = given

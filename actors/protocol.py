@@ -23,7 +23,6 @@ from lorafleet.actors.fields import (
     Int,
     IntList,
     Object,
-    Only,
     Param,
     Text,
     TextList,
@@ -36,6 +35,7 @@ from lorafleet.actors.fields import (
 )
 from lorafleet.engine.adapter_index import find_adapter_dir
 from lorafleet.engine.request import ParamError, SamplingParams
+from lorafleet.engine.sampling import MAX_LOGPROBS
 
 __all__ = ["ApiError", "GenerationSpec", "ParseContext", "bad", "client_id", "parse_generation", "parse_ws_generate"]
 
@@ -46,7 +46,13 @@ MAX_ID_LENGTH = 256
 MAX_MODEL_NAME = 1024
 MAX_MESSAGES = 4096
 MAX_SLO_TTFT_MS = 86_400_000.0  # one day
-_ROLES = ("system", "user", "assistant", "tool", "developer")
+MAX_N = 16  # choices per prompt
+MAX_PROMPTS = 256  # prompts in one completions request
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+MAX_ROLE_CHARS = 64
+_REFUSED = ("tools", "functions", "function_call", "audio", "prediction", "web_search_options", "reasoning_effort",
+            "metadata", "service_tier", "modalities", "store")
+_WS_FIELDS = ("type", "id", "prompt", "messages")
 
 
 @dataclass
@@ -70,6 +76,46 @@ def _last_token(ctx: ParseContext) -> int:
     return ctx.vocab_size - 1
 
 
+@dataclass(frozen=True)
+class LogitBias:
+    """OpenAI's `logit_bias`: an object mapping token ids (JSON keys are strings: "50256") to a bias in
+    [-100, 100] added to that token's logit; a tuple of (token id, bias) pairs sorted by token id."""
+
+    def check(self, name: str, value: Any, ctx: ParseContext) -> tuple[tuple[int, float], ...]:
+        Object().check(name, value, ctx)
+        if len(value) > MAX_LOGIT_BIAS:
+            raise bad(name, f"at most {MAX_LOGIT_BIAS} entries, got {len(value)}")
+        pairs = []
+        for key, bias in value.items():
+            token = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) < 12 else -1
+            if not 0 <= token < ctx.vocab_size:
+                raise bad(name, f"keys must be token ids in [0, {ctx.vocab_size}), got {show(key)}")
+            pairs.append((token, Float(-100.0, 100.0).check(f"{name}.{key}", bias, ctx)))
+        return tuple(sorted(pairs))
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """`response_format`: only `{"type": "text"}` (the default) is served; JSON mode and schemas are refused."""
+
+    def check(self, name: str, value: Any, ctx: ParseContext) -> None:
+        Object().check(name, value, ctx)
+        if value.get("type") != "text":
+            raise bad(name, f"only {{\"type\": \"text\"}} is supported, got type {show(value.get('type'))}",
+                      "unsupported_parameter")
+        return None
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """`tool_choice`: tools are not served, so only "none" (asks for nothing) is accepted."""
+
+    def check(self, name: str, value: Any, ctx: ParseContext) -> None:
+        if value != "none":
+            raise bad(name, "tools are not supported by this server (only \"none\")", "unsupported_parameter")
+        return None
+
+
 # the fields: one line each ------------------------------------------------------------------------------
 SAMPLING_PARAMS: tuple[Param, ...] = (  # -> SamplingParams(**values)
     Param("max_tokens", Int(1), 16, aliases=("max_completion_tokens",)),
@@ -80,17 +126,30 @@ SAMPLING_PARAMS: tuple[Param, ...] = (  # -> SamplingParams(**values)
     Param("stop", TextList(MAX_STOP, MAX_STOP_LENGTH), ()),
     Param("stop_token_ids", IntList(MAX_STOP_TOKEN_IDS, 0, _last_token), ()),
     Param("ignore_eos", Bool(), False),
+    Param("min_p", Float(0.0, 1.0), 0.0),
+    Param("presence_penalty", Float(-2.0, 2.0), 0.0),
+    Param("frequency_penalty", Float(-2.0, 2.0), 0.0),
+    Param("repetition_penalty", Float(0.0, 100.0, lo_open=True), 1.0),
+    Param("min_tokens", Int(0), 0),
+    Param("logit_bias", LogitBias(), ()),
+    Param("prompt_logprobs", Int(0, MAX_LOGPROBS), None),
 )
+COMPLETION_LOGPROBS = Param("logprobs", Int(0, MAX_LOGPROBS), None)  # completions and WS: top-N
+CHAT_LOGPROBS = (Param("logprobs", Bool(), False), Param("top_logprobs", Int(0, MAX_LOGPROBS), None))
 REQUEST_PARAMS: tuple[Param, ...] = (  # -> GenerationSpec.extras (and the named GenerationSpec fields)
     Param("stream", Bool(), False),
     Param("stream_options", Object(), None),
     Param("return_token_ids", Bool(), False),
     Param("slo_ttft_ms", Float(0.0, MAX_SLO_TTFT_MS, lo_open=True), None),
-    Param("n", Only(1), 1),
-    Param("best_of", Only(1), 1),
-    *(Param(name, Unsupported()) for name in ("echo", "logprobs", "suffix", "top_logprobs", "logit_bias", "tools",
-                                               "functions")),
+    Param("n", Int(1, MAX_N), 1),
+    Param("user", Text(MAX_ID_LENGTH), None),  # an end-user id (OpenAI: abuse monitoring): accepted, no effect
+    Param("parallel_tool_calls", Bool(), None),  # only means something with tools, which are refused
+    Param("response_format", ResponseFormat(), None),
+    Param("tool_choice", ToolChoice(), None),
+    *(Param(name, Unsupported()) for name in _REFUSED),
 )
+COMPLETION_PARAMS = (Param("echo", Bool(), False), Param("best_of", Int(1, MAX_N), None),
+                     Param("suffix", Unsupported()))
 STREAM_OPTIONS: tuple[Param, ...] = (Param("include_usage", Bool(), False),)
 ID = Text(MAX_ID_LENGTH)
 MODEL = Text(MAX_MODEL_NAME, min_chars=0)
@@ -98,7 +157,9 @@ MODEL = Text(MAX_MODEL_NAME, min_chars=0)
 
 @dataclass
 class GenerationSpec:
-    """A validated generation request, whichever API it came through."""
+    """A validated generation request, whichever API it came through. A completions request may carry
+    several prompts (`prompts`) and ask for `n` choices of each: `choices()` splits it into one spec per
+    choice; `prompt_ids` is the first prompt (the one of a single-choice spec)."""
 
     model: str
     adapter: str | None
@@ -109,6 +170,29 @@ class GenerationSpec:
     include_usage: bool = False
     return_token_ids: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
+    prompts: list[list[int]] = field(default_factory=list)
+    n: int = 1
+    echo: bool = False
+    index: int = 0  # this spec's choice index (a spec from `choices()`)
+    chat: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            self.prompts = [self.prompt_ids]
+
+    def choices(self) -> list[GenerationSpec]:
+        """One spec per choice, numbered as OpenAI does: index = prompt index * n + sample index. Sample j of a
+        seeded request gets seed + j (wrapped to signed 64 bits), as vLLM derives its n samples' seeds: so
+        the n samples equal n single requests with seeds seed, seed + 1, ...; unseeded samples are random."""
+        out = []
+        for p, prompt in enumerate(self.prompts):
+            for j in range(self.n):
+                params = dict(self.params)
+                if params.get("seed") is not None:
+                    params["seed"] = (params["seed"] + j + 2**63) % 2**64 - 2**63
+                out.append(dataclasses.replace(self, prompt_ids=prompt, prompts=[prompt], params=params, n=1,
+                                               index=p * self.n + j))
+        return out
 
 
 def resolve_model(body: dict, ctx: ParseContext) -> tuple[str, str | None]:
@@ -123,16 +207,38 @@ def resolve_model(body: dict, ctx: ParseContext) -> tuple[str, str | None]:
     return model, model
 
 
-def sampling_params(body: dict, ctx: ParseContext, default_temperature: float = 1.0) -> dict[str, Any]:
-    """Validated SamplingParams fields (as a plain dict) from an OpenAI-style body."""
+def sampling_params(body: dict, ctx: ParseContext, chat: bool = False, default_temperature: float = 1.0,
+                    prompts: list[list[int]] | None = None) -> dict[str, Any]:
+    """Validated SamplingParams fields (as a plain dict) from an OpenAI-style body. Chat without `max_tokens`
+    gets the rest of the context after the longest prompt (OpenAI and vLLM); completions get 16 (OpenAI)."""
     fields = read_params(body, SAMPLING_PARAMS, ctx)
     if body.get("temperature") is None:
         fields["temperature"] = default_temperature
+    if chat and body.get("max_tokens") is None and body.get("max_completion_tokens") is None and prompts:
+        fields["max_tokens"] = max(1, ctx.max_model_len - max(len(p) for p in prompts))
+    fields["logprobs"] = _logprobs(body, ctx, chat)
     try:
         SamplingParams(**fields)
     except ParamError as exc:
-        raise bad(exc.field, str(exc).split(": ", 1)[-1]) from exc
+        name = _max_tokens_key(body) if exc.field == "max_tokens" else exc.field
+        raise bad(name, str(exc).split(": ", 1)[-1]) from exc
     return fields
+
+
+def _logprobs(body: dict, ctx: ParseContext, chat: bool) -> int | None:
+    """Top-N logprobs asked for: completions' `logprobs: N`, or chat's `logprobs: true` + `top_logprobs: N`."""
+    if not chat:
+        return COMPLETION_LOGPROBS.read(body, ctx)
+    wanted, top = (p.read(body, ctx) for p in CHAT_LOGPROBS)
+    if top is not None and not wanted:
+        raise bad("top_logprobs", "needs logprobs: true")
+    return (top or 0) if wanted else None
+
+
+def _max_tokens_key(body: dict) -> str:
+    """The name the client sent the completion limit under (errors name it)."""
+    return "max_completion_tokens" if body.get("max_tokens") is None and body.get("max_completion_tokens") is not None \
+        else "max_tokens"
 
 
 def params_from_wire(params: dict[str, Any]) -> SamplingParams:
@@ -143,21 +249,30 @@ def params_from_wire(params: dict[str, Any]) -> SamplingParams:
 
 
 # prompts ------------------------------------------------------------------------------------------
-def encode_prompt(prompt: Any, ctx: ParseContext) -> list[int]:
-    """Token ids of a completions `prompt`: a non-empty string, or a non-empty list of token ids (a list of
-    one such prompt is taken as that prompt)."""
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
+def encode_prompts(prompt: Any, ctx: ParseContext) -> list[list[int]]:
+    """Token ids of each prompt of a completions `prompt`: a string, a list of token ids, a list of strings or
+    a list of token-id lists (OpenAI's four forms; at most MAX_PROMPTS prompts)."""
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt)):
+        return [encode_prompt(prompt, ctx)]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        if len(prompt) > MAX_PROMPTS:
+            raise bad("prompt", f"at most {MAX_PROMPTS} prompts in one request, got {len(prompt)}")
+        return [encode_prompt(p, ctx, f"prompt[{i}]") for i, p in enumerate(prompt)]
+    raise bad("prompt", "must be a non-empty string, a non-empty list of token ids, or a list of those, "
+              f"got {kind(prompt)}")
+
+
+def encode_prompt(prompt: Any, ctx: ParseContext, name: str = "prompt") -> list[int]:
+    """Token ids of one prompt: a non-empty string or a non-empty list of token ids."""
     if isinstance(prompt, str):
         if not prompt:
-            raise bad("prompt", "must not be empty")
+            raise bad(name, "must not be empty")
         if ctx.tokenizer is None:
-            raise bad("prompt", "this model has no tokenizer: send token ids")
+            raise bad(name, "this model has no tokenizer: send token ids")
         return list(ctx.tokenizer.encode(prompt))
     if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
-        return list(IntList(ctx.max_model_len, 0, _last_token).check("prompt", prompt, ctx))
-    raise bad("prompt", "must be a non-empty string or a non-empty list of token ids (one prompt per request), "
-              f"got {kind(prompt)}")
+        return list(IntList(ctx.max_model_len, 0, _last_token).check(name, prompt, ctx))
+    raise bad(name, f"must be a non-empty string or a non-empty list of token ids, got {kind(prompt)}")
 
 
 def render_chat(messages: Any, ctx: ParseContext) -> list[int]:
@@ -167,17 +282,28 @@ def render_chat(messages: Any, ctx: ParseContext) -> list[int]:
         raise bad("messages", f"must be a non-empty list, got {kind(messages)}")
     if len(messages) > MAX_MESSAGES:
         raise bad("messages", f"at most {MAX_MESSAGES} messages, got {len(messages)}")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in _ROLES:
-            raise bad(f"messages[{i}]", f"must be an object with role in {list(_ROLES)}")
-        clean.append({"role": m["role"], "content": _content_text(m.get("content"), i)})
+    clean = [_message(m, i) for i, m in enumerate(messages)]
     if ctx.tokenizer is None:
         raise bad("messages", "this model has no tokenizer")
     if getattr(ctx.tokenizer, "chat_template", None):
-        return _apply_template(ctx.tokenizer, clean)
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in clean) + "assistant:"
-    return list(ctx.tokenizer.encode(text))
+        ids = _apply_template(ctx.tokenizer, clean)
+    else:
+        text = "".join(f"{m['role']}: {m['content'] or ''}\n" for m in clean) + "assistant:"
+        ids = list(ctx.tokenizer.encode(text))
+    if not ids:
+        raise bad("messages", "the chat template rendered no tokens from this conversation (no user message?)")
+    return ids
+
+
+def _message(message: Any, index: int) -> dict:
+    """One chat message for the template: any role string (the template decides what it accepts), content
+    as text (or null, as in an assistant turn that only calls tools), every other field (`tool_calls`,
+    `tool_call_id`, `name`) passed through as sent."""
+    if not isinstance(message, dict):
+        raise bad(f"messages[{index}]", f"must be an object, got {kind(message)}")
+    Text(MAX_ROLE_CHARS).check(f"messages[{index}].role", message.get("role"), None)
+    content = message.get("content")
+    return {**message, "content": None if content is None else _content_text(content, index)}
 
 
 def _apply_template(tokenizer: Any, messages: list[dict]) -> list[int]:
@@ -199,34 +325,84 @@ def _content_text(content: Any, index: int) -> str:
     raise bad(f"messages[{index}].content", "must be a string or a list of text parts")
 
 
-def check_context(prompt_ids: list[int], params: dict[str, Any], ctx: ParseContext) -> None:
-    if len(prompt_ids) >= ctx.max_model_len:
-        raise ApiError(400, "context_length_exceeded", f"prompt: {len(prompt_ids)} tokens; the context length is "
-                       f"{ctx.max_model_len}", "prompt")
-    if len(prompt_ids) + params["max_tokens"] > ctx.max_model_len:
-        raise ApiError(400, "context_length_exceeded", f"max_tokens: prompt ({len(prompt_ids)}) + max_tokens "
-                       f"({params['max_tokens']}) exceeds the context length {ctx.max_model_len}", "max_tokens")
+def check_context(prompt_ids: list[int], params: dict[str, Any], ctx: ParseContext, prompt_name: str = "prompt",
+                  max_name: str = "max_tokens") -> None:
+    """400 `context_length_exceeded` in the wording OpenAI uses and client libraries (litellm, langchain) map to
+    their context-window error: "This model's maximum context length is N tokens. However, you requested M
+    tokens (P in the prompt, C in the completion)..."; `param` names the prompt when it alone does not fit."""
+    prompt, completion = len(prompt_ids), params["max_tokens"]
+    if prompt + completion <= ctx.max_model_len and prompt < ctx.max_model_len:
+        return
+    where = "messages" if prompt_name == "messages" else "prompt"
+    raise ApiError(400, "context_length_exceeded", f"This model's maximum context length is {ctx.max_model_len} "
+                   f"tokens. However, you requested {prompt + completion} tokens ({prompt} in the {where}, "
+                   f"{completion} in the completion). Please reduce the length of the {where} or of "
+                   f"{max_name}.", prompt_name if prompt >= ctx.max_model_len else max_name)
 
 
 # the request kinds ----------------------------------------------------------------------------------
-def parse_generation(body: Any, ctx: ParseContext, chat: bool, default_temperature: float = 1.0) -> GenerationSpec:
-    """Validate an OpenAI completions (chat=False) or chat completions body, or a WS generate frame."""
+def parse_generation(body: Any, ctx: ParseContext, chat: bool, default_temperature: float = 1.0,
+                     ws: bool = False) -> GenerationSpec:
+    """Validate an OpenAI completions (chat=False) or chat completions body, or a WS generate frame (`ws`:
+    completions' fields, `prompt` or `messages`). A field no table knows is refused (400 `unknown_parameter`
+    naming it), as OpenAI refuses unrecognized arguments: nothing sent is silently ignored."""
     if not isinstance(body, dict):
         raise bad("body", f"must be a JSON object, got {kind(body)}")
     check_document(body)
+    _refuse_unknown(body, chat and not ws, ws)
     model, adapter = resolve_model(body, ctx)
-    params = sampling_params(body, ctx, default_temperature)
     extras = read_params(body, REQUEST_PARAMS, ctx)
-    options = read_params(extras.pop("stream_options") or {}, STREAM_OPTIONS, ctx)
-    prompt_ids = render_chat(body.get("messages"), ctx) if chat else encode_prompt(body.get("prompt"), ctx)
-    check_context(prompt_ids, params, ctx)
+    extras.update(read_params(body, COMPLETION_PARAMS, ctx) if not chat or ws else {"echo": False, "best_of": None})
+    stream_options = extras.pop("stream_options")
+    if stream_options is not None and not extras["stream"]:
+        raise bad("stream_options", "is only allowed with stream: true")
+    options = read_params(stream_options or {}, STREAM_OPTIONS, ctx)
+    prompts = [render_chat(body.get("messages"), ctx)] if chat else encode_prompts(body.get("prompt"), ctx)
+    params = sampling_params(body, ctx, chat and not ws, default_temperature, prompts)
+    _check_best_of(extras.pop("best_of"), extras["n"])
+    echo = extras.pop("echo")
+    if echo and params["logprobs"] is not None:  # the prompt's logprobs come with the echoed prompt
+        params["prompt_logprobs"] = max(params["prompt_logprobs"] or 0, params["logprobs"])
+    prompt_name = "messages" if chat else "prompt"
+    for prompt in prompts:
+        check_context(prompt, params, ctx, prompt_name, _max_tokens_key(body))
     slo = extras.pop("slo_ttft_ms")
     return GenerationSpec(
-        model=model, adapter=adapter, prompt_ids=prompt_ids, params=params,
+        model=model, adapter=adapter, prompt_ids=prompts[0], params=params,
         slo_ttft_ms=slo if slo is not None else ctx.default_slo_ttft_ms,
         stream=extras.pop("stream"), include_usage=options["include_usage"],
-        return_token_ids=extras.pop("return_token_ids"), extras=extras,
+        return_token_ids=extras.pop("return_token_ids"), prompts=prompts, n=extras.pop("n"), echo=echo, chat=chat,
+        extras=extras,
     )
+
+
+def _known_fields(chat: bool, ws: bool) -> set[str]:
+    names = {"model"} | {n for p in SAMPLING_PARAMS + REQUEST_PARAMS for n in (p.name, *p.aliases)}
+    if chat:
+        return names | {"messages"} | {p.name for p in CHAT_LOGPROBS}
+    names |= {"prompt", COMPLETION_LOGPROBS.name} | {p.name for p in COMPLETION_PARAMS}
+    return names | set(_WS_FIELDS) if ws else names
+
+
+_KNOWN = {(chat, ws): _known_fields(chat, ws) for chat in (False, True) for ws in (False, True)}
+
+
+def _refuse_unknown(body: dict, chat: bool, ws: bool) -> None:
+    unknown = [name for name in body if name not in _KNOWN[chat, ws]]
+    if unknown:
+        api = "WebSocket generate frames" if ws else "chat completions" if chat else "completions"
+        raise bad(unknown[0], f"unrecognized request argument (not a field of {api} on this server)",
+                  "unknown_parameter")
+
+
+def _check_best_of(best_of: int | None, n: int) -> None:
+    """best_of = n is the n samples; ranking more candidates than are returned is not implemented."""
+    if best_of is None or best_of == n:
+        return
+    if best_of < n:
+        raise bad("best_of", f"must be >= n ({n}), got {best_of}")
+    raise bad("best_of", f"best_of > n (ranking candidates) is not supported; got best_of={best_of}, n={n}",
+              "unsupported_parameter")
 
 
 def parse_ws_generate(frame: dict, ctx: ParseContext) -> GenerationSpec:
@@ -234,7 +410,7 @@ def parse_ws_generate(frame: dict, ctx: ParseContext) -> GenerationSpec:
     chat = frame.get("messages") is not None
     if chat and frame.get("prompt") is not None:
         raise bad("prompt", "send either prompt or messages, not both")
-    return parse_generation(frame, ctx, chat)
+    return parse_generation(frame, ctx, chat, ws=True)
 
 
 def client_id(frame: dict) -> str:
@@ -243,3 +419,34 @@ def client_id(frame: dict) -> str:
     if value is None:
         raise bad("id", "is required")
     return ID.check("id", value, None)
+
+
+def parse_tokenize(body: Any, ctx: ParseContext) -> list[int]:
+    """POST /tokenize: `{"model", "prompt"}` (one prompt) or `{"model", "messages"}`: the token ids a completions
+    or chat request would run on."""
+    body = _tool_body(body, ("model", "prompt", "messages"))
+    resolve_model(body, ctx)
+    if (body.get("prompt") is None) == (body.get("messages") is None):
+        raise bad("prompt", "send either prompt or messages")
+    if body.get("messages") is not None:
+        return render_chat(body["messages"], ctx)
+    return encode_prompt(body["prompt"], ctx)
+
+
+def parse_detokenize(body: Any, ctx: ParseContext) -> list[int]:
+    """POST /detokenize: `{"model", "tokens": [ids]}` with every id in the vocabulary."""
+    body = _tool_body(body, ("model", "tokens"))
+    resolve_model(body, ctx)
+    if ctx.tokenizer is None:
+        raise bad("tokens", "this model has no tokenizer")
+    return list(IntList(1 << 16, 0, _last_token).check("tokens", body.get("tokens"), ctx))
+
+
+def _tool_body(body: Any, fields: tuple[str, ...]) -> dict:
+    if not isinstance(body, dict):
+        raise bad("body", f"must be a JSON object, got {kind(body)}")
+    check_document(body)
+    unknown = [name for name in body if name not in fields]
+    if unknown:
+        raise bad(unknown[0], f"unrecognized request argument (fields: {', '.join(fields)})", "unknown_parameter")
+    return body

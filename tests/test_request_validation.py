@@ -55,8 +55,8 @@ def _nested(depth: int) -> list:
     ("stop_token_ids", list(range(1025))), ("stop_token_ids", "1"), ("ignore_eos", 1), ("stream", "yes"),
     ("stream_options", []), ("return_token_ids", 0), ("n", 2**64), ("best_of", BIG),
     ("model", "\ud800"), ("model", "m" * 1025), ("model", 3), ("prompt", "\ud800"), ("prompt", [1, 2**64]),
-    ("prompt", [1, VOCAB]), ("prompt", [[1], [2]]), ("prompt", list(range(65))), ("prompt", {"a": 1}),
-    ("logprobs", 2**64), ("echo", True),
+    ("prompt", [1, VOCAB]), ("prompt", [[1], [VOCAB]]), ("prompt", list(range(65))), ("prompt", {"a": 1}),
+    ("logprobs", 2**64), ("echo", "yes"),
 ])
 def test_out_of_range_fields_are_refused_naming_the_field(field, value):
     body = {"prompt": "hi", field: value}

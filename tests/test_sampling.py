@@ -216,3 +216,22 @@ def test_penalties_logprobs_survive_preemption_and_overlap(assets):
         assert run.logprobs[rid] == pytest.approx(values, abs=1e-4)
     assert small.scheduler.preemptions > 0, "the pool was meant to be small enough to preempt"
     assert set(small.executor.histories) <= set(small._released), "finished requests' state goes with the next plan"
+
+
+@pytest.mark.gpu
+def test_sampling_on_cuda_equals_cpu():
+    """The counter-based noise is integer arithmetic: the same seeds draw the same tokens on CUDA as on CPU;
+    penalties, bias and logprobs agree to fp32 rounding."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    rng = random.Random(7)
+    torch.manual_seed(7)
+    specs = [SampleSpec(**{**s.__dict__, "temperature": rng.choice([0.0, 0.7, 1.3]), "top_k": rng.choice([0, 5]),
+                           "top_p": rng.choice([1.0, 0.9]), "min_p": rng.choice([0.0, 0.05]), "logprobs": 3})
+             for s in _random_specs(rng, 64)]
+    logits = torch.randn(len(specs), VOCAB) * 3
+    cpu, gpu = sample(logits, specs), sample(logits.cuda(), specs)
+    assert cpu.token_ids == gpu.token_ids
+    for a, b in zip(cpu.logprobs, gpu.logprobs):
+        assert a.top_ids == b.top_ids and abs(a.logprob - b.logprob) < 1e-5
+    torch.testing.assert_close(process_logits(logits.cuda(), specs).cpu(), process_logits(logits, specs))

@@ -182,7 +182,8 @@ async def test_http_errors_are_openai_shaped(server):
     async with aiohttp.ClientSession() as session:
         cases = [
             ({"model": "nope", "prompt": "x"}, 404, "model_not_found"),
-            ({"prompt": "x", "n": 2}, 400, "unsupported_parameter"),
+            ({"prompt": "x", "n": 2, "best_of": 4}, 400, "unsupported_parameter"),
+            ({"prompt": "x", "seeed": 2}, 400, "unknown_parameter"),
             ({"prompt": "x", "top_p": 0}, 400, "invalid_parameter"),
             ({"prompt": []}, 400, "invalid_parameter"),
             ({"prompt": "x" * 2000}, 400, "context_length_exceeded"),

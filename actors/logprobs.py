@@ -1,0 +1,94 @@
+"""Logprobs in the clients' shapes: OpenAI completions (`tokens`, `token_logprobs`, `top_logprobs`,
+`text_offset`), OpenAI chat (`content: [{token, logprob, bytes, top_logprobs}]`), vLLM's `prompt_logprobs`
+and the WebSocket frames' `logprobs`.
+
+Input rows are `TokenLogprobs.to_wire()` rows `[token id, logprob, top ids, top logprobs]` (natural log, the
+model's raw distribution: docs/protocol.md, "Logprobs"); a prompt's first position has no row (None). A
+token's text is its own decode (`tokenizer.decode([id])`), as vLLM reports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+Row = list  # [token_id, logprob, top_ids, top_logprobs]
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
+
+
+@dataclass
+class CompletionLogprobs:
+    """OpenAI completions' `logprobs` object, built up as tokens arrive; `text_offset` counts characters of
+    the choice's text (echoed prompt included) from 0."""
+
+    tokens: list[str] = field(default_factory=list)
+    token_logprobs: list[float | None] = field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
+    text_offset: list[int] = field(default_factory=list)
+    offset: int = 0
+
+    def add(self, token_ids: list[int], rows: list[Row | None], tokenizer: Any) -> CompletionLogprobs:
+        """Append tokens with their rows (None: no logprob, the prompt's first token); returns only what was
+        added, as a new object (a streamed chunk's share)."""
+        added = CompletionLogprobs(offset=self.offset)
+        for token_id, row in zip(token_ids, rows):
+            text = token_text(tokenizer, token_id)
+            added.tokens.append(text)
+            added.text_offset.append(added.offset)
+            added.offset += len(text)
+            added.token_logprobs.append(None if row is None else row[1])
+            added.top_logprobs.append(None if row is None else
+                                      {token_text(tokenizer, t): v for t, v in zip(row[2], row[3])})
+        self.extend(added)
+        return added
+
+    def extend(self, other: CompletionLogprobs) -> None:
+        self.tokens += other.tokens
+        self.token_logprobs += other.token_logprobs
+        self.top_logprobs += other.top_logprobs
+        self.text_offset += other.text_offset
+        self.offset = other.offset
+
+    def body(self) -> dict:
+        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs,
+                "text_offset": self.text_offset}
+
+
+def chat_logprobs(rows: list[Row], tokenizer: Any) -> list[dict]:
+    """OpenAI chat's `logprobs.content` entries of the sampled tokens."""
+    return [{**_chat_entry(row[0], row[1], tokenizer),
+             "top_logprobs": [_chat_entry(t, v, tokenizer) for t, v in zip(row[2], row[3])]} for row in rows]
+
+
+def _chat_entry(token_id: int, logprob: float, tokenizer: Any) -> dict:
+    text = token_text(tokenizer, token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def prompt_logprobs(rows: list[Row | None], tokenizer: Any) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt position, {token id (string): {logprob, rank, decoded_token}} with
+    the prompt's token and the top N (rank 1 = most likely; the prompt token's rank only when it is in the top
+    N, else null); None at position 0."""
+    out: list[dict | None] = []
+    for row in rows:
+        if row is None:
+            out.append(None)
+            continue
+        entry = {str(t): {"logprob": v, "rank": r + 1, "decoded_token": token_text(tokenizer, t)}
+                 for r, (t, v) in enumerate(zip(row[2], row[3]))}
+        if str(row[0]) not in entry:
+            entry[str(row[0])] = {"logprob": row[1], "rank": None, "decoded_token": token_text(tokenizer, row[0])}
+        out.append(entry)
+    return out
+
+
+def ws_logprobs(rows: list[Row | None], tokenizer: Any) -> list[dict | None]:
+    """WebSocket frames' logprobs: per token {token_id, token, logprob, top_logprobs: [{token_id, token,
+    logprob}]} (None for a prompt's first token)."""
+    return [None if row is None else {
+        "token_id": row[0], "token": token_text(tokenizer, row[0]), "logprob": row[1],
+        "top_logprobs": [{"token_id": t, "token": token_text(tokenizer, t), "logprob": v}
+                         for t, v in zip(row[2], row[3])]} for row in rows]
