@@ -15,6 +15,7 @@ import argparse
 import json
 import platform
 import random
+import sys
 import tempfile
 import time
 from types import SimpleNamespace
@@ -30,7 +31,7 @@ from lorafleet.engine.cuda_graphs import DecodeGraphs, StaticBatch, StepInputs
 from lorafleet.engine.engine import Engine
 from lorafleet.engine.plan import StepOutput, StepPlan
 from lorafleet.engine.request import SamplingParams
-from lorafleet.engine.runner import ModelRunner, ResidentAdapter
+from lorafleet.engine.runner import ModelRunner, ResidentAdapter, RowTables
 from lorafleet.engine.synthetic import synthetic_adapter_path, write_model
 from lorafleet.engine.tokenizer import load_tokenizer, text_decoder
 
@@ -90,14 +91,15 @@ def measure_runner_metadata(args: argparse.Namespace, tp: int = 1, repeats: int 
     rng = random.Random(1)
     runner = ModelRunner.__new__(ModelRunner)
     runner.shard, runner.block_tokens, runner.max_rank = SimpleNamespace(size=tp, rank=0), 16, 64
-    runner.resident = {}
+    runner.resident, runner.row_tables = {}, RowTables()
     for i in range(min(args.adapters, args.seqs)):
         rank = RANKS[i % len(RANKS)]
         rows = {}
-        for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for m in args.modules.split(","):
             a_count, b_count = (rank // tp, rank) if m in COLUMN_PARALLEL else (rank, rank // tp)
             rows[m] = ([rng.randrange(10**8) for _ in range(a_count)], [rng.randrange(10**8) for _ in range(b_count)])
         runner.resident[f"s{i}"] = ResidentAdapter(2.0, rank, rows)
+        runner.row_tables.add(f"s{i}", rows)
     slots = list(runner.resident)
     plan_seqs = []
     for _ in range(args.seqs):
@@ -127,14 +129,18 @@ def main() -> None:
     parser.add_argument("--num-pages", type=int, default=13000)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--modules", default="q_proj,k_proj,v_proj,o_proj",
+                        help="LoRA target modules of the runner-metadata part")
+    parser.add_argument("--runner-only", action="store_true", help="only the runner's metadata part")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(write_model("llama-2-7b", tmp))
-        result = {"engine": measure_engine(planning_engine(model_dir, args), args),
-                  "runner": measure_runner_metadata(args),
-                  "runner_tp2_rank0": measure_runner_metadata(args, tp=2)}
-    doc = {"schema": "lorafleet.engine-host/1", "command": "python bench/engine_host.py", "config": vars(args),
+        result = {} if args.runner_only else {"engine": measure_engine(planning_engine(model_dir, args), args)}
+        result["runner"] = measure_runner_metadata(args)
+        result["runner_tp2_rank0"] = measure_runner_metadata(args, tp=2)
+    doc = {"schema": "lorafleet.engine-host/1", "command": "python bench/engine_host.py " + " ".join(sys.argv[1:]),
+           "config": vars(args),
            "environment": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
                            "torch": torch.__version__},
            "result": result}
