@@ -48,6 +48,7 @@ MAX_MESSAGES = 4096
 MAX_SLO_TTFT_MS = 86_400_000.0  # one day
 MAX_N = 16  # choices per prompt
 MAX_PROMPTS = 256  # prompts in one completions request
+MAX_CHOICES = 256  # prompts x n: generations one request (or one WS id) may start
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 MAX_ROLE_CHARS = 64
 _REFUSED = ("tools", "functions", "function_call", "audio", "prediction", "web_search_options", "reasoning_effort",
@@ -360,6 +361,8 @@ def parse_generation(body: Any, ctx: ParseContext, chat: bool, default_temperatu
     prompts = [render_chat(body.get("messages"), ctx)] if chat else encode_prompts(body.get("prompt"), ctx)
     params = sampling_params(body, ctx, chat and not ws, default_temperature, prompts)
     _check_best_of(extras.pop("best_of"), extras["n"])
+    if len(prompts) * extras["n"] > MAX_CHOICES:
+        raise bad("n", f"{len(prompts)} prompts x n={extras['n']} is more than {MAX_CHOICES} choices in one request")
     echo = extras.pop("echo")
     if echo and params["logprobs"] is not None:  # the prompt's logprobs come with the echoed prompt
         params["prompt_logprobs"] = max(params["prompt_logprobs"] or 0, params["logprobs"])

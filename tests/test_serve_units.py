@@ -199,6 +199,7 @@ CTX = ParseContext("base", {"a1"}, max_model_len=64, vocab_size=300, tokenizer=_
     ({"prompt": "x", "temperature": "hot"}, "invalid_parameter", "temperature"),
     ({"prompt": "x", "top_k": -5}, "invalid_parameter", "top_k"),
     ({"prompt": "x", "n": 17}, "invalid_parameter", "n"),
+    ({"prompt": ["x"] * 20, "n": 16}, "invalid_parameter", "n"),
     ({"prompt": "x", "n": 2, "best_of": 3}, "unsupported_parameter", "best_of"),
     ({"prompt": "x", "logprobs": 21}, "invalid_parameter", "logprobs"),
     ({"prompt": "x", "suffix": "y"}, "unsupported_parameter", "suffix"),
