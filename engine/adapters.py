@@ -134,8 +134,18 @@ def _load_adapter(name: str, adapter_dir: str | Path, model: ModelConfig, max_ra
             source = "rank_pattern" if rank != spec.r else "r"
             raise AdapterError(f"{key}: shape {tuple(tensor.shape)} does not match the base model and the rank, "
                                f"expected {expected} ({source} = {rank})")
-        pairs.setdefault((module, layer), {})[which] = (key, _finite(key, tensor.float()))
+        pairs.setdefault((module, layer), {})[which] = (key, _finite(key, _floating(key, tensor).float()))
     return _assemble(name, spec, pairs, model.num_layers)
+
+
+def _floating(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A LoRA factor is a real floating-point matrix (PEFT would cast an integer, boolean or complex tensor
+    silently: an int8 tensor is a quantized export whose scales are elsewhere, a bool one is damaged)."""
+    if not tensor.dtype.is_floating_point:
+        raise AdapterError(f"{key}: dtype {str(tensor.dtype).removeprefix('torch.')} is not a floating-point "
+                           "type (LoRA factors are float16, bfloat16, float32 or float64; an integer or boolean "
+                           "tensor is a quantized or damaged export)")
+    return tensor
 
 
 def _finite(key: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,9 @@ SERVE_FAULTS = {
     "nan-weights": Fault(FIRST_KEY_NAME, tensors=_first_tensor(_nan)),
     "inf-weights": Fault(FIRST_KEY_NAME, tensors=_first_tensor(_inf)),
     "vision-tower": Fault("vision_tower", tensors=_vision_tower),
+    "int8-weights": Fault(FIRST_KEY_NAME + ": dtype int8 is not a floating-point type",
+                          tensors=_first_tensor(lambda t: (t * 10).to(torch.int8))),
+    "bool-weights": Fault(FIRST_KEY_NAME + ": dtype bool", tensors=_first_tensor(lambda t: t > 0)),
     "huge-weights": Fault("layers.0.self_attn.q_proj.lora_B.weight: scale * B @ A may reach",
                           tensors=lambda t: {k: v * 1000 for k, v in t.items()}),
 }

@@ -468,6 +468,7 @@ def test_any_tensor_file_gives_an_adapter_or_an_adapter_error(tensors, targets, 
         hypothesis.event(f"refused: {str(exc).split(':')[-1][:25]}")
         return
     hypothesis.event("accepted")
+    assert all(t.is_floating_point() for t in tensors.values())  # integer/bool factors are refused
     for module in weights.targets:
         assert torch.isfinite(weights.a[module]).all() and torch.isfinite(weights.b[module]).all()
 
