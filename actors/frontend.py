@@ -381,11 +381,16 @@ class WsConnection:
         """delta frames as tokens arrive and one done frame per choice (`index`: prompt index * n + sample
         index); the id is released with the last done. An error ends every choice of the id."""
         tokenizer = self.frontend.ctx.tokenizer
+        started: set[int] = set()
         while (got := await merged.next()) is not None:
             generation, item = got
-            index = generation.spec.index
+            spec, index = generation.spec, generation.spec.index
             if item.token_ids or item.text:
-                frame = {"type": "delta", "id": cid, "index": index, "text": item.text, "token_ids": item.token_ids}
+                text = item.text
+                if spec.echo and index not in started and tokenizer is not None:  # echo: the prompt's text first
+                    text = tokenizer.decode(spec.prompt_ids, skip_special_tokens=True) + text
+                started.add(index)
+                frame = {"type": "delta", "id": cid, "index": index, "text": text, "token_ids": item.token_ids}
                 if generation.spec.params.get("logprobs") is not None:
                     frame["logprobs"] = ws_logprobs(item.logprobs, tokenizer)
                 if item.prompt_logprobs is not None:

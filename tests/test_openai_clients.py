@@ -240,7 +240,7 @@ async def test_websocket_n_index_and_logprobs(server, base, hf):
     logprobs with the first delta; the n samples equal single seeded frames with seeds seed + j."""
     tokenizer = hf[1]
     frame = {"type": "generate", "id": "g", "model": "upper", "prompt": "lorafleet\n", "max_tokens": 6,
-             "temperature": 1.3, "seed": 9, "n": 2, "logprobs": 2, "prompt_logprobs": 1}
+             "temperature": 1.3, "seed": 9, "n": 2, "logprobs": 2, "prompt_logprobs": 1, "echo": True}
     async with aiohttp.ClientSession() as session, session.ws_connect(server.ws_url) as ws:
         frames = await _ws_run(ws, frame, ends=2)
         singles = [await _ws_run(ws, {**frame, "id": f"s{j}", "n": 1, "seed": 9 + j}, ends=1) for j in range(2)]
@@ -252,6 +252,7 @@ async def test_websocket_n_index_and_logprobs(server, base, hf):
         prompt = tokenizer.encode("lorafleet\n")
         first = deltas[j][0]["prompt_logprobs"]
         assert first[0] is None and [e["token_id"] for e in first[1:]] == prompt[1:]
+        assert deltas[j][0]["text"].startswith("lorafleet\n"), "echo: the prompt's text comes first"
         want = _hf_logprobs(hf, prompt + ids, "upper")
         for position, entry in enumerate(first[1:], start=1):
             assert abs(entry["logprob"] - float(want[position - 1, prompt[position]])) < 1e-4
