@@ -404,7 +404,8 @@ class WsConnection:
                 if merged.open == 0:
                     self._release(cid, generations)
                 await self.send({
-                    "type": "done", "id": cid, "index": index, "finish_reason": item.finish_reason,
+                    "type": "done", "id": cid, "index": index, "remaining": merged.open,
+                    "finish_reason": item.finish_reason,
                     "usage": {"prompt_tokens": item.prompt_tokens, "completion_tokens": item.completion_tokens},
                     "timing": {"queue_ms": item.queue_ms, "ttft_ms": item.ttft_ms, "e2e_ms": item.e2e_ms},
                 })

@@ -246,6 +246,7 @@ async def test_websocket_n_index_and_logprobs(server, base, hf):
         singles = [await _ws_run(ws, {**frame, "id": f"s{j}", "n": 1, "seed": 9 + j}, ends=1) for j in range(2)]
     deltas = {j: [f for f in frames if f["type"] == "delta" and f["index"] == j] for j in range(2)}
     assert sorted(f["index"] for f in frames if f["type"] == "done") == [0, 1]
+    assert [f["remaining"] for f in frames if f["type"] == "done"] == [1, 0]
     for j in range(2):
         ids = [t for f in deltas[j] for t in f["token_ids"]]
         assert ids == [t for f in singles[j] if f["type"] == "delta" for t in f["token_ids"]]

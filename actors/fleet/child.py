@@ -160,7 +160,8 @@ class ChildSocket:
             await ws.send_str(json.dumps(frame, separators=(",", ":")))
             while True:
                 reply = await queue.get()
-                finished = reply.get("type") in ("done", "error")
+                finished = reply.get("type") == "error" or (reply.get("type") == "done"
+                                                             and not reply.get("remaining"))  # n: one done per choice
                 yield reply
                 if finished:
                     return

@@ -172,7 +172,8 @@ class FleetSocket:
             while True:
                 if reply.get("type") == "delta":
                     generation.tokens += len(reply.get("token_ids") or ())
-                final = reply.get("type") in ("done", "error")
+                final = reply.get("type") == "error" or (reply.get("type") == "done"
+                                                          and not reply.get("remaining"))  # n: one done per choice
                 if final:
                     self._release(generation)
                 await self.send({**reply, "id": generation.cid})
