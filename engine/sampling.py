@@ -85,7 +85,7 @@ class Sampled:
 def sample(logits: torch.Tensor, specs: list[SampleSpec]) -> Sampled:
     """Sample one token per row of `logits` [rows, vocab]; see the module docstring for the order."""
     raw = finite_logits(logits)
-    processed = process_logits(raw, specs)
+    processed = process_logits(widened(raw, specs), specs)
     tokens = torch.argmax(processed, dim=-1)
     if any(s.temperature > 0.0 for s in specs):
         scaled = cut(scale(keep_top_k(processed, specs), specs), specs)
@@ -98,6 +98,18 @@ def sample(logits: torch.Tensor, specs: list[SampleSpec]) -> Sampled:
     wanted = [s.logprobs for s in specs]
     logprobs = token_logprobs(raw, token_ids, wanted) if max(wanted) >= 0 else [None] * len(specs)
     return Sampled(token_ids, logprobs)
+
+
+def widened(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
+    """`logits` in float64 when a row has a penalty, else as they are. A repetition_penalty p < 1 divides
+    positive logits by p: any p below about 1e-38 (in range: 0 < p) takes fp32 logits past the fp32 maximum,
+    where they all tie at inf and the lowest token id wins instead of the largest logit. In float64 (with p
+    floored at MIN_REPETITION_PENALTY) every penalized logit stays finite and ordered; `scale` brings the
+    row back to fp32 after its shift by the row max, where only the top logit is 0."""
+    return logits.double() if any(s.penalized for s in specs) else logits
+
+
+MIN_REPETITION_PENALTY = 1e-268  # fp32 logits (|x| <= 3.4e38) divided by it stay below the float64 maximum
 
 
 def process_logits(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
@@ -129,16 +141,18 @@ def apply_penalties(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tens
     prompts = _ragged([s.prompt_ids for s in specs], vocab, device)
     seen = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=device).scatter_(1, prompts, True)[:, :vocab]
     seen |= counts > 0
-    repetition = _column(specs, "repetition_penalty", torch.float32, device)[:, None]
+    repetition = _column(specs, "repetition_penalty", torch.float64, device).clamp(min=MIN_REPETITION_PENALTY)
+    repetition = repetition.to(logits.dtype)[:, None]
     penalized = torch.where(logits > 0, logits / repetition, logits * repetition)
     logits = torch.where(seen, penalized, logits)
-    frequency = _column(specs, "frequency_penalty", torch.float32, device)[:, None]
-    presence = _column(specs, "presence_penalty", torch.float32, device)[:, None]
-    return logits - frequency * counts - presence * (counts > 0).float()
+    frequency = _column(specs, "frequency_penalty", logits.dtype, device)[:, None]
+    presence = _column(specs, "presence_penalty", logits.dtype, device)[:, None]
+    return logits - frequency * counts.to(logits.dtype) - presence * (counts > 0).to(logits.dtype)
 
 
 def scale(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
-    """(logits - row max) / temperature on fp32 `logits` [rows, vocab] (rows with temperature 0 unscaled).
+    """(logits - row max) / temperature on fp32 or float64 `logits` [rows, vocab] (rows with temperature 0
+    unscaled), returned in fp32.
 
     Numerically safe for any temperature > 0: after the shift the maximum is exactly 0 and every other
     logit is negative, and the division is a multiplication by 1/temperature computed in float64 and
@@ -149,7 +163,7 @@ def scale(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
                            dtype=torch.float64).clamp(max=torch.finfo(torch.float32).max)
     top = logits.max(dim=-1, keepdim=True).values
     top = torch.where(torch.isfinite(top), top, 0.0)
-    return (logits - top) * inverse.to(device=logits.device, dtype=torch.float32)[:, None]
+    return ((logits - top) * inverse.to(device=logits.device, dtype=logits.dtype)[:, None]).float()
 
 
 def keep_top_k(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
@@ -168,7 +182,7 @@ def keep_top_k(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
 def distribution(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
     """The distribution [rows, vocab] (fp32) the rows with temperature > 0 are drawn from: the softmax
     of the processed, scaled and cut logits (the Gumbel-max draw samples exactly this)."""
-    processed = keep_top_k(process_logits(finite_logits(logits), specs), specs)
+    processed = keep_top_k(process_logits(widened(finite_logits(logits), specs), specs), specs)
     return torch.softmax(cut(scale(processed, specs), specs), dim=-1)
 
 

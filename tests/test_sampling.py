@@ -235,3 +235,28 @@ def test_sampling_on_cuda_equals_cpu():
     for a, b in zip(cpu.logprobs, gpu.logprobs):
         assert a.top_ids == b.top_ids and abs(a.logprob - b.logprob) < 1e-5
     torch.testing.assert_close(process_logits(logits.cuda(), specs).cpu(), process_logits(logits, specs))
+
+
+@pytest.mark.parametrize("penalty", [1e-20, 1e-38, 1e-45, 1e-300, 5e-324])
+def test_tiny_repetition_penalty_keeps_the_order_of_the_penalized_logits(penalty):
+    """A repetition_penalty p in (0, 1) divides the seen tokens' positive logits by p: in fp32 anything below
+    ~1e-38 sent them all to inf, where they tied and the lowest token id won instead of the largest logit.
+    The reference is the exact arithmetic (fractions) of the definition."""
+    from fractions import Fraction
+
+    from lorafleet.engine.sampling import distribution
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, VOCAB) * 4
+    seen = [[5, 9, 40, 63], [0, 1, 2, 3, 63], list(range(VOCAB))]
+    want = []
+    for row, ids in zip(logits.tolist(), seen):
+        exact = [Fraction(x) / Fraction(penalty) if i in ids and x > 0 else
+                 Fraction(x) * Fraction(penalty) if i in ids else Fraction(x) for i, x in enumerate(row)]
+        want.append(max(range(VOCAB), key=exact.__getitem__))
+    for temperature in (0.0, 5e-324, 1e-30, 1.0):
+        specs = [SampleSpec(temperature=temperature, top_p=1.0, top_k=0, seed=7, index=i, repetition_penalty=penalty,
+                            prompt_ids=ids) for i, ids in enumerate(seen)]
+        assert sample(logits, specs).token_ids == want, temperature  # the gaps are >= 1e19 / temperature
+        probs = distribution(logits, specs)
+        assert torch.isfinite(probs).all() and probs.argmax(dim=-1).tolist() == want
