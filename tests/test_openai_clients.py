@@ -176,6 +176,9 @@ def test_errors_are_the_clients_exception_classes(client, base):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model=base, messages=[{"role": "system", "content": "no user turn"}])
     assert err.value.body["param"] == "messages"
+    with pytest.raises(openai.RateLimitError) as err:
+        client.completions.create(model=base, prompt="abc\n", max_tokens=4, extra_body={"slo_ttft_ms": 0.001})
+    assert err.value.body["code"] == "slo_unattainable"
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=base, prompt="a" * 300, max_tokens=4)
     assert err.value.body["code"] == "context_length_exceeded"
@@ -206,6 +209,15 @@ async def test_async_client_streams_with_logprobs(server, base):
         usage = chunk.usage or usage
     assert texts == {0: "ab\n", 1: "ab\n", 2: "cd\n", 3: "cd\n"}
     assert usage.completion_tokens == 16  # 4 choices of "xy\n" + EOS
+    stream = await client.chat.completions.create(model="reverse", messages=[{"role": "user", "content": "abcd"}],
+                                                  n=2, stream=True, temperature=0, max_tokens=8)
+    chat: dict[int, str] = {}
+    roles: dict[int, str] = {}
+    async for chunk in stream:
+        for choice in chunk.choices:
+            roles.setdefault(choice.index, choice.delta.role)
+            chat[choice.index] = chat.get(choice.index, "") + (choice.delta.content or "")
+    assert chat == {0: "dcba\n", 1: "dcba\n"} and roles == {0: "assistant", 1: "assistant"}
     await client.close()
 
 
@@ -291,6 +303,9 @@ def test_litellm_completion_text_completion_and_context_window(server, base):
                            **kwargs)
     with pytest.raises(litellm.NotFoundError):
         litellm.completion(model="openai/nope", messages=[{"role": "user", "content": "a"}], max_tokens=4, **kwargs)
+    with pytest.raises(litellm.RateLimitError):  # a first-token deadline no step can meet: 429 slo_unattainable
+        litellm.completion(model=f"openai/{base}", messages=[{"role": "user", "content": "abc"}], max_tokens=4,
+                           extra_body={"slo_ttft_ms": 0.001}, num_retries=0, **kwargs)
 
 
 def test_langchain_batch_and_stream(server, base):
