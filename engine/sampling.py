@@ -21,6 +21,7 @@ Per row, in vLLM's order (vLLM v1 `Sampler.forward`):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -268,15 +269,20 @@ def _column(specs: list[SampleSpec], name: str, dtype: torch.dtype, device: torc
 
 def _ragged(lists: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
     """int64 [rows, max(1, longest)], short rows padded with `pad` (a scratch column the callers drop)."""
-    width = max(1, max(len(x) for x in lists))
-    out = np.full((len(lists), width), pad, dtype=np.int64)
-    for row, values in enumerate(lists):
-        out[row, :len(values)] = values
-    return torch.from_numpy(out).to(device)
+    return torch.from_numpy(_pack_rows(lists, np.int64, pad, None)).to(device)
 
 
 def _ragged_values(lists: Sequence[Sequence[float]], width: int, device: torch.device) -> torch.Tensor:
-    out = np.zeros((len(lists), width), dtype=np.float32)
-    for row, values in enumerate(lists):
-        out[row, :len(values)] = values
-    return torch.from_numpy(out).to(device)
+    return torch.from_numpy(_pack_rows(lists, np.float32, 0.0, width)).to(device)
+
+
+def _pack_rows(lists: Sequence[Sequence], dtype, pad, width: int | None) -> np.ndarray:
+    """Ragged rows into one padded array with one scatter (no per-row copies)."""
+    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    width = width or max(1, int(lengths.max(initial=0)))
+    out = np.full((len(lists), width), pad, dtype=dtype)
+    flat = np.fromiter(itertools.chain.from_iterable(lists), dtype=dtype, count=int(lengths.sum()))
+    rows = np.repeat(np.arange(len(lists)), lengths)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[rows, cols] = flat
+    return out
