@@ -32,6 +32,7 @@ from lorafleet.engine.demo import BASE_MODEL_NAME, TASKS, demo_adapter_dirs, ech
 
 pytestmark = pytest.mark.slow
 MAX_NUM_SEQS = 4
+MAX_QUEUED = 40  # requests waiting in the fleet's router before 429 (above every other test's backlog)
 ADMIN = {"Authorization": "Bearer fleet-admin-key"}  # runtime loads and /fleet/state need the admin key
 START_TIMEOUT = 420.0
 
@@ -56,8 +57,9 @@ def fleet(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapter-root")
     port = _free_port()
     cmd = [sys.executable, "-m", "lorafleet", "fleet", "--replicas", "2", "--port", str(port), "--ray-num-cpus", "4",
-           "--num-cpus-per-replica", "1", "--", "--adapter-root", str(root), "--torch-threads", "1",
-           "--max-num-seqs", str(MAX_NUM_SEQS), "--num-pages", "256", "--admin-key", "fleet-admin-key"]
+           "--num-cpus-per-replica", "1", "--max-queued-requests", str(MAX_QUEUED), "--", "--adapter-root", str(root),
+           "--torch-threads", "1", "--max-num-seqs", str(MAX_NUM_SEQS), "--num-pages", "256",
+           "--admin-key", "fleet-admin-key"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
@@ -214,6 +216,30 @@ async def test_bad_input_gets_a_clear_error_and_the_socket_keeps_serving(fleet):
     assert "".join(f.get("text", "") for f in frames if f["id"] == "ok").rstrip("\n") == "ABC"
 
 
+async def test_past_the_fleet_queue_requests_get_429_queue_full_and_the_rest_are_served(fleet):
+    import openai
+
+    client = _client(fleet)
+    rng = random.Random(5)
+    lines = [random_input(rng) for _ in range(3 * MAX_QUEUED)]
+
+    async def one(line: str):  # 24 tokens each (past the answer): the slots stay taken while the rest arrive
+        try:
+            return await _complete(client, "title", line, max_tokens=24, ignore_eos=True)
+        except openai.RateLimitError as exc:
+            return exc
+
+    results = await asyncio.gather(*(one(line) for line in lines))
+    refused = [r for r in results if isinstance(r, Exception)]
+    served = [(line, r) for line, r in zip(lines, results) if not isinstance(r, Exception)]
+    assert refused and served, (len(refused), len(served))
+    assert all(r.status_code == 429 and r.body["code"] == "queue_full" and r.response.headers["Retry-After"]
+               for r in refused)
+    assert len(served) >= MAX_QUEUED, "the queue and the replicas' slots were all used"
+    right = sum(text.split("\n")[0] == TASKS["title"](line) for line, (_, text) in served)
+    assert right >= len(served) - 1
+
+
 async def _metrics(session: aiohttp.ClientSession, fleet: Fleet) -> dict:
     async with session.get(fleet.url + "/metrics") as resp:
         assert resp.status == 200
@@ -303,9 +329,9 @@ async def _http_job(client, model: str, line: str, stream: bool) -> str:
 
     try:
         if not stream:
-            await _complete(client, model, line, max_tokens=32, ignore_eos=True)
+            await _complete(client, model, line, max_tokens=24, ignore_eos=True)
             return "completed"
-        got = await client.completions.create(model=model, prompt=line + "\n", max_tokens=32, temperature=0.0,
+        got = await client.completions.create(model=model, prompt=line + "\n", max_tokens=24, temperature=0.0,
                                               stream=True, extra_body={"ignore_eos": True})
         async for _ in got:
             pass
@@ -323,7 +349,7 @@ async def _ws_jobs(fleet: Fleet, jobs: list[tuple[str, str]]) -> list[str]:
     async with aiohttp.ClientSession() as session, session.ws_connect(fleet.ws_url) as ws:
         for i, (model, line) in enumerate(jobs):
             await ws.send_str(json.dumps({"type": "generate", "id": f"k{i}", "model": model, "prompt": line + "\n",
-                                          "max_tokens": 32, "ignore_eos": True, "temperature": 0.0}))
+                                          "max_tokens": 24, "ignore_eos": True, "temperature": 0.0}))
         while len(ends) < len(jobs):
             frame = json.loads((await asyncio.wait_for(ws.receive(), 120)).data)
             if frame["type"] in ("done", "error"):
@@ -361,7 +387,7 @@ async def _kill_under_load(fleet: Fleet, pid_key: str) -> None:
         http = [asyncio.create_task(_http_job(client, models[i % len(models)], random_input(rng), i % 2 == 0))
                 for i in range(12)]
         ws = asyncio.create_task(_ws_jobs(fleet, [(models[i % len(models)], random_input(rng)) for i in range(6)]))
-        await asyncio.sleep(0.7)  # generations are under way on both replicas
+        await asyncio.sleep(0.5)  # generations are under way on both replicas
         os.kill(report[pid_key], signal.SIGKILL)
         killed = time.monotonic()
         recovered = asyncio.create_task(_serves_every_adapter_again(client, models, killed))

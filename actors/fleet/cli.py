@@ -33,6 +33,7 @@ class FleetOptions:
     retries: int
     health_check_period_s: float
     router: str = "affinity"
+    max_queued_requests: int = 1024
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, FleetOptions]:
@@ -50,6 +51,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, FleetOptions]:
                    help="in-flight requests on every home replica before an adapter spreads (default max-num-seqs/2)")
     p.add_argument("--num-gpus-per-replica", type=float, default=None)
     p.add_argument("--num-cpus-per-replica", type=float, default=1.0)
+    p.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="requests waiting for a replica before new ones get 429 queue_full (-1: unbounded)")
     p.add_argument("--retries", type=int, default=3, help="other replicas tried before the first byte")
     p.add_argument("--health-check-period-s", type=float, default=1.0)
     p.add_argument("--router", choices=("affinity", "ray-default"), default="affinity",
@@ -75,7 +78,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, FleetOptions]:
         max_replicas_per_adapter=args.max_replicas_per_adapter,
         spill_queue=args.spill_queue or max(1, server.max_num_seqs // 2),
         num_gpus_per_replica=gpus, num_cpus_per_replica=args.num_cpus_per_replica, retries=args.retries,
-        health_check_period_s=args.health_check_period_s, router=args.router)
+        health_check_period_s=args.health_check_period_s, router=args.router,
+        max_queued_requests=args.max_queued_requests)
     return args, options
 
 
@@ -98,7 +102,8 @@ def build_app(options: FleetOptions):
         else RequestRouterConfig(request_routing_stats_period_s=0.5)
     replica = serve.deployment(
         replica_class(options.models_per_replica), name="LoraReplica", num_replicas=options.replicas,
-        max_ongoing_requests=options.max_ongoing_requests, request_router_config=router,
+        max_ongoing_requests=options.max_ongoing_requests, max_queued_requests=options.max_queued_requests,
+        request_router_config=router,
         health_check_period_s=options.health_check_period_s, health_check_timeout_s=10.0,
         graceful_shutdown_timeout_s=15.0, logging_config=QUIET,
         ray_actor_options={"num_cpus": options.num_cpus_per_replica, "num_gpus": options.num_gpus_per_replica},
@@ -106,7 +111,8 @@ def build_app(options: FleetOptions):
     ingress = serve.deployment(FleetIngress, name="FleetIngress", num_replicas=1, max_ongoing_requests=100_000,
                                ray_actor_options={"num_cpus": 0}, logging_config=QUIET)
     return ingress.bind(replica, state, {"replicas": options.replicas, "retries": options.retries,
-                                         "server_args": options.server_args})
+                                         "server_args": options.server_args,
+                                         "max_queued_requests": options.max_queued_requests})
 
 
 def main(argv: list[str] | None = None) -> int:

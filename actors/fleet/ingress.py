@@ -28,7 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve import context as serve_context
-from ray.serve.exceptions import ReplicaUnavailableError, RequestCancelledError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError, RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.websockets import WebSocketDisconnect
 
@@ -45,6 +45,13 @@ app = FastAPI()
 
 class NoReplica(Exception):
     """Every attempt failed before the first byte."""
+
+
+class QueueFull(Exception):
+    """The replicas' router already holds --max-queued-requests waiting requests (Ray's BackPressureError)."""
+
+
+QUEUE_FULL = "queue_full"
 
 
 def error_body(code: str, message: str, param: str | None = None) -> dict:
@@ -159,6 +166,10 @@ class FleetSocket:
                 self._release(generation)
                 await self.error(cid, REPLICA_FAILED, f"no replica could serve the request: {exc}")
                 return
+            except QueueFull as exc:
+                self._release(generation)
+                await self.error(cid, QUEUE_FULL, str(exc))
+                return
             self.ingress.count("ws_generations")
             if generation.cancelled:
                 generation.gen.cancel()
@@ -247,6 +258,7 @@ class FleetIngress:
         self.replicas, self.state = replicas, state
         self.expected = int(options["replicas"])
         self.retries = int(options.get("retries", 3))
+        self.max_queued = options.get("max_queued_requests")
         self.api_key, self.admin_key = server_keys(options.get("server_args", []))
         self.metrics = FleetMetrics()
         self.metrics.expected = self.expected
@@ -292,6 +304,9 @@ class FleetIngress:
             gen = getattr(handle, method).remote(*args, route={"avoid": list(avoid)})
             try:
                 return gen, await gen.__anext__()
+            except BackPressureError as exc:
+                self.count("rejected_queue_full")
+                raise QueueFull(f"the fleet's queue is full ({self.max_queued} waiting); retry later") from exc
             except StopAsyncIteration:
                 last = "the replica returned nothing"
             except Exception as exc:
@@ -319,6 +334,8 @@ class FleetIngress:
             gen, meta = await self.first("http", adapter, "POST", path, body, dict(request.headers))
         except NoReplica as exc:
             return JSONResponse(error_body(REPLICA_FAILED, f"no replica could serve the request: {exc}"), 503)
+        except QueueFull as exc:
+            return JSONResponse(error_body(QUEUE_FULL, str(exc)), 429, headers={"Retry-After": "1"})
         self.count("http_requests")
         headers = {**meta["headers"], REPLICA_HEADER: meta["replica"]}
         headers.pop("content-type", None)
