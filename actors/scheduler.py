@@ -58,7 +58,7 @@ log = logging.getLogger("lorafleet.scheduler")
 RING_FULL_PAUSE_S = (0.001, 0.05)  # waiting for room in the plan ring with nothing in flight: first, longest
 ADAPTER_LOAD_BYTES = "adapter_load_bytes"  # hub counters (exported by dashboard/prom.py)
 ADAPTER_LOAD_STALLS = "adapter_load_stalls"
-SNAPSHOT_EVERY_S = 0.05  # engine snapshots (pool map, queues) while busy: at most 20/s, plus one whenever the
+SNAPSHOT_EVERY_S = 0.25  # engine snapshots (pool map, queues) while busy: at most 4/s, plus one whenever the
 # engine turns busy or idle
 
 
@@ -527,7 +527,7 @@ class SchedulerActor:
                          len(live.request.output_ids), code, message, *self._timing(live, now))
         self._record(live, item)
         self.router.send(StepDeltas(self.hub.timing.step, [item]))
-        self._publish(throttled=True)  # admission's stats every time; the engine snapshot at most 20/s
+        self._publish(throttled=True)  # admission's stats every time; the engine snapshot at most 4/s
 
     def _drop_expired(self) -> None:
         """Queue-age eviction: a request still without its first token past its first-token deadline

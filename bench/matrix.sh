@@ -12,7 +12,9 @@
 # The GPU is CUDA_VISIBLE_DEVICES's and the port a free one, so two models can run at once on two GPUs:
 #   CUDA_VISIBLE_DEVICES=0 bash bench/matrix.sh llama-2-7b OUT & CUDA_VISIBLE_DEVICES=1 bash bench/matrix.sh llama-3-8b OUT
 # `tiny` (DEVICE=cpu DTYPE=float32 NUM_PAGES=512 RATE=4 DURATION=8) is a smoke run of the script itself.
-# Environment: RATE, DURATION, BUDGET, DEVICE, DTYPE, NUM_PAGES, HOST_CACHE_MB, PREFETCH_WORKERS, MAX_LOAD_BYTES,
+# Before the rows, a discarded WARMUP-second run (default 20) at the largest n compiles the kernels and captures
+# the lazily captured CUDA graphs, so that the first row is not measured on a cold server.
+# Environment: RATE, DURATION, WARMUP, BUDGET, DEVICE, DTYPE, NUM_PAGES, HOST_CACHE_MB, PREFETCH_WORKERS, MAX_LOAD_BYTES,
 # BATCH_ADAPTER_FRACTION (distinct adapters' bytes per step / weight bytes; 0 = unbounded), CLUSTER_WINDOW, the rows:
 # LORAFLEET_N (adapter counts), NOLORA_N (default: the first count; n only picks the trace's names).
 set -euo pipefail
@@ -40,6 +42,7 @@ S=(--device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" --num-pages "${NUM_PA
    --max-batch-adapter-fraction "${BATCH_ADAPTER_FRACTION:-0}" --cluster-window "${CLUSTER_WINDOW:-0}")
 W=(--alpha 1 --cv 1 --input-len 8:512 --output-len 8:512 --rate "${RATE:-40}" --duration "${DURATION:-40}" --seed 0
    --slo-ttft-ms 6000 --drain-timeout 20 --protocol ws --num-sockets 4 --no-progress --startup-timeout 300
+   --warmup-duration "${WARMUP:-20}"
    --model "$model" --out "$out_dir/$name.json" --log-dir "$work/logs")
 status=0
 timeout -s INT "${BUDGET:-530}" lorafleet bench --backend lorafleet,lorafleet-nolora --num-adapters "$counts" \

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="results JSON path (rewritten after every row)")
     parser.add_argument("--append", action="store_true", help="add rows to an existing --out file")
     parser.add_argument("--records", action="store_true", help="include per-request records in runs")
+    parser.add_argument("--warmup-duration", type=float, default=0.0, metavar="S",
+                        help="first run the workload for S seconds with the largest adapter count and discard it "
+                        "(kernel compilation, lazily captured CUDA graphs, cold adapter caches)")
     add_workload_args(parser, several_n=True)
     parser.set_defaults(no_lora=False, write_trace=None, sweep_rates=None, dry_run=False)
     return parser
@@ -199,6 +202,16 @@ def make_row(backend: str, entry: dict, target: Target, args: argparse.Namespace
     }
 
 
+def warm_up(args: argparse.Namespace, url: str, backend: str) -> dict:
+    """One discarded run of `--warmup-duration` seconds at the largest adapter count; its headline figures."""
+    counts = [n for n in _counts_for(backend, args) if n is not None]
+    warm = argparse.Namespace(**{**vars(args), "duration": args.warmup_duration})
+    entry, target = asyncio.run(measure(warm, url, backend, max(counts) if counts else None))
+    metrics = entry["metrics"]
+    return {"backend": backend, "num_adapters": len(target.adapters), "duration_s": args.warmup_duration,
+            "req_per_s": metrics["req_per_s"], "completed": metrics["completed"]}
+
+
 ROOFLINE_FIELDS = ("roofline_steps", "roofline_executor_seconds", "roofline_seconds", "roofline_weight_bytes",
                    "roofline_kv_bytes", "roofline_adapter_bytes", "roofline_prefill_flops")
 
@@ -291,6 +304,8 @@ def run_group(kind: str, backends: list[str], args: argparse.Namespace, gpu: str
         if server is not None:
             server.start(args.startup_timeout)
             url = server.url
+        if args.warmup_duration > 0 and kind == "lorafleet":
+            document.setdefault("warmups", []).append(warm_up(args, url, backends[0]))
         tp = server_tensor_parallel_size(url) if kind == "lorafleet" else 1
         for backend in backends:
             for n in _counts_for(backend, args):
