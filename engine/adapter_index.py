@@ -35,8 +35,11 @@ def outside_root(root: str | Path, directory: str | Path) -> str | None:
 def find_adapter_dir(root: str | Path, name: str) -> str | None:
     """The real path of `root/name` when it is a directory holding adapter_config.json that lies inside
     `root` (after symlinks and `..`) with no file linking outside it; None otherwise, including for names
-    that are not relative paths."""
+    that are not relative paths and for other spellings of one (`./a`, `a//b`, `a/`, `a/../a`): each spelling
+    would be another adapter reading the same directory, so a client could grow the adapters without bound."""
     if not isinstance(name, str) or not name or "\0" in name or os.path.isabs(name) or len(name) > 4096:
+        return None
+    if not is_canonical(name):
         return None
     real_root = os.path.realpath(root)
     try:
@@ -46,6 +49,11 @@ def find_adapter_dir(root: str | Path, name: str) -> str | None:
         return path if found and outside_root(real_root, path) is None else None
     except (OSError, ValueError):
         return None
+
+
+def is_canonical(name: str) -> bool:
+    """True for a '/'-separated relative path with no empty, '.' or '..' component (the index's form)."""
+    return all(part not in ("", ".", "..") for part in name.split("/"))
 
 
 def scan_adapter_root(root: str | Path, skipped: list[str] | None = None) -> dict[str, str]:

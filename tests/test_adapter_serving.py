@@ -204,3 +204,18 @@ async def test_scheduler_reads_a_root_adapter_once_for_its_waiting_requests(tiny
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     engine.pool.check()
+
+
+async def test_only_the_canonical_relative_path_names_a_root_adapter(server):
+    """Each spelling of a path ('./team/good', 'team//good', 'team/good/', 'team/../team/good') used to load
+    the same directory again as another adapter, listed and counted apart: any client could grow the
+    server's adapters without bound. Only the indexed form, the path relative to the root, names it."""
+    aliases = ["./team/good", "team//good", "team/good/", "team/./good", "team/../team/good", "././team/good"]
+    async with aiohttp.ClientSession() as session:
+        for name in aliases:
+            status, body = await _complete(session, server.url, name)
+            assert (status, body["error"]["code"], body["error"]["param"]) == (404, "model_not_found", "model"), \
+                (name, body)
+        listed = {m["id"] for m in (await get_json(session, server.url + "/v1/models"))[1]["data"]}
+        assert not listed & set(aliases)
+        assert (await _complete(session, server.url, "team/good"))[0] == 200
