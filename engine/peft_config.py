@@ -172,6 +172,14 @@ def _check_refused(raw: dict) -> None:
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise ConfigFieldError(f"init_lora_weights: {init!r} trains against modified base weights; convert the "
                                "adapter to a plain LoRA first (PEFT's path_initial_model_for_weight_conversion)")
+    if isinstance(init, str) and not _known_init(init):
+        raise ConfigFieldError(f"init_lora_weights: unknown initialization {_short(init)} (PEFT refuses to load it)")
+
+
+def _known_init(init: str) -> bool:
+    """The init_lora_weights strings PEFT's LoraLayer.update_layer accepts (others raise there)."""
+    return init.lower() in ("gaussian", "olora", "mica") or init in ("eva", "orthogonal", "loftq", "lora_ga") \
+        or init.startswith(("pissa", "corda"))
 
 
 def _check_combinations(spec: LoraSpec, targets_string: bool) -> None:

@@ -343,7 +343,7 @@ REFUSED_FIELDS = [
     ("target_modules", []), ("exclude_modules", {"a": 1}), ("layers_to_transform", [0, "1"]),
     ("layers_to_transform", 1.0), ("layers_pattern", 5), ("rank_pattern", []), ("rank_pattern", {"q_proj": 0}),
     ("rank_pattern", {"(": 4}), ("alpha_pattern", {"q_proj": None}), ("alpha_pattern", {"q_proj": 1e300}),
-    ("init_lora_weights", 3),
+    ("init_lora_weights", 3), ("init_lora_weights", "weird"), ("init_lora_weights", "Eva"),
 ]
 
 
