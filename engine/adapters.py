@@ -29,6 +29,9 @@ _KEY = re.compile(r"(?:base_model\.model\.)?model\.layers\.(?P<layer>\d+)\.(?P<g
 _GROUP = {m: "self_attn" if m in TARGET_MODULES[:4] else "mlp" for m in TARGET_MODULES}
 MAX_WEIGHT = 1e4  # |LoRA factor entries| beyond this are not a trained adapter (trained ones are well below 10)
 MAX_DELTA = 1e4  # bound on |scale * B @ A| entries (trained adapters: below ~100 even at r=256 with rsLoRA)
+# adapter_config.json is a few KB (a rank_pattern for every module of a 128-layer model: ~100 KB); parsing a
+# huge one would hold the GIL for seconds and take gigabytes in the serving process
+MAX_CONFIG_BYTES = 4 << 20
 
 
 class AdapterError(ValueError):
@@ -82,8 +85,12 @@ def read_adapter_config(adapter_dir: Path, max_rank: int) -> LoraSpec:
     path = adapter_dir / "adapter_config.json"
     if not path.is_file():
         raise AdapterError(f"adapter_config.json not found in {adapter_dir}")
+    with path.open("rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"adapter_config.json: larger than {MAX_CONFIG_BYTES >> 20} MiB, not a PEFT config")
     try:
-        raw = json.loads(path.read_bytes())
+        raw = json.loads(data)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too-long integers
         raise AdapterError(f"adapter_config.json: not valid JSON ({exc})") from None
     try:

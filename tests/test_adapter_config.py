@@ -369,6 +369,19 @@ def test_unparseable_json_is_refused(tiny_llama, model_cfg, tmp_path, raw):
         load_adapter("a", path, model_cfg, MAX_RANK)
 
 
+def test_a_huge_config_is_refused_before_it_is_parsed(tiny_llama, model_cfg, tmp_path):
+    """A 200 MB adapter_config.json took 10 s (holding the GIL) and 400 MB in the serving process to parse."""
+    from lorafleet.engine.adapters import MAX_CONFIG_BYTES
+
+    path = _adapter(tmp_path, tiny_llama)
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, "pad": "x" * MAX_CONFIG_BYTES}))
+    with pytest.raises(AdapterError, match="^adapter_config.json: larger than 4 MiB"):
+        load_adapter("a", path, model_cfg, MAX_RANK)
+    (path / "adapter_config.json").write_text(json.dumps({**config, "pad": "x" * (MAX_CONFIG_BYTES - 4096)}))
+    assert load_adapter("a", path, model_cfg, MAX_RANK).rank == 4  # below the bound: read as before
+
+
 def test_full_dotted_and_suffix_target_modules_are_accepted(tiny_llama, model_cfg, tmp_path):
     dotted = [f"model.layers.{i}.{GROUP[m]}.{m}" for i in range(LAYERS) for m in ("q_proj", "k_proj", "v_proj",
                                                                                  "o_proj")]
