@@ -27,6 +27,7 @@ from lorafleet.engine.adapters import (
     load_adapter,
     pack_adapter,
     shard_adapter,
+    shard_matrices,
 )
 from lorafleet.engine.config import ModelConfig
 from lorafleet.engine.host_arena import HostArena
@@ -93,10 +94,10 @@ class AdapterStore:
         """Validate the PEFT directory and make it servable as `name` (replacing nothing). A directory is
         read, packed and cached; a `synthetic:` adapter (made in memory) is packed on first use."""
         self._check_new_name(name)
-        info, parts = self._read(name, str(path))
+        info, weights = self._read(name, str(path))
         self.infos[name] = info
         if self.arena is None and not info.path.startswith(SYNTHETIC_ADAPTER):
-            self._put(self._pack(info, parts))
+            self._put(self._pack(info, weights))
         return info
 
     def register_packed(self, packed: PackedAdapter) -> AdapterInfo:
@@ -130,28 +131,31 @@ class AdapterStore:
         """Read, validate, shard (one part per tensor-parallel rank) and pack an adapter; touches no state."""
         return self._pack(*self._read(name, path))
 
-    def _read(self, name: str, path: str) -> tuple[AdapterInfo, list[AdapterWeights]]:
+    def _read(self, name: str, path: str) -> tuple[AdapterInfo, AdapterWeights]:
+        """Read and validate; the page layout comes from the shards' shapes (nothing is sharded or copied
+        here: registering N adapters at any tensor-parallel size costs what it costs at tp=1)."""
         with adapter_errors(path):
             weights = load_adapter(name, path, self.model, self.max_rank)
-            parts = [shard_adapter(weights, rank, self.shards) for rank in range(self.shards)]
-            layout = AdapterLayout.from_matrices(parts[0].matrices(), self.page_elements)
-            return AdapterInfo(name, path, weights.rank, weights.scale, weights.ranks(), layout), parts
+            layout = AdapterLayout.from_matrices(shard_matrices(weights, self.shards), self.page_elements)
+            return AdapterInfo(name, path, weights.rank, weights.scale, weights.ranks(), layout), weights
 
-    def _pack(self, info: AdapterInfo, parts: list[AdapterWeights]) -> PackedAdapter:
+    def _pack(self, info: AdapterInfo, weights: AdapterWeights) -> PackedAdapter:
         with adapter_errors(info.path):
-            pages = [pack_adapter(part, info.layout, self.dtype) for part in parts]
+            pages = [pack_adapter(shard_adapter(weights, rank, self.shards), info.layout, self.dtype)
+                     for rank in range(self.shards)]
             stacked = pages[0] if self.shards == 1 else torch.stack(pages)
             return PackedAdapter(info, stacked, self.shards)
 
     def pack_into(self, target: PackedAdapter, path: str) -> None:
         """Read, validate and pack the adapter at `path` into `target.pages` (a reserved extent); touches no
         state, so a worker thread may run it. AdapterError if the adapter no longer has the registered shape."""
-        info, parts = self._read(target.info.name, path)
+        info, weights = self._read(target.info.name, path)
         if info.layout != target.info.layout:
             raise AdapterError(f"lora_path: adapter {info.name!r} changed on disk since it was registered")
         with adapter_errors(path):
-            for rank, part in enumerate(parts):
-                pack_adapter(part, info.layout, self.dtype, out=target.for_rank(rank))
+            for rank in range(self.shards):
+                pack_adapter(shard_adapter(weights, rank, self.shards), info.layout, self.dtype,
+                             out=target.for_rank(rank))
 
     def packed_shape(self, info: AdapterInfo) -> tuple[int, ...]:
         """Shape of the packed pages: [layers, pages, page_elements], with a leading [ranks] when sharded."""

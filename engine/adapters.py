@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 
 from lorafleet.engine.config import TARGET_MODULES, ModelConfig
@@ -263,23 +262,56 @@ def shard_adapter(weights: AdapterWeights, rank: int, size: int) -> AdapterWeigh
     column-parallel modules split A by rank rows and B by output rows (the base weight's split);
     row-parallel modules split A by input columns (the base weight's split) and B by rank columns.
     A rank not divisible by `size` is first padded to `padded_rank` with zero A rows and zero B columns;
-    `rank` and `scale` stay the adapter's own (PEFT's alpha / r)."""
+    `rank` and `scale` stay the adapter's own (PEFT's alpha / r).
+
+    The parts are views of `weights` (no copy) where the rank divides evenly; a padded module copies only
+    this rank's slice (`pack_adapter` makes the one real copy, into pages)."""
     if size == 1:
         return weights
-
-    def part(tensor: torch.Tensor, dim: int) -> torch.Tensor:
-        step = tensor.shape[dim] // size
-        return tensor.narrow(dim, rank * step, step).contiguous()
-
     a: dict[str, torch.Tensor] = {}
     b: dict[str, torch.Tensor] = {}
     for m, full in weights.ranks().items():
-        pad = padded_rank(full, size) - full
-        ta = F.pad(weights.a[m], (0, 0, 0, pad)) if pad else weights.a[m]  # [layers, r', in]
-        tb = F.pad(weights.b[m], (0, pad)) if pad else weights.b[m]  # [layers, out, r']
-        a[m] = part(ta, 1) if m in COLUMN_PARALLEL else part(ta, 2)
-        b[m] = part(tb, 1) if m in COLUMN_PARALLEL else part(tb, 2)
+        padded = padded_rank(full, size)
+        column = m in COLUMN_PARALLEL
+        a[m] = _part(weights.a[m], 1 if column else 2, 1, full, padded, rank, size)  # A [layers, r, in]
+        b[m] = _part(weights.b[m], 1 if column else 2, 2, full, padded, rank, size)  # B [layers, out, r]
     return AdapterWeights(weights.name, weights.rank, weights.scale, a, b, weights.module_ranks)
+
+
+def _part(tensor: torch.Tensor, split: int, rank_dim: int, full: int, padded: int, rank: int,
+          size: int) -> torch.Tensor:
+    """Rank `rank`'s slice along `split` of `tensor` zero-padded from `full` to `padded` along `rank_dim`,
+    padding only the slice."""
+    if split != rank_dim:
+        step = tensor.shape[split] // size
+        part = tensor.narrow(split, rank * step, step)
+        return part if padded == full else _zero_pad(part, rank_dim, padded - full)
+    step = padded // size
+    start = rank * step
+    real = max(0, min(start + step, full) - start)
+    part = tensor.narrow(split, min(start, full), real)
+    return part if real == step else _zero_pad(part, split, step - real)
+
+
+def _zero_pad(tensor: torch.Tensor, dim: int, count: int) -> torch.Tensor:
+    shape = list(tensor.shape)
+    shape[dim] = count
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+
+
+def shard_matrices(weights: AdapterWeights, size: int) -> dict[str, tuple[int, int, int, int]]:
+    """`shard_adapter(weights, k, size).matrices()` (the same for every rank k) from the shapes alone:
+    per module (A rows, A row width, Bᵀ rows, Bᵀ row width) of one rank's shard."""
+    out = {}
+    for m, (a_rows, a_width, bt_rows, bt_width) in weights.matrices().items():
+        padded = padded_rank(a_rows, size)
+        if size == 1:
+            out[m] = (a_rows, a_width, bt_rows, bt_width)
+        elif m in COLUMN_PARALLEL:
+            out[m] = (padded // size, a_width, padded, bt_width // size)
+        else:
+            out[m] = (padded, a_width // size, padded // size, bt_width)
+    return out
 
 
 def pack_adapter(weights: AdapterWeights, layout: AdapterLayout, dtype: torch.dtype,

@@ -10,6 +10,7 @@ import torch
 
 from conftest import ALL_TARGETS, PeftOracle, make_hf_model, make_peft_adapter
 from lorafleet.engine import LLM
+from lorafleet.engine.adapter_store import AdapterStore
 from lorafleet.engine.adapters import AdapterWeights, padded_rank, shard_adapter
 from lorafleet.engine.parallel import ExecutorDied
 from lorafleet.engine.request import SamplingParams
@@ -61,6 +62,70 @@ def test_shards_of_any_rank_rebuild_the_delta(rank, size):
     local = padded_rank(rank, size) // size
     got = sum(v[:, k * local:(k + 1) * local] @ p.b["o_proj"][0].T for k, p in enumerate(parts))
     torch.testing.assert_close(got, want["o_proj"])
+
+
+def _reference_shard(tensor: torch.Tensor, pad_dim: int, pad: int, split: int, rank: int, size: int):
+    """The partition as written in docs/tensor-parallel.md: zero-pad the rank dimension, then cut equal parts."""
+    shape = list(tensor.shape)
+    shape[pad_dim] = pad
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=pad_dim).chunk(size, dim=split)[rank]
+
+
+@pytest.mark.parametrize("rank,size", [(3, 2), (8, 2), (1, 4), (7, 4), (64, 4), (16, 8)])
+def test_shards_are_views_and_their_shapes_known_without_sharding(rank, size):
+    """`shard_adapter` copies nothing where the rank divides evenly (a view of the adapter) and pads only the
+    rank's own slice where it does not; `shard_matrices` gives every shard's shapes from the adapter alone."""
+    from lorafleet.engine.adapters import shard_matrices
+
+    gen = torch.Generator().manual_seed(rank)
+    a = {m: torch.randn(2, rank, 16, generator=gen) for m in ("q_proj", "o_proj")}
+    b = {m: torch.randn(2, 24, rank, generator=gen) for m in ("q_proj", "o_proj")}
+    weights = AdapterWeights("a", rank, 1.0, a, b)
+    pad = padded_rank(rank, size) - rank
+    for k in range(size):
+        part = shard_adapter(weights, k, size)
+        assert part.matrices() == shard_matrices(weights, size)
+        torch.testing.assert_close(part.a["q_proj"], _reference_shard(a["q_proj"], 1, pad, 1, k, size), rtol=0, atol=0)
+        torch.testing.assert_close(part.b["q_proj"], _reference_shard(b["q_proj"], 2, pad, 1, k, size), rtol=0, atol=0)
+        torch.testing.assert_close(part.a["o_proj"], _reference_shard(a["o_proj"], 1, pad, 2, k, size), rtol=0, atol=0)
+        torch.testing.assert_close(part.b["o_proj"], _reference_shard(b["o_proj"], 2, pad, 2, k, size), rtol=0, atol=0)
+        if not pad:  # views into the adapter's own storage
+            for mine, whole in ((part.a, a), (part.b, b)):
+                assert all(mine[m].untyped_storage().data_ptr() == whole[m].untyped_storage().data_ptr()
+                           for m in whole)
+
+
+def test_registering_at_tp2_shards_nothing(tiny_llama, monkeypatch):
+    """Server start-up registers every --synthetic-adapters adapter in the main process: at tp=2 that must not
+    shard (copy) each adapter once per rank — the cause of a 13B, 1000-adapter tp=2 server taking 156-180 s
+    to start instead of ~20 s. Shards are made only when an adapter is packed, once per rank."""
+    import lorafleet.engine.adapter_store as adapter_store
+    from lorafleet.engine.adapters import load_adapter, pack_adapter
+    from lorafleet.engine.config import ModelConfig, page_geometry
+    from lorafleet.engine.host_arena import HostArena
+    from lorafleet.engine.synthetic import synthetic_adapter_path
+
+    calls = []
+    real = adapter_store.shard_adapter
+    monkeypatch.setattr(adapter_store, "shard_adapter", lambda w, k, n: calls.append((w.name, k)) or real(w, k, n))
+    model = ModelConfig.from_dir(tiny_llama)
+    _, page_elements = page_geometry(model, 16, 2)
+    arena = HostArena(8 << 20)
+    try:
+        store = AdapterStore(model, page_elements, torch.float32, 64, arena.capacity, shards=2, arena=arena)
+        paths = {f"s{i}": synthetic_adapter_path((3, 16, 64)[i % 3], i) for i in range(30)}
+        for name, path in paths.items():
+            store.register(name, path)
+        assert calls == [], "registering sharded adapters"
+        target = store.reserve("s0")
+        store.pack_into(target, paths["s0"])
+        assert calls == [("s0", 0), ("s0", 1)]
+        weights = load_adapter("s0", paths["s0"], model, 64)  # rank 3: padded to 4
+        for k in range(2):
+            want = pack_adapter(real(weights, k, 2), store.infos["s0"].layout, torch.float32)
+            torch.testing.assert_close(target.for_rank(k), want, rtol=0, atol=0)
+    finally:
+        arena.close()
 
 
 def test_synthetic_llama_2_70b_is_made_per_rank_shard():
