@@ -144,6 +144,17 @@ class InFlight:
 
 
 @dataclass
+class Completed:
+    """A step whose result was processed by the engine but whose news is not sent yet."""
+
+    step: InFlight
+    outputs: list[RequestOutput]
+    elapsed_ms: float
+    executor_s: float
+    received_at: float
+
+
+@dataclass
 class Live:
     """A request the scheduler has accepted, with its timing."""
 
@@ -177,6 +188,7 @@ class SchedulerActor:
         self.start_rate = StartRate()
         self._asked: set[str] = set()
         self._stalls_seen = 0
+        self._unpublished: Completed | None = None
         self.idle = asyncio.Event()
         self.idle.set()
         self.failed = asyncio.Event()
@@ -193,6 +205,7 @@ class SchedulerActor:
             self._drop_expired()
             sent = self._send_step() if self._runnable() else None
             previous, self.in_flight = self.in_flight, sent
+            self._publish_outputs()  # the last completed step's news, now that the executor has its next plan
             if previous is not None:
                 await self._complete(previous)  # step n+1 (if any) was sent first: it runs meanwhile
             elif sent is None and self.ring_full_pause > 0:
@@ -285,19 +298,36 @@ class SchedulerActor:
             return
         try:
             outputs = self.engine.complete_step(step.schedule, result.output())
-            items = [item for out in outputs if (item := self._item(out)) is not None]
         except Exception as exc:  # a bug in postprocessing (detokenizer, stop strings): fail the step's requests
+            self._fail_plan(step.plan, [c.request.external_id for c in step.schedule.chunks],
+                            f"step {step.plan.step} could not be completed", exc)
+            return
+        self._unpublished = Completed(step, outputs, elapsed_ms, result.seconds, now)
+        if self.in_flight is None:  # nothing queued behind it: nothing to gain by waiting
+            self._publish_outputs()
+
+    def _publish_outputs(self) -> None:
+        """Send the last completed step's news (deltas, records, stats, prefetch asks, roofline). The loop
+        calls it right after sending the next plan, so this host work runs while the executor computes
+        instead of between two steps; a request cancelled in between has already been answered."""
+        done, self._unpublished = self._unpublished, None
+        if done is None:
+            return
+        step = done.step
+        try:
+            items = [item for out in done.outputs if (item := self._item(out)) is not None]
+        except Exception as exc:  # a bug in postprocessing: fail the step's requests
             self._fail_plan(step.plan, [c.request.external_id for c in step.schedule.chunks],
                             f"step {step.plan.step} could not be completed", exc)
             return
         if items:
             self.router.send(StepDeltas(step.plan.step, items))
-        self._after_step(step.plan, elapsed_ms)
-        cost, roofline_ms = self._roofline(step.plan, result.seconds)
+        self._after_step(step.plan, done.elapsed_ms)
+        cost, roofline_ms = self._roofline(step.plan, done.executor_s)
         if self.step_log is not None:
-            host_ms = (time.perf_counter() - now) * 1000 + step.plan_ms
-            self.step_log.add(len(step.plan.seqs), step.plan.num_tokens, elapsed_ms, result.seconds * 1000, host_ms,
-                              cost, roofline_ms)
+            host_ms = (time.perf_counter() - done.received_at) * 1000 + step.plan_ms
+            self.step_log.add(len(step.plan.seqs), step.plan.num_tokens, done.elapsed_ms, done.executor_s * 1000,
+                              host_ms, cost, roofline_ms)
 
     def _step_failed(self, step: InFlight, error: str) -> None:
         """The executor could not run `step` (it said why in one line; its log has the traceback): the step's
@@ -374,8 +404,11 @@ class SchedulerActor:
 
     def _item(self, out: RequestOutput) -> DeltaItem | None:
         """The request's news of this step; None when its first token came after its first-token deadline
-        (the request is ended with an error instead: a deadline is kept, never delivered late)."""
-        live = self.live[out.request_id]
+        (the request is ended with an error instead: a deadline is kept, never delivered late), or when it
+        was cancelled after the step completed (its end was sent then)."""
+        live = self.live.get(out.request_id)
+        if live is None:
+            return None
         now = time.monotonic()
         if live.first_token is None:
             if self._past_deadline(live, now, "its first token came"):
