@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorafleet.args import Parser, non_negative_float, non_negative_int, port, positive_float, positive_int
+
 DEFAULT_SLO_TTFT_MS = 30_000.0
 EXIT_OK, EXIT_INTERNAL, EXIT_STARTUP_FAILED, EXIT_EXECUTOR_FAILED, EXIT_DRAIN_CUT = 0, 1, 2, 3, 4
 EXIT_CODES = f"""Exit status (for supervisors):
@@ -55,7 +57,7 @@ DTYPES = {"float32": "float32", "float": "float32", "float16": "float16", "half"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lorafleet serve", description=_DESCRIPTION, epilog=_EPILOG,
+    p = Parser(prog="lorafleet serve", description=_DESCRIPTION, epilog=_EPILOG,
                                 formatter_class=_HelpFormatter)
     _model_args(p.add_argument_group("model and adapters"))
     _network_args(p.add_argument_group("network and access"))
@@ -76,7 +78,7 @@ def _model_args(g) -> None:
                    help="vLLM's spelling of --adapter: NAME=DIR pairs or JSON objects with name and path")
     g.add_argument("--adapter-root", default=None, help="every PEFT dir below it is served by its relative path, "
                    "indexed at start and validated on first use; runtime loads are restricted to it")
-    g.add_argument("--synthetic-adapters", type=int, default=0, metavar="N",
+    g.add_argument("--synthetic-adapters", type=non_negative_int, default=0, metavar="N",
                    help="also serve N random adapters synthetic-0..N-1, made in memory (for benchmarks)")
     g.add_argument("--synthetic-ranks", default="8,16,32,64", help="the synthetic adapters' ranks, cycled")
     g.add_argument("--synthetic-targets", default="q_proj,k_proj,v_proj,o_proj",
@@ -86,7 +88,7 @@ def _model_args(g) -> None:
 
 def _network_args(g) -> None:
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    g.add_argument("--port", type=int, default=8000, help="TCP port (0 picks a free one); checked before the "
+    g.add_argument("--port", type=port, default=8000, help="TCP port (0 picks a free one); checked before the "
                    "model loads")
     g.add_argument("--api-key", default=None, help="key every /v1 request must carry (Authorization: Bearer KEY); "
                    "none: $LORAFLEET_API_KEY, else no key needed")
@@ -98,19 +100,20 @@ def _network_args(g) -> None:
     g.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
                    help="also serve browser WebSockets and POSTs from this origin, e.g. https://ops.example.com "
                    "(repeatable; '*': any); none: the server's own origin and localhost only")
-    g.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body or WebSocket frame")
-    g.add_argument("--header-timeout", type=float, default=15.0, metavar="S",
+    g.add_argument("--max-body-bytes", type=positive_int, default=1 << 20,
+                   help="largest request body or WebSocket frame")
+    g.add_argument("--header-timeout", type=positive_float, default=15.0, metavar="S",
                    help="close a connection whose request headers are not complete S seconds after it opened or "
                    "after its previous request (slow clients; also the keep-alive idle limit)")
-    g.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+    g.add_argument("--body-timeout", type=positive_float, default=30.0, metavar="S",
                    help="a request body not received within S seconds gets 408")
-    g.add_argument("--ws-max-generations", type=int, default=256, metavar="N",
+    g.add_argument("--ws-max-generations", type=positive_int, default=256, metavar="N",
                    help="generations in flight on one WebSocket; more get a too_many_generations error")
-    g.add_argument("--ws-frame-rate", type=float, default=500.0, metavar="R",
+    g.add_argument("--ws-frame-rate", type=positive_float, default=500.0, metavar="R",
                    help="client frames per second one WebSocket may send (bursts of 2R; an invalid frame counts "
                    "10); a socket over it is closed with 1008")
-    g.add_argument("--max-queue", type=int, default=1024, help="waiting requests before new ones get 429")
-    g.add_argument("--slo-ttft-ms", type=float, default=DEFAULT_SLO_TTFT_MS, metavar="MS",
+    g.add_argument("--max-queue", type=non_negative_int, default=1024, help="waiting requests before new ones get 429")
+    g.add_argument("--slo-ttft-ms", type=non_negative_float, default=DEFAULT_SLO_TTFT_MS, metavar="MS",
                    help="first-token deadline of requests that carry no slo_ttft_ms: refused at admission (429 + "
                    "Retry-After) when it cannot be met, ended with an error once it has passed; 0: none")
 
@@ -119,68 +122,72 @@ def _engine_args(g) -> None:
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     g.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="weights, activations and pool "
                    "dtype (half = float16, float = float32, as in vLLM)")
-    g.add_argument("--num-pages", type=int, default=512, help="pool pages per device (KV cache and adapter "
+    g.add_argument("--num-pages", type=non_negative_int, default=512,
+                   help="pool pages per device (KV cache and adapter "
                    "weights share them); 0 = size from free GPU memory")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of GPU memory the "
                    "executor may use, with --num-pages 0")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="executor processes (one per GPU)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
+                   help="executor processes (one per GPU)")
     g.add_argument("--no-cuda-graphs", "--enforce-eager", action="store_true",
                    help="run every step eagerly, never from CUDA graphs (vLLM: --enforce-eager)")
     g.add_argument("--no-piecewise-graphs", action="store_true",
                    help="run steps with prefill tokens eagerly (decode steps still replay their graphs)")
-    g.add_argument("--block-tokens", "--block-size", type=int, default=16,
+    g.add_argument("--block-tokens", "--block-size", type=positive_int, default=16,
                    help="tokens per KV page (vLLM: --block-size); rounded to the pool's page geometry")
-    g.add_argument("--max-batch-tokens", "--max-num-batched-tokens", type=int, default=512,
+    g.add_argument("--max-batch-tokens", "--max-num-batched-tokens", type=positive_int, default=512,
                    help="tokens per engine step, prefill and decode together (vLLM: --max-num-batched-tokens)")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="sequences per engine step")
-    g.add_argument("--max-adapters-per-batch", "--max-loras", type=int, default=16,
+    g.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences per engine step")
+    g.add_argument("--max-adapters-per-batch", "--max-loras", type=positive_int, default=16,
                    help="distinct adapters per engine step (vLLM: --max-loras)")
-    g.add_argument("--max-lora-rank", type=int, default=64, help="largest adapter rank accepted")
-    g.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion in tokens "
+    g.add_argument("--max-lora-rank", type=positive_int, default=64, help="largest adapter rank accepted")
+    g.add_argument("--max-model-len", type=positive_int, default=None, help="longest prompt + completion in tokens "
                    "(none: the model's max_position_embeddings)")
-    g.add_argument("--host-cache-mb", type=int, default=4096, help="host LRU cache of packed adapters (MiB)")
-    g.add_argument("--torch-threads", type=int, default=0, help="torch threads per executor process; 0: chosen "
+    g.add_argument("--host-cache-mb", type=non_negative_int, default=4096,
+                   help="host LRU cache of packed adapters (MiB)")
+    g.add_argument("--torch-threads", type=non_negative_int, default=0,
+                   help="torch threads per executor process; 0: chosen "
                    "from the cores this process may use (stated in the start-up banner)")
-    g.add_argument("--max-adapter-load-bytes-per-step", type=int, default=256 << 20, metavar="BYTES",
+    g.add_argument("--max-adapter-load-bytes-per-step", type=non_negative_int, default=256 << 20, metavar="BYTES",
                    help="adapter bytes (one GPU's pool) a step may load; requests whose adapter does not fit wait "
                    "a step while others run (0 = no bound; a step's first load always fits)")
-    g.add_argument("--prefetch-adapters", type=int, default=8,
+    g.add_argument("--prefetch-adapters", type=non_negative_int, default=8,
                    help="adapters of waiting requests loaded ahead into free pool pages per step")
-    g.add_argument("--prefetch-workers", type=int, default=2,
+    g.add_argument("--prefetch-workers", type=positive_int, default=2,
                    help="threads packing adapters into the host cache at once")
-    g.add_argument("--cluster-window", type=int, default=0,
+    g.add_argument("--cluster-window", type=non_negative_int, default=0,
                    help="waiting requests admission looks through for ones whose adapter is already in the batch "
                    "(0 = the fairness window, 32)")
-    g.add_argument("--max-batch-adapter-fraction", type=float, default=0.0,
+    g.add_argument("--max-batch-adapter-fraction", type=non_negative_float, default=0.0,
                    help="bound the distinct adapters' bytes a step reads to this fraction of the weight bytes "
                    "(0 = no bound; see docs/benchmarks.md, roofline)")
     g.add_argument("--prefill-attention", choices=("triton", "flex"), default="triton",
                    help="prefill attention kernel: ours (Triton) or PyTorch flex_attention over the pages")
-    g.add_argument("--roofline-bandwidth-gbps", type=float, default=0.0,
+    g.add_argument("--roofline-bandwidth-gbps", type=non_negative_float, default=0.0,
                    help="device memory bandwidth for the step roofline (GB/s; 0 = measured at start-up)")
-    g.add_argument("--roofline-tflops", type=float, default=0.0,
+    g.add_argument("--roofline-tflops", type=non_negative_float, default=0.0,
                    help="matmul peak for the step roofline (TFLOP/s; 0 = measured at start-up)")
 
 
 def _lifecycle_args(g) -> None:
-    g.add_argument("--drain-timeout", type=float, default=30.0,
+    g.add_argument("--drain-timeout", type=non_negative_float, default=30.0,
                    help="seconds SIGTERM waits for in-flight work; what still runs then gets a server_shutting_down "
                    "error and the exit status is 4")
-    g.add_argument("--stall-timeout", type=float, default=30.0, metavar="S",
+    g.add_argument("--stall-timeout", type=positive_float, default=30.0, metavar="S",
                    help="no step result for S seconds while a step runs: /health answers 503 'executor stalled'")
-    g.add_argument("--stall-kill-after", type=float, default=120.0, metavar="S",
+    g.add_argument("--stall-kill-after", type=non_negative_float, default=120.0, metavar="S",
                    help="a stall lasting S seconds kills the executor: the executor-failure path (restart or exit "
                    "3); 0: never")
-    g.add_argument("--failure-linger", type=float, default=2.0,
+    g.add_argument("--failure-linger", type=non_negative_float, default=2.0,
                    help="seconds to keep answering (503) after an executor died, before exiting 3")
-    g.add_argument("--executor-restarts", type=int, default=0,
+    g.add_argument("--executor-restarts", type=non_negative_int, default=0,
                    help="restart a dead executor up to N times (0: exit 3 after --failure-linger)")
     g.add_argument("--log-format", choices=("text", "json"), default="text",
                    help="log lines as text or as one JSON object per line")
     g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                    help="debug also prints start-up tracebacks")
     g.add_argument("--disable-log-requests", action="store_true", help="no access line per request (as in vLLM)")
-    g.add_argument("--log-steps", type=float, default=0.0, metavar="S",
+    g.add_argument("--log-steps", type=non_negative_float, default=0.0, metavar="S",
                    help="every S seconds log steps/s, batch size and where a step's time went (0 = off)")
     g.add_argument("--metric-prefix", type=metric_prefix, default="lorafleet:",
                    help="prefix of every /metrics name; 'vllm:' serves vLLM's names (Kubernetes inference gateway, "
@@ -346,13 +353,16 @@ def main(argv: list[str] | None = None) -> int:
         args.torch_threads = args.thread_policy.executor_threads
         _limit_threads(args.thread_policy.frontend_threads)
         from lorafleet.actors.server import engine_config
-        from lorafleet.engine.config import ConfigError
+        from lorafleet.engine.config import ConfigError, ModelConfig
 
         try:
             check_limits(args)
             assets = resolve_assets(args)
+            ModelConfig.from_dir(assets.model_dir)  # a bad config.json fails here, in one line, before loading
             config = engine_config(args)
         except (ValueError, ConfigError, OSError) as exc:
+            return startup_failed(args, exc)
+        except Exception as exc:  # any other start-up failure: still one line (traceback with --log-level debug)
             return startup_failed(args, exc)
         return asyncio.run(run(args, assets, config, sock))
     finally:
@@ -370,6 +380,8 @@ def startup_failed(args: argparse.Namespace, exc: BaseException) -> int:
     from lorafleet.actors.logs import event, server_log
 
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not isinstance(exc, (ValueError, OSError)):  # an unexpected kind: name it
+        reason = f"{type(exc).__name__}: {reason}"
     event(server_log, f"start-up failed: {reason}", logging.ERROR)
     if args.log_level == "debug":
         server_log.debug("start-up traceback", exc_info=exc)
@@ -411,7 +423,10 @@ async def _run(args: argparse.Namespace, assets: Assets, config, arena, stop: as
     from lorafleet.actors.executor import ExecutorDied, ExecutorGroup
     from lorafleet.actors.server import Server
 
-    executors = ExecutorGroup.spawn(str(assets.model_dir), config, args.torch_threads, arena.name)
+    try:
+        executors = ExecutorGroup.spawn(str(assets.model_dir), config, args.torch_threads, arena.name)
+    except Exception as exc:  # nothing started yet: one line, exit 2
+        return startup_failed(args, exc)
     if config.num_pages == 0:  # the executors size the pool from their free memory: wait for that number
         try:
             await executors.wait_ready()  # stops the group itself when it fails

@@ -114,7 +114,18 @@ class ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ConfigError(f"model: no config.json in {model_dir}")
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            raw = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ConfigError(f"model: {path} is not valid JSON: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"model: {path} is not a JSON object")
+        try:
+            return cls.from_dict(raw)
+        except KeyError as exc:
+            raise ConfigError(f"model: {path} has no {exc.args[0]!r}") from exc
+        except (TypeError, ValueError, ZeroDivisionError) as exc:
+            raise ConfigError(f"model: {path} is not a causal-LM config this engine serves: {exc}") from exc
 
 
 def _rope_parameters(raw: dict) -> dict:

@@ -21,7 +21,11 @@ def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase | None:
     model_dir = Path(model_dir)
     if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as exc:  # transformers raises many kinds for an unreadable tokenizer
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"tokenizer: cannot load the tokenizer in {model_dir}: {first}") from exc
     tokenizer.model_max_length = NO_TOKENIZER_LIMIT
     return tokenizer
 

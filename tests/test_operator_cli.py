@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -110,6 +111,50 @@ def test_busy_port_fails_in_one_line_before_the_model_loads(tmp_path):
     assert len(lines) == 1 and f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0], proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert elapsed < 30, f"took {elapsed:.1f}s: the port was checked after loading"
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["--port", "70000"], "--port"), (["--port", "-5"], "--port"), (["--port", "http"], "--port"),
+    (["--max-model-len", "0"], "--max-model-len"), (["--drain-timeout", "-1"], "--drain-timeout"),
+    (["--num-pages", "-1"], "--num-pages"), (["--max-num-seqs", "0"], "--max-num-seqs"),
+    (["--executor-restarts", "-1"], "--executor-restarts"), (["--no-such-flag"], "--no-such-flag"),
+])
+def test_bad_flag_values_fail_in_one_line_while_parsing(argv, names):
+    """Out-of-range numbers are refused by the parser (a port of 70000 used to wrap to 4464 and serve)."""
+    started = time.monotonic()
+    proc = run_cli("serve", *argv, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert names in line and "Traceback" not in proc.stderr, proc.stderr
+    assert time.monotonic() - started < 30, "parsed after loading"
+
+
+def _broken_model(tmp_path, kind: str):
+    from lorafleet.engine import demo
+
+    model = tmp_path / kind
+    shutil.copytree(demo.demo_model_dir(), model)
+    if kind == "missing-key":
+        config = json.loads((model / "config.json").read_text())
+        del config["num_attention_heads"]
+        (model / "config.json").write_text(json.dumps(config))
+    elif kind == "bad-json":
+        (model / "config.json").write_text("{not json")
+    elif kind == "bad-tokenizer":
+        (model / "tokenizer.json").write_text("{not json")
+    return model
+
+
+@pytest.mark.parametrize("kind, says", [("missing-key", "num_attention_heads"), ("bad-json", "not valid JSON"),
+                                        ("bad-tokenizer", "tokenizer")])
+def test_broken_model_dir_fails_in_one_line_and_exit_2(tmp_path, kind, says):
+    """A model directory whose config.json or tokenizer cannot be read: one line naming the file, exit 2."""
+    model = _broken_model(tmp_path, kind)
+    proc = run_cli("serve", str(model), "--port", "0", "--torch-threads", "1", "--log-format", "json")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    record = json.loads(line)
+    assert record["level"] == "ERROR" and says in record["msg"], record
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
