@@ -5,11 +5,14 @@
 # against one server per tensor-parallel size, all rows in one JSON, each row with `tensor_parallel_size`.
 #   bash bench/tp_serving.sh OUT.json
 # Default rows: tp=1 n=100,1000; tp=2 n=100,1000, then tp=2 without LoRA (lorafleet-nolora, on the warmed
-# server). Each server's log (its --log-steps lines) is written beside OUT.json as OUT-tp<N>-steps.log.
+# server). Each server is warmed before its first measured row by an unmeasured WARMUP-second run (default 20;
+# `lorafleet bench --warmup-duration`, the same rate at the largest n; its figures go to the JSON's `warmups`), so
+# Triton compilation, graph capture and the first adapter reads do not land in the first row of one size only.
+# Each server's log (its --log-steps lines) is written beside OUT.json as OUT-tp<N>-steps.log.
 # BUDGET (s, default 500) bounds the whole script: the bench of the running server is stopped cleanly
 # (rows done are kept) so that one command fits a 9-minute limit; DURATION=30 s per row (S-LoRA used 60 s,
 # the issue 50 s) keeps five rows and two server start-ups inside it on two H200s.
-# Environment: RATE (req/s offered), DURATION, DRAIN, BUDGET, SHAPE, DEVICE, DTYPE, TPS (sizes, in order),
+# Environment: RATE (req/s offered), DURATION, WARMUP, DRAIN, BUDGET, SHAPE, DEVICE, DTYPE, TPS (sizes, in order),
 # LORAFLEET_N (adapter counts), NOLORA_TP (the size that also runs the no-LoRA row; empty = none), RANKS,
 # TARGETS, HOST_CACHE_MB. `SHAPE=tiny DEVICE=cpu DTYPE=float32 RATE=2 DURATION=4 LORAFLEET_N=2 RANKS=3,5
 # NUM_PAGES=512` is a CPU smoke run of the script (gloo ranks). APPEND=1 adds to an existing OUT.json.
@@ -34,9 +37,10 @@ S=(--device "${DEVICE:-cuda}" --dtype "${DTYPE:-bfloat16}" --num-pages "${NUM_PA
    --synthetic-targets "${TARGETS:-q_proj,k_proj,v_proj,o_proj}" --log-steps 10)
 W=(--alpha 1 --cv 1 --input-len 8:512 --output-len 8:512 --rate "${RATE:-30}" --duration "${DURATION:-30}" --seed 0
    --slo-ttft-ms 6000 --drain-timeout "${DRAIN:-15}" --protocol ws --num-sockets 4 --no-progress
-   --startup-timeout 300 --model "$model" --out "$out" --append)
-rows_of() {  # a server of size $1: its start-up (about one row's time), one row per adapter count, no-LoRA
+   --startup-timeout 300 --warmup-duration "${WARMUP:-20}" --model "$model" --out "$out" --append)
+rows_of() {  # a server of size $1: its start-up (about one row's time), its warm-up, one row per count, no-LoRA
   local n; n=$(( $(tr ',' '\n' <<<"$counts" | grep -c .) + 1 ))
+  [ "${WARMUP:-20}" = 0 ] || n=$((n + 1))  # the warm-up run and its drain: about one more row
   [ "$1" = "$NOLORA_TP" ] && n=$((n + 1))
   echo "$n"
 }
