@@ -157,11 +157,12 @@ def scale(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
 
     Numerically safe for any temperature > 0: after the shift the maximum is exactly 0 and every other
     logit is negative, and the division is a multiplication by 1/temperature computed in float64 and
-    capped at the float32 maximum. A temperature of 1e-300 (0 in float32; 1/t overflows) leaves the top
-    logit(s) at 0 and the others at -inf or far below: greedy, never 0/0 or inf - inf. A row whose
-    logits are all -inf is left as it is."""
+    capped at the largest value of the logits' dtype (a float64 row of penalized logits keeps gaps as small
+    as 1e-270 apart: capped at the float32 maximum they stayed below the draw's noise, not greedy). A
+    temperature of 1e-300 (0 in float32; 1/t overflows) leaves the top logit(s) at 0 and the others at -inf
+    or far below: greedy, never 0/0 or inf - inf. A row whose logits are all -inf is left as it is."""
     inverse = torch.tensor([1.0 / s.temperature if s.temperature > 0.0 else 1.0 for s in specs],
-                           dtype=torch.float64).clamp(max=torch.finfo(torch.float32).max)
+                           dtype=torch.float64).clamp(max=torch.finfo(logits.dtype).max)
     top = logits.max(dim=-1, keepdim=True).values
     top = torch.where(torch.isfinite(top), top, 0.0)
     return ((logits - top) * inverse.to(device=logits.device, dtype=logits.dtype)[:, None]).float()

@@ -260,3 +260,20 @@ def test_tiny_repetition_penalty_keeps_the_order_of_the_penalized_logits(penalty
         assert sample(logits, specs).token_ids == want, temperature  # the gaps are >= 1e19 / temperature
         probs = distribution(logits, specs)
         assert torch.isfinite(probs).all() and probs.argmax(dim=-1).tolist() == want
+
+
+@pytest.mark.parametrize("penalty", [1e-38, 1e-300])
+def test_tiny_temperature_is_greedy_over_tiny_penalized_gaps(penalty):
+    """Negative logits of seen tokens times a tiny repetition_penalty differ by ~1e-270: a temperature of
+    1e-300 still makes those gaps huge (greedy), but 1/temperature capped at the float32 maximum left them
+    below the draw's noise, so the sampled token differed from the greedy one."""
+    torch.manual_seed(1)
+    logits = torch.randn(4, VOCAB) * 4 - 100  # every logit negative, as after logit_bias -100 on all
+    seen = list(range(VOCAB))
+    greedy = [SampleSpec(temperature=0.0, top_p=1.0, top_k=0, seed=s, index=0, repetition_penalty=penalty,
+                         prompt_ids=seen) for s in range(4)]
+    want = sample(logits, greedy).token_ids
+    assert want == torch.argmax(logits, dim=-1).tolist()  # x * p keeps the order of negative logits
+    for temperature in (1e-300, 5e-324):
+        specs = [SampleSpec(**{**s.__dict__, "temperature": temperature}) for s in greedy]
+        assert sample(logits, specs).token_ids == want, temperature
