@@ -2,7 +2,10 @@
 (`ParallelGroup.all_reduce`, `model.collect_intermediate`), eager and replayed from a CUDA graph (as the engine
 runs them), for a decode step of T tokens: the base all-reduces (o, down) against the LoRA collectives — now
 (one all-gather of the q/k/v intermediates, one all-reduce for o, model dtype) and before (one fp32 all-gather per
-column-parallel module, one fp32 all-reduce per row-parallel one). Issue #13's target: LoRA ≤ 25 % of base.
+column-parallel module, one fp32 all-reduce per row-parallel one). Both rows include the per-token column pick
+after each collective that the engine ran then and runs now (before: indexed per module and layer; now: the
+per-token index built once per step, `LoraBatch.token_cols`, so not timed here). Issue #13's target: LoRA ≤ 25 %
+of base.
 
     python bench/tp_collectives.py --out bench/results/tp-collectives-h200x2.json   # 2 GPUs (NCCL)
     python bench/tp_collectives.py --device cpu                                      # gloo smoke run, eager only
@@ -37,6 +40,11 @@ def layer_ops(group: ParallelGroup, tokens: int, hidden: int, rank: int, slots: 
     qkv = torch.randn(3, tokens, local, device=device)
     o = torch.randn(tokens, rank, device=device)
     old_gathers = [torch.randn(tokens, local, device=device) for _ in range(3)]
+    qkv_index = cols_gather[:, token_slots.long(), :]  # LoraBatch.token_cols: once per step, not per layer
+    o_index = cols_reduce[token_slots.long(), :]
+
+    def old_pick(v: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:  # the engine before: per module and layer
+        return torch.gather(v, 1, cols[token_slots.clamp(min=0).long()])
 
     def old_gather(v: torch.Tensor) -> torch.Tensor:
         out = torch.empty(size * tokens, local, device=device)
@@ -45,9 +53,11 @@ def layer_ops(group: ParallelGroup, tokens: int, hidden: int, rank: int, slots: 
 
     return {
         "base_all_reduces": lambda: [group.all_reduce(x) for x in base],
-        "lora_now": lambda: (collect_intermediate(qkv, True, group, cols_gather, token_slots),
-                             collect_intermediate(o, False, group, cols_reduce, token_slots)),
-        "lora_before": lambda: ([old_gather(v) for v in old_gathers], group.all_reduce(o.clone())),
+        "lora_now": lambda: (collect_intermediate(qkv, True, group, qkv_index),
+                             collect_intermediate(o, False, group, o_index)),
+        "lora_before": lambda: ([old_pick(old_gather(v).view(size, tokens, local).movedim(0, 1).reshape(tokens, -1),
+                                          cols_gather[0]) for v in old_gathers],
+                                old_pick(group.all_reduce(o.clone()), cols_reduce)),
     }
 
 

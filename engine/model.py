@@ -66,10 +66,22 @@ class LoraBatch:
         a CUDA-graph capture builds its own copy, so the graph restacks the static buffers' tables on every
         replay. Like the kernels' tile cache, this assumes the tables do not change in place between eager
         calls that reuse this LoraBatch."""
-        key = (names, self.token_slots.is_cuda and torch.cuda.is_current_stream_capturing())
+        key = (names, self._capturing())
         if key not in self.groups:
             self.groups[key] = _stack_group(names, self.modules)
         return self.groups[key]
+
+    def token_cols(self, names: str | tuple[str, ...], cols: torch.Tensor) -> torch.Tensor:
+        """Tensor parallelism: the column map of module (or group) `names` per token, `cols[..., slot, :]`
+        for each token's slot ([T, C] or [M, T, C], int64), built once per step (like `group`) and shared by
+        every layer's `collect_intermediate` instead of re-indexed in each."""
+        key = ("token_cols", names, self._capturing())
+        if key not in self.groups:
+            self.groups[key] = cols[..., self.token_slots.clamp(min=0).long(), :]
+        return self.groups[key]
+
+    def _capturing(self) -> bool:
+        return self.token_slots.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _stack_group(names: tuple[str, ...], modules: dict[str, ModuleLora]) -> ModuleGroup | None:
@@ -119,16 +131,14 @@ class ParallelGroup:
         return out.view(self.shard.size, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], -1)
 
 
-def collect_intermediate(v: torch.Tensor, column: bool, group: ParallelGroup, cols: torch.Tensor,
-                         token_slots: torch.Tensor) -> torch.Tensor:
+def collect_intermediate(v: torch.Tensor, column: bool, group: ParallelGroup, token_cols: torch.Tensor) -> torch.Tensor:
     """Tensor parallelism: the shrink output v ([T, W] or [M, T, W], fp32) of every rank combined with ONE
     collective in the model dtype `group.dtype` — all-gathered for column-parallel modules, all-reduced for a
-    row-parallel one — then, per token, the columns its slot's Bᵀ rows multiply (`cols` [S, C] or [M, S, C]),
-    back in fp32 for the expand: [T, C] or [M, T, C]."""
+    row-parallel one — then, per token, the columns its slot's Bᵀ rows multiply (`token_cols` [T, C] or
+    [M, T, C], int64: `LoraBatch.token_cols`), back in fp32 for the expand: [T, C] or [M, T, C]."""
     v = v.to(group.dtype)
     v = group.all_gather_columns(v) if column else group.all_reduce(v)
-    index = cols[..., token_slots.clamp(min=0).long(), :]
-    return torch.gather(v, -1, index).float()
+    return torch.gather(v, -1, token_cols).float()
 
 
 class LoraLinear(nn.Module):
@@ -155,7 +165,7 @@ class LoraLinear(nn.Module):
         if rows is not None:
             v = kernels.lora_shrink(x, pool_flat, rows.a_rows, rows.ranks, lora.token_slots)
             if rows.cols is not None:
-                v = collect_intermediate(v, self.column, self.group, rows.cols, lora.token_slots)
+                v = collect_intermediate(v, self.column, self.group, lora.token_cols(self.target, rows.cols))
             kernels.lora_expand(v, pool_flat, rows.b_rows, rows.expand_ranks, lora.scales, lora.token_slots, y)
         return y
 
@@ -172,7 +182,7 @@ def shared_input_linears(layers: tuple[LoraLinear, ...], x: torch.Tensor, lora: 
     outs = [y for layer, y in zip(layers, ys) if layer.target in group.names]
     v = kernels.lora_shrink_multi(x, pool_flat, group.a_rows, group.ranks, lora.token_slots)
     if group.cols is not None:
-        v = collect_intermediate(v, True, layers[0].group, group.cols, lora.token_slots)
+        v = collect_intermediate(v, True, layers[0].group, lora.token_cols(group.names, group.cols))
     kernels.lora_expand_multi(v, pool_flat, group.b_rows, group.expand_ranks, lora.scales, lora.token_slots, outs)
     return ys
 
