@@ -153,7 +153,7 @@ def apply_penalties(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tens
 
 def scale(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
     """(logits - row max) / temperature on fp32 or float64 `logits` [rows, vocab] (rows with temperature 0
-    unscaled), returned in fp32.
+    unscaled), in the same dtype.
 
     Numerically safe for any temperature > 0: after the shift the maximum is exactly 0 and every other
     logit is negative, and the division is a multiplication by 1/temperature computed in float64 and
@@ -165,7 +165,7 @@ def scale(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
                            dtype=torch.float64).clamp(max=torch.finfo(logits.dtype).max)
     top = logits.max(dim=-1, keepdim=True).values
     top = torch.where(torch.isfinite(top), top, 0.0)
-    return ((logits - top) * inverse.to(device=logits.device, dtype=logits.dtype)[:, None]).float()
+    return (logits - top) * inverse.to(device=logits.device, dtype=logits.dtype)[:, None]
 
 
 def keep_top_k(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
@@ -182,8 +182,9 @@ def keep_top_k(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
 
 
 def distribution(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
-    """The distribution [rows, vocab] (fp32) the rows with temperature > 0 are drawn from: the softmax
-    of the processed, scaled and cut logits (the Gumbel-max draw samples exactly this)."""
+    """The distribution [rows, vocab] (fp32; float64 when a row has a penalty) the rows with temperature > 0
+    are drawn from: the softmax of the processed, scaled and cut logits (the Gumbel-max draw samples exactly
+    this)."""
     processed = keep_top_k(process_logits(widened(finite_logits(logits), specs), specs), specs)
     return torch.softmax(cut(scale(processed, specs), specs), dim=-1)
 
@@ -195,12 +196,17 @@ def finite_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def cut(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
-    """min_p, top_k (ties with the k-th kept) and top_p on temperature-scaled `logits` [rows, vocab]."""
+    """min_p, top_k (ties with the k-th kept) and top_p on temperature-scaled `logits` [rows, vocab] (fp32, or
+    float64 for penalized rows: see `widened`; the top token is the largest in that dtype, so top_p 1e-300
+    and min_p 1 keep exactly it even where penalized logits differ by 1e-270).
+
+    min_p drops token i when p_i < min_p * p_max, tested in log space as logit_i - logit_max < log(min_p)
+    (the same condition; probabilities rounded to equal would tie where the logits do not)."""
     device = logits.device
     if any(s.min_p > 0.0 for s in specs):
-        probs = torch.softmax(logits, dim=-1)
-        min_p = _column(specs, "min_p", torch.float32, device)[:, None]
-        logits = logits.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, float("-inf"))
+        floor = torch.log(_column(specs, "min_p", torch.float64, device)).to(logits.dtype)[:, None]
+        top = logits.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(logits - top < floor, float("-inf"))
     vocab = logits.shape[-1]
     use_k = any(0 < s.top_k < vocab for s in specs)
     use_p = any(s.top_p < 1.0 for s in specs)
@@ -216,7 +222,7 @@ def cut(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
     if use_p:
         probs = torch.softmax(ordered, dim=-1)
         before = torch.cumsum(probs, dim=-1) - probs
-        top_p = _column(specs, "top_p", torch.float32, device)[:, None]
+        top_p = _column(specs, "top_p", logits.dtype, device)[:, None]
         dropped = (before >= top_p) & (top_p < 1.0)
         dropped[:, 0] = False  # the most likely token stays, however small top_p (1e-300 is 0 in float32)
         drop = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, order, dropped)

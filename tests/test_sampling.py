@@ -277,3 +277,17 @@ def test_tiny_temperature_is_greedy_over_tiny_penalized_gaps(penalty):
     for temperature in (1e-300, 5e-324):
         specs = [SampleSpec(**{**s.__dict__, "temperature": temperature}) for s in greedy]
         assert sample(logits, specs).token_ids == want, temperature
+
+
+@pytest.mark.parametrize("cut_by", [{"top_p": 1e-300}, {"min_p": 1.0}, {"top_k": 1}])
+def test_tiny_top_p_or_min_p_one_keeps_the_top_penalized_token(cut_by):
+    """Seen tokens' negative logits times repetition_penalty 1e-300 differ by ~1e-270 (float64): top_p 1e-300,
+    min_p 1 and top_k 1 must keep exactly the largest, at any temperature; rounded to fp32 after the
+    temperature scale they tied and the draw picked any of them."""
+    torch.manual_seed(2)
+    logits = torch.randn(4, VOCAB) * 4 - 100
+    base = {"top_p": 1.0, "top_k": 0, "index": 0, "repetition_penalty": 1e-300, "prompt_ids": list(range(VOCAB))}
+    want = torch.argmax(logits, dim=-1).tolist()
+    for temperature in (1.0, 100.0):
+        specs = [SampleSpec(**{**base, **cut_by, "temperature": temperature, "seed": s}) for s in range(4)]
+        assert sample(logits, specs).token_ids == want, temperature
