@@ -303,7 +303,8 @@ class WsConnection:
 
     async def handle(self, msg) -> bool:
         """One client frame; any error is answered with an error frame (the socket goes on). False when the
-        frame was refused (it costs more of the socket's frame budget)."""
+        frame was invalid (it costs more of the socket's frame budget); a well-formed frame refused for
+        capacity (429: too_many_generations, queue_full, slo_unattainable) is load, not abuse, and costs 1."""
         cid = None
         try:
             frame = self.decode(msg)
@@ -313,6 +314,7 @@ class WsConnection:
         except ApiError as exc:
             self.frontend.refused(exc)
             await self.error(None if exc.code in _UNTIED else cid, exc)
+            return exc.status == 429
         except Exception as exc:  # a bug must not end the socket or show the client a traceback
             ref = self.frontend.new_id("err")
             log.exception("ws frame failed (%s, id %r)", ref, cid)
@@ -455,6 +457,8 @@ async def ws_stream(request: web.Request) -> web.WebSocketResponse:
 async def _close_abusive(conn: WsConnection) -> None:
     limits = conn.frontend.limits
     conn.frontend.hub.count("ws_closed_frame_rate")
+    log.warning("closing a WebSocket (1008): frames over --ws-frame-rate %g/s; its %d generation(s) in flight "
+                "are cancelled", limits.ws_frame_rate, len(conn.active))
     await conn.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=f"frame rate over {limits.ws_frame_rate:g}/s "
                         f"(an invalid frame counts {limits.ws_invalid_cost:g})".encode())
 

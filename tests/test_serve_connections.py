@@ -53,6 +53,28 @@ async def test_generations_per_socket_are_capped_and_the_socket_stays_usable(ser
     assert after["type"] == "done" and after["usage"]["completion_tokens"] == 3
 
 
+async def test_refusals_for_capacity_are_not_invalid_frames(server):
+    """A client sending well-formed generates faster than its generations end gets too_many_generations (429)
+    for the extra ones; those refusals cost the frame budget like any frame, not like an invalid one, so the
+    socket and its running generations survive (30 refusals x the invalid cost 10 would empty the burst 100)."""
+    async with aiohttp.ClientSession() as session, session.ws_connect(server.ws_url) as ws:
+        client = WsClient(ws)
+        reader = asyncio.create_task(client.read_loop())
+        for i in range(2):
+            await client.send({"type": "generate", "id": f"r{i}", "prompt": "busy", "max_tokens": 800,
+                               "ignore_eos": True})
+        for i in range(30):
+            await client.send({"type": "generate", "id": f"x{i}", "prompt": "more", "max_tokens": 3})
+        refused = [await asyncio.wait_for(client.expect(f"x{i}"), 30) for i in range(30)]
+        for i in range(2):
+            await client.send({"type": "cancel", "id": f"r{i}"})
+        ended = [await asyncio.wait_for(client.expect(f"r{i}"), 30) for i in range(2)]
+        await ws.close()
+        await reader
+    assert {r["error"]["code"] for r in refused} == {"too_many_generations"}, refused
+    assert [e["finish_reason"] for e in ended] == ["cancelled", "cancelled"], ended
+
+
 async def test_a_socket_flooding_invalid_frames_is_closed_and_others_go_on(server):
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(server.ws_url) as good:
