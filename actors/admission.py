@@ -86,12 +86,18 @@ class AdmissionPolicy:
             excess_ms = 1000 / rate if rate > 0 else self.queue_length() * step_ms
         return float(min(60, max(1, math.ceil(excess_ms / 1000))))
 
+    def idle(self) -> bool:
+        """Nothing running, waiting or forwarded unseen. An idle server admits whatever its estimate says: the
+        step time behind the estimate is only refreshed by steps, so a refusal here (e.g. after one slow cold
+        step of kernel compilation) would stand forever with nothing left to measure."""
+        return self.stats is not None and self.stats.num_running == 0 and self.queue_length() == 0
+
     def decide(self, submit: Submit) -> Rejected | None:
         """None to admit, else the refusal."""
         if self.queue_length() >= self.max_queue:
             return Rejected(submit.request_id, QUEUE_FULL, f"the queue is full ({self.max_queue} waiting); retry "
                             "later", 429, None, self.retry_after())
-        estimate = self.estimate_ttft_ms(len(submit.prompt_ids))
+        estimate = None if self.idle() else self.estimate_ttft_ms(len(submit.prompt_ids))
         if submit.slo_ttft_ms is not None and estimate is not None and estimate > submit.slo_ttft_ms:
             return Rejected(submit.request_id, SLO_UNATTAINABLE, f"slo_ttft_ms: the first token is estimated at "
                             f"{estimate:.0f} ms, over the {submit.slo_ttft_ms:.0f} ms first-token deadline", 429,

@@ -59,3 +59,20 @@ def test_start_rate_counts_only_saturated_windows():
     assert rate.update(2.0, started=26, waiting=3) == pytest.approx(20.0)  # the new window is not over yet
     assert rate.update(2.6, started=30, waiting=3) == pytest.approx(20.0)  # it began empty: not saturated
     assert rate.update(3.6, started=40, waiting=3) == pytest.approx(15.0)  # half old (20), half new (10)
+
+
+def test_an_idle_server_admits_after_a_slow_cold_step_and_the_next_step_refreshes_the_estimate():
+    """One cold step (kernel compilation) measured at 3.7 s must not refuse every later request for a 6 s SLO:
+    with nothing running or waiting no step would ever run to refresh the measurement (seen on a GPU: 0 of
+    3675 requests served). The idle server admits; requests behind the admitted one still get the estimate."""
+    policy = AdmissionPolicy(max_queue=1000, max_batch_tokens=4096)
+    idle = SchedulerStats(1, seen_seq=0, num_waiting=0, num_running=0, waiting_tokens=0, step_ms=3742.0)
+    policy.observe(idle)
+    assert policy.estimate_ttft_ms(400) > 6000.0  # what the estimate says ...
+    first = _submit(tokens=400, slo=6000.0)
+    assert policy.decide(first) is None  # ... but an idle server admits
+    policy.admitted(first)
+    refusal = policy.decide(_submit(tokens=400, slo=6000.0))  # one ahead, not yet seen: not idle
+    assert refusal is not None and refusal.code == "slo_unattainable"
+    policy.observe(SchedulerStats(2, seen_seq=1, num_waiting=0, num_running=1, waiting_tokens=0, step_ms=40.0))
+    assert policy.decide(_submit(tokens=400, slo=6000.0)) is None  # steps ran: the estimate is fresh again
