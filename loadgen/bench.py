@@ -31,6 +31,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorafleet.args import Parser
 from lorafleet.loadgen.cli import Target, add_workload_args, resolve_target, run_one
 from lorafleet.loadgen.results import environment, write_json
 
@@ -40,7 +41,7 @@ SCHEMA = "lorafleet.bench/1"
 
 def build_parser() -> argparse.ArgumentParser:
     """The `lorafleet bench` argument parser (workload options shared with loadgen)."""
-    parser = argparse.ArgumentParser(prog="lorafleet bench", description=__doc__.splitlines()[0])
+    parser = Parser(prog="lorafleet bench", description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="peft", help=f"comma-separated, of {', '.join(BACKENDS)}")
     parser.add_argument("--model", default=None, help="base model directory (or a name lorafleet serve knows)")
     parser.add_argument("--adapter", action="append", default=[], help="name=DIR (repeatable)")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 
+from lorafleet.args import Parser
 from lorafleet.loadgen.clients import (
     ClientConfig,
     Progress,
@@ -73,7 +74,9 @@ def add_workload_args(parser: argparse.ArgumentParser, several_n: bool = False) 
                    "10:499, cut to the server's vocabulary when /v1/models gives vocab_size)")
     w.add_argument("--trace", default=None, help="replay this JSONL trace instead of generating a workload")
     c = parser.add_argument_group("client")
-    c.add_argument("--protocol", choices=("ws", "openai"), default="ws")
+    c.add_argument("--protocol", type=protocol_name, choices=("ws", "openai"), default="ws",
+                   help="ws: the WebSocket stream /v1/stream; openai (or http): streamed POST /v1/completions "
+                   "(default: ws)")
     c.add_argument("--num-sockets", type=int, default=1, help="WebSocket connections to spread requests over")
     c.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
     c.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is abandoned")
@@ -92,9 +95,14 @@ def add_workload_args(parser: argparse.ArgumentParser, several_n: bool = False) 
     c.add_argument("--no-progress", action="store_true", help="no live progress display")
 
 
+def protocol_name(value: str) -> str:
+    """--protocol: `http` is another name of `openai` (the HTTP API)."""
+    return "openai" if value == "http" else value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `lorafleet loadgen` argument parser."""
-    parser = argparse.ArgumentParser(prog="lorafleet loadgen", description=__doc__.splitlines()[0])
+    parser = Parser(prog="lorafleet loadgen", description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
     add_workload_args(parser)
     parser.add_argument(
@@ -289,6 +297,9 @@ async def run_one(
 ) -> tuple[dict[str, object], RunOutput]:
     """One workload run: returns the results entry (config + metrics [+ records]) and the raw output."""
     specs, described = load_specs(args, target, rate)
+    if not specs:
+        where = f"the trace {args.trace}" if args.trace else f"rate {rate:g} req/s over {args.duration:g} s"
+        raise ValueError(f"the workload has no requests ({where}); raise --duration or --rate")
     cfg = client_config(args, url, target)
     out = await run_with_progress(specs, cfg, not args.no_progress, label)
     slo_s = None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1e3

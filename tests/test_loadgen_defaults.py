@@ -44,7 +44,7 @@ def loadgen(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("protocol", ["ws", "openai"])
+@pytest.mark.parametrize("protocol", ["ws", "http"])  # http: another name of openai
 def test_default_run_against_the_default_server_has_no_errors(default_server, protocol, tmp_path):
     out, plot = tmp_path / "run.json", tmp_path / "run.png"
     proc = loadgen("--url", default_server, "--duration", "10", "--protocol", protocol, "--out", str(out),
@@ -60,6 +60,16 @@ def test_default_run_against_the_default_server_has_no_errors(default_server, pr
     assert workload["token_range"][1] <= 99
     assert config["slo_ttft_ms"] == 6000.0 and config["slo_sent"] is True  # the same on both protocols
     assert plot.stat().st_size > 0
+
+
+def test_a_workload_with_no_requests_is_an_error_not_an_empty_summary(default_server, tmp_path):
+    """Rate 0.1 for 1 s (seeded: no arrival inside it) measures nothing: one line naming the cause, exit 2."""
+    proc = loadgen("--url", default_server, "--duration", "1", "--rate", "0.1", "--seed", "0",
+                   "--out", str(tmp_path / "none.json"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "no requests" in line and "--duration" in line, line
+    assert not (tmp_path / "none.json").exists()
 
 
 def test_a_failing_run_names_each_error_and_its_plot_says_so(default_server, tmp_path):

@@ -129,6 +129,14 @@ def test_bad_flag_values_fail_in_one_line_while_parsing(argv, names):
     assert time.monotonic() - started < 30, "parsed after loading"
 
 
+@pytest.mark.parametrize("command", [c.name for c in COMMANDS])
+def test_every_commands_usage_error_is_one_line_and_exit_2(command):
+    proc = run_cli(command, "--no-such-flag", timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"lorafleet {command}: error:") and "--no-such-flag" in line, proc.stderr
+
+
 def _broken_model(tmp_path, kind: str):
     from lorafleet.engine import demo
 

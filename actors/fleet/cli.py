@@ -16,6 +16,8 @@ import sys
 import threading
 from dataclasses import dataclass
 
+from lorafleet.args import Parser
+
 APP_NAME = "lorafleet"
 QUIET = {"enable_access_log": False}  # one log line per call would drown the servers' own output
 
@@ -38,7 +40,7 @@ class FleetOptions:
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, FleetOptions]:
     fleet_argv, server_args = (argv[: argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    p = argparse.ArgumentParser(prog="lorafleet fleet", description="Serve many lorafleet replicas on Ray Serve; "
+    p = Parser(prog="lorafleet fleet", description="Serve many lorafleet replicas on Ray Serve; "
                                 "arguments after -- go to every replica's `lorafleet serve`.")
     p.add_argument("--replicas", type=int, default=2, help="lorafleet serve replicas (default 2)")
     p.add_argument("--host", default="127.0.0.1", help="the fleet's HTTP/WebSocket address")
