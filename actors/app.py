@@ -50,7 +50,7 @@ def _origin_refusal(request: web.Request, frontend: Frontend) -> ApiError | None
     if not upgrade and request.method in ("GET", "HEAD", "OPTIONS"):
         return None
     origin = request.headers.get("Origin")
-    if origin_allowed(origin, request.host, frontend.allowed_origins):
+    if origin_allowed(origin, request.host, frontend.allowed_origins, bool(frontend.api_key)):
         return None
     return ApiError(403, "forbidden_origin", f"Origin: {origin!r} is not allowed (same origin, localhost, or "
                     "--allowed-origin)", "Origin")

@@ -155,3 +155,20 @@ async def test_abrupt_disconnects_leave_no_task_errors(tmp_path):
     assert code == 0
     assert "Task exception was never retrieved" not in server.output()
     assert "Traceback" not in server.output(), server.output()[-3000:]
+
+
+async def test_keyless_server_refuses_rebound_and_malformed_origins(server):
+    """With no key, a page on a DNS name rebound to this server is same-origin by Host; it is refused (403),
+    as is an Origin that is not one serialized origin; an IP-literal same origin and localhost pass."""
+    port = server.url.rsplit(":", 1)[1]
+    body = {"prompt": "o", "max_tokens": 1}
+    cases = [({"Host": f"rebind.evil.example:{port}", "Origin": f"http://rebind.evil.example:{port}"}, 403),
+             ({"Origin": f"{server.url}, http://evil.example"}, 403),
+             ({"Origin": server.url}, 200), ({"Origin": "http://localhost:5173"}, 200)]
+    async with aiohttp.ClientSession() as session:
+        for headers, status in cases:
+            async with session.post(server.url + "/v1/completions", json=body, headers=headers) as resp:
+                got = resp.status, await resp.json()
+            assert got[0] == status, (headers, got)
+            if status == 403:
+                assert got[1]["error"]["code"] == "forbidden_origin"

@@ -20,12 +20,28 @@ API, ADMIN, DASH = "api-k", "admin-k", "dash-k"
 def test_origin_rule():
     allowed = frozenset({"https://ok.example"})
     assert origin_allowed(None, "h:1", allowed)  # not a browser
-    assert origin_allowed("http://h:1", "h:1", allowed)  # same origin
+    assert origin_allowed("http://h:1", "h:1", allowed, keyed=True)  # same origin
     assert origin_allowed("http://localhost:5173", "h:1", allowed)
     assert origin_allowed("https://ok.example", "h:1", allowed)
     assert not origin_allowed("https://evil.example", "h:1", allowed)
     assert not origin_allowed("null", "h:1", allowed)
     assert origin_allowed("https://evil.example", "h:1", frozenset({"*"}))
+
+
+def test_origin_rule_is_strict_and_resists_dns_rebinding():
+    none = frozenset()
+    # an Origin is one serialized origin: lists, paths, user info and stray text are not origins
+    for odd in ("http://127.0.0.1:8000, http://evil.example", "http://localhost/x", "http://u@localhost",
+                "http://localhost:99999", "http://localhost?x", "http://local host", "http:/localhost"):
+        assert not origin_allowed(odd, "127.0.0.1:8000", none, keyed=True), odd
+    assert origin_allowed(" HTTP://LocalHost:3000/ ", "127.0.0.1:8000", none)
+    # keyless: a page whose DNS name was rebound to this server is "same origin" by Host; only IP literals
+    # and localhost names count as the server's own then (the page would otherwise drive it freely)
+    assert not origin_allowed("http://rebind.evil.example:8000", "rebind.evil.example:8000", none)
+    assert origin_allowed("http://10.0.0.5:8000", "10.0.0.5:8000", none)
+    assert origin_allowed("http://[fe80::1]:8000", "[fe80::1]:8000", none)
+    assert origin_allowed("http://gpu-box:8000", "gpu-box:8000", none, keyed=True)  # a key guards it anyway
+    assert origin_allowed("http://gpu-box:8000", "gpu-box:8000", frozenset({"http://gpu-box:8000"}))
 
 
 @pytest.fixture(scope="module")
