@@ -207,6 +207,12 @@ class Server:
               f"{self.engine.max_model_len}", device=config.device, tensor_parallel_size=config.tensor_parallel_size,
               dtype=config.dtype, pool_pages=config.num_pages, page_tokens=self.engine.block_tokens,
               max_model_len=self.engine.max_model_len)
+        graphs = "on" if config.cuda_graphs and config.device.startswith("cuda") else "off"
+        event(server_log, f"per step: max_num_seqs {config.max_num_seqs}, max_num_batched_tokens "
+              f"{config.max_batch_tokens}, max_loras {config.max_adapters_per_batch}; max_lora_rank "
+              f"{config.max_lora_rank}; CUDA graphs {graphs}", max_num_seqs=config.max_num_seqs,
+              max_num_batched_tokens=config.max_batch_tokens, max_loras=config.max_adapters_per_batch,
+              max_lora_rank=config.max_lora_rank, cuda_graphs=graphs == "on")
         if policy is not None:
             event(server_log, f"threads: {policy.describe()}", executor_threads=policy.executor_threads,
                   server_threads=policy.frontend_threads, cores=policy.cores)

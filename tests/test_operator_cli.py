@@ -191,7 +191,7 @@ async def test_positional_model_and_vllm_flags_on_a_real_server(tmp_path):
     a = write_adapter(tmp_path / "ad" / "a", model, 4, seed=1)
     b = write_adapter(tmp_path / "ad" / "b", model, 8, seed=2)
     server = start_server([str(model), "--lora-modules", f"a={a}", json.dumps({"name": "b", "path": str(b)}),
-                           "--max-loras", "2", "--max-num-batched-tokens", "64", "--block-size", "16",
+                           "--max-loras", "2", "--max-num-batched-tokens", "64", "--block-size", "32",
                            "--enforce-eager", "--enable-lora", "--served-model-name", "tiny"])
     try:
         async with aiohttp.ClientSession() as session:
@@ -203,6 +203,9 @@ async def test_positional_model_and_vllm_flags_on_a_real_server(tmp_path):
         assert 'max_lora="2"' in metrics
     finally:
         assert stop_server(server) == 0, server.output()
+    banner = server.output()  # each vLLM spelling shows in the banner as the value it set
+    assert "pages of 32 tokens" in banner and "max_num_batched_tokens 64, max_loras 2;" in banner, banner
+    assert "CUDA graphs off" in banner
 
 
 def test_license_is_the_apache_2_0_text_pyproject_names():
