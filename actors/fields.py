@@ -98,6 +98,20 @@ def is_text(value: str) -> bool:
     return True
 
 
+# decoding ------------------------------------------------------------------------------------------------
+def unique_keys(pairs: list[tuple[Any, Any]]) -> dict:
+    """object_pairs_hook for json and msgpack: an object with one key twice is refused naming the key (both
+    parsers would keep the last value and silently drop the other)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        param = key if isinstance(key, str) and is_text(key) and len(key) <= 120 else "body"
+        raise ApiError(400, "invalid_json", f"{param}: the key {show(key)} appears twice in one object (one of "
+                       "its values would be silently dropped)", param)
+    return out
+
+
 # the whole document --------------------------------------------------------------------------------------
 _SCALARS = (str, int, float, bool, type(None))
 

@@ -20,7 +20,7 @@ import msgpack
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from lorafleet.actors.channels import Channel, LocalChannel
-from lorafleet.actors.fields import redact, show
+from lorafleet.actors.fields import redact, show, unique_keys
 from lorafleet.actors.hub import RequestRecord, ServeHub
 from lorafleet.actors.logprobs import ws_logprobs
 from lorafleet.actors.protocol import ApiError, GenerationSpec, ParseContext, bad, client_id, parse_ws_generate
@@ -287,7 +287,8 @@ class WsConnection:
 
     def decode(self, msg) -> dict:
         try:
-            frame = json.loads(msg.data) if msg.type == WSMsgType.TEXT else msgpack.unpackb(msg.data, raw=False)
+            frame = json.loads(msg.data, object_pairs_hook=unique_keys) if msg.type == WSMsgType.TEXT else \
+                msgpack.unpackb(msg.data, raw=False, object_pairs_hook=unique_keys)
         except RecursionError as exc:
             raise ApiError(400, "invalid_json", "body: the frame is nested too deeply to parse", "body") from exc
         except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from lorafleet.actors.fields import show
+from lorafleet.actors.fields import show, unique_keys
 from lorafleet.actors.frontend import Frontend, Merged, admit_all, item_error
 from lorafleet.actors.logprobs import CompletionLogprobs, chat_logprobs, prompt_logprobs
 from lorafleet.actors.protocol import ApiError, GenerationSpec, bad, parse_detokenize, parse_generation, parse_tokenize
@@ -54,7 +54,7 @@ async def read_json(request: web.Request, frontend: Frontend) -> object:
     except web.HTTPRequestEntityTooLarge as exc:
         raise ApiError(413, "body_too_large", f"body: larger than {frontend.max_body_bytes} bytes", "body") from exc
     try:
-        return json.loads(raw)
+        return json.loads(raw, object_pairs_hook=unique_keys)
     except RecursionError as exc:
         raise bad("body", "is nested too deeply to parse", "invalid_json") from exc
     except ValueError as exc:

@@ -399,3 +399,34 @@ async def test_fuzz_live_server_keeps_serving_and_the_canary_keeps_its_answer(se
     print(f"fuzz requests http/ws-json/ws-msgpack: {counts}, canary generations: {canaries}")
     assert min(counts) > 20 and canaries > 3, (counts, canaries)
     assert server.proc.poll() is None
+
+
+async def test_a_key_twice_in_one_object_is_refused_naming_it(server):
+    """{"max_tokens": 2, "max_tokens": 9} used to run with 9 (the parser kept the last value and silently
+    dropped the other), over HTTP and WS, JSON and msgpack alike."""
+    body = b'{"model": "upper", "prompt": "abc\\n", "max_tokens": 2, "temperature": 0, "max_tokens": 9}'
+    nested = b'{"messages": [{"role": "user", "content": "a", "content": "b"}], "max_tokens": 2}'
+    async with aiohttp.ClientSession() as session:
+        status, text = await _post(session, server.url + "/v1/completions", data=body)
+        error = _check_error(status, text)
+        assert (status, error["code"], error["param"]) == (400, "invalid_json", "max_tokens"), text
+        status, text = await _post(session, server.url + "/v1/chat/completions", data=nested)
+        assert (status, _check_error(status, text)["param"]) == (400, "content"), text
+        for binary in (False, True):
+            sock = await _socket(session, server.ws_url, binary)
+            frame = body.replace(b"{", b'{"type": "generate", "id": "d", ', 1)
+            if binary:  # msgpack map with the key twice: fixmap of 7 pairs written by hand
+                pairs = [("type", "generate"), ("id", "d"), ("model", "upper"), ("prompt", "abc\n"),
+                         ("max_tokens", 2), ("temperature", 0), ("max_tokens", 9)]
+                frame = bytes([0x80 | len(pairs)]) + b"".join(_pack(k) + _pack(v) for k, v in pairs)
+                await sock.ws.send_bytes(frame)
+            else:
+                await sock.ws.send_str(frame.decode())
+            ok = await sock.generate("ok", {"model": "upper", "prompt": "abc\n", "max_tokens": 3, "temperature": 0})
+            assert ok["end"]["type"] == "done" and ok["text"] == "ABC"
+            unnamed = sock.frames.get(None, [])
+            assert [(f["error"]["code"], f["error"]["param"]) for f in unnamed] == [("invalid_json", "max_tokens")]
+            assert "d" not in sock.frames
+            sock.assert_open()
+            await sock.ws.close()
+        assert (await get_json(session, server.url + "/health"))[0] == 200
