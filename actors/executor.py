@@ -18,6 +18,7 @@ import ctypes
 import dataclasses
 import multiprocessing
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -230,7 +231,11 @@ def _build_runner(spec: ExecutorSpec, reader_box: list[StagedReader], peak_box: 
 
 
 def executor_main(spec: ExecutorSpec, plan_wake: Connection, result_wake: Connection) -> None:
-    """Entry point of a spawned executor process."""
+    """Entry point of a spawned executor process. SIGINT/SIGTERM are ignored: a terminal's Ctrl-C or a
+    supervisor signals the whole process group, and the server, which drains first, ends the executor
+    (Shutdown, then SIGKILL); a dead server closes the channels, which ends the executor too."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     if spec.torch_threads > 0:
         torch.set_num_threads(spec.torch_threads)
     endpoint = RingEndpoint(ShmRing.attach(spec.result_ring), ShmRing.attach(spec.plan_ring),

@@ -300,6 +300,10 @@ class Server:
             except TimeoutError:
                 pass  # a frozen executor: the requests already got their errors; stop() kills it
             return EXIT_DRAIN_CUT
+        if self.scheduler.failed.is_set():  # an executor died during the drain: its requests got errors
+            event(server_log, f"{self.hub.health_reason} during the drain; exit {EXIT_EXECUTOR_FAILED}",
+                  logging.ERROR)
+            return EXIT_EXECUTOR_FAILED
         return EXIT_OK
 
     async def stop(self) -> None:

@@ -123,3 +123,39 @@ async def test_a_lasting_stall_kills_the_executor_and_exits_3(model):
     assert failed["type"] == "error" and failed["error"]["code"] == "executor_failed", failed
     assert "stalled" in failed["error"]["message"]
     assert code == EXIT_EXECUTOR_FAILED, server.output()
+
+
+def _deltas(client: WsClient, cid: str) -> int:
+    return sum(f["type"] == "delta" for f in client.frames.get(cid, []))
+
+
+async def test_a_group_sigterm_drains_and_an_executor_dying_in_the_drain_exits_3(model):
+    """A supervisor or a terminal signals the whole process group (systemd's default KillMode, Ctrl-C): the
+    executor ignores SIGTERM/SIGINT and the server drains through it (the generation goes on). An executor
+    that then dies during the drain ends the generation with executor_failed and the exit code says 3, not 0."""
+    server = start_server(["--model", str(model), "--drain-timeout", "120"])
+    try:
+        async with aiohttp.ClientSession() as session:
+            pid = (await get_json(session, server.url + "/health"))[1]["executors"][0]["pid"]
+            async with session.ws_connect(server.ws_url) as ws:
+                client = WsClient(ws)
+                reader = asyncio.create_task(client.read_loop())
+                await client.send({"type": "generate", "id": "g", "prompt": "group", "max_tokens": 900,
+                                   "ignore_eos": True})
+                await _first_delta(client, "g")
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    os.kill(pid, sig)
+                server.proc.send_signal(signal.SIGTERM)
+                seen = _deltas(client, "g")
+                async with asyncio.timeout(60):  # the executor lives on: the generation keeps streaming
+                    while _deltas(client, "g") < seen + 20:
+                        assert not any(f["type"] == "error" for f in client.frames["g"]), client.frames["g"]
+                        await asyncio.sleep(0.05)
+                os.kill(pid, signal.SIGKILL)
+                died = await asyncio.wait_for(client.expect("g"), 60)
+                await reader
+        code = await asyncio.to_thread(server.proc.wait, 60)
+    finally:
+        stop_server(server)
+    assert died["type"] == "error" and died["error"]["code"] == "executor_failed", died
+    assert code == EXIT_EXECUTOR_FAILED, server.output()[-3000:]
