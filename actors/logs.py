@@ -46,11 +46,13 @@ def _text_value(value: object) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
     text = str(value)
-    return json.dumps(text) if (not text or any(c.isspace() or c in '"=' for c in text)) else text
+    quote = not text or any(c.isspace() or c in '"=' or not c.isprintable() for c in text)
+    return json.dumps(text) if quote else text  # JSON escapes control characters (ESC, NUL, U+202E ...)
 
 
 class TextFormatter(logging.Formatter):
-    """`TIME LEVEL LOGGER message key=value ...` (values with spaces are JSON-quoted)."""
+    """`TIME LEVEL LOGGER message key=value ...` (values with spaces or any character that is not printable
+    are JSON-quoted: a client-chosen name cannot break the line or send terminal escapes)."""
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", {})

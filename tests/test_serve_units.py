@@ -490,3 +490,20 @@ def test_admission_counts_only_the_submits_the_scheduler_has_not_seen():
     assert policy.unseen_tokens == 50 and policy.queue_length() == 3
     # 70 waiting + 50 unseen + 80 own = 200 tokens at 100 per step = 2 steps, + 1 step = 30 ms
     assert policy.estimate_ttft_ms(80) == pytest.approx(30.0)
+
+
+@pytest.mark.parametrize("name", ["\x1b[31mred", "a\x00b", "\u202eevil", "line\nbreak", "tab\tx", 'q"=x'])
+def test_text_log_values_escape_every_unprintable_character(name):
+    """An adapter name (any string a client or an upload chooses) with a terminal escape, NUL or a bidi
+    override went into the text log raw; every such value is JSON-quoted now, one line, printable."""
+    import json
+    import logging
+
+    from lorafleet.actors.logs import TextFormatter
+
+    record = logging.LogRecord("lorafleet.adapters", logging.INFO, __file__, 1, "adapter registered", None, None)
+    record.fields = {"adapter": name, "step": 3}
+    line = TextFormatter().format(record)
+    assert line.isprintable() and line.endswith(" step=3")
+    value = line.split(" adapter=", 1)[1].rsplit(" step=", 1)[0]
+    assert json.loads(value) == name
