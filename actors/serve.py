@@ -313,14 +313,23 @@ def resolve_assets(args: argparse.Namespace) -> Assets:
         root = Path(args.adapter_root)
         if not root.is_dir():
             raise ValueError(f"--adapter-root: {root} is not a directory")
+    given: dict[str, str] = {}
     for spec in args.adapter:
         name, path = adapter_spec(spec)
-        adapters[name] = path
-    adapters.update(synthetic_adapters(args))
+        if name in given:
+            raise ValueError(f"--adapter/--lora-modules: the name {name!r} is given twice ({given[name]} and "
+                             f"{path}); each adapter needs its own name")
+        given[name] = path
+    adapters.update(given)  # an explicit adapter may replace a demo adapter of the same name
+    synthetic = synthetic_adapters(args)
+    for name in synthetic.keys() & given.keys():
+        raise ValueError(f"--adapter: the name {name!r} is also one of --synthetic-adapters' names")
+    adapters.update(synthetic)
     served = args.served_model_name or base
     if served in adapters:
-        raise ValueError(f"--adapter: the name {served!r} is the base model's served name; an adapter needs "
-                         "another name")
+        flag = "--served-model-name" if args.served_model_name else "the base model's name"
+        raise ValueError(f"{flag} {served!r} is also an adapter's name; the base model and each adapter need "
+                         "their own names")
     return Assets(ref, resolve_model(ref), served, adapters, root)
 
 

@@ -137,6 +137,23 @@ def test_every_commands_usage_error_is_one_line_and_exit_2(command):
     assert line.startswith(f"lorafleet {command}: error:") and "--no-such-flag" in line, proc.stderr
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--adapter", "upper={upper}", "--lora-modules", "upper={rot13}"], "given twice"),
+    (["--served-model-name", "upper"], "--served-model-name 'upper' is also an adapter's name"),
+    (["--adapter", "synthetic-0={upper}", "--synthetic-adapters", "1"], "synthetic"),
+])
+def test_clashing_adapter_names_fail_in_one_line(argv, says):
+    """Two adapters of one name used to keep the last silently (`upper` then served rot13's weights)."""
+    from lorafleet.engine import demo
+
+    dirs = demo.demo_adapter_dirs()
+    argv = [a.format(upper=dirs["upper"], rot13=dirs["rot13"]) for a in argv]
+    proc = run_cli("serve", *argv, "--port", "0", timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert says in line, line
+
+
 def _broken_model(tmp_path, kind: str):
     from lorafleet.engine import demo
 
