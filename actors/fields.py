@@ -55,9 +55,20 @@ class ApiError(Exception):
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])/(?:[\w.@+~-]+/)+[\w.@+~-]*")
 
 
+_API_ROUTES = ("/v1/", "/ws/")  # the server's own URL paths: public, and what a message about a route names
+
+
 def redact(message: str) -> str:
-    """A client-facing message without the server's absolute file paths (`/srv/x/y.py` -> `<path>/y.py`)."""
-    return _ABSOLUTE_PATH.sub(lambda m: "<path>/" + m.group(0).rstrip("/").rsplit("/", 1)[-1], message)
+    """A client-facing message without the server's absolute file paths (`/srv/x/y.py` -> `<path>/y.py`);
+    the server's own routes (`/v1/load_lora_adapter`) are kept."""
+    return _ABSOLUTE_PATH.sub(_redact_match, message)
+
+
+def _redact_match(match: re.Match) -> str:
+    path = match.group(0)
+    if path.startswith(_API_ROUTES):
+        return path
+    return "<path>/" + path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def bad(param: str, message: str, code: str = "invalid_parameter") -> ApiError:

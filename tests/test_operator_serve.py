@@ -204,7 +204,9 @@ async def test_admin_routes_refuse_without_an_admin_key(demo_server):
             async with session.post(f"{demo_server.url}/v1/{route}", json=body,
                                     headers={"Authorization": "Bearer guess"}) as resp:
                 assert resp.status == 403
-                assert (await resp.json())["error"]["code"] == "admin_disabled"
+                error = (await resp.json())["error"]
+                assert error["code"] == "admin_disabled"
+                assert f"/v1/{route} is disabled" in error["message"], error  # the route, not a redacted '<path>'
         async with session.get(demo_server.url + "/v1/models") as resp:
             assert "upper" in {m["id"] for m in (await resp.json())["data"]}
         async with session.get(demo_server.url + "/", allow_redirects=False) as resp:
