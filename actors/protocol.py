@@ -67,6 +67,29 @@ class ParseContext:
     tokenizer: Any = None
     default_slo_ttft_ms: float | None = None
     adapter_root: Path | None = None  # names not loaded that resolve to a directory under it are read on first use
+    max_prompt_chars: int | None = None  # longer text cannot fit max_model_len tokens (prompt_char_bound)
+
+
+def prompt_char_bound(tokenizer: Any, max_model_len: int) -> int | None:
+    """Characters that `max_model_len` tokens can spell at most: max_model_len x the longest vocabulary entry
+    (a token never decodes to more characters than its vocabulary string: byte-level BPE maps one byte to one
+    character, SentencePiece one character to one). Text longer than this can never fit, so it is refused
+    before tokenizing, which runs on the event loop and costs time proportional to the text (a 100 KB prompt
+    held every other socket for about a second). None without a tokenizer or vocabulary."""
+    vocab = getattr(tokenizer, "get_vocab", None)
+    entries = vocab() if vocab is not None else None
+    if not entries:
+        return None
+    return max_model_len * max(1, max(len(t) for t in entries))
+
+
+def _check_chars(chars: int, ctx: ParseContext, name: str) -> None:
+    """400 context_length_exceeded for text that cannot fit max_model_len tokens, before tokenizing it."""
+    if ctx.max_prompt_chars is not None and chars > ctx.max_prompt_chars:
+        raise ApiError(400, "context_length_exceeded", f"This model's maximum context length is {ctx.max_model_len} "
+                       f"tokens. However, the {name.split('[')[0]} has {chars} characters, more than "
+                       f"{ctx.max_model_len} tokens can hold (at most {ctx.max_prompt_chars}). Please reduce the "
+                       f"length of the {name.split('[')[0]}.", name)
 
 
 def _vocab(ctx: ParseContext) -> int:
@@ -270,6 +293,7 @@ def encode_prompt(prompt: Any, ctx: ParseContext, name: str = "prompt") -> list[
             raise bad(name, "must not be empty")
         if ctx.tokenizer is None:
             raise bad(name, "this model has no tokenizer: send token ids")
+        _check_chars(len(prompt), ctx, name)
         return list(ctx.tokenizer.encode(prompt))
     if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
         return list(IntList(ctx.max_model_len, 0, _last_token).check(name, prompt, ctx))
@@ -286,6 +310,7 @@ def render_chat(messages: Any, ctx: ParseContext) -> list[int]:
     clean = [_message(m, i) for i, m in enumerate(messages)]
     if ctx.tokenizer is None:
         raise bad("messages", "this model has no tokenizer")
+    _check_chars(sum(len(m.get("content") or "") for m in clean), ctx, "messages")
     if getattr(ctx.tokenizer, "chat_template", None):
         ids = _apply_template(ctx.tokenizer, clean)
     else:

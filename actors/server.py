@@ -23,7 +23,7 @@ from lorafleet.actors.hub import ServeHub
 from lorafleet.actors.logs import AccessLog, adapter_log, event, server_log
 from lorafleet.actors.openai_api import natural_key
 from lorafleet.actors.prefetcher import AdapterLoader, PrefetcherActor
-from lorafleet.actors.protocol import ParseContext
+from lorafleet.actors.protocol import ParseContext, prompt_char_bound
 from lorafleet.actors.scheduler import SchedulerActor
 from lorafleet.actors.schema import Drain, ExecutorDown, ExecutorUp
 from lorafleet.actors.serve import EXIT_DRAIN_CUT, EXIT_EXECUTOR_FAILED, EXIT_INTERNAL, EXIT_OK, Assets
@@ -113,7 +113,8 @@ class Server:
         indexed = self.index.listed() if self.index is not None else {}
         self.hub.adapters = {**indexed, **{name: info.path for name, info in engine.store.infos.items()}}
         self.ctx = ParseContext(assets.base_name, set(self.hub.adapters), engine.max_model_len,
-                                engine.model.vocab_size, tokenizer, args.slo_ttft_ms or None, assets.adapter_root)
+                                engine.model.vocab_size, tokenizer, args.slo_ttft_ms or None, assets.adapter_root,
+                                prompt_char_bound(tokenizer, engine.max_model_len))
         self.loader = AdapterLoader(engine.model, page_elements, config.torch_dtype, config.max_lora_rank,
                                     config.tensor_parallel_size)
         self.executors: ExecutorGroup | None = None

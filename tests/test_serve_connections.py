@@ -172,3 +172,41 @@ async def test_keyless_server_refuses_rebound_and_malformed_origins(server):
             assert got[0] == status, (headers, got)
             if status == 403:
                 assert got[1]["error"]["code"] == "forbidden_origin"
+
+
+class _SpyTokenizer:
+    """A real tokenizer that records the length of every text it is asked to encode."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.encoded = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode(self, text, **kw):
+        self.encoded.append(len(text))
+        return self.inner.encode(text, **kw)
+
+
+def test_an_impossibly_long_prompt_is_refused_before_tokenizing(tmp_path):
+    """Tokenizing runs on the event loop (a 100 KB prompt took ~1 s with the demo tokenizer, stalling every
+    other socket): a prompt longer than max_model_len tokens of the vocabulary's longest token can never fit,
+    and is refused with context_length_exceeded without being tokenized; one that may fit is tokenized."""
+    from transformers import AutoTokenizer
+
+    from lorafleet.actors.protocol import ApiError, ParseContext, encode_prompt, prompt_char_bound, render_chat
+    from lorafleet.engine.synthetic import write_model
+
+    tokenizer = _SpyTokenizer(AutoTokenizer.from_pretrained(str(write_model("tiny", tmp_path / "m"))))
+    bound = prompt_char_bound(tokenizer, 64)
+    longest = max(len(t) for t in tokenizer.get_vocab())
+    assert bound == 64 * longest
+    ctx = ParseContext("m", set(), 64, tokenizer.vocab_size, tokenizer, max_prompt_chars=bound)
+    with pytest.raises(ApiError) as refused:
+        encode_prompt("a" * (bound + 1), ctx)
+    assert refused.value.code == "context_length_exceeded" and refused.value.param == "prompt"
+    with pytest.raises(ApiError) as refused_chat:
+        render_chat([{"role": "user", "content": "b" * (bound + 1)}], ctx)
+    assert refused_chat.value.param == "messages"
+    assert tokenizer.encoded == []  # refused without tokenizing
+    assert len(encode_prompt("hello", ctx)) > 0 and tokenizer.encoded == [5]
