@@ -130,6 +130,9 @@ class Engine:
             raise ParamError("logit_bias", f"token ids must be in [0, {vocab})")
         if params.top_k > vocab:
             raise ParamError("top_k", f"must be at most the vocabulary size {vocab}")
+        if params.min_tokens > 0 and len(self._banned_ids(params)) >= vocab:
+            raise ParamError("min_tokens", "cannot be met: stop_token_ids (with EOS) hold back every token of the "
+                             "vocabulary until then")
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ParamError("max_tokens", f"prompt ({len(prompt_ids)}) + max_tokens ({params.max_tokens}) "

@@ -291,3 +291,15 @@ def test_tiny_top_p_or_min_p_one_keeps_the_top_penalized_token(cut_by):
     for temperature in (1.0, 100.0):
         specs = [SampleSpec(**{**base, **cut_by, "temperature": temperature, "seed": s}) for s in range(4)]
         assert sample(logits, specs).token_ids == want, temperature
+
+
+def test_min_tokens_with_every_token_a_stop_token_is_refused(assets):
+    """min_tokens holds back EOS and stop_token_ids; when they cover the whole vocabulary the row had no token
+    left and the sampler returned token 0, a banned one, as if allowed. Refused naming min_tokens."""
+    llm = _llm(assets, num_pages=64)
+    vocab = llm.engine.model.vocab_size
+    with pytest.raises(ParamError, match="^min_tokens: cannot be met"):
+        llm.generate([PROMPTS[1]], max_tokens=4, min_tokens=2, stop_token_ids=list(range(vocab)))
+    allowed = [t for t in range(vocab) if t != 9]  # one token left: min_tokens can be met with it
+    out = llm.generate([PROMPTS[1]], max_tokens=4, min_tokens=2, stop_token_ids=allowed, ignore_eos=True)[0]
+    assert out.token_ids[:2] == [9, 9]
