@@ -165,7 +165,8 @@ async def test_keyless_server_refuses_rebound_and_malformed_origins(server):
     cases = [({"Host": f"rebind.evil.example:{port}", "Origin": f"http://rebind.evil.example:{port}"}, 403),
              ({"Origin": f"{server.url}, http://evil.example"}, 403),
              ({"Origin": server.url}, 200), ({"Origin": "http://localhost:5173"}, 200)]
-    async with aiohttp.ClientSession() as session:
+    # a new connection per request: this server closes keep-alive connections idle for 1 s (--header-timeout)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
         for headers, status in cases:
             async with session.post(server.url + "/v1/completions", json=body, headers=headers) as resp:
                 got = resp.status, await resp.json()
