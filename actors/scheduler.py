@@ -151,7 +151,7 @@ class Completed:
     outputs: list[RequestOutput]
     elapsed_ms: float
     executor_s: float
-    received_at: float
+    complete_ms: float  # this process's time completing the step (engine postprocessing, detokenizing)
 
 
 @dataclass
@@ -178,6 +178,7 @@ class SchedulerActor:
         self._snapshot_at, self._snapshot_busy = 0.0, False
         self.inbox, self.router, self.admission, self.prefetcher, self.hub = inbox, router, admission, prefetcher, hub
         self.live: dict[str, Live] = {}
+        self._deadlines: dict[str, Live] = {}  # live requests with a first-token deadline, until their first token
         self.dead: str | None = None
         self.draining = False
         self.seen_seq = 0
@@ -302,7 +303,7 @@ class SchedulerActor:
             self._fail_plan(step.plan, [c.request.external_id for c in step.schedule.chunks],
                             f"step {step.plan.step} could not be completed", exc)
             return
-        self._unpublished = Completed(step, outputs, elapsed_ms, result.seconds, now)
+        self._unpublished = Completed(step, outputs, elapsed_ms, result.seconds, (time.perf_counter() - now) * 1000)
         if self.in_flight is None:  # nothing queued behind it: nothing to gain by waiting
             self._publish_outputs()
 
@@ -313,6 +314,7 @@ class SchedulerActor:
         done, self._unpublished = self._unpublished, None
         if done is None:
             return
+        started = time.perf_counter()
         step = done.step
         try:
             items = [item for out in done.outputs if (item := self._item(out)) is not None]
@@ -325,7 +327,9 @@ class SchedulerActor:
         self._after_step(step.plan, done.elapsed_ms)
         cost, roofline_ms = self._roofline(step.plan, done.executor_s)
         if self.step_log is not None:
-            host_ms = (time.perf_counter() - done.received_at) * 1000 + step.plan_ms
+            # the step's own host work: its plan, its completion, its news; not the next step's plan, which is
+            # sent between completing and publishing this one (and counts for the next step)
+            host_ms = step.plan_ms + done.complete_ms + (time.perf_counter() - started) * 1000
             self.step_log.add(len(step.plan.seqs), step.plan.num_tokens, done.elapsed_ms, done.executor_s * 1000,
                               host_ms, cost, roofline_ms)
 
@@ -538,7 +542,9 @@ class SchedulerActor:
             self._publish()
             return
         request = self.engine.requests[msg.request_id].request
-        self.live[msg.request_id] = Live(request, msg.arrival, msg.slo_ttft_ms)
+        live = self.live[msg.request_id] = Live(request, msg.arrival, msg.slo_ttft_ms)
+        if live.slo_ttft_ms is not None:
+            self._deadlines[msg.request_id] = live
         self.idle.clear()
         self.router.send(Admitted(msg.request_id))
 
@@ -564,11 +570,15 @@ class SchedulerActor:
 
     def _drop_expired(self) -> None:
         """Queue-age eviction: a request still without its first token past its first-token deadline
-        (`slo_ttft_ms`, else `--slo-ttft-ms`) ends with a `slo_unattainable` error, waiting or prefilling."""
+        (`slo_ttft_ms`, else `--slo-ttft-ms`) ends with a `slo_unattainable` error, waiting or prefilling.
+        Only requests with a deadline and no first token yet are looked at, not every live request on every
+        loop; one that got its first token or ended leaves that set here."""
         now = time.monotonic()
-        for live in list(self.live.values()):
-            if live.first_token is None:
-                self._past_deadline(live, now, "waited" if live.request.scheduled_time is None else "prefilled")
+        for request_id, live in list(self._deadlines.items()):
+            if live.first_token is not None or self.live.get(request_id) is not live:
+                del self._deadlines[request_id]
+            elif self._past_deadline(live, now, "waited" if live.request.scheduled_time is None else "prefilled"):
+                del self._deadlines[request_id]
 
     def _past_deadline(self, live: Live, now: float, what: str) -> bool:
         """End `live` with `slo_unattainable` if it has no first token and its deadline has passed."""
