@@ -39,6 +39,7 @@ from lorafleet.engine.roofline import DevicePeak, StepCostModel
 from lorafleet.engine.tokenizer import load_tokenizer, text_decoder
 
 SHOWN_ADAPTERS = 20  # adapter names in the start-up banner
+LINGERING_S = 1.0  # seconds a connection answered before its body was read keeps reading it, then closes
 
 
 class RemoteOnly:
@@ -171,9 +172,13 @@ class Server:
                             args.admin_key, _root(args), args.max_body_bytes, dashboard_key=args.dashboard_key,
                             allowed_origins=frozenset(o.rstrip("/") for o in args.allowed_origin),
                             limits=connection_limits(args))
-        # keepalive_timeout also closes a connection that has not completed its request headers by then
+        # keepalive_timeout also closes a connection that has not completed its request headers by then;
+        # lingering_time: after answering a request whose body was not read (408, 413, 415...) aiohttp keeps
+        # reading the body this long before closing (10 s by default, which let a slow-body client hold a
+        # connection 10 s past --body-timeout); 1 s still lets a client's in-flight bytes arrive before the close
         self.runner = web.AppRunner(build_app(frontend), handler_cancellation=True, shutdown_timeout=5.0,
-                                    access_log=None, keepalive_timeout=args.header_timeout)
+                                    access_log=None, keepalive_timeout=args.header_timeout,
+                                    lingering_time=LINGERING_S)
         await self.runner.setup()
         site = web.SockSite(self.runner, sock)
         await site.start()
