@@ -9,14 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
 import random
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,6 +25,7 @@ import pytest
 pytest.importorskip("ray.serve")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from test_serve_support import spawn_until_ready  # noqa: E402
 
 from lorafleet.engine.demo import BASE_MODEL_NAME, TASKS, demo_adapter_dirs, echo, random_input  # noqa: E402
 
@@ -61,26 +60,7 @@ def fleet(tmp_path_factory):
            "--torch-threads", "1", "--max-num-seqs", str(MAX_NUM_SEQS), "--num-pages", "256",
            "--admin-key", "fleet-admin-key"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    lines: list[str] = []
-    ready: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if "lorafleet fleet: ready on " in line:
-                ready.put(line.rsplit("ready on ", 1)[1].strip())
-        ready.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        url = ready.get(timeout=START_TIMEOUT)
-    except queue.Empty:
-        url = None
-    if url is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise RuntimeError("the fleet did not start:\n" + "".join(lines[-200:]))
+    proc, url, lines = spawn_until_ready(cmd, env, "lorafleet fleet: ready on ", START_TIMEOUT, new_session=True)
     yield Fleet(proc, url, root, lines)
     proc.send_signal(signal.SIGINT)
     try:

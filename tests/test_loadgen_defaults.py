@@ -7,10 +7,12 @@ run's TTFT axis spans the data, not the SLO; the plot names the configuration.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+from test_serve_support import spawn_until_ready
 
 from lorafleet.loadgen.cli import server_defaults
 from lorafleet.loadgen.clients import RequestRecord
@@ -22,18 +24,7 @@ LORAFLEET = [sys.executable, "-m", "lorafleet"]
 @pytest.fixture(scope="module")
 def default_server():
     """`lorafleet serve --port 0`, nothing else: the server a new user starts."""
-    proc = subprocess.Popen([*LORAFLEET, "serve", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    lines = []
-    url = None
-    for line in proc.stdout:
-        lines.append(line)
-        if "ready on http://" in line:
-            url = line.split("ready on ", 1)[1].split()[0]
-            break
-    if url is None:
-        proc.kill()
-        raise RuntimeError("server did not start:\n" + "".join(lines))
+    proc, url, _ = spawn_until_ready([*LORAFLEET, "serve", "--port", "0"], dict(os.environ), "ready on ")
     yield url
     proc.terminate()
     assert proc.wait(timeout=60) == 0

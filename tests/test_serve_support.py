@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -68,32 +69,44 @@ class ServerProc:
         return "".join(self.lines)
 
 
-def start_server(args: list[str], env: dict[str, str] | None = None) -> ServerProc:
-    """Start `python -m lorafleet serve --port 0 ...` and wait for its ready line."""
-    cmd = [sys.executable, "-m", "lorafleet", "serve", "--host", "127.0.0.1", "--port", "0", "--torch-threads", "1",
-           *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
+def spawn_until_ready(cmd: list[str], env: dict[str, str], marker: str, timeout: float = START_TIMEOUT,
+                      new_session: bool = False) -> tuple[subprocess.Popen, str, list[str]]:
+    """Start `cmd` (its output collected line by line by a thread) and wait for a line holding `marker` followed
+    by a URL; returns the process, that URL and the lines. A process that ends or does
+    not print it within `timeout` s is killed (its whole session with `new_session`) and its output raised."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=new_session)
     lines: list[str] = []
     ready: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:
         for line in proc.stdout:
             lines.append(line)
-            if "ready on http://" in line:
-                ready.put(line.rsplit("ready on ", 1)[1].split()[0])
+            found = re.search(re.escape(marker) + r"(http\S+)", line)
+            if found:
+                ready.put(found.group(1))
         ready.put(None)
 
     threading.Thread(target=pump, daemon=True).start()
     try:
-        url = ready.get(timeout=START_TIMEOUT)
+        url = ready.get(timeout=timeout)
     except queue.Empty:
         url = None
     if url is None:
-        proc.kill()
+        if new_session:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()
         proc.wait()
-        raise RuntimeError("server did not start:\n" + "".join(lines))
-    return ServerProc(proc, url, lines)
+        raise RuntimeError(f"{cmd[3]} did not start:\n" + "".join(lines[-200:]))
+    return proc, url, lines
+
+
+def start_server(args: list[str], env: dict[str, str] | None = None) -> ServerProc:
+    """Start `python -m lorafleet serve --port 0 ...` and wait for its ready line."""
+    cmd = [sys.executable, "-m", "lorafleet", "serve", "--host", "127.0.0.1", "--port", "0", "--torch-threads", "1",
+           *args]
+    return ServerProc(*spawn_until_ready(cmd, {**os.environ, **(env or {})}, "ready on "))
 
 
 def stop_server(server: ServerProc, sig: int = signal.SIGTERM, timeout: float = 120.0) -> int:
