@@ -216,12 +216,14 @@ def _buffer_address(segment: shared_memory.SharedMemory) -> int:
 
 def _build_runner(spec: ExecutorSpec, reader_box: list[StagedReader], peak_box: list[DevicePeak]):
     """The rank's model shard and pool, built as the offline engine builds its runner; the device's copy
-    bandwidth and matmul peak are measured first (on an empty device) for the step roofline."""
+    bandwidth and matmul peak are measured first (on an empty device) for the step roofline, by rank 0 only:
+    the server uses rank 0's figures (the other ranks report zeros)."""
     from lorafleet.engine.build import build_runner, join_parallel_group
     from lorafleet.engine.weights import Shard
 
     config = join_parallel_group(EngineConfig(**spec.engine_config), spec.rank, spec.world_size, spec.init_file)
-    peak_box.append(measure_peak(torch.device(config.device), config.torch_dtype))
+    peak_box.append(measure_peak(torch.device(config.device), config.torch_dtype) if spec.rank == 0
+                    else DevicePeak(0.0, 0.0))
     _, page_elements = page_geometry(ModelConfig.from_dir(spec.model_dir), config.block_tokens, spec.world_size)
     reader = StagedReader(page_elements, pin=config.device.startswith("cuda"))
     if spec.arena:
@@ -413,7 +415,8 @@ class ExecutorGroup:
             for done in asyncio.as_completed(waits, timeout=start_timeout):
                 r, msg = await done
                 r.pid, r.device, r.torch_threads = msg.pid, msg.device, msg.torch_threads
-                self.peak = self.peak or DevicePeak(msg.bandwidth, msg.matmul_flops)
+                if r.rank == 0:
+                    self.peak = DevicePeak(msg.bandwidth, msg.matmul_flops)
                 self.num_pages = min(self.num_pages or msg.num_pages, msg.num_pages)
         except (ChannelClosed, TimeoutError, asyncio.TimeoutError) as exc:
             await group.stop()

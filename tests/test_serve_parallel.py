@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 from test_serve_support import ALL, ATTN, get_json, post_json, start_server, stop_server, wait_gone
 
 from lorafleet.loadgen.bench import server_tensor_parallel_size
@@ -32,6 +33,8 @@ async def test_two_rank_executors_equal_offline(tmp_path):
         async with aiohttp.ClientSession() as session:
             health = (await get_json(session, server.url + "/health"))[1]
             bench_tp = await asyncio.to_thread(server_tensor_parallel_size, server.url)
+            async with session.get(server.url + "/metrics") as resp:
+                metrics = await resp.text()
             answers = await asyncio.gather(*[post_json(session, server.url + "/v1/completions", {
                 "model": a, "prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
                 "return_token_ids": True}) for p, a in work])
@@ -39,6 +42,9 @@ async def test_two_rank_executors_equal_offline(tmp_path):
         code = stop_server(server)
     assert [e["rank"] for e in health["executors"]] == [0, 1]
     assert bench_tp == 2, "lorafleet bench labels this server's rows tensor_parallel_size 2"
+    peaks = {f.name: f.samples[0].value for f in text_string_to_metric_families(metrics)
+             if f.name.endswith(("device_copy_bandwidth_bytes", "device_matmul_flops"))}
+    assert len(peaks) == 2 and all(v > 0 for v in peaks.values()), peaks  # rank 0 measured; rank 1 reports zeros
     for (status, body, _), w in zip(answers, want):
         assert status == 200, body
         assert body["choices"][0]["token_ids"] == w.token_ids
