@@ -6,6 +6,7 @@ ends requests with server_shutting_down errors and exits 4)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 
@@ -59,37 +60,45 @@ async def _first_delta(client: WsClient, cid: str) -> None:
         await asyncio.sleep(0.02)
 
 
+@contextlib.asynccontextmanager
+async def _streaming(server, cid: str, prompt: str, max_tokens: int):
+    """A WebSocket generation `cid` that has streamed its first delta; yields (session, client, the executor's
+    pid). On leaving, it waits for the server to close the socket (the tests end the server inside)."""
+    async with aiohttp.ClientSession() as session:
+        pid = (await get_json(session, server.url + "/health"))[1]["executors"][0]["pid"]
+        async with session.ws_connect(server.ws_url) as ws:
+            client = WsClient(ws)
+            reader = asyncio.create_task(client.read_loop())
+            await client.send({"type": "generate", "id": cid, "prompt": prompt, "max_tokens": max_tokens,
+                               "ignore_eos": True})
+            await _first_delta(client, cid)
+            yield session, client, pid
+            await reader
+
+
 async def test_sigstop_executor_503_then_recovers_and_a_cut_drain_exits_4(model):
     server = start_server(["--model", str(model), "--stall-timeout", "1", "--stall-kill-after", "0",
                            "--drain-timeout", "1"])
     try:
-        async with aiohttp.ClientSession() as session:
-            pid = (await get_json(session, server.url + "/health"))[1]["executors"][0]["pid"]
-            async with session.ws_connect(server.ws_url) as ws:
-                client = WsClient(ws)
-                reader = asyncio.create_task(client.read_loop())
-                await client.send({"type": "generate", "id": "s", "prompt": "stall", "max_tokens": 300,
-                                   "ignore_eos": True})
-                await _first_delta(client, "s")
-                os.kill(pid, signal.SIGSTOP)
-                try:
-                    stalled = await _health_until(session, server.url, 503)
-                finally:
-                    os.kill(pid, signal.SIGCONT)
-                resumed = await _health_until(session, server.url, 200)
-                survived = await asyncio.wait_for(client.expect("s"), 120)
-                # the drain deadline: a long WS generation and a non-streamed completion are cut
-                await client.send({"type": "generate", "id": "cut", "prompt": "long", "max_tokens": 900,
-                                   "ignore_eos": True})
-                await _first_delta(client, "cut")
-                http = asyncio.create_task(session.post(server.url + "/v1/completions", json={
-                    "prompt": "long too", "max_tokens": 900, "ignore_eos": True}))
-                await asyncio.sleep(0.5)
-                server.proc.send_signal(signal.SIGTERM)
-                cut = await asyncio.wait_for(client.expect("cut"), 60)
-                resp = await asyncio.wait_for(http, 60)
-                http_cut = resp.status, await resp.json()
-                await reader
+        async with _streaming(server, "s", "stall", 300) as (session, client, pid):
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                stalled = await _health_until(session, server.url, 503)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            resumed = await _health_until(session, server.url, 200)
+            survived = await asyncio.wait_for(client.expect("s"), 120)
+            # the drain deadline: a long WS generation and a non-streamed completion are cut
+            await client.send({"type": "generate", "id": "cut", "prompt": "long", "max_tokens": 900,
+                               "ignore_eos": True})
+            await _first_delta(client, "cut")
+            http = asyncio.create_task(session.post(server.url + "/v1/completions", json={
+                "prompt": "long too", "max_tokens": 900, "ignore_eos": True}))
+            await asyncio.sleep(0.5)
+            server.proc.send_signal(signal.SIGTERM)
+            cut = await asyncio.wait_for(client.expect("cut"), 60)
+            resp = await asyncio.wait_for(http, 60)
+            http_cut = resp.status, await resp.json()
     finally:
         code = stop_server(server)
     assert stalled["status"] == "unhealthy" and "executor stalled" in stalled["reason"], stalled
@@ -106,17 +115,9 @@ async def test_a_lasting_stall_kills_the_executor_and_exits_3(model):
     server = start_server(["--model", str(model), "--stall-timeout", "0.5", "--stall-kill-after", "2",
                            "--failure-linger", "0.5"])
     try:
-        async with aiohttp.ClientSession() as session:
-            pid = (await get_json(session, server.url + "/health"))[1]["executors"][0]["pid"]
-            async with session.ws_connect(server.ws_url) as ws:
-                client = WsClient(ws)
-                reader = asyncio.create_task(client.read_loop())
-                await client.send({"type": "generate", "id": "k", "prompt": "stall", "max_tokens": 900,
-                                   "ignore_eos": True})
-                await _first_delta(client, "k")
-                os.kill(pid, signal.SIGSTOP)
-                failed = await asyncio.wait_for(client.expect("k"), 60)
-                await reader
+        async with _streaming(server, "k", "stall", 900) as (_, client, pid):
+            os.kill(pid, signal.SIGSTOP)
+            failed = await asyncio.wait_for(client.expect("k"), 60)
         code = await asyncio.to_thread(server.proc.wait, 60)
     finally:
         stop_server(server)
@@ -135,25 +136,17 @@ async def test_a_group_sigterm_drains_and_an_executor_dying_in_the_drain_exits_3
     that then dies during the drain ends the generation with executor_failed and the exit code says 3, not 0."""
     server = start_server(["--model", str(model), "--drain-timeout", "120"])
     try:
-        async with aiohttp.ClientSession() as session:
-            pid = (await get_json(session, server.url + "/health"))[1]["executors"][0]["pid"]
-            async with session.ws_connect(server.ws_url) as ws:
-                client = WsClient(ws)
-                reader = asyncio.create_task(client.read_loop())
-                await client.send({"type": "generate", "id": "g", "prompt": "group", "max_tokens": 900,
-                                   "ignore_eos": True})
-                await _first_delta(client, "g")
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    os.kill(pid, sig)
-                server.proc.send_signal(signal.SIGTERM)
-                seen = _deltas(client, "g")
-                async with asyncio.timeout(60):  # the executor lives on: the generation keeps streaming
-                    while _deltas(client, "g") < seen + 20:
-                        assert not any(f["type"] == "error" for f in client.frames["g"]), client.frames["g"]
-                        await asyncio.sleep(0.05)
-                os.kill(pid, signal.SIGKILL)
-                died = await asyncio.wait_for(client.expect("g"), 60)
-                await reader
+        async with _streaming(server, "g", "group", 900) as (_, client, pid):
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                os.kill(pid, sig)
+            server.proc.send_signal(signal.SIGTERM)
+            seen = _deltas(client, "g")
+            async with asyncio.timeout(60):  # the executor lives on: the generation keeps streaming
+                while _deltas(client, "g") < seen + 20:
+                    assert not any(f["type"] == "error" for f in client.frames["g"]), client.frames["g"]
+                    await asyncio.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)
+            died = await asyncio.wait_for(client.expect("g"), 60)
         code = await asyncio.to_thread(server.proc.wait, 60)
     finally:
         stop_server(server)
