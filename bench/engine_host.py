@@ -121,14 +121,20 @@ def measure_runner_metadata(args: argparse.Namespace, tp: int = 1, repeats: int 
     return {"decode_metadata_ms": (time.perf_counter() - started) * 1000 / repeats}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def planning_args(doc: str, seconds: float, warmup_steps: int) -> argparse.ArgumentParser:
+    """The options of `planning_engine` (batch, adapters, pool) and of the measuring loop, with these defaults."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--seqs", type=int, default=256)
     parser.add_argument("--batch-tokens", type=int, default=4096)
     parser.add_argument("--adapters", type=int, default=100)
     parser.add_argument("--num-pages", type=int, default=13000)
-    parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--warmup-steps", type=int, default=20)
+    parser.add_argument("--seconds", type=float, default=seconds)
+    parser.add_argument("--warmup-steps", type=int, default=warmup_steps)
+    return parser
+
+
+def main() -> None:
+    parser = planning_args(__doc__, seconds=15.0, warmup_steps=20)
     parser.add_argument("--modules", default="q_proj,k_proj,v_proj,o_proj",
                         help="LoRA target modules of the runner-metadata part")
     parser.add_argument("--runner-only", action="store_true", help="only the runner's metadata part")

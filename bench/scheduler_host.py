@@ -27,7 +27,7 @@ import msgpack
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from engine_host import planning_engine  # noqa: E402
+from engine_host import planning_args, planning_engine  # noqa: E402
 
 from lorafleet.actors.channels import LocalChannel  # noqa: E402
 from lorafleet.actors.hub import ServeHub  # noqa: E402
@@ -104,13 +104,7 @@ async def measure(args: argparse.Namespace, engine) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seqs", type=int, default=256)
-    parser.add_argument("--batch-tokens", type=int, default=4096)
-    parser.add_argument("--adapters", type=int, default=100)
-    parser.add_argument("--num-pages", type=int, default=13000)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--warmup-steps", type=int, default=40)
+    parser = planning_args(__doc__, seconds=10.0, warmup_steps=40)
     parser.add_argument("--slo-ttft-ms", type=float, default=None, help="each request's first-token deadline")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the measured steps")
     parser.add_argument("--out", default=None)
