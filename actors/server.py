@@ -57,7 +57,7 @@ def engine_config(args: Namespace) -> EngineConfig:
         gpu_memory_utilization=args.gpu_memory_utilization, tensor_parallel_size=args.tensor_parallel_size,
         cuda_graphs=not args.no_cuda_graphs, piecewise_graphs=not args.no_piecewise_graphs,
         max_adapter_load_bytes_per_step=args.max_adapter_load_bytes_per_step,
-        prefetch_adapters=args.prefetch_adapters, flex_prefill_attention=args.prefill_attention == "flex",
+        prefetch_adapters=args.prefetch_adapters, prefill_attention=args.prefill_attention,
         cluster_window=args.cluster_window, max_batch_adapter_fraction=args.max_batch_adapter_fraction,
     )
 

@@ -5,7 +5,8 @@
 
 Sections: device copy bandwidth (the roofline), LoRA shrink+expand (ours vs the same kernel with ranks
 padded to the max vs gather+bmm, and ours with the modules that share an input fused: one shrink and one
-expand launch for q/k/v and for gate/up), paged decode/prefill attention vs torch SDPA on contiguous K/V,
+expand launch for q/k/v and for gate/up), paged decode/prefill attention vs torch SDPA on contiguous K/V
+(prefill also through flex_attention and varlen_attn; `varlen_probe`: which page sizes varlen_attn reads in place),
 RMSNorm and rotary (Triton vs torch eager vs torch.compile), and one whole decode step of a Llama-2-7B-shaped
 model with and without a CUDA graph against the time to read its bytes. Times are medians of triton's do_bench (L2 is
 flushed before every repetition), in microseconds."""
@@ -423,12 +424,13 @@ def bench_prefill_attention(clock: Clock, device: str, heads, kv_heads, head_dim
         row = dict(heads=heads, kv_heads=kv_heads, batch=batch, new_tokens=new, ours_us=ours, sdpa_contiguous_us=base,
                    ratio_to_sdpa=ours / base, ours_TFLOPs=flops / ours / 1e6)
         row.update(_flex_prefill(clock, (q, kv, tables, lens, starts, scale), base))
+        row.update(_varlen_prefill(clock, (q, kv, tables, lens, starts, scale), base))
         rows.append(row)
         flex = {key: row.get(key, float("nan")) for key in ("flex_us", "flex_ratio_to_sdpa", "flex_plan_us")}
         print(f"prefill attn H={heads}/{kv_heads} B={batch} n={new}: {ours:.1f} us vs SDPA {base:.1f} us "
               f"({row['ratio_to_sdpa']:.2f}x); flex {flex['flex_us']:.1f} us ({flex['flex_ratio_to_sdpa']:.2f}x, "
-              f"plan {flex['flex_plan_us']:.0f} us{', ' + row['flex_error'] if 'flex_error' in row else ''})",
-              flush=True)
+              f"plan {flex['flex_plan_us']:.0f} us{', ' + row['flex_error'] if 'flex_error' in row else ''}); "
+              f"varlen {_varlen_summary(row)}", flush=True)
         del kv, keys, values
     return rows
 
@@ -446,6 +448,102 @@ def _flex_prefill(clock: Clock, args: tuple, sdpa_us: float) -> dict:
     except Exception as exc:  # noqa: BLE001 - a library path that may not compile here: report it
         return {"flex_error": f"{type(exc).__name__}: {exc}"[:300]}
     return {"flex_us": flex, "flex_ratio_to_sdpa": flex / sdpa_us, "flex_plan_us": plan}
+
+
+def _varlen_prefill(clock: Clock, args: tuple, sdpa_us: float) -> dict:
+    """varlen_attn (FlashAttention-2) over the pages in each mode (kernels/attention_varlen.py): the per-layer
+    call with its plan cached, as a CUDA graph replay and eager (as the engine runs it, between piecewise
+    graphs), and the gather plan (once per step). A mode the library refuses is recorded with its error."""
+    from lorafleet.kernels import attention_varlen
+
+    q, kv, tables, lens, starts, _ = args
+    row: dict = {}
+    for mode in attention_varlen.MODES:
+        attention_varlen.FORCED_MODE[0] = mode
+        try:
+            attention_varlen.paged_prefill_attention_varlen(*args)  # warm the plan cache
+            row[f"varlen_{mode}_us"] = clock.graph(lambda: attention_varlen.paged_prefill_attention_varlen(*args))
+            row[f"varlen_{mode}_eager_us"] = clock.eager(lambda: attention_varlen.paged_prefill_attention_varlen(*args))
+        except Exception as exc:  # noqa: BLE001 - a library path that may refuse this input: report it
+            row[f"varlen_{mode}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            attention_varlen.FORCED_MODE[0] = None
+    timed = {mode: row[f"varlen_{mode}_us"] for mode in attention_varlen.MODES if f"varlen_{mode}_us" in row}
+    if timed:
+        best = min(timed, key=timed.get)
+        row.update(varlen_mode=best, varlen_us=timed[best], varlen_ratio_to_sdpa=timed[best] / sdpa_us,
+                   varlen_eager_ratio_to_sdpa=row[f"varlen_{best}_eager_us"] / sdpa_us)
+    if "varlen_gather_us" in row:
+        row["varlen_plan_us"] = clock.eager(lambda: attention_varlen.varlen_plan(kv.shape[2], tables, lens, starts,
+                                                                                 gather=True))
+    return row
+
+
+def _varlen_summary(row: dict) -> str:
+    if "varlen_us" not in row:
+        return row.get("varlen_gather_error", "-")
+    return (f"{row['varlen_us']:.1f} us ({row['varlen_ratio_to_sdpa']:.2f}x, {row['varlen_mode']}; eager "
+            f"{row['varlen_eager_ratio_to_sdpa']:.2f}x, plan {row.get('varlen_plan_us', float('nan')):.0f} us)")
+
+
+def bench_varlen_probe(clock: Clock, device: str, heads, kv_heads, head_dim, block_sizes, smoke: bool) -> list[dict]:
+    """Which page sizes varlen_attn accepts in block_table mode (FlashAttention-2 reads the pool pages itself):
+    per block size, prefill chunks after cached prefixes and a decode batch, each against the reference; the
+    peak memory the call adds beside the pool's bytes (a library that copied the strided pool would show it);
+    and both modes timed on one fresh prefill, beside SDPA on contiguous K/V."""
+    from lorafleet.kernels import attention_varlen
+    from lorafleet.kernels.attention_ref import paged_prefill_attention_ref
+
+    batch, context, new = (2, 40, 8) if smoke else (8, 1024, 256)
+    rows = []
+    for block_tokens in block_sizes:
+        kv, tables, keys, values = paged_kv(batch, context, kv_heads, head_dim, block_tokens, device)
+        lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+        row: dict = dict(block_tokens=block_tokens, heads=heads, kv_heads=kv_heads, batch=batch, context=context,
+                         pool_bytes=kv.numel() * kv.element_size())
+        for name, chunk in (("prefill", new), ("decode", 1)):
+            starts = torch.arange(batch + 1, dtype=torch.int32, device=device) * chunk
+            q = torch.randn(batch * chunk, heads, head_dim, device=device, dtype=torch.bfloat16)
+            args = (q, kv, tables, lens, starts, head_dim**-0.5)
+            attention_varlen.FORCED_MODE[0] = "block_table"
+            try:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated() if device == "cuda" else 0
+                out = attention_varlen.paged_prefill_attention_varlen(*args)
+                if device == "cuda":
+                    row[f"{name}_extra_peak_bytes"] = torch.cuda.max_memory_allocated() - before
+                ref = paged_prefill_attention_ref(*args)
+                row[f"{name}_accepted"] = True
+                row[f"{name}_relative_error"] = float((out.float() - ref.float()).norm() / ref.float().norm())
+            except Exception as exc:  # noqa: BLE001 - the point of the probe: record what the library refuses
+                row[f"{name}_accepted"] = False
+                row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            finally:
+                attention_varlen.FORCED_MODE[0] = None
+        fresh = _fresh_prefill(clock, device, heads, kv_heads, head_dim, block_tokens, smoke)
+        row.update(fresh)
+        rows.append(row)
+        print(f"varlen probe block_tokens={block_tokens}: " + ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+            if k not in ("heads", "kv_heads", "batch", "context", "block_tokens")), flush=True)
+        del kv, keys, values
+    return rows
+
+
+def _fresh_prefill(clock: Clock, device: str, heads, kv_heads, head_dim, block_tokens, smoke: bool) -> dict:
+    """Both varlen modes on one fresh prefill (8 x 1024 tokens) at this page size, with SDPA beside them."""
+    batch, new = (1, 40) if smoke else (8, 1024)
+    kv, tables, keys, values = paged_kv(batch, new, kv_heads, head_dim, block_tokens, device)
+    lens = torch.full((batch,), new, dtype=torch.int32, device=device)
+    starts = torch.arange(batch + 1, dtype=torch.int32, device=device) * new
+    q = torch.randn(batch * new, heads, head_dim, device=device, dtype=torch.bfloat16)
+    q4 = q.view(batch, new, heads, head_dim).transpose(1, 2).contiguous()
+    base = clock.graph(lambda a=(q4, keys, values): sdpa(*a, causal=True))
+    row = {f"fresh_{k}": v for k, v in _varlen_prefill(clock, (q, kv, tables, lens, starts, head_dim**-0.5),
+                                                         base).items()}
+    return {"fresh_batch": batch, "fresh_new_tokens": new, "fresh_sdpa_contiguous_us": base, **row}
 
 
 def bench_lora_mlp(clock: Clock, device: str, shape: tuple, cases, copy_gbps: float) -> list[dict]:
@@ -596,6 +694,9 @@ def targets(result: dict) -> dict:
                                                            default=None),
         "prefill_attention_flex_max_ratio_to_sdpa (<= 1.3)": max(
             (r["flex_ratio_to_sdpa"] for r in result["prefill_attention"] if "flex_ratio_to_sdpa" in r), default=None),
+        "prefill_attention_varlen_max_ratio_to_sdpa (<= 1.3)": max(
+            (r["varlen_ratio_to_sdpa"] for r in result["prefill_attention"] if "varlen_ratio_to_sdpa" in r),
+            default=None),
     }
     if result.get("decode_step"):
         out["decode_step_graph_over_roofline (<= 1.5)"] = result["decode_step"]["graph_over_roofline"]
@@ -624,14 +725,31 @@ def markdown(result: dict) -> str:
                      f"{r['sdpa_contiguous_us']:.1f} | {r['ratio_to_sdpa']:.2f} | "
                      f"{100 * r['fraction_of_copy_bw']:.0f}% |")
     lines += ["", "Paged prefill attention (causal) vs SDPA on contiguous K/V (µs); flex = flex_attention over the "
-              "same pages (per layer; its plan, once per step, apart):", "",
-              "| heads/kv | batch | new tokens | ours | SDPA | ratio | ours TFLOP/s | flex | flex ratio | flex plan |",
-              "|---" * 10 + "|"]
+              "same pages (per layer; its plan, once per step, apart); varlen = varlen_attn (FlashAttention-2) in "
+              "its faster accepted mode, graph replay (eager ratio beside it; its plan apart):", "",
+              "| heads/kv | batch | new tokens | ours | SDPA | ratio | ours TFLOP/s | flex | flex ratio | flex plan |"
+              " varlen | mode | varlen ratio | eager ratio | varlen plan |", "|---" * 15 + "|"]
     for r in result["prefill_attention"]:
         flex = (f"{r['flex_us']:.1f} | {r['flex_ratio_to_sdpa']:.2f} | {r['flex_plan_us']:.0f} |" if "flex_us" in r
                 else f"{r.get('flex_error', '-')} | - | - |")
+        varlen = (f" {r['varlen_us']:.1f} | {r['varlen_mode']} | {r['varlen_ratio_to_sdpa']:.2f} | "
+                  f"{r['varlen_eager_ratio_to_sdpa']:.2f} | {r.get('varlen_plan_us', float('nan')):.0f} |"
+                  if "varlen_us" in r else f" {r.get('varlen_gather_error', '-')[:80]} | - | - | - | - |")
         lines.append(f"| {r['heads']}/{r['kv_heads']} | {r['batch']} | {r['new_tokens']} | {r['ours_us']:.1f} | "
-                     f"{r['sdpa_contiguous_us']:.1f} | {r['ratio_to_sdpa']:.2f} | {r['ours_TFLOPs']:.0f} | " + flex)
+                     f"{r['sdpa_contiguous_us']:.1f} | {r['ratio_to_sdpa']:.2f} | {r['ours_TFLOPs']:.0f} | " + flex
+                     + varlen)
+    if result.get("varlen_probe"):
+        lines += ["", "varlen_attn block_table mode (FlashAttention-2 reading the pool pages) by page size; fresh "
+                  "8 x 1024 prefill, graph replay (µs):", "",
+                  "| block tokens | prefill accepted | decode accepted | rel. error | extra peak MB | block_table | "
+                  "gather | SDPA | refused with |", "|---" * 9 + "|"]
+        for r in result["varlen_probe"]:
+            lines.append(f"| {r['block_tokens']} | {r['prefill_accepted']} | {r['decode_accepted']} | "
+                         f"{r.get('prefill_relative_error', float('nan')):.1e} | "
+                         f"{r.get('prefill_extra_peak_bytes', 0) / 1e6:.0f} | "
+                         f"{r.get('fresh_varlen_block_table_us', float('nan')):.1f} | "
+                         f"{r.get('fresh_varlen_gather_us', float('nan')):.1f} | {r['fresh_sdpa_contiguous_us']:.1f} | "
+                         f"{r.get('prefill_error', r.get('decode_error', '-'))[:80]} |")
     if result.get("lora_mlp"):
         lines += ["", "Llama-3-8B MLP LoRA (gate/up fused + down), tokens in per-adapter segments, graph replay (µs):",
                   "", "| tokens | adapters | fused | per module | % copy bw | rows read per step |",
@@ -667,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench/results/kernels-h200.json")
     parser.add_argument("--markdown", default=None, help="also write the tables as markdown here")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (the CPU interpreter works)")
-    parser.add_argument("--sections", default="tune,lora,lora_mlp,decode,prefill,norms,step")
+    parser.add_argument("--sections", default="tune,lora,lora_mlp,decode,varlen_probe,prefill,norms,step")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
@@ -700,6 +818,9 @@ def main(argv: list[str] | None = None) -> int:
         result["decode_attention"] += bench_decode_attention(clock, device, 32, 32, 128, [(1, 4096), (64, 512),
                                                                                           (64, 2048)],
                                                              result["copy_GBps"])
+    result["varlen_probe"] = bench_varlen_probe(clock, device, *heads, (16, 32, 64, 128, 256), small) \
+        if "varlen_probe" in sections else []
+    _save_partial(args.out, result)
     prefill_cases = [(1, 40)] if small else [(1, 512), (1, 2048), (1, 8192), (8, 1024), (32, 256)]
     result["prefill_attention"] = bench_prefill_attention(clock, device, *heads, prefill_cases) \
         if "prefill" in sections else []

@@ -176,7 +176,7 @@ class EngineConfig:
     # the weight bytes (one rank); 0 = no bound. Every distinct adapter's rows are read each step (the roofline)
     tensor_parallel_size: int = 1
     prefetch_adapters: int = 2  # adapters of waiting requests loaded into free pages per step (0 = off)
-    flex_prefill_attention: bool = False  # prefill attention through flex_attention instead of the Triton kernel
+    prefill_attention: str = "triton"  # triton (ours), flex (flex_attention) or flash (varlen_attn, FlashAttention-2)
     max_adapter_load_bytes_per_step: int = 0  # pool bytes (one rank) a step may load; 0 = no bound. A step's
     # first load is always allowed, so an adapter larger than the bound still loads, alone
     cuda_graphs: bool = True
@@ -194,6 +194,8 @@ class EngineConfig:
                      "max_adapters_per_batch", "max_lora_rank", "fairness_window", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_attention not in ("triton", "flex", "flash"):
+            raise ConfigError(f"prefill_attention must be triton, flex or flash, got {self.prefill_attention!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 

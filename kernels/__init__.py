@@ -33,7 +33,8 @@ __all__ = [
     "rms_norm",
     "add_rms_norm",
     "rotary",
-    "use_flex_prefill_attention",
+    "use_prefill_attention",
+    "PREFILL_ATTENTION",
 ]
 
 _TRITON_MODULE = "lorafleet.kernels.triton_ops"
@@ -68,20 +69,30 @@ lora_shrink_multi = _dispatch("lora_shrink_multi", lora_shrink_multi_ref)
 lora_expand_multi = _dispatch("lora_expand_multi", lora_expand_multi_ref)
 write_kv = _dispatch("write_kv", write_kv_ref)
 _paged_prefill_attention = _dispatch("paged_prefill_attention", paged_prefill_attention_ref)
-_FLEX_PREFILL = [False]
+PREFILL_ATTENTION = ("triton", "flex", "flash")
+_PREFILL = ["triton"]
 
 
-def use_flex_prefill_attention(enabled: bool) -> None:
-    """Run prefill attention through PyTorch's flex_attention over the pages (`attention_flex.py`) on every
-    device, instead of the Triton kernel on CUDA and the reference elsewhere (per process)."""
-    _FLEX_PREFILL[0] = enabled
+def use_prefill_attention(name: str) -> None:
+    """Which prefill attention this process runs: "triton" (our kernel on CUDA, the reference elsewhere), "flex"
+    (PyTorch's flex_attention over the pages, `attention_flex.py`) or "flash" (PyTorch's varlen_attn,
+    FlashAttention-2, `attention_varlen.py`; CUDA fp16/bf16). flex and flash run on every device they are
+    asked to. Raises ValueError for another name."""
+    if name not in PREFILL_ATTENTION:
+        raise ValueError(f"prefill attention must be one of {PREFILL_ATTENTION}, got {name!r}")
+    _PREFILL[0] = name
 
 
 def paged_prefill_attention(q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    if _FLEX_PREFILL[0]:  # imported on use: flex_attention needs a recent torch, the rest of the engine does not
+    # the library paths are imported on use: they need a recent torch, the rest of the engine does not
+    if _PREFILL[0] == "flex":
         from lorafleet.kernels.attention_flex import paged_prefill_attention_flex
 
         return paged_prefill_attention_flex(q, *args, **kwargs)
+    if _PREFILL[0] == "flash":
+        from lorafleet.kernels.attention_varlen import paged_prefill_attention_varlen
+
+        return paged_prefill_attention_varlen(q, *args, **kwargs)
     return _paged_prefill_attention(q, *args, **kwargs)
 
 

@@ -32,7 +32,7 @@ def test_flex_prefill_attention_matches_reference(dtype, heads, kv_heads, lens, 
 @pytest.fixture()
 def flex_engine_switch():
     yield
-    kernels.use_flex_prefill_attention(False)
+    kernels.use_prefill_attention("triton")
 
 
 def test_engine_on_flex_prefill_attention_matches_peft(tiny_llama, tmp_path, flex_engine_switch):
@@ -44,8 +44,8 @@ def test_engine_on_flex_prefill_attention_matches_peft(tiny_llama, tmp_path, fle
     names = ["a2", None, "a8", "a2"]
     oracle = PeftOracle(tiny_llama, adapters)
     want = [oracle.greedy(p, a, 6) for p, a in zip(prompts, names)]
-    llm = LLM(str(tiny_llama), adapters={k: str(v) for k, v in adapters.items()}, flex_prefill_attention=True,
+    llm = LLM(str(tiny_llama), adapters={k: str(v) for k, v in adapters.items()}, prefill_attention="flex",
               max_batch_tokens=16)  # chunked prefill: later chunks attend to a cached prefix
     got = llm.generate(prompts, adapters=names, max_tokens=6, ignore_eos=True)
     assert [g.token_ids for g in got] == want
-    assert kernels._FLEX_PREFILL[0]
+    assert kernels._PREFILL[0] == "flex"
