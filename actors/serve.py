@@ -164,6 +164,9 @@ def _engine_args(g) -> None:
     g.add_argument("--prefill-attention", choices=("triton", "flex", "flash"), default="triton",
                    help="prefill attention kernel: ours (Triton), PyTorch flex_attention over the pages, or "
                    "PyTorch varlen_attn (FlashAttention-2; CUDA, float16/bfloat16)")
+    g.add_argument("--decode-attention", choices=("triton", "flash"), default="triton",
+                   help="decode attention kernel: ours (Triton) or PyTorch varlen_attn reading the KV pages in place "
+                   "(FlashAttention-2; CUDA, float16/bfloat16; pages it refuses, e.g. under 256 tokens, stay on ours)")
     g.add_argument("--roofline-bandwidth-gbps", type=non_negative_float, default=0.0,
                    help="device memory bandwidth for the step roofline (GB/s; 0 = measured at start-up)")
     g.add_argument("--roofline-tflops", type=non_negative_float, default=0.0,
@@ -211,9 +214,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"the model is given twice: {args.model_pos!r} and --model {args.model!r}")
     args.model = args.model if args.model is not None else args.model_pos
     args.dtype = DTYPES[args.dtype]
-    if args.prefill_attention == "flash" and (not args.device.startswith("cuda") or args.dtype == "float32"):
-        parser.error("--prefill-attention flash needs --device cuda and --dtype float16 or bfloat16 "
-                     f"(FlashAttention-2), got --device {args.device} --dtype {args.dtype}")
+    for name in ("prefill_attention", "decode_attention"):
+        if getattr(args, name) == "flash" and (not args.device.startswith("cuda") or args.dtype == "float32"):
+            parser.error(f"--{name.replace('_', '-')} flash needs --device cuda and --dtype float16 or bfloat16 "
+                         f"(FlashAttention-2), got --device {args.device} --dtype {args.dtype}")
     args.api_key = args.api_key if args.api_key is not None else os.environ.get("LORAFLEET_API_KEY") or None
     args.admin_key = args.admin_key if args.admin_key is not None else os.environ.get("LORAFLEET_ADMIN_KEY") or None
     args.dashboard_key = (args.dashboard_key if args.dashboard_key is not None

@@ -58,6 +58,7 @@ def engine_config(args: Namespace) -> EngineConfig:
         cuda_graphs=not args.no_cuda_graphs, piecewise_graphs=not args.no_piecewise_graphs,
         max_adapter_load_bytes_per_step=args.max_adapter_load_bytes_per_step,
         prefetch_adapters=args.prefetch_adapters, prefill_attention=args.prefill_attention,
+        decode_attention=args.decode_attention,
         cluster_window=args.cluster_window, max_batch_adapter_fraction=args.max_batch_adapter_fraction,
     )
 

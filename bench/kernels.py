@@ -400,9 +400,11 @@ def bench_decode_attention(clock: Clock, device: str, heads, kv_heads, head_dim,
         row = dict(heads=heads, kv_heads=kv_heads, batch=batch, context=context, ours_us=ours, sdpa_contiguous_us=base,
                    ratio_to_sdpa=ours / base, kv_GBps=kv_bytes / ours / 1e3, fraction_of_copy_bw=kv_bytes / ours / 1e3
                    / copy_gbps)
+        row.update(_varlen_decode(clock, (q, kv, tables, lens, scale), base))
         rows.append(row)
+        varlen = f"{row['varlen_us']:.1f} us" if "varlen_us" in row else row["varlen_error"][:80]
         print(f"decode attn H={heads}/{kv_heads} B={batch} ctx={context}: {ours:.1f} us vs SDPA {base:.1f} us "
-              f"({row['ratio_to_sdpa']:.2f}x)", flush=True)
+              f"({row['ratio_to_sdpa']:.2f}x); varlen {varlen}", flush=True)
         del kv, keys, values
     return rows
 
@@ -479,6 +481,19 @@ def _varlen_prefill(clock: Clock, args: tuple, sdpa_us: float) -> dict:
     return row
 
 
+def _varlen_decode(clock: Clock, args: tuple, sdpa_us: float) -> dict:
+    """varlen_attn reading the pages in place for a decode batch (kernels/attention_varlen.py), graph replay;
+    the library's refusal of the page size is recorded."""
+    from lorafleet.kernels import attention_varlen
+
+    try:
+        attention_varlen.paged_decode_attention_varlen(*args)
+        us = clock.graph(lambda: attention_varlen.paged_decode_attention_varlen(*args))
+    except Exception as exc:  # noqa: BLE001 - a library path that may refuse this input: report it
+        return {"varlen_error": f"{type(exc).__name__}: {exc}"[:300]}
+    return {"varlen_us": us, "varlen_ratio_to_sdpa": us / sdpa_us}
+
+
 def _varlen_summary(row: dict) -> str:
     if "varlen_us" not in row:
         return row.get("varlen_gather_error", "-")
@@ -522,11 +537,11 @@ def bench_varlen_probe(clock: Clock, device: str, heads, kv_heads, head_dim, blo
                 row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
             finally:
                 attention_varlen.FORCED_MODE[0] = None
-        fresh = _fresh_prefill(clock, device, heads, kv_heads, head_dim, block_tokens, smoke)
-        row.update(fresh)
+        row.update(_fresh_prefill(clock, device, heads, kv_heads, head_dim, block_tokens, smoke))
+        row.update(_fresh_decode(clock, device, heads, kv_heads, head_dim, block_tokens, smoke))
         rows.append(row)
         print(f"varlen probe block_tokens={block_tokens}: " + ", ".join(
-            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={str(v)[:100]}" for k, v in row.items()
             if k not in ("heads", "kv_heads", "batch", "context", "block_tokens")), flush=True)
         del kv, keys, values
     return rows
@@ -544,6 +559,20 @@ def _fresh_prefill(clock: Clock, device: str, heads, kv_heads, head_dim, block_t
     row = {f"fresh_{k}": v for k, v in _varlen_prefill(clock, (q, kv, tables, lens, starts, head_dim**-0.5),
                                                          base).items()}
     return {"fresh_batch": batch, "fresh_new_tokens": new, "fresh_sdpa_contiguous_us": base, **row}
+
+
+def _fresh_decode(clock: Clock, device: str, heads, kv_heads, head_dim, block_tokens, smoke: bool) -> dict:
+    """A decode batch (64 sequences of 2048 tokens) at this page size: our kernel and varlen_attn in place."""
+    batch, context = (2, 40) if smoke else (64, 2048)
+    kv, tables, keys, values = paged_kv(batch, context, kv_heads, head_dim, block_tokens, device)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    q = torch.randn(batch, heads, head_dim, device=device, dtype=torch.bfloat16)
+    args = (q, kv, tables, lens, head_dim**-0.5)
+    base = clock.graph(lambda a=(q[:, :, None, :], keys, values): sdpa(*a, causal=False))
+    row = {"decode_batch": batch, "decode_context": context, "decode_sdpa_contiguous_us": base,
+           "decode_ours_us": clock.graph(lambda: triton_ops.paged_decode_attention(*args))}
+    row.update({f"decode_{k}": v for k, v in _varlen_decode(clock, args, base).items()})
+    return row
 
 
 def bench_lora_mlp(clock: Clock, device: str, shape: tuple, cases, copy_gbps: float) -> list[dict]:
@@ -718,12 +747,14 @@ def markdown(result: dict) -> str:
                         if "fused_graph_us" in r else "- | - | - |"))
     lines += ["", "(* = adapter bytes are under half of the bytes moved. fused: q/k/v and gate/up each one shrink and "
               "one expand launch, the per-step stacking of their row tables not included.)", "",
-              "Paged decode attention vs SDPA on contiguous K/V (µs):", "",
-              "| heads/kv | batch | context | ours | SDPA | ratio | % copy bw |", "|---|---|---|---|---|---|---|"]
+              "Paged decode attention vs SDPA on contiguous K/V (µs); varlen = varlen_attn reading the 16-token "
+              "pages in place, where the library takes them:", "",
+              "| heads/kv | batch | context | ours | SDPA | ratio | % copy bw | varlen |", "|---" * 8 + "|"]
     for r in result["decode_attention"]:
+        varlen = f"{r['varlen_us']:.1f}" if "varlen_us" in r else r.get("varlen_error", "-")[:60]
         lines.append(f"| {r['heads']}/{r['kv_heads']} | {r['batch']} | {r['context']} | {r['ours_us']:.1f} | "
                      f"{r['sdpa_contiguous_us']:.1f} | {r['ratio_to_sdpa']:.2f} | "
-                     f"{100 * r['fraction_of_copy_bw']:.0f}% |")
+                     f"{100 * r['fraction_of_copy_bw']:.0f}% | {varlen} |")
     lines += ["", "Paged prefill attention (causal) vs SDPA on contiguous K/V (µs); flex = flex_attention over the "
               "same pages (per layer; its plan, once per step, apart); varlen = varlen_attn (FlashAttention-2) in "
               "its faster accepted mode, graph replay (eager ratio beside it; its plan apart):", "",
@@ -742,13 +773,15 @@ def markdown(result: dict) -> str:
         lines += ["", "varlen_attn block_table mode (FlashAttention-2 reading the pool pages) by page size; fresh "
                   "8 x 1024 prefill, graph replay (µs):", "",
                   "| block tokens | prefill accepted | decode accepted | rel. error | extra peak MB | block_table | "
-                  "gather | SDPA | refused with |", "|---" * 9 + "|"]
+                  "gather | SDPA | decode ours | decode in place | decode SDPA | refused with |", "|---" * 12 + "|"]
         for r in result["varlen_probe"]:
             lines.append(f"| {r['block_tokens']} | {r['prefill_accepted']} | {r['decode_accepted']} | "
                          f"{r.get('prefill_relative_error', float('nan')):.1e} | "
                          f"{r.get('prefill_extra_peak_bytes', 0) / 1e6:.0f} | "
                          f"{r.get('fresh_varlen_block_table_us', float('nan')):.1f} | "
                          f"{r.get('fresh_varlen_gather_us', float('nan')):.1f} | {r['fresh_sdpa_contiguous_us']:.1f} | "
+                         f"{r['decode_ours_us']:.1f} | {r.get('decode_varlen_us', float('nan')):.1f} | "
+                         f"{r['decode_sdpa_contiguous_us']:.1f} | "
                          f"{r.get('prefill_error', r.get('decode_error', '-'))[:80]} |")
     if result.get("lora_mlp"):
         lines += ["", "Llama-3-8B MLP LoRA (gate/up fused + down), tokens in per-adapter segments, graph replay (µs):",

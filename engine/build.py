@@ -123,6 +123,7 @@ def build_runner(model_dir: Path, config: EngineConfig, shard: Shard, fetch) -> 
     cfg = ModelConfig.from_dir(model_dir)
     block_tokens, page_elements = page_geometry(cfg, config.block_tokens, shard.size)
     kernels.use_prefill_attention(config.prefill_attention)
+    kernels.use_decode_attention(config.decode_attention)
     model = build_model(model_dir, config, shard)
     if config.num_pages == 0:
         loaded = torch.cuda.memory_allocated(torch.device(config.device)) if config.device.startswith("cuda") else 0

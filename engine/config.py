@@ -177,6 +177,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     prefetch_adapters: int = 2  # adapters of waiting requests loaded into free pages per step (0 = off)
     prefill_attention: str = "triton"  # triton (ours), flex (flex_attention) or flash (varlen_attn, FlashAttention-2)
+    decode_attention: str = "triton"  # triton (ours) or flash (varlen_attn on the pages, where it takes the page size)
     max_adapter_load_bytes_per_step: int = 0  # pool bytes (one rank) a step may load; 0 = no bound. A step's
     # first load is always allowed, so an adapter larger than the bound still loads, alone
     cuda_graphs: bool = True
@@ -196,6 +197,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.prefill_attention not in ("triton", "flex", "flash"):
             raise ConfigError(f"prefill_attention must be triton, flex or flash, got {self.prefill_attention!r}")
+        if self.decode_attention not in ("triton", "flash"):
+            raise ConfigError(f"decode_attention must be triton or flash, got {self.decode_attention!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 

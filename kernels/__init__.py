@@ -35,6 +35,8 @@ __all__ = [
     "rotary",
     "use_prefill_attention",
     "PREFILL_ATTENTION",
+    "use_decode_attention",
+    "DECODE_ATTENTION",
 ]
 
 _TRITON_MODULE = "lorafleet.kernels.triton_ops"
@@ -97,7 +99,31 @@ def paged_prefill_attention(q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 paged_prefill_attention.__doc__ = paged_prefill_attention_ref.__doc__
-paged_decode_attention = _dispatch("paged_decode_attention", paged_decode_attention_ref)
+_paged_decode_attention = _dispatch("paged_decode_attention", paged_decode_attention_ref)
+DECODE_ATTENTION = ("triton", "flash")
+_DECODE = ["triton"]
+
+
+def use_decode_attention(name: str) -> None:
+    """Which decode attention this process runs: "triton" (our kernel on CUDA, the reference elsewhere) or
+    "flash" (PyTorch's varlen_attn reading the pool pages in place, `attention_varlen.py`, where the library
+    accepts the page size; our kernel where it does not). Raises ValueError for another name."""
+    if name not in DECODE_ATTENTION:
+        raise ValueError(f"decode attention must be one of {DECODE_ATTENTION}, got {name!r}")
+    _DECODE[0] = name
+
+
+def paged_decode_attention(q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if _DECODE[0] == "flash":
+        from lorafleet.kernels.attention_varlen import decode_or_none
+
+        out = decode_or_none(q, *args, **kwargs)
+        if out is not None:
+            return out
+    return _paged_decode_attention(q, *args, **kwargs)
+
+
+paged_decode_attention.__doc__ = paged_decode_attention_ref.__doc__
 rms_norm = _dispatch("rms_norm", rms_norm_ref)
 add_rms_norm = _dispatch("add_rms_norm", add_rms_norm_ref)
 rotary = _dispatch("rotary", rotary_ref)

@@ -17,12 +17,17 @@ contract: a sequence's queries are the LAST tokens of its context. Two modes:
   gathered into contiguous [S, kv_heads, head_dim] tensors (the bytes attention reads anyway) and
   `varlen_attn` runs over them with `cu_seq_k` = the cumulative context lengths.
 
+`paged_decode_attention_varlen` is the decode form (one query per sequence), in block_table mode only: gathering
+a decode batch's whole context would double the bytes decode reads. It builds no plan that needs the host (its
+longest context is bounded by the block-table width), so it runs inside the engine's decode CUDA graphs.
+
 GQA is FlashAttention's own (`enable_gqa`). `VARLEN_ATTN` is the library function; tests replace it with a
 PyTorch stand-in to check this wrapper on the CPU (the library is CUDA-only).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +43,7 @@ MODES = ("block_table", "gather")
 FORCED_MODE: list[str | None] = [None]  # benchmarks and tests pin a mode; None = probe at first call
 _MODE: dict[tuple[str, int], str] = {}  # (device, block_tokens) -> the mode the library accepted
 _CACHE = new_cache()
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,3 +133,52 @@ def paged_prefill_attention_varlen(
 def chosen_mode(device: torch.device | str, block_tokens: int) -> str | None:
     """The mode the first call on this (device, block_tokens) settled on; None before it."""
     return _MODE.get((str(device), block_tokens))
+
+
+def paged_decode_attention_varlen(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Decode attention over the pool pages in place (contract of `paged_decode_attention_ref`): q [B, heads,
+    head_dim], one query per sequence, the last token of its context; returns [B, heads, head_dim]. Every key
+    is visible to that query, so the call is non-causal (FlashAttention then packs GQA query heads together).
+    Raises RuntimeError when the library refuses the page size (see `decode_or_none`)."""
+    assert q.dim() == 3 and kv.dim() == 5 and q.shape[2] == kv.shape[4] and q.dtype == kv.dtype
+    if VARLEN_ATTN is None:
+        raise RuntimeError(f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn (torch >= 2.10)")
+    if q.shape[0] == 0:
+        return torch.empty_like(q)
+    cu_q, cu_k, seq_k = _CACHE.get(context_lens, ("decode", q.shape[0]), lambda: _decode_lengths(context_lens))
+    return VARLEN_ATTN(q, kv[:, 0], kv[:, 1], cu_q, cu_k, 1, block_tables.shape[1] * kv.shape[2], scale=scale,
+                       window_size=(-1, -1), enable_gqa=True, seqused_k=seq_k,
+                       block_table=block_tables.to(torch.int32).contiguous())
+
+
+def _decode_lengths(context_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    seq_k = context_lens.to(torch.int32)
+    cu_k = torch.nn.functional.pad(torch.cumsum(seq_k, 0, dtype=torch.int32), (1, 0))
+    return torch.arange(seq_k.shape[0] + 1, dtype=torch.int32, device=seq_k.device), cu_k, seq_k
+
+
+def decode_or_none(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                   scale: float) -> torch.Tensor | None:
+    """`paged_decode_attention_varlen` where the library reads this page size in place, None where it does not
+    (the caller runs its own decode kernel). The first call per (device, block_tokens) that settles it, here
+    or in prefill, is remembered; a refusal is logged once."""
+    decided = (str(q.device), kv.shape[2])
+    if _MODE.get(decided) == "gather":
+        return None
+    try:
+        out = paged_decode_attention_varlen(q, kv, block_tables, context_lens, scale)
+    except RuntimeError as exc:
+        if decided in _MODE:
+            raise
+        _MODE[decided] = "gather"
+        log.warning("varlen_attn refuses pages of %d tokens in place (%s): decode attention stays on our kernel",
+                    kv.shape[2], exc)
+        return None
+    _MODE.setdefault(decided, "block_table")
+    return out

@@ -15,7 +15,7 @@ from kernel_cases import make_kv_case
 
 from lorafleet import kernels
 from lorafleet.kernels import attention_varlen
-from lorafleet.kernels.attention_ref import paged_prefill_attention_ref
+from lorafleet.kernels.attention_ref import paged_decode_attention_ref, paged_prefill_attention_ref
 
 CASES = [([5, 19, 40, 1, 3], [5, 2, 21, 1, 0]),  # cached prefixes, an empty chunk
          ([33], [33]),  # one fresh prefill
@@ -25,13 +25,14 @@ CASES = [([5, 19, 40, 1, 3], [5, 2, 21, 1, 0]),  # cached prefixes, an empty chu
 
 def sdpa_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale, window_size, enable_gqa,
                 seqused_k=None, block_table=None, page_multiple=1, calls=None):
-    """The library's contract in plain PyTorch: causal (bottom-right) attention of each sequence's queries
-    over its keys; with `block_table`, the keys of sequence b are the first seqused_k[b] rows of its pages."""
-    assert window_size == (-1, 0) and enable_gqa
+    """The library's contract in plain PyTorch: causal (bottom-right, window (-1, 0)) or full (window (-1, -1))
+    attention of each sequence's queries over its keys; with `block_table`, the keys of sequence b are the first
+    seqused_k[b] rows of its pages."""
+    assert window_size in ((-1, 0), (-1, -1)) and enable_gqa
     if block_table is not None and key.shape[1] % page_multiple:
         raise RuntimeError(f"Paged KV cache block size must be divisible by {page_multiple}")
     if calls is not None:
-        calls.append("block_table" if block_table is not None else "gather")
+        calls.append(("block_table" if block_table is not None else "gather") + (" full" if window_size[1] else ""))
     out = torch.zeros_like(query)
     for b in range(cu_seq_q.shape[0] - 1):
         q = query[int(cu_seq_q[b]):int(cu_seq_q[b + 1])]
@@ -42,20 +43,21 @@ def sdpa_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale, w
         if q.shape[0] == 0:
             continue
         assert q.shape[0] <= max_q and k.shape[0] <= max_k, "max_q / max_k below a sequence's length"
-        mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).tril(k.shape[0] - q.shape[0])
+        mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool)
+        mask = mask.tril(k.shape[0] - q.shape[0]) if window_size[1] == 0 else mask
         o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
                                            scale=scale, enable_gqa=True)
         out[int(cu_seq_q[b]):int(cu_seq_q[b + 1])] = o.transpose(0, 1)
     return out
 
 
-@pytest.fixture()
-def library(monkeypatch):
-    """Install the stand-in (refusing pages that are not a multiple of 256, like FlashAttention-2) and
-    forget earlier mode decisions; yields the list of the calls' modes."""
+@pytest.fixture(params=[256])
+def library(request, monkeypatch):
+    """Install the stand-in (refusing pages that are not a multiple of `request.param`: 256 like
+    FlashAttention-2) and forget earlier mode decisions; yields the list of the calls' modes."""
     calls: list[str] = []
     monkeypatch.setattr(attention_varlen, "VARLEN_ATTN",
-                        lambda *a, **k: sdpa_varlen(*a, **k, page_multiple=256, calls=calls))
+                        lambda *a, **k: sdpa_varlen(*a, **k, page_multiple=request.param, calls=calls))
     monkeypatch.setattr(attention_varlen, "_MODE", {})
     monkeypatch.setattr(attention_varlen, "FORCED_MODE", [None])
     return calls
@@ -111,6 +113,28 @@ def test_step_plan_is_built_once_for_all_layers(library, monkeypatch):
     assert (plan.max_q, plan.max_k) == (21, 40) and plan.cu_seq_k.tolist() == [0, 5, 24, 64]
 
 
+@pytest.mark.parametrize("library", [1], indirect=True)
+@pytest.mark.parametrize("block_tokens", [16, 32])
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (8, 2), (8, 1)])
+def test_varlen_decode_reads_pages_in_place(library, block_tokens, heads, kv_heads):
+    case = make_kv_case([5, 19, 40, 1, 33], kv_heads, 16, block_tokens, seed=block_tokens)
+    q = torch.randn(5, heads, 16)
+    args = (q, case.kv, case.block_tables, case.context_lens, 0.25)
+    out = attention_varlen.decode_or_none(*args)
+    torch.testing.assert_close(out, paged_decode_attention_ref(*args), rtol=1e-5, atol=1e-5)
+    assert library == ["block_table full"] and attention_varlen.chosen_mode("cpu", block_tokens) == "block_table"
+
+
+def test_varlen_decode_refused_stays_on_our_kernel(library, monkeypatch):
+    monkeypatch.setattr(kernels, "_DECODE", ["flash"])
+    case = make_kv_case([5, 19, 40], 2, 16, 16)
+    q = torch.randn(3, 8, 16)
+    args = (q, case.kv, case.block_tables, case.context_lens, 0.25)
+    for _ in range(2):
+        torch.testing.assert_close(kernels.paged_decode_attention(*args), paged_decode_attention_ref(*args))
+    assert library == [] and attention_varlen.chosen_mode("cpu", 16) == "gather"  # refused once, then not asked
+
+
 def test_empty_step_and_dispatch(library):
     case, _, _ = _case([3], [0], 2, 2, 16)
     q = torch.empty(0, 2, 16)
@@ -120,15 +144,17 @@ def test_empty_step_and_dispatch(library):
     assert library == []
     with pytest.raises(ValueError, match="prefill attention must be one of"):
         kernels.use_prefill_attention("flash2")
+    with pytest.raises(ValueError, match="decode attention must be one of"):
+        kernels.use_decode_attention("flex")
 
 
 def test_serve_refuses_flash_off_cuda_or_in_fp32(capsys):
     from lorafleet.actors.serve import parse_args
 
-    for argv in (["--prefill-attention", "flash"], ["--prefill-attention", "flash", "--device", "cuda"]):
+    for argv in (["--prefill-attention", "flash"], ["--decode-attention", "flash", "--device", "cuda"]):
         with pytest.raises(SystemExit):
             parse_args(argv)
-        assert "flash needs --device cuda and --dtype float16 or bfloat16" in capsys.readouterr().err
+        assert f"{argv[0]} flash needs --device cuda and --dtype float16 or bfloat16" in capsys.readouterr().err
     assert parse_args(["--prefill-attention", "flash", "--device", "cuda", "--dtype", "bfloat16"]).prefill_attention \
         == "flash"
 
@@ -137,9 +163,13 @@ def test_serve_refuses_flash_off_cuda_or_in_fp32(capsys):
 def flash_engine(library):
     yield library
     kernels.use_prefill_attention("triton")
+    kernels.use_decode_attention("triton")
 
 
-def test_engine_on_varlen_prefill_attention_matches_peft(tiny_llama, tmp_path, flash_engine):
+@pytest.mark.parametrize("library,modes", [(256, {"gather"}), (1, {"block_table", "block_table full"})],
+                         indirect=["library"])
+def test_engine_on_varlen_attention_matches_peft(tiny_llama, tmp_path, flash_engine, modes):
+    """Pages the library refuses: prefill gathers, decode stays on our kernel; pages it takes: both in place."""
     from conftest import PeftOracle, make_peft_adapter
     from lorafleet.engine import LLM
 
@@ -149,10 +179,10 @@ def test_engine_on_varlen_prefill_attention_matches_peft(tiny_llama, tmp_path, f
     oracle = PeftOracle(tiny_llama, adapters)
     want = [oracle.greedy(p, a, 6) for p, a in zip(prompts, names)]
     llm = LLM(str(tiny_llama), adapters={k: str(v) for k, v in adapters.items()}, prefill_attention="flash",
-              max_batch_tokens=16)  # chunked prefill: later chunks attend to a cached prefix
+              decode_attention="flash", max_batch_tokens=16)  # chunked prefill: later chunks see a cached prefix
     got = llm.generate(prompts, adapters=names, max_tokens=6, ignore_eos=True)
     assert [g.token_ids for g in got] == want
-    assert "gather" in flash_engine  # the engine's prefill steps went through the wrapper
+    assert set(flash_engine) == modes  # the engine's attention went through the wrapper
 
 
 # ----------------------------------------------------------------------------------------------- GPU
@@ -176,3 +206,42 @@ def test_gpu_varlen_library_matches_reference(monkeypatch, dtype, block_tokens, 
     for mode in attention_varlen.MODES if picked == "block_table" else ("gather",):
         monkeypatch.setattr(attention_varlen, "FORCED_MODE", [mode])
         _check(case, q, starts + 0, tol=2e-2)
+    qd = torch.randn(len(lens), heads, 128, device="cuda", dtype=dtype)
+    args = (qd, case.kv, case.block_tables, case.context_lens, 128**-0.5)
+    out = attention_varlen.decode_or_none(*args)
+    assert (out is None) == (picked == "gather")
+    if out is not None:
+        torch.testing.assert_close(out.float(), paged_decode_attention_ref(*args).float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.fixture()
+def attention_switches(monkeypatch):
+    monkeypatch.setattr(attention_varlen, "_MODE", {})
+    yield
+    kernels.use_prefill_attention("triton")
+    kernels.use_decode_attention("triton")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("block_tokens", [16, 256])
+def test_gpu_engine_on_varlen_attention_matches_peft(tmp_path, attention_switches, block_tokens):
+    """bf16 logits of the last decode step (CUDA graphs on) after chunked prefills, against HF+PEFT in bf16."""
+    from conftest import PeftOracle, make_hf_model, make_peft_adapter
+    from lorafleet.engine import LLM
+
+    base = make_hf_model("gqa", tmp_path / "base", seed=5)
+    adapters = {f"r{r}": str(make_peft_adapter(base, tmp_path / f"r{r}", r, seed=r)) for r in (4, 16)}
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 300, (n,), generator=gen).tolist() for n in (7, 300, 40, 1, 129)]
+    which = ["r4", None, "r16", "r4", "r16"]
+    llm = LLM(str(base), adapters=adapters, device="cuda", dtype="bfloat16", num_pages=256, block_tokens=block_tokens,
+              prefill_attention="flash", decode_attention="flash", max_batch_tokens=128)
+    got = llm.generate(prompts, adapters=which, max_tokens=3, ignore_eos=True)
+    ours = llm.engine.executor.last_logits
+    oracle = PeftOracle(base, adapters, dtype=torch.bfloat16, device="cuda")
+    for i, (prompt, adapter) in enumerate(zip(prompts, which)):
+        want = oracle.last_logits(prompt + got[i].token_ids[:-1], adapter)
+        assert float((ours[i].float().to(want.device) - want).abs().max() / want.std()) < 0.08
+    assert attention_varlen.chosen_mode(torch.device("cuda", torch.cuda.current_device()), block_tokens) \
+        in attention_varlen.MODES
