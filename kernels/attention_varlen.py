@@ -21,7 +21,8 @@ contract: a sequence's queries are the LAST tokens of its context. Two modes:
 a decode batch's whole context would double the bytes decode reads. It builds no plan that needs the host (its
 longest context is bounded by the block-table width), so it runs inside the engine's decode CUDA graphs.
 
-GQA is FlashAttention's own (`enable_gqa`). `VARLEN_ATTN` is the library function; tests replace it with a
+GQA is FlashAttention's own. `VARLEN_ATTN` is the library call (`flash_varlen`: varlen_attn's arguments on
+the FlashAttention-2 op under it, the same in every torch release that has varlen_attn); tests replace it with a
 PyTorch stand-in to check this wrapper on the CPU (the library is CUDA-only).
 """
 
@@ -34,8 +35,33 @@ import torch
 
 from lorafleet.kernels.segments import new_cache
 
+
+def flash_varlen(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seq_q: torch.Tensor,
+                 cu_seq_k: torch.Tensor, max_q: int, max_k: int, *, scale: float, window_size: tuple[int, int],
+                 enable_gqa: bool = True, seqused_k: torch.Tensor | None = None,
+                 block_table: torch.Tensor | None = None) -> torch.Tensor:
+    """`varlen_attn`'s call (same arguments) made on PyTorch's FlashAttention-2 op itself. Across torch
+    releases `varlen_attn` gained `enable_gqa`, `seqused_k` and `block_table` and may pick a cuDNN backend that
+    refuses GQA; the op under it (`aten::_flash_attention_forward`) takes GQA as it is (query heads a multiple
+    of kv heads) in every release that has varlen_attn. A torch whose op lacks `block_table` raises here, which
+    the callers treat as a refusal of in-place pages. Returns [T_q, heads, head_dim]."""
+    del enable_gqa  # FlashAttention-2 always serves GQA when heads % kv_heads == 0
+    extra = {"seqused_k": seqused_k} if seqused_k is not None else {}
+    if block_table is not None:
+        extra["block_table"] = block_table
+    try:
+        out = torch.ops.aten._flash_attention_forward(
+            query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, 0.0, window_size == (-1, 0), False, scale=scale,
+            window_size_left=window_size[0], window_size_right=window_size[1], **extra)
+    except TypeError as exc:  # an argument this torch's op does not know (block_table before it existed)
+        raise RuntimeError(f"aten::_flash_attention_forward: {exc}") from exc
+    return out[0]
+
+
 try:  # torch >= 2.10 (the engine runs without it: this module is imported only when chosen)
-    from torch.nn.attention.varlen import varlen_attn as VARLEN_ATTN
+    from torch.nn.attention.varlen import varlen_attn as _LIBRARY  # noqa: F401  (its presence gates the path)
+
+    VARLEN_ATTN = flash_varlen
 except ImportError:  # pragma: no cover - an older torch
     VARLEN_ATTN = None
 
