@@ -115,6 +115,18 @@ def join_parallel_group(config: EngineConfig, rank: int, size: int, init_file: s
     return config
 
 
+def use_attention(config: EngineConfig) -> None:
+    """Switch this process's attention kernels to the config's; ConfigError where "flash" cannot run."""
+    if "flash" in (config.prefill_attention, config.decode_attention):
+        from lorafleet.kernels import attention_varlen
+
+        reason = attention_varlen.unsupported(config.device, config.torch_dtype)
+        if reason:
+            raise ConfigError(f"prefill_attention/decode_attention flash: {reason}")
+    kernels.use_prefill_attention(config.prefill_attention)
+    kernels.use_decode_attention(config.decode_attention)
+
+
 def build_runner(model_dir: Path, config: EngineConfig, shard: Shard, fetch) -> tuple[ModelRunner, EngineConfig]:
     """One rank's executor: its model shard, its pool (sized from free GPU memory when num_pages is 0) and
     CUDA graphs on every rank (decode steps whole, other steps piecewise; `graph_capture=False` runs the
@@ -122,8 +134,7 @@ def build_runner(model_dir: Path, config: EngineConfig, shard: Shard, fetch) -> 
     it got. Rank 0 samples."""
     cfg = ModelConfig.from_dir(model_dir)
     block_tokens, page_elements = page_geometry(cfg, config.block_tokens, shard.size)
-    kernels.use_prefill_attention(config.prefill_attention)
-    kernels.use_decode_attention(config.decode_attention)
+    use_attention(config)
     model = build_model(model_dir, config, shard)
     if config.num_pages == 0:
         loaded = torch.cuda.memory_allocated(torch.device(config.device)) if config.device.startswith("cuda") else 0

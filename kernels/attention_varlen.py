@@ -156,6 +156,16 @@ def paged_prefill_attention_varlen(
     return _attend_gather(q, kv, _plan(kv, block_tables, context_lens, query_starts, gather=True), scale)
 
 
+def unsupported(device: str, dtype: torch.dtype) -> str | None:
+    """Why varlen_attn cannot serve an engine on `device` in `dtype` (FlashAttention-2: CUDA, fp16/bf16; a torch
+    with `torch.nn.attention.varlen`), or None where it can."""
+    if VARLEN_ATTN is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen (torch >= 2.10)"
+    if not str(device).startswith("cuda") or dtype not in (torch.float16, torch.bfloat16):
+        return f"FlashAttention-2 runs on CUDA in float16/bfloat16, not on {device} in {dtype}"
+    return None
+
+
 def chosen_mode(device: torch.device | str, block_tokens: int) -> str | None:
     """The mode the first call on this (device, block_tokens) settled on; None before it."""
     return _MODE.get((str(device), block_tokens))

@@ -159,8 +159,19 @@ def test_serve_refuses_flash_off_cuda_or_in_fp32(capsys):
         == "flash"
 
 
+def test_engine_refuses_flash_where_the_library_cannot_run(tiny_llama):
+    from lorafleet.engine import LLM
+    from lorafleet.engine.config import ConfigError
+
+    for option in ("prefill_attention", "decode_attention"):
+        with pytest.raises(ConfigError, match="FlashAttention-2 runs on CUDA in float16/bfloat16, not on cpu"):
+            LLM(str(tiny_llama), **{option: "flash"})
+    assert kernels._PREFILL == ["triton"] and kernels._DECODE == ["triton"]
+
+
 @pytest.fixture()
-def flash_engine(library):
+def flash_engine(library, monkeypatch):
+    monkeypatch.setattr(attention_varlen, "unsupported", lambda device, dtype: None)  # the stand-in runs anywhere
     yield library
     kernels.use_prefill_attention("triton")
     kernels.use_decode_attention("triton")
