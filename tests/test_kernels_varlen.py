@@ -236,7 +236,7 @@ def attention_switches(monkeypatch):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("block_tokens", [16, 256])
-def test_gpu_engine_on_varlen_attention_matches_peft(tmp_path, attention_switches, block_tokens):
+def test_gpu_engine_on_varlen_attention_matches_peft(tmp_path, monkeypatch, attention_switches, block_tokens):
     """bf16 logits of the last decode step (CUDA graphs on) after chunked prefills, against HF+PEFT in bf16."""
     from conftest import PeftOracle, make_hf_model, make_peft_adapter
     from lorafleet.engine import LLM
@@ -248,8 +248,16 @@ def test_gpu_engine_on_varlen_attention_matches_peft(tmp_path, attention_switche
     which = ["r4", None, "r16", "r4", "r16"]
     llm = LLM(str(base), adapters=adapters, device="cuda", dtype="bfloat16", num_pages=256, block_tokens=block_tokens,
               prefill_attention="flash", decode_attention="flash", max_batch_tokens=128)
+    runner, ours = llm.engine.executor, {}
+    execute = runner.execute
+
+    def keep_logits(plan):  # requests finish in different steps: keep each one's logits of its last sample
+        output = execute(plan)
+        ours.update(runner.last_logits)
+        return output
+
+    monkeypatch.setattr(runner, "execute", keep_logits)
     got = llm.generate(prompts, adapters=which, max_tokens=3, ignore_eos=True)
-    ours = llm.engine.executor.last_logits
     oracle = PeftOracle(base, adapters, dtype=torch.bfloat16, device="cuda")
     for i, (prompt, adapter) in enumerate(zip(prompts, which)):
         want = oracle.last_logits(prompt + got[i].token_ids[:-1], adapter)
