@@ -30,6 +30,7 @@ _REGISTRY: dict[str, type] = {}
 _TAG_OF: dict[type, str] = {}
 _WIRE: dict[type, bool] = {}
 _HINTS: dict[type, dict[str, Any]] = {}
+_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def message(tag: str, wire: bool = True):
@@ -57,15 +58,38 @@ def _hints(cls: type) -> dict[str, Any]:
 # encoding -------------------------------------------------------------------------------------------
 def to_wire(msg: object) -> dict:
     """The message as a plain map (nested messages as maps), including its type tag."""
+    out = _shallow(msg)
+    for name, value in out.items():
+        out[name] = _plain(value)
+    return out
+
+
+def _shallow(msg: object) -> dict:
+    """The message's map with its field values as they are (nested messages not converted)."""
     cls = type(msg)
     if cls not in _TAG_OF:
         raise SchemaError(f"{cls.__name__} is not a registered message")
     if not _WIRE[cls]:
         raise SchemaError(f"{_TAG_OF[cls]}: this message is in-process only and has no wire form")
     out: dict[str, Any] = {"type": _TAG_OF[cls]}
-    for f in dataclasses.fields(msg):
-        out[f.name] = _plain(getattr(msg, f.name))
+    for name in _field_names(cls):
+        out[name] = getattr(msg, name)
     return out
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _NAMES.get(cls)
+    if names is None:
+        names = _NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
+def _nested(value: object) -> dict:
+    """msgpack's hook for what it cannot pack itself: a nested registered message becomes its map; anything
+    else is a TypeError (as msgpack raises it)."""
+    if type(value) not in _TAG_OF:
+        raise TypeError(f"can not serialize {type(value).__name__!r} object")
+    return _shallow(value)
 
 
 def _plain(value: Any) -> Any:
@@ -79,8 +103,10 @@ def _plain(value: Any) -> Any:
 
 
 def encode(msg: object) -> bytes:
-    """msgpack bytes of a registered wire message."""
-    return msgpack.packb(to_wire(msg), use_bin_type=True)
+    """msgpack bytes of a registered wire message: the bytes of `to_wire(msg)`, but lists, tuples and maps
+    are walked by msgpack itself, which calls back only for nested messages (a step plan's thousands of
+    integers are not visited in Python)."""
+    return msgpack.packb(_shallow(msg), default=_nested, use_bin_type=True)
 
 
 # decoding -------------------------------------------------------------------------------------------

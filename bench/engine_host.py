@@ -26,7 +26,7 @@ import torch
 from lorafleet.actors.server import RemoteOnly
 from lorafleet.engine.adapter_store import AdapterStore
 from lorafleet.engine.adapters import COLUMN_PARALLEL
-from lorafleet.engine.config import EngineConfig, ModelConfig, page_geometry
+from lorafleet.engine.config import TARGET_MODULES, EngineConfig, ModelConfig, page_geometry
 from lorafleet.engine.cuda_graphs import DecodeGraphs, StaticBatch, StepInputs
 from lorafleet.engine.engine import Engine
 from lorafleet.engine.plan import StepOutput, StepPlan
@@ -45,8 +45,9 @@ def planning_engine(model_dir: str, args: argparse.Namespace) -> Engine:
     block_tokens, page_elements = page_geometry(cfg, 16)
     store = AdapterStore(cfg, page_elements, torch.bfloat16, 64, 1 << 40)
     engine = Engine(cfg, config, store, RemoteOnly(), text_decoder(load_tokenizer(model_dir)), block_tokens)
+    targets = TARGET_MODULES if args.targets == "all" else tuple(args.targets.split(","))
     for i in range(args.adapters):
-        engine.add_adapter(f"synthetic-{i}", synthetic_adapter_path(RANKS[i % len(RANKS)], i))
+        engine.add_adapter(f"synthetic-{i}", synthetic_adapter_path(RANKS[i % len(RANKS)], i, targets))
     return engine
 
 
@@ -128,6 +129,8 @@ def planning_args(doc: str, seconds: float, warmup_steps: int) -> argparse.Argum
     parser.add_argument("--batch-tokens", type=int, default=4096)
     parser.add_argument("--adapters", type=int, default=100)
     parser.add_argument("--num-pages", type=int, default=13000)
+    parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj",
+                        help="the synthetic adapters' target modules (comma-separated, or 'all' for the seven)")
     parser.add_argument("--seconds", type=float, default=seconds)
     parser.add_argument("--warmup-steps", type=int, default=warmup_steps)
     return parser

@@ -3,9 +3,15 @@
 The scheduler actor (actors/scheduler.py) runs over the planning engine of bench/engine_host.py (Llama-2-7B
 shapes, synthetic adapters, no weights) and an executor stand-in that returns random tokens at once, so the
 wall time per step is the actor's own host work (`step_host_ms`): mailbox, deadline checks, planning, the
-plan's wire form, completing the step, the client deltas, stats and snapshots. A finished request is
-replaced by a new one (optionally with a first-token deadline, --slo-ttft-ms). Writes milliseconds per step, and the
-`host` figure the step log (--log-steps) shows for the same steps (`step_log_host_ms`).
+plan's wire frame (encoded as the executor group encodes it), the result frame's decoding, completing the
+step, the client deltas, stats, the roofline and snapshots. A finished request is replaced by a new one
+(optionally with a first-token deadline, --slo-ttft-ms). Writes milliseconds per step, and the `host` figure
+the step log (--log-steps) shows for the same steps (`step_log_host_ms`).
+
+As in the server, where the prefetcher packs adapters into the host arena off the event loop, every adapter
+is in the host cache before the measured steps (as a stand-in of no bytes: the executor stand-in reads no
+weights), so no packing runs in the loop; --pack-in-loop packs them in the loop on first use instead (the
+store without an arena).
 
     python bench/scheduler_host.py --out bench/results/scheduler-host-cpu.json [--profile]
 """
@@ -23,7 +29,7 @@ import sys
 import tempfile
 import time
 
-import msgpack
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -32,33 +38,48 @@ from engine_host import planning_args, planning_engine  # noqa: E402
 from lorafleet.actors.channels import LocalChannel  # noqa: E402
 from lorafleet.actors.hub import ServeHub  # noqa: E402
 from lorafleet.actors.scheduler import SchedulerActor  # noqa: E402
-from lorafleet.actors.schema import StepDeltas, StepResult, Submit  # noqa: E402
+from lorafleet.actors.schema import RunStep, StepDeltas, StepResult, Submit, decode, encode  # noqa: E402
+from lorafleet.engine.adapter_store import PackedAdapter  # noqa: E402
+from lorafleet.engine.roofline import DevicePeak, StepCostModel  # noqa: E402
 from lorafleet.engine.synthetic import write_model  # noqa: E402
+
+H200_PEAK = DevicePeak(4.3e12, 7.9e14)  # the roofline's figures (the values only scale its output)
 
 
 class InstantExecutors:
-    """ExecutorGroup stand-in: a sent plan's result (random tokens) is ready at once; the plan travels
-    through its wire form as it would to the executors."""
+    """ExecutorGroup stand-in: a sent plan's result (random tokens) is ready at once; the plan is encoded
+    into the frame the executor group writes to its ranks' rings, and the result comes back as the frame
+    the scheduler's end of the ring decodes (both as in actors/executor.py, without the rings)."""
 
     def __init__(self) -> None:
         self.rng, self.results, self.steps, self.seqs = random.Random(2), [], 0, 0
 
     def send(self, plan, packed) -> None:
-        msgpack.packb(plan.to_wire())
+        encode(RunStep(plan.to_wire(), []))
         self.steps, self.seqs = self.steps + 1, self.seqs + len(plan.seqs)
         sampled = [self.rng.randrange(3, 32000) for s in plan.seqs if s.sample]
-        self.results.append(StepResult(plan.step, 0, sampled, 0.0))
+        self.results.append(encode(StepResult(plan.step, 0, sampled, 0.0)))
 
     async def receive(self) -> StepResult:
         await asyncio.sleep(0)
-        return self.results.pop(0)
+        return decode(self.results.pop(0))
+
+
+def stand_in_cache(engine) -> None:
+    """Every registered adapter in the host cache as a packed stand-in of no bytes (the server's prefetcher
+    packs adapters off the loop; the executor stand-in reads none)."""
+    store = engine.store
+    for name, info in store.infos.items():
+        store.cache[name] = PackedAdapter(info, torch.empty(0, dtype=store.dtype))
 
 
 async def measure(args: argparse.Namespace, engine) -> dict:
     rng = random.Random(0)
     inbox, router, admission, prefetch = (LocalChannel() for _ in range(4))
     group = InstantExecutors()
-    actor = SchedulerActor(engine, group, inbox, router, admission, prefetch, ServeHub(), log_steps_s=1e9)
+    roofline = (StepCostModel(engine.model, engine.store.dtype.itemsize), H200_PEAK)
+    actor = SchedulerActor(engine, group, inbox, router, admission, prefetch, ServeHub(), log_steps_s=1e9,
+                           roofline=roofline)
     key = 0
 
     def submit() -> None:
@@ -97,7 +118,7 @@ async def measure(args: argparse.Namespace, engine) -> dict:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     if profiler:
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(45)
     return {"steps": steps, "step_host_ms": elapsed * 1000 / steps,
             "mean_seqs": (group.seqs - first_seqs) / steps,
             "step_log_host_ms": (actor.step_log.host_ms - log_host_ms) / (actor.step_log.steps - log_steps)}
@@ -107,10 +128,14 @@ def main() -> None:
     parser = planning_args(__doc__, seconds=10.0, warmup_steps=40)
     parser.add_argument("--slo-ttft-ms", type=float, default=None, help="each request's first-token deadline")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the measured steps")
+    parser.add_argument("--pack-in-loop", action="store_true",
+                        help="pack each adapter in the loop on first use (no host arena) instead of a stand-in cache")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         engine = planning_engine(str(write_model("llama-2-7b", tmp)), args)
+        if not args.pack_in_loop:
+            stand_in_cache(engine)
         result = asyncio.run(measure(args, engine))
     print(json.dumps(result, indent=1))
     if args.out:

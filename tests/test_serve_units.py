@@ -28,6 +28,7 @@ from lorafleet.actors.schema import (
     Submit,
     decode,
     encode,
+    to_wire,
 )
 from lorafleet.engine.request import PENDING_TOKEN
 
@@ -468,6 +469,34 @@ def test_schema_decoding_fuzz_only_raises_schema_errors(tag, fields):
     except SchemaError:
         return
     assert decode(encode(msg)) == msg or msg != msg  # a decoded message re-encodes (NaN never equals itself)
+
+
+_ITEM = st.builds(DeltaItem, st.text(max_size=4), st.lists(st.integers(0, 2**31), max_size=3), st.text(max_size=4))
+_NESTED = st.recursive(st.one_of(_LEAF, _ITEM), lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.tuples(inner, inner), st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+    max_leaves=16)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=6), _NESTED, max_size=4), st.lists(_ITEM, max_size=4),
+       st.lists(st.tuples(st.integers(0, 2**40), st.lists(st.integers(-1, 2**31), max_size=5), st.booleans(),
+                          st.floats(allow_nan=False)), max_size=4))
+def test_schema_encode_is_the_packed_plain_map(plan, items, rows):
+    """encode lets msgpack walk lists and maps (calling back only for nested messages): its bytes are those of
+    the fully converted map that to_wire builds, for nested messages at any depth, tuples and plan rows."""
+    staged = StagedAdapter("a", "seg", 128, [2, 3, 64], "float32", 2.0, 4, {"q_proj": 4}, {"q_proj": [[0, 8], [64]]}, 3)
+    for msg in (RunStep({**plan, "seqs": rows}, [staged]), StepDeltas(3, items), StepResult(1, 0, [5, 6], 0.25)):
+        assert encode(msg) == msgpack.packb(to_wire(msg), use_bin_type=True)
+        assert decode(encode(msg)) == decode(msgpack.packb(to_wire(msg), use_bin_type=True))
+
+
+def test_schema_encode_refuses_what_to_wire_refuses():
+    inner = AdapterFetched("a", "/p", object(), 0.1)
+    for bad_msg, error in ((RunStep({"x": [inner]}), SchemaError), (RunStep({"x": object()}), TypeError)):
+        with pytest.raises(error):
+            msgpack.packb(to_wire(bad_msg), use_bin_type=True)
+        with pytest.raises(error):
+            encode(bad_msg)
 
 
 def test_adapter_root_names_adapters_by_relative_path(tmp_path):
