@@ -330,10 +330,12 @@ class RingEndpoint:
                 pause = min(0.05, pause * 2)
         os.write(self.tx_wake, b"\0")
 
-    def recv(self) -> object:
-        """Block until a message arrives; ChannelClosed when the peer's wake pipe closes."""
+    def recv(self, timeout: float | None = None) -> object | None:
+        """Block until a message arrives (None after `timeout` seconds without one; 0: only look);
+        ChannelClosed when the peer's wake pipe closes."""
         while not self._credits:
-            select.select([self.rx_wake], [], [])
+            if not select.select([self.rx_wake], [], [], timeout)[0]:
+                return None
             data = os.read(self.rx_wake, 65536)
             if not data:
                 raise ChannelClosed("the event-loop process closed its end")

@@ -5,9 +5,10 @@ plus where the adapters to load are staged) over a shared-memory ring and awaits
 pages (bulk tensors) are copied by the `Stager` into a shared memory segment; the executor's
 `fetch_adapter` reads them from there, never from a msgpack frame.
 
-Ranks: every rank receives every plan; rank 0 samples and returns the token ids (and broadcasts them to
-the other ranks, which resolve the next plan's pending tokens with them). The scheduler may send step n+1
-while step n runs: a rank reads it from its ring as soon as it has sent step n's result.
+Ranks: every rank receives every plan; rank 0 samples and returns the token ids (and broadcasts them over
+the device to the other ranks, which fill the next plan's pending tokens with them there). The scheduler
+may send step n+1 while step n runs: a rank launches it as soon as it arrives (before finishing step n, see
+`StepPipeline`), so its host work overlaps step n's device work.
 """
 
 from __future__ import annotations
@@ -267,26 +268,112 @@ def executor_main(spec: ExecutorSpec, plan_wake: Connection, result_wake: Connec
     os._exit(code)  # skip interpreter teardown (seconds with torch loaded); nothing is left to flush
 
 
+POLL_S = 0.0005  # while a launched step is held: how often its completion is checked between plan-ring waits
+
+
 def _serve(spec: ExecutorSpec, runner, reader: StagedReader, endpoint: RingEndpoint) -> int:
-    """Run steps until Shutdown. A step that raises fails its own requests (a StepResult with `error`);
-    MAX_STEP_FAILURES in a row mean the executor itself is broken: it reports ExecutorFailed and exits."""
-    failures = 0
+    """Run steps until Shutdown, overlapping the host work of step n+1 with the device work of step n
+    (`StepPipeline`): with a step held, wait for the next plan or for that step's device work, whichever
+    comes first (a plan already there wins: launching it first keeps the device busy). A step that raises
+    fails its own requests; MAX_STEP_FAILURES in a row mean the executor itself is broken (it raises)."""
+    pipeline = StepPipeline(spec.rank, runner, endpoint.send)
     slow = StepDelayForTests.from_env()
     while True:
-        msg = endpoint.recv()
+        msg = endpoint.recv(None if pipeline.held is None else 0)
+        while msg is None and not pipeline.ready():
+            msg = endpoint.recv(POLL_S)
+        if msg is None:
+            pipeline.flush()
+            continue
         if isinstance(msg, Shutdown):
+            pipeline.flush()
             return 0
         if not isinstance(msg, RunStep):
             raise TypeError(f"executor got unexpected message {type(msg).__name__}")
         plan = StepPlan.from_wire(msg.plan)
-        reader.set_step(msg.staged)
+        reader.set_step(msg.staged)  # the held step's adapters were read when it launched
         if slow is not None:
             slow.sleep()
-        result = run_step(spec.rank, runner, plan)
-        failures = failures + 1 if result.error is not None else 0
-        if failures >= MAX_STEP_FAILURES:
-            raise RuntimeError(f"{failures} steps in a row failed, the last with {result.error}")
-        endpoint.send(result)
+        pipeline.launch(plan)
+
+
+@dataclass
+class _Held:
+    plan: StepPlan
+    launched: object  # the runner's LaunchedStep
+    started: float  # perf_counter when its launch began
+
+
+class StepPipeline:
+    """An executor's steps, at most one launched and not finished (held) at a time: `launch(plan n+1)`
+    queues step n+1 on the device, then finishes the held step n and sends its result, so step n+1's host
+    work (inputs, LoRA tables, metadata) ran while the device computed step n. Results go out in step order.
+    A launch or finish that raises fails that step alone (a StepResult with `error`, the runner forgets its
+    requests); a held step is finished and sent before a later step's failure. `send(result)` is the
+    result channel's. Under tensor parallelism every rank launches the same steps in the same order, so the
+    collectives (all queued by `launch`) stay ordered; `finish` has none."""
+
+    def __init__(self, rank: int, runner, send: Callable[[StepResult], None]) -> None:
+        self.rank, self.runner, self.send = rank, runner, send
+        self.held: _Held | None = None
+        self.failures = 0
+        self._free_at = 0.0  # when the previous step finished
+
+    def ready(self) -> bool:
+        """True when no step is held or the held step's device work is done."""
+        return self.held is None or self.held.launched.ready()
+
+    def launch(self, plan: StepPlan) -> None:
+        started = time.perf_counter()
+        try:
+            launched = self.runner.launch(plan)
+        except Exception as exc:
+            self.flush()
+            self._failed(plan, exc, started)
+            return
+        held, self.held = self.held, _Held(plan, launched, started)
+        if held is not None:
+            self._finish(held)
+
+    def flush(self) -> None:
+        """Finish the held step (if any) and send its result."""
+        held, self.held = self.held, None
+        if held is not None:
+            self._finish(held)
+
+    def _finish(self, held: _Held) -> None:
+        try:
+            output = self.runner.finish(held.launched).to_wire()  # returns once its adapter copies are done:
+            # their host extents may be reused as soon as the result is out
+        except Exception as exc:
+            self._failed(held.plan, exc, held.started)
+            return
+        self._send(StepResult(held.plan.step, self.rank, [int(t) for t in output["sampled"]],
+                              self._occupied(held.started), output["logprobs"], output["prompt_logprobs"]))
+
+    def _failed(self, plan: StepPlan, exc: Exception, started: float) -> None:
+        """The traceback goes to this process's log (with the step number), the failed requests' runner state
+        is forgotten and the result carries one line in `error`."""
+        print(f"lorafleet executor rank {self.rank}: step {plan.step} failed; its requests fail, the executor "
+              "goes on", file=sys.stderr, flush=True)
+        traceback.print_exc()
+        self.runner.forget(plan)
+        self._send(StepResult(plan.step, self.rank, [], self._occupied(started),
+                              error=f"{type(exc).__name__}: {one_line(str(exc))}"))
+
+    def _occupied(self, started: float) -> float:
+        """The step's `executor_s`: from its launch, or the previous step's finish if later (the executor was
+        busy with that one until then), to now (its finish). Sums to the executor's busy time; the
+        scheduler's roofline and admission read it as the step's cost."""
+        now = time.perf_counter()
+        seconds, self._free_at = now - max(started, self._free_at), now
+        return seconds
+
+    def _send(self, result: StepResult) -> None:
+        self.failures = self.failures + 1 if result.error is not None else 0
+        if self.failures >= MAX_STEP_FAILURES:
+            raise RuntimeError(f"{self.failures} steps in a row failed, the last with {result.error}")
+        self.send(result)
 
 
 STEP_DELAY_ENV = "LORAFLEET_TEST_STEP_DELAY_FILE"
@@ -316,22 +403,14 @@ class StepDelayForTests:
 
 
 def run_step(rank: int, runner, plan: StepPlan) -> StepResult:
-    """Execute one plan. If it raises, the traceback goes to this process's log (with the step number), the
-    failed requests' runner state is forgotten and the result carries one line in `error` (the scheduler
-    fails the step's requests; the executor goes on)."""
-    started = time.perf_counter()
-    try:
-        output = runner.execute(plan).to_wire()  # returns once its adapter copies are done: their host
-        # extents may be reused as soon as the result is out
-    except Exception as exc:
-        print(f"lorafleet executor rank {rank}: step {plan.step} failed; its requests fail, the executor goes on",
-              file=sys.stderr, flush=True)
-        traceback.print_exc()
-        runner.forget(plan)
-        return StepResult(plan.step, rank, [], time.perf_counter() - started,
-                          error=f"{type(exc).__name__}: {one_line(str(exc))}")
-    return StepResult(plan.step, rank, [int(t) for t in output["sampled"]], time.perf_counter() - started,
-                      output["logprobs"], output["prompt_logprobs"])
+    """Execute one plan synchronously (launch, then finish) through a `StepPipeline`: its result, or if it
+    raised, a result whose `error` is one line (the traceback in this process's log, the failed requests'
+    runner state forgotten)."""
+    results: list[StepResult] = []
+    pipeline = StepPipeline(rank, runner, results.append)
+    pipeline.launch(plan)
+    pipeline.flush()
+    return results[0]
 
 
 def one_line(text: str, limit: int = 200) -> str:

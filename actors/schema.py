@@ -231,7 +231,10 @@ class RunStep:
 class StepResult:
     """Rank `rank` ran step `step`; rank 0 carries the sampled token ids in plan order, and the logprobs
     asked for (`StepOutput.to_wire()` rows). With `error` set the step failed and carries nothing: the
-    scheduler fails that step's requests and goes on."""
+    scheduler fails that step's requests and goes on. `seconds` (the scheduler's `executor_s`): the time the
+    step occupied the executor, from its launch (or the previous step's finish, if later) to its finish, so
+    overlapped steps do not count the same time twice; the roofline line of `--log-steps` and the roofline
+    metrics read it as the step's cost (admission reads the result-to-result step time)."""
 
     step: int
     rank: int

@@ -23,6 +23,7 @@ from lorafleet import kernels
 from lorafleet.engine.adapters import COLUMN_PARALLEL
 from lorafleet.engine.config import TARGET_MODULES
 from lorafleet.engine.model import AttentionBatch, CausalLM, LoraBatch, ModuleLora
+from lorafleet.engine.transfer import copy_into
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 384, 512)
 
@@ -52,6 +53,8 @@ class StepInputs:
     scales: list[float]
     modules: dict[str, tuple]  # module -> (a_rows, b_rows, ranks, expand_ranks, cols) as built by the runner:
     # row tables and column maps as host int64 tensors [slots, width], row counts as lists
+    pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (token positions, ids) on the device, written
+    # over `input_ids` there: the previous step's sampled ids, which the host does not know yet
 
 
 def table_widths(module: str, max_rank: int, tp: int) -> tuple[int, int, int]:
@@ -149,8 +152,8 @@ class DecodeGraphs:
         width = max(len(t) for t in inputs.block_tables)  # columns past it are never read this step
         tables = pad_rows(inputs.block_tables + [[]] * pad, width, self.scratch_page)
         context_lens = [p + 1 for p in inputs.positions] + [1] * pad
-        s.context_lens[:rows].copy_(torch.tensor(context_lens, dtype=torch.int32), non_blocking=True)
-        s.block_tables[:rows, :width].copy_(tables, non_blocking=True)
+        copy_into(s.context_lens[:rows], context_lens)
+        copy_into(s.block_tables[:rows, :width], tables)
         fill_tokens(s, inputs, rows, self.scratch_page * self.block_tokens)
         fill_lora(s, inputs, self.max_slots)
 
@@ -165,14 +168,15 @@ def fill_tokens(s: StaticBatch, inputs: StepInputs, rows: int, scratch_slot: int
         "token_slots": inputs.token_slots + [-1] * pad,
     }
     for name, values in host.items():
-        buffer = getattr(s, name)
-        buffer[:rows].copy_(torch.tensor(values, dtype=buffer.dtype), non_blocking=True)
+        copy_into(getattr(s, name)[:rows], values)
+    if inputs.pending is not None:
+        s.input_ids.index_copy_(0, *inputs.pending)
 
 
 def fill_lora(s: StaticBatch, inputs: StepInputs, max_slots: int) -> None:
     slots = len(inputs.scales)
     scales = inputs.scales + [0.0] * (max_slots - slots)
-    s.scales.copy_(torch.tensor(scales, dtype=torch.float32), non_blocking=True)
+    copy_into(s.scales, scales)
     for module, static in s.modules.items():
         a_rows, b_rows, ranks, expand_ranks, cols = inputs.modules.get(module, ([], [], [], [], None))
         static.ranks.zero_()
@@ -180,12 +184,12 @@ def fill_lora(s: StaticBatch, inputs: StepInputs, max_slots: int) -> None:
         if not ranks:
             continue
         n = len(ranks)
-        static.a_rows[:n, : a_rows.shape[1]].copy_(a_rows, non_blocking=True)
-        static.b_rows[:n, : b_rows.shape[1]].copy_(b_rows, non_blocking=True)
-        static.ranks[:n].copy_(torch.tensor(ranks, dtype=torch.int32), non_blocking=True)
-        static.expand_ranks[:n].copy_(torch.tensor(expand_ranks, dtype=torch.int32), non_blocking=True)
+        copy_into(static.a_rows[:n, : a_rows.shape[1]], a_rows)
+        copy_into(static.b_rows[:n, : b_rows.shape[1]], b_rows)
+        copy_into(static.ranks[:n], ranks)
+        copy_into(static.expand_ranks[:n], expand_ranks)
         if cols is not None:
-            static.cols[:n, : cols.shape[1]].copy_(cols, non_blocking=True)
+            copy_into(static.cols[:n, : cols.shape[1]], cols)
 
 
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)

@@ -19,7 +19,8 @@ from lorafleet.engine.cuda_graphs import DecodeGraphs, PiecewiseGraphs, StepInpu
 from lorafleet.engine.model import AttentionBatch, CausalLM, LoraBatch, ModuleLora
 from lorafleet.engine.plan import SeqPlan, StepOutput, StepPlan
 from lorafleet.engine.request import PENDING_TOKEN
-from lorafleet.engine.sampling import Sampled, SampleSpec, TokenLogprobs, sample, token_logprobs
+from lorafleet.engine.sampling import SampleSpec, TokenLogprobs, assemble_logprobs, draw, logprob_tensors
+from lorafleet.engine.transfer import to_device, to_host
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,45 @@ class ResidentAdapter:
     rank: int
     rows: dict[str, tuple[list[int], list[int]]]
     cols: dict[tuple[str, int], list[int]] = field(default_factory=dict, compare=False)  # _cols, memoised
+
+
+@dataclass
+class LastSampled:
+    """A launched step's sampled ids: `tokens` int64 [rows] on the device (every rank; rank 0 samples and
+    broadcasts them under tensor parallelism), `rows` request id -> row, `host` their page-locked host copy,
+    readable once `ready` fired (None: already readable)."""
+
+    tokens: torch.Tensor
+    rows: dict[int, int]
+    host: torch.Tensor
+    ready: torch.cuda.Event | None = None
+
+    def on_host(self) -> dict[int, int]:
+        """request id -> sampled id (waits for the step's device work)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        values = self.host.tolist()
+        return {request_id: values[row] for request_id, row in self.rows.items()}
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device by `ModelRunner.launch`, for `ModelRunner.finish`: the plan as run
+    (single-token sequences first), the request ids that sample in the caller's order, the adapter copies'
+    events, the sampled ids, (top-N per sampled row, host copies of `logprob_tensors`) where a row asked,
+    the prompt-logprob chunks (`_prompt_logprobs`), and `done`, recorded after all of it (CUDA only)."""
+
+    plan: StepPlan
+    asked: list[int]
+    loads: list[torch.cuda.Event]
+    sampled: LastSampled | None = None
+    logprobs: tuple[list[int], tuple[torch.Tensor, ...]] | None = None
+    prompt: list[tuple] = field(default_factory=list)
+    done: torch.cuda.Event | None = None
+
+    def ready(self) -> bool:
+        """True once the device has run the step (always on the CPU, where launching ran it)."""
+        return self.done is None or self.done.query()
 
 
 class RowTables:
@@ -116,53 +156,107 @@ class ModelRunner:
         self.decode_graph_steps = 0  # steps replayed from a whole-step decode graph (for tests and logs)
         self.max_rank = 0
         self.last_logits: dict[int, torch.Tensor] = {}
-        self.last_sampled: dict[int, int] = {}  # request id -> token sampled in the last step
+        self.last: LastSampled | None = None  # the last launched step's sampled ids (pending tokens read them)
+        self._newest: StepPlan | None = None  # the plan last passed to `launch`
+        self.pending_on_device = self.pending_on_host = 0  # steps whose pending tokens were filled there (tests)
         self.histories: dict[int, list[int]] = {}  # penalized request id -> its token ids by position
         self.prompt_tails: dict[int, torch.Tensor] = {}  # request id -> logprobs of its next prompt token
         # adapter loads run on a side stream (CUDA): the step waits only for the adapters it uses
         self.load_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._load_events: list[torch.cuda.Event] = []
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
         """Run one step; returns the sampled token (and logprobs where asked) of every seq with `sample`, in
-        plan order, and the prompt logprobs of chunks that asked (rank 0 only under tensor parallelism)."""
+        plan order, and the prompt logprobs of chunks that asked (rank 0 only under tensor parallelism).
+        The same as `finish(launch(plan))`."""
+        return self.finish(self.launch(plan))
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> LaunchedStep:
+        """Queue one step on the device: adapter loads, input tensors, the forward pass, sampling, and the
+        copies of what `finish` returns into page-locked host memory. No host sync on the step's own results
+        (on CUDA it returns while the device still runs earlier steps), so the next step's host work overlaps
+        this one's device work. A pending input token is filled on the device from the last launched step's
+        sampled ids, except for a penalized sequence on the sampling rank, whose history needs the id on the
+        host: then this waits for that step's ids first (correct, not overlapped)."""
+        self._newest = plan
+        self._retire(plan)
+        loads = self._load_adapters(plan)
+        asked = [s.request_id for s in plan.seqs if s.sample]
+        plan, pending = self._pending(_decode_first(plan))
+        if self.sample_on_this_rank:
+            self._record_histories(plan)
+        hidden = self._forward(plan, pending)
+        step = LaunchedStep(plan, asked, loads)
+        sampled = [s for s in plan.seqs if s.sample]
+        if sampled:
+            self._launch_sampling(step, hidden, sampled)
+        if self.sample_on_this_rank and any(s.prompt_logprobs >= 0 for s in plan.seqs):
+            step.prompt = self._prompt_logprobs(plan, hidden)
+        if self.device.type == "cuda":
+            step.done = torch.cuda.Event()
+            step.done.record()
+            if step.sampled is not None:
+                step.sampled.ready = step.done
+        return step
+
+    def finish(self, step: LaunchedStep) -> StepOutput:
+        """Wait for a launched step (its device work and its adapter copies: their host source may be reused
+        once this returns) and return its StepOutput, as `execute` does. Steps may be finished after later
+        steps were launched, in launch order."""
+        if step.done is not None:
+            step.done.synchronize()
+        for event in step.loads:
+            event.synchronize()
+        if not self.sample_on_this_rank:
+            return StepOutput([])
+        tokens = step.sampled.on_host() if step.sampled is not None else {}
+        logprobs: dict[int, TokenLogprobs | None] = {}
+        if step.logprobs is not None:
+            wanted, tensors = step.logprobs
+            ids = list(step.sampled.rows)
+            values = assemble_logprobs([tokens[i] for i in ids], *(t.tolist() for t in tensors), wanted)
+            logprobs = dict(zip(ids, values))
+        prompt = {rid: (first, assemble_logprobs(targets, *(t.tolist() for t in tensors), [n] * len(targets))
+                        if targets else []) for rid, first, targets, n, tensors in step.prompt}
+        return StepOutput([tokens[i] for i in step.asked], [logprobs.get(i) for i in step.asked], prompt)
+
+    def _retire(self, plan: StepPlan) -> None:
+        """Forget what the plan says left: evicted adapters, released requests' penalty and prompt state."""
         for name in plan.evicted:
             self.resident.pop(name, None)
             self.row_tables.remove(name)
-        self._load_adapters(plan)
         for request_id in plan.released:
             self.histories.pop(request_id, None)
             self.prompt_tails.pop(request_id, None)
-        asked = [s.request_id for s in plan.seqs if s.sample]
-        plan = _decode_first(self._resolve_pending(plan))
+
+    def _launch_sampling(self, step: LaunchedStep, hidden: torch.Tensor, sampled: list[SeqPlan]) -> None:
+        """Sample (the sampling rank) and, under tensor parallelism, broadcast the ids over the device: every
+        rank keeps them on the device for the next plan's pending tokens."""
+        tokens = None
         if self.sample_on_this_rank:
-            self._record_histories(plan)
-        hidden = self._forward(plan)
-        sampled = [s for s in plan.seqs if s.sample]
-        if self.sample_on_this_rank and sampled:
-            result = self._sample(plan, hidden, sampled)
-            tokens, logprobs = result.token_ids, {s.request_id: lp for s, lp in zip(sampled, result.logprobs)}
-        else:
-            tokens, logprobs = [], {}
-        if self.shard.size > 1 and sampled:
+            tokens, raw = self._sample(step.plan, hidden, sampled)
+            wanted = [s.logprobs for s in sampled]
+            if max(wanted) >= 0:
+                step.logprobs = (wanted, tuple(to_host(t) for t in logprob_tensors(raw, tokens, max(wanted))))
+        if self.shard.size > 1:
             tokens = self._share_tokens(tokens, len(sampled))
-        self.last_sampled = {s.request_id: t for s, t in zip(sampled, tokens)}
-        self.finish_loads()
-        if not self.sample_on_this_rank:
-            return StepOutput([])
-        prompt = self._prompt_logprobs(plan, hidden) if any(s.prompt_logprobs >= 0 for s in plan.seqs) else {}
-        return StepOutput([self.last_sampled[i] for i in asked], [logprobs.get(i) for i in asked], prompt)
+        rows = {s.request_id: i for i, s in enumerate(sampled)}
+        step.sampled = self.last = LastSampled(tokens, rows, to_host(tokens))
 
     def forget(self, plan: StepPlan) -> None:
-        """After `execute(plan)` raised: the scheduler fails the plan's requests. Their state here goes, and
-        a plan already queued that continues one of them reads token 0 for its pending token (its result
-        is dropped); the plan's adapter loads may be incomplete, so those adapters are no longer resident
-        (the scheduler evicts them from its books too, so a later plan loads them again)."""
+        """After `launch(plan)` or `finish` of it raised: the scheduler fails the plan's requests. Their state
+        here goes, and if no later step was launched, a plan already queued that continues one of them reads
+        token 0 for its pending token (its result is dropped); the plan's adapter loads may be incomplete, so
+        those adapters are no longer resident (the scheduler evicts them from its books too, so a later plan
+        loads them again)."""
         for seq in plan.seqs:
             self.histories.pop(seq.request_id, None)
             self.prompt_tails.pop(seq.request_id, None)
-        self.last_sampled = {s.request_id: 0 for s in plan.seqs if s.sample}
+        if plan is self._newest:
+            rows = {s.request_id: i for i, s in enumerate(s for s in plan.seqs if s.sample)}
+            zeros = torch.zeros(len(rows), dtype=torch.int64, device=self.device)
+            self.last = LastSampled(zeros, rows, zeros.cpu())
         for load in plan.loads:
             self.resident.pop(load.name, None)
             self.row_tables.remove(load.name)
@@ -177,12 +271,13 @@ class ModelRunner:
                 del history[s.start:]
                 history.extend(s.token_ids)
 
-    def _sample(self, plan: StepPlan, hidden: torch.Tensor, sampled: list[SeqPlan]) -> Sampled:
+    def _sample(self, plan: StepPlan, hidden: torch.Tensor, sampled: list[SeqPlan]) -> tuple[torch.Tensor, ...]:
+        """(sampled ids int64 [len(sampled)], raw fp32 logits) on the device (`sampling.draw`)."""
         ends = np.cumsum([len(s.token_ids) for s in plan.seqs]) - 1
         rows = [int(ends[i]) for i, s in enumerate(plan.seqs) if s.sample]
-        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+        logits = self.model.logits(hidden[to_device(rows, torch.int64, self.device)])
         self.last_logits = {s.request_id: logits[i] for i, s in enumerate(sampled)}  # for tests and scoring
-        return sample(logits, [self._spec(s) for s in sampled])
+        return draw(logits, [self._spec(s) for s in sampled])
 
     def _spec(self, seq: SeqPlan) -> SampleSpec:
         history = self.histories.get(seq.request_id, []) if seq.penalized else []
@@ -192,11 +287,12 @@ class ModelRunner:
             seq.frequency_penalty, seq.repetition_penalty, tuple((int(t), float(b)) for t, b in seq.logit_bias),
             tuple(seq.banned_ids), seq.logprobs, history[:seq.prompt_len], history[seq.prompt_len:])
 
-    def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor) -> dict[int, tuple[int, list[TokenLogprobs]]]:
+    def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor) -> list[tuple]:
         """Logprobs of the prompt tokens in chunks that ask: the row at position p predicts the token at p + 1;
-        a chunk's last row predicts the next chunk's first token (kept in `prompt_tails` until then)."""
+        a chunk's last row predicts the next chunk's first token (kept in `prompt_tails` until then). Per
+        chunk (request id, position of its first entry, target ids, top-N, host copies of `logprob_tensors`)."""
         offsets = np.cumsum([0] + [len(s.token_ids) for s in plan.seqs]).tolist()
-        out = {}
+        out = []
         for i, s in enumerate(plan.seqs):
             if s.prompt_logprobs < 0 or s.start >= s.prompt_len:
                 continue
@@ -210,30 +306,50 @@ class ModelRunner:
                 predicted, targets, first = logprobs[:-1], s.token_ids[1:end], 1
             if end < s.prompt_len:
                 self.prompt_tails[s.request_id] = logprobs[-1]
-            entries = token_logprobs(predicted, targets, [s.prompt_logprobs] * len(targets)) if targets else []
-            out[s.request_id] = (first, entries)
+            tensors = ()
+            if targets:
+                ids = to_device(targets, torch.int64, self.device)
+                tensors = tuple(to_host(t) for t in logprob_tensors(predicted, ids, s.prompt_logprobs))
+            out.append((s.request_id, first, targets, s.prompt_logprobs, tensors))
         return out
 
-    def _resolve_pending(self, plan: StepPlan) -> StepPlan:
+    def _pending(self, plan: StepPlan) -> tuple[StepPlan, tuple[torch.Tensor, torch.Tensor] | None]:
         """A plan made while the previous step ran names a continuing sequence's next input as
-        PENDING_TOKEN: the token this rank sampled (or received) for it in that previous step."""
-        if not any(s.token_ids[0] == PENDING_TOKEN for s in plan.seqs):
-            return plan
-        last = self.last_sampled
+        PENDING_TOKEN: the token sampled for it in the last launched step. Returns the plan and (flat input
+        positions int64 [k], their ids int64 [k]) on the device, gathered from that step's sampled ids with
+        no host sync; the caller writes them over the PENDING_TOKEN inputs. A penalized sequence's history
+        needs its id on the host: then the plan is resolved on the host instead (`_resolve_pending`)."""
+        waiting = [i for i, s in enumerate(plan.seqs) if s.token_ids[0] == PENDING_TOKEN]
+        if not waiting:
+            return plan, None
+        if self.sample_on_this_rank and any(plan.seqs[i].penalized for i in waiting):
+            self.pending_on_host += 1
+            return self._resolve_pending(plan), None
+        self.pending_on_device += 1
+        offsets = np.cumsum([0] + [len(s.token_ids) for s in plan.seqs]).tolist()
+        rows = [self.last.rows[plan.seqs[i].request_id] for i in waiting]
+        values = self.last.tokens.index_select(0, to_device(rows, torch.int64, self.device))
+        return plan, (to_device([offsets[i] for i in waiting], torch.int64, self.device), values)
+
+    def _resolve_pending(self, plan: StepPlan) -> StepPlan:
+        """The plan with its PENDING_TOKEN inputs replaced by the last launched step's ids, read on the host
+        (waits for that step's device work)."""
+        last = self.last.on_host()
         seqs = [replace(s, token_ids=[last[s.request_id]] + s.token_ids[1:]) if s.token_ids[0] == PENDING_TOKEN
                 else s for s in plan.seqs]
         return replace(plan, seqs=seqs)
 
-    def _share_tokens(self, tokens: list[int], count: int) -> list[int]:
-        """Tensor parallelism: rank 0 samples and broadcasts, so every rank can resolve the next plan's
-        pending tokens."""
-        buffer = torch.tensor(tokens if tokens else [0] * count, dtype=torch.int64, device=self.device)
+    def _share_tokens(self, tokens: torch.Tensor | None, count: int) -> torch.Tensor:
+        """Tensor parallelism: rank 0 samples and broadcasts over the device (no host copy on any rank), so
+        every rank can fill the next plan's pending tokens."""
+        buffer = tokens if tokens is not None else torch.zeros(count, dtype=torch.int64, device=self.device)
         torch.distributed.broadcast(buffer, src=0, group=self.model.group.process_group)
-        return buffer.tolist()
+        return buffer
 
-    def _forward(self, plan: StepPlan) -> torch.Tensor:
+    def _forward(self, plan: StepPlan, pending: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Hidden states of every token of the step: a CUDA-graph replay for decode steps that fit one, a
-        piecewise replay (graphs around eager attention) for other steps that fit, eager execution otherwise."""
+        piecewise replay (graphs around eager attention) for other steps that fit, eager execution otherwise.
+        `pending`: (flat positions, ids) on the device written over the inputs there (`_pending`)."""
         graphs, pieces = self.graphs, self.pieces
         # under tensor parallelism with graphs, the tables use the graphs' static shrink width (an eager step
         # runs as well with it), so they are built once per step
@@ -246,17 +362,19 @@ class ModelRunner:
             positions, slots = self._positions(plan)
             input_ids = [t for s in plan.seqs for t in s.token_ids]
             inputs = StepInputs(input_ids, positions, slots, [s.block_table for s in plan.seqs],
-                                  token_slots or [-1] * len(input_ids), scales, tables)
+                                  token_slots or [-1] * len(input_ids), scales, tables, pending)
             if decode:
                 self.decode_graph_steps += 1
                 return graphs.run(inputs)
             self.piecewise_steps += 1
             return pieces.run(inputs, self._attention_batch(plan, positions, slots))
-        input_ids = torch.tensor([t for s in plan.seqs for t in s.token_ids], device=self.device)
+        input_ids = self._tensor([t for s in plan.seqs for t in s.token_ids], torch.int64)
+        if pending is not None:
+            input_ids.index_copy_(0, *pending)
         lora = None
         if scales:
             tensor = self._tensor
-            device = lambda t: t.to(self.device) if t is not None else None  # noqa: E731
+            device = lambda t: to_device(t, t.dtype, self.device) if t is not None else None  # noqa: E731
             modules = {m: ModuleLora(device(a), device(b), tensor(r, torch.int32), tensor(e, torch.int32), device(c))
                        for m, (a, b, r, e, c) in tables.items()}
             lora = LoraBatch(tensor(token_slots, torch.int32), tensor(scales, torch.float32), modules)
@@ -279,43 +397,39 @@ class ModelRunner:
             self.pieces = PiecewiseGraphs(self.model, self.pool, self.block_tokens, scratch, max_tokens, max_slots,
                                           max_rank, mempool, capture)
 
-    def _load_adapters(self, plan: StepPlan) -> None:
+    def _load_adapters(self, plan: StepPlan) -> list[torch.cuda.Event]:
         """Copy the plan's adapter loads into their pool pages. On CUDA the copies go on the side stream
         (after the work already queued: a page freed by an earlier step is written after that step), the
         adapters this step uses first; the step's stream waits for those, while the copies of adapters loaded
-        ahead for waiting requests (prefetch) overlap the step. `finish_loads` waits for all of them."""
+        ahead for waiting requests (prefetch) overlap the step. Returns one event per copy (`finish` waits
+        for them: the host source may be reused after)."""
         used = set(plan.slots)
         loads = sorted(plan.loads, key=lambda load: load.name not in used)
         stream = self.load_stream
         if stream is None or not loads:
             for load in loads:
                 self._load_adapter(load.name, load.pages)
-            return
+            return []
         current = torch.cuda.current_stream(self.device)
         stream.wait_stream(current)
-        needed = None
+        needed, events = None, []
         with torch.cuda.stream(stream):
             for load in loads:
                 self._load_adapter(load.name, load.pages)
                 event = torch.cuda.Event()
                 event.record(stream)
-                self._load_events.append(event)
+                events.append(event)
                 if load.name in used:
                     needed = event
         if needed is not None:
             current.wait_event(needed)
-
-    def finish_loads(self) -> None:
-        """Wait until every adapter copy issued so far is done (their host source may then be reused)."""
-        for event in self._load_events:
-            event.synchronize()
-        self._load_events.clear()
+        return events
 
     def _load_adapter(self, name: str, pages: list[int]) -> None:
         packed = self.fetch_adapter(name)
         shard_pages = packed.for_rank(self.shard.rank)
         assert shard_pages.shape[1] == len(pages), f"adapter {name}: page table length mismatch"
-        index = torch.tensor(pages, device=self.device)
+        index = to_device(pages, torch.int64, self.device)
         self.pool[:, index] = shard_pages.to(self.device, self.dtype, non_blocking=True)
         layout = packed.info.layout
         rows = {
@@ -354,12 +468,12 @@ class ModelRunner:
         """Block tables, context lengths and query starts of `seqs` (positions and slots are the caller's)."""
         tables = pad_rows([s.block_table for s in seqs], max(len(s.block_table) for s in seqs), 0)
         starts = np.cumsum([0] + [len(s.token_ids) for s in seqs]).tolist()
-        return AttentionBatch(None, None, tables.to(self.device),
+        return AttentionBatch(None, None, to_device(tables, tables.dtype, self.device),
                               self._tensor([s.start + len(s.token_ids) for s in seqs], torch.int32),
                               self._tensor(starts, torch.int32), is_decode)
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(data, dtype=dtype, device=self.device)
+        return to_device(data, dtype, self.device)
 
     def _lora_tables(self, plan: StepPlan, static: bool = False) -> tuple[list[int], list[float], dict]:
         """Host-side LoRA metadata: per-token slots, per-slot scales, and per targeted module the padded

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lorafleet.engine.transfer import to_device
+
 MAX_LOGPROBS = 20  # OpenAI's bound on top_logprobs / completions logprobs
 
 
@@ -85,6 +87,17 @@ class Sampled:
 
 def sample(logits: torch.Tensor, specs: list[SampleSpec]) -> Sampled:
     """Sample one token per row of `logits` [rows, vocab]; see the module docstring for the order."""
+    tokens, raw = draw(logits, specs)
+    token_ids = tokens.tolist()
+    wanted = [s.logprobs for s in specs]
+    logprobs = token_logprobs(raw, token_ids, wanted) if max(wanted) >= 0 else [None] * len(specs)
+    return Sampled(token_ids, logprobs)
+
+
+def draw(logits: torch.Tensor, specs: list[SampleSpec]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device half of `sample`: the sampled ids (int64 [rows], on the logits' device) and the fp32 raw
+    logits the logprobs are taken from. Queues work only: no host sync (options reach the device through
+    page-locked copies, `engine/transfer.py`)."""
     raw = finite_logits(logits)
     processed = process_logits(widened(raw, specs), specs)
     tokens = torch.argmax(processed, dim=-1)
@@ -93,12 +106,9 @@ def sample(logits: torch.Tensor, specs: list[SampleSpec]) -> Sampled:
         seeds = _column(specs, "seed", torch.int64, raw.device)
         index = _column(specs, "index", torch.int64, raw.device)
         drawn = torch.argmax(scaled + gumbel_noise(seeds, index, raw.shape[-1]), dim=-1)
-        positive = torch.tensor([s.temperature > 0.0 for s in specs], device=raw.device)
+        positive = to_device([s.temperature > 0.0 for s in specs], torch.bool, raw.device)
         tokens = torch.where(positive, drawn, tokens)
-    token_ids = tokens.tolist()
-    wanted = [s.logprobs for s in specs]
-    logprobs = token_logprobs(raw, token_ids, wanted) if max(wanted) >= 0 else [None] * len(specs)
-    return Sampled(token_ids, logprobs)
+    return tokens, raw
 
 
 def widened(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
@@ -165,7 +175,7 @@ def scale(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
                            dtype=torch.float64).clamp(max=torch.finfo(logits.dtype).max)
     top = logits.max(dim=-1, keepdim=True).values
     top = torch.where(torch.isfinite(top), top, 0.0)
-    return (logits - top) * inverse.to(device=logits.device, dtype=logits.dtype)[:, None]
+    return (logits - top) * to_device(inverse, logits.dtype, logits.device)[:, None]
 
 
 def keep_top_k(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
@@ -177,7 +187,7 @@ def keep_top_k(logits: torch.Tensor, specs: list[SampleSpec]) -> torch.Tensor:
     if min(ks) >= vocab:
         return logits
     values = torch.topk(logits, max(ks), dim=-1).values
-    kth = values.gather(1, torch.tensor(ks, device=logits.device)[:, None] - 1)
+    kth = values.gather(1, to_device(ks, torch.int64, logits.device)[:, None] - 1)
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
@@ -260,27 +270,41 @@ def gumbel_noise(seeds: torch.Tensor, index: torch.Tensor, vocab: int) -> torch.
 def token_logprobs(raw: torch.Tensor, token_ids: list[int], top_n: list[int]) -> list[TokenLogprobs | None]:
     """log_softmax of fp32 `raw` [rows, vocab] at `token_ids` (one per row) and the top `top_n[row]`
     alternatives (-1: None for that row)."""
+    tensors = logprob_tensors(raw, to_device(token_ids, torch.int64, raw.device), max(top_n))
+    return assemble_logprobs(token_ids, *(t.tolist() for t in tensors), top_n)
+
+
+def logprob_tensors(raw: torch.Tensor, token_ids: torch.Tensor, widest: int) -> tuple[torch.Tensor, ...]:
+    """The device half of `token_logprobs`: the chosen tokens' logprobs (fp32 [rows]) and the top `widest`
+    logprobs and ids ([rows, widest]) of fp32 `raw` [rows, vocab]; `token_ids` int64 [rows] on its device."""
     logprobs = torch.log_softmax(raw.float(), dim=-1)
-    chosen = logprobs.gather(1, torch.tensor(token_ids, device=raw.device)[:, None])[:, 0].tolist()
-    widest = max(top_n)
-    top_values, top_ids = (torch.topk(logprobs, widest, dim=-1) if widest > 0 else
-                           (torch.zeros(len(token_ids), 0), torch.zeros(len(token_ids), 0, dtype=torch.int64)))
-    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    chosen = logprobs.gather(1, token_ids[:, None])[:, 0]
+    if widest > 0:
+        top_values, top_ids = torch.topk(logprobs, widest, dim=-1)
+    else:
+        top_values = torch.zeros(len(token_ids), 0, device=raw.device)
+        top_ids = torch.zeros(len(token_ids), 0, dtype=torch.int64, device=raw.device)
+    return chosen, top_values, top_ids
+
+
+def assemble_logprobs(token_ids: list[int], chosen: list[float], top_values: list[list[float]],
+                      top_ids: list[list[int]], top_n: list[int]) -> list[TokenLogprobs | None]:
+    """`logprob_tensors`' values (as host lists) into one TokenLogprobs per row (None where top_n is -1)."""
     return [TokenLogprobs(t, c, ids[:n], values[:n]) if n >= 0 else None
             for t, c, ids, values, n in zip(token_ids, chosen, top_ids, top_values, top_n)]
 
 
 def _column(specs: list[SampleSpec], name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.tensor([getattr(s, name) for s in specs], dtype=dtype, device=device)
+    return to_device([getattr(s, name) for s in specs], dtype, device)
 
 
 def _ragged(lists: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
     """int64 [rows, max(1, longest)], short rows padded with `pad` (a scratch column the callers drop)."""
-    return torch.from_numpy(_pack_rows(lists, np.int64, pad, None)).to(device)
+    return to_device(torch.from_numpy(_pack_rows(lists, np.int64, pad, None)), torch.int64, device)
 
 
 def _ragged_values(lists: Sequence[Sequence[float]], width: int, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(_pack_rows(lists, np.float32, 0.0, width)).to(device)
+    return to_device(torch.from_numpy(_pack_rows(lists, np.float32, 0.0, width)), torch.float32, device)
 
 
 def _pack_rows(lists: Sequence[Sequence], dtype, pad, width: int | None) -> np.ndarray:

@@ -27,16 +27,16 @@ class _Group:
     def send(self, plan, packed):
         if self.unsendable(plan):
             raise OverflowError("int too big to convert")
-        execute = self.runner.execute
+        launch = self.runner.launch
         if self.poison(plan):
-            def execute(plan):
+            def launch(plan):
                 raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0 "
                                    "(/usr/lib/python3/site-packages/torch/x.py)")
-        original, self.runner.execute = self.runner.execute, execute
+        original, self.runner.launch = self.runner.launch, launch
         try:
             result = run_step(0, self.runner, plan)
         finally:
-            self.runner.execute = original
+            self.runner.launch = original
         self.failed_steps += result.error is not None
         self.results.append(result)
 
@@ -137,10 +137,16 @@ def test_run_step_reports_one_line_and_forgets_the_failed_requests(tiny_llama):
     engine.add_request("x", [5, 9, 30], SamplingParams(max_tokens=3, temperature=0.0))
     _, plan = engine.plan_step()
     runner = engine.executor
-    runner.execute = lambda plan: (_ for _ in ()).throw(ValueError("bad\nsecond line /srv/secret/file.py"))
+    launch = runner.launch
+
+    def failing(plan):
+        launch(plan)
+        raise ValueError("bad\nsecond line /srv/secret/file.py")
+
+    runner.launch = failing
     result = run_step(0, runner, plan)
     assert result.error == "ValueError: bad" and result.sampled == []
-    assert runner.last_sampled == {plan.seqs[0].request_id: 0}  # a queued plan continuing it still resolves
+    assert runner.last.on_host() == {plan.seqs[0].request_id: 0}  # a queued plan continuing it still resolves
 
 
 async def test_prefetcher_turns_any_read_failure_into_a_failed_fetch():

@@ -1,0 +1,276 @@
+"""CPU/GPU overlap in the executor: `ModelRunner.launch`/`finish` and the executor's `StepPipeline`, which
+launches step n+1 before it finishes step n (pending tokens filled on the device from step n's sampled ids).
+Truth: the synchronous offline engine (itself checked against HF + PEFT in test_equivalence/test_engine)."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from conftest import make_peft_adapter
+from lorafleet.actors.executor import StepPipeline
+from lorafleet.engine.build import build_engine
+from lorafleet.engine.config import EngineConfig
+from lorafleet.engine.request import PENDING_TOKEN, SamplingParams
+
+PROMPTS = [[5, 9, 30], [7, 11, 40, 2], [3, 3, 3], [12, 13, 14, 15, 16], [8, 1], [21, 22, 23]]
+
+
+@dataclass
+class Piped:
+    tokens: dict[str, list[int]] = field(default_factory=dict)
+    logprobs: dict[str, list[float]] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list] = field(default_factory=dict)
+    failed: set[str] = field(default_factory=set)
+    held_launches: int = 0  # steps launched while an earlier step was launched and not finished
+
+
+def run_pipelined(engine, poison=lambda step, plan: None) -> Piped:
+    """Drive the engine as the serving scheduler drives the executors (plan n+1 before completing n) through
+    the executor's own StepPipeline on the engine's runner: every plan is launched while the step before it
+    is held, and each result is completed as soon as the pipeline sends it. `poison(index, plan)` may
+    replace the runner's launch/finish for one step (an injected failure)."""
+    runner, results, queued, out = engine.executor, [], deque(), Piped()
+    pipeline = StepPipeline(0, runner, results.append)
+    index = 0
+    while engine.has_unfinished() or queued:
+        planned = engine.plan_step() if len(queued) < 2 else None
+        if planned is not None:
+            queued.append(planned)
+            out.held_launches += pipeline.held is not None
+            with poison(index, planned[1]) or _nothing():
+                pipeline.launch(planned[1])
+            index += 1
+        else:
+            assert queued, "unfinished requests but nothing planned or in flight"
+            pipeline.flush()
+        while results:
+            _complete(engine, *queued.popleft(), results.pop(0), out)
+    return out
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _complete(engine, schedule, plan, result, out: Piped) -> None:
+    assert result.step == plan.step
+    if result.error is not None:
+        for request_id in engine.fail_step(schedule):
+            engine.abort(request_id)
+            out.failed.add(request_id)
+        return
+    for o in engine.complete_step(schedule, result.output()):
+        if o.request_id in out.failed:
+            continue
+        out.tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+        out.logprobs.setdefault(o.request_id, []).extend(lp.logprob for lp in o.logprobs)
+        if o.prompt_logprobs:
+            out.prompt_logprobs.setdefault(o.request_id, []).extend(
+                None if lp is None else (lp.token_id, lp.logprob) for lp in o.prompt_logprobs)
+
+
+def _engine(model, adapters, **config):
+    engine, _ = build_engine(str(model), EngineConfig(**config), adapters)
+    return engine
+
+
+def _submit(engine, specs) -> None:
+    for i, (prompt, params, adapter) in enumerate(specs):
+        engine.add_request(f"r{i}", prompt, params, adapter)
+
+
+def _synchronous(engine) -> Piped:
+    out = Piped()
+    while engine.has_unfinished():
+        for o in engine.step():
+            out.tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+            out.logprobs.setdefault(o.request_id, []).extend(lp.logprob for lp in o.logprobs)
+            if o.prompt_logprobs:
+                out.prompt_logprobs.setdefault(o.request_id, []).extend(
+                    None if lp is None else (lp.token_id, lp.logprob) for lp in o.prompt_logprobs)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("overlap-adapters")
+    return {f"r{r}": str(make_peft_adapter(tiny_llama, root / f"r{r}", r, seed=r)) for r in (2, 8)}
+
+
+def _specs(penalized: bool = False):
+    names = ["r2", "r8", None, "r2", None, "r8"]
+    specs = []
+    for i, (prompt, name) in enumerate(zip(PROMPTS, names)):
+        params = dict(max_tokens=7 + i % 3, temperature=0.0 if i % 2 else 0.9, seed=100 + i, top_p=0.9)
+        if i == 1:
+            params.update(logprobs=2, prompt_logprobs=1)
+        if penalized and i in (2, 5):
+            params.update(repetition_penalty=1.3, frequency_penalty=0.4)
+        specs.append((prompt, SamplingParams(**params), name))
+    return specs
+
+
+@pytest.mark.parametrize("penalized", [False, True])
+def test_pipeline_with_held_steps_matches_the_synchronous_engine(tiny_llama, adapters, penalized):
+    """Greedy and seeded-sampling requests with adapters, logprobs and prompt logprobs; with `penalized`, two
+    requests with penalties, whose pending token must reach the host (the sync rule) while the others' are
+    filled on the device."""
+    sync = _engine(tiny_llama, adapters, max_num_seqs=4)
+    _submit(sync, _specs(penalized))
+    want = _synchronous(sync)
+    piped = _engine(tiny_llama, adapters, max_num_seqs=4)
+    _submit(piped, _specs(penalized))
+    got = run_pipelined(piped)
+    assert got.tokens == want.tokens and got.prompt_logprobs == want.prompt_logprobs
+    assert got.logprobs.keys() == want.logprobs.keys()
+    for request_id, values in want.logprobs.items():
+        assert got.logprobs[request_id] == pytest.approx(values, abs=1e-5)
+    runner = piped.executor
+    assert got.held_launches > 5
+    if penalized:  # a plan with a penalized pending sequence reads the step before on the host
+        assert runner.pending_on_host > 5
+    else:
+        assert runner.pending_on_device > 5 and runner.pending_on_host == 0
+
+
+def test_pipeline_with_graph_buffers_matches(tiny_llama, adapters):
+    """The CUDA-graph static buffers without capture (decode and piecewise): pending ids scattered into the
+    static input buffer."""
+    sync = _engine(tiny_llama, adapters, max_num_seqs=4)
+    _submit(sync, _specs())
+    want = _synchronous(sync)
+    piped = _engine(tiny_llama, adapters, max_num_seqs=4)
+    piped.executor.enable_cuda_graphs(4, 8, 4, 8, max_tokens=32, capture=False)
+    _submit(piped, _specs())
+    got = run_pipelined(piped)
+    assert got.tokens == want.tokens
+    runner = piped.executor
+    assert runner.decode_graph_steps > 3 and runner.piecewise_steps > 0 and runner.pending_on_device > 3
+
+
+@pytest.mark.parametrize("where", ["launch", "finish"])
+def test_a_failing_step_in_the_middle_fails_only_its_requests(tiny_llama, where):
+    """Step 3 raises in launch (the held step 2 is finished and sent first) or in finish (after step 4 was
+    launched on its pending ids): step 3's requests fail, every other request's tokens are the synchronous
+    engine's, and results keep their order."""
+    specs = [(p, SamplingParams(max_tokens=6 if i < 3 else 12, temperature=0.0), None)
+             for i, p in enumerate(PROMPTS)]
+    sync = _engine(tiny_llama, {}, max_num_seqs=6)
+    _submit(sync, specs)
+    want = _synchronous(sync)
+    piped = _engine(tiny_llama, {}, max_num_seqs=6)
+    _submit(piped, specs)
+    runner = piped.executor
+
+    def poison(index, plan):
+        return _raising(runner, where) if index == 3 else None
+
+    got = run_pipelined(piped, poison)
+    assert got.failed and got.failed <= {f"r{i}" for i in range(len(PROMPTS))}
+    for request_id, tokens in want.tokens.items():
+        if request_id not in got.failed:
+            assert got.tokens[request_id] == tokens
+        else:
+            assert tokens[:len(got.tokens.get(request_id, []))] == got.tokens.get(request_id, [])
+
+
+class _raising:
+    """Makes the runner's `launch` raise for the next call, or `finish` raise for the step launched next."""
+
+    def __init__(self, runner, where: str) -> None:
+        self.runner, self.where = runner, where
+
+    def __enter__(self):
+        runner = self.runner
+        if self.where == "launch":
+            def launch(plan):
+                raise RuntimeError("injected launch failure")
+            runner.launch = launch
+            return self
+        launch, finish = runner.launch, runner.finish
+        marked = []
+
+        def marking(plan):
+            step = launch(plan)
+            marked.append(step)
+            runner.launch = launch
+            return step
+
+        def failing(step):
+            if step in marked:
+                raise RuntimeError("injected finish failure")
+            return finish(step)
+
+        runner.launch, runner.finish = marking, failing
+        return self
+
+    def __exit__(self, *exc):
+        if self.where == "launch":
+            del self.runner.launch
+        return False
+
+
+def test_device_side_pending_equals_host_resolution(tiny_llama):
+    """`_pending`'s device scatter gives the same step inputs as replacing PENDING_TOKEN on the host."""
+    engine = _engine(tiny_llama, {}, max_num_seqs=4)
+    for i, prompt in enumerate(PROMPTS[:3]):
+        engine.add_request(f"r{i}", prompt, SamplingParams(max_tokens=4, temperature=0.8, seed=i))
+    runner = engine.executor
+    _, first = engine.plan_step()
+    launched = runner.launch(first)
+    _, second = engine.plan_step()  # planned before the first step completed
+    assert any(s.token_ids[0] == PENDING_TOKEN for s in second.seqs)
+    plan, (positions, values) = runner._pending(second)
+    flat = torch.tensor([t for s in plan.seqs for t in s.token_ids])
+    flat[positions] = values
+    host = runner._resolve_pending(second)
+    assert flat.tolist() == [t for s in host.seqs for t in s.token_ids]
+    assert PENDING_TOKEN not in flat.tolist()
+    sampled = dict(zip([s.request_id for s in first.seqs if s.sample], runner.finish(launched).sampled))
+    filled = {s.request_id: flat[p].item() for s, p in zip([s for s in plan.seqs if s.token_ids[0] == PENDING_TOKEN],
+                                                            positions.tolist())}
+    assert filled and filled.items() <= sampled.items()
+
+
+@pytest.mark.gpu
+def test_gpu_pipeline_equals_synchronous_greedy_and_launch_does_not_sync(tiny_llama, adapters):
+    """On CUDA with graphs: the pipelined run equals the synchronous one greedily, and a decode step's launch
+    queues its work without a host sync (torch's sync debug mode raises on one)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    specs = [(p, SamplingParams(max_tokens=12, temperature=0.0), n)
+             for p, n in zip(PROMPTS, ["r2", "r8", None, "r2", None, "r8"])]
+    config = dict(max_num_seqs=8, device="cuda", dtype="float32")
+    sync = _engine(tiny_llama, adapters, **config)
+    _submit(sync, specs)
+    want = _synchronous(sync)
+    piped = _engine(tiny_llama, adapters, **config)
+    _submit(piped, specs)
+    runner = piped.executor
+    launch = runner.launch
+    synced = []
+
+    def strict(plan):
+        if not plan.is_decode or plan.loads:
+            return launch(plan)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(plan)
+        except RuntimeError as exc:
+            synced.append(str(exc))
+            raise
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    runner.launch = strict
+    got = run_pipelined(piped)
+    assert not synced, synced[0]
+    assert got.tokens == want.tokens and got.held_launches > 5
