@@ -9,6 +9,11 @@ the kernel time by category (GEMM, attention, LoRA, norms, collectives, other) a
         --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --out OUT.json
 
 `--device cpu --dtype float32 --model synthetic:tiny` runs it on a CPU (a smoke run of the script).
+
+`--overlap` runs the profiled steps as the serving executor does (`ModelRunner.launch` of step n+1 before
+`finish` of step n, the next plan made while a step is in flight): `wall_ms` is then the time per step of
+the pipeline (first launch to last finish over the steps), which includes this process's planning and
+completion (in a server they run in the scheduler's process).
 """
 
 from __future__ import annotations
@@ -89,12 +94,33 @@ def step_once(engine) -> tuple[object, float]:
     return plan, seconds
 
 
-def run_phase(llm, name: str, steps: int, add_each_step, cost_model, peak, ranks) -> dict:
+def steps_overlapped(engine, steps: int, add_each_step) -> tuple[list, float]:
+    """`steps` steps pipelined (launch n+1, then finish and complete n); their plans and the total seconds."""
+    runner, plans, held = engine.executor, [], None
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        add_each_step()
+        schedule, plan = engine.plan_step()
+        launched = runner.launch(plan)
+        if held is not None:
+            engine.complete_step(held[0], runner.finish(held[1]))
+        held = (schedule, launched)
+        plans.append(plan)
+    engine.complete_step(held[0], runner.finish(held[1]))
+    return plans, time.perf_counter() - started
+
+
+def run_phase(llm, name: str, steps: int, add_each_step, cost_model, peak, ranks, overlap: bool = False) -> dict:
     engine = llm.engine
     plans, walls = [], []
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
-        for _ in range(steps):
+        if overlap:
+            plans, seconds = steps_overlapped(engine, steps, add_each_step)
+            walls = [seconds / steps] * steps
+        for _ in range(0 if overlap else steps):
             add_each_step()
             plan, seconds = step_once(engine)
             plans.append(plan)
@@ -132,11 +158,15 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (kernel tables then stay empty: the "
                     "ranks run in their own processes; wall times per step still compare)")
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--overlap", action="store_true", help="pipeline the profiled steps as the serving executor "
+                    "does (launch step n+1, then finish step n); tp=1 only")
     ap.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
                     help="extra EngineConfig field (int/float/bool/str by its default's type)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.overlap and args.tp != 1:
+        ap.error("--overlap needs --tp 1 (the offline tensor-parallel engine runs steps synchronously)")
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     ranks = [int(r) for r in args.ranks.split(",")]
@@ -185,9 +215,11 @@ def main() -> None:
     add(args.prefill_len)  # warm the mixed path's graphs/kernels once
     step_once(engine)
     step_once(engine)
-    phases = [run_phase(llm, "decode", args.steps, lambda: None, cost_model, peak, ranks_of),
-              run_phase(llm, "mixed", args.steps, lambda: add(args.prefill_len), cost_model, peak, ranks_of)]
+    phases = [run_phase(llm, "decode", args.steps, lambda: None, cost_model, peak, ranks_of, args.overlap),
+              run_phase(llm, "mixed", args.steps, lambda: add(args.prefill_len), cost_model, peak, ranks_of,
+                        args.overlap)]
     result = {"model": args.model, "tensor_parallel_size": args.tp, "num_adapters": args.num_adapters,
+              "overlap": args.overlap,
               "targets": list(targets), "device": args.device,
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "dtype": args.dtype,
               "peak_bandwidth_gb_s": peak.bandwidth / 1e9, "peak_matmul_tflops": peak.matmul_flops / 1e12,
