@@ -302,6 +302,7 @@ class _Held:
     plan: StepPlan
     launched: object  # the runner's LaunchedStep
     started: float  # perf_counter when its launch began
+    overlapped: bool  # launched while an earlier step was held
 
 
 class StepPipeline:
@@ -331,7 +332,7 @@ class StepPipeline:
             self.flush()
             self._failed(plan, exc, started)
             return
-        held, self.held = self.held, _Held(plan, launched, started)
+        held, self.held = self.held, _Held(plan, launched, started, self.held is not None)
         if held is not None:
             self._finish(held)
 
@@ -349,7 +350,8 @@ class StepPipeline:
             self._failed(held.plan, exc, held.started)
             return
         self._send(StepResult(held.plan.step, self.rank, [int(t) for t in output["sampled"]],
-                              self._occupied(held.started), output["logprobs"], output["prompt_logprobs"]))
+                              self._occupied(held.started), output["logprobs"], output["prompt_logprobs"],
+                              overlapped=held.overlapped))
 
     def _failed(self, plan: StepPlan, exc: Exception, started: float) -> None:
         """The traceback goes to this process's log (with the step number), the failed requests' runner state

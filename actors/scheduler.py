@@ -58,6 +58,7 @@ log = logging.getLogger("lorafleet.scheduler")
 RING_FULL_PAUSE_S = (0.001, 0.05)  # waiting for room in the plan ring with nothing in flight: first, longest
 ADAPTER_LOAD_BYTES = "adapter_load_bytes"  # hub counters (exported by dashboard/prom.py)
 ADAPTER_LOAD_STALLS = "adapter_load_stalls"
+OVERLAPPED_STEPS = "executor_overlapped_steps"  # steps the executor launched while the step before still ran
 SNAPSHOT_EVERY_S = 0.25  # engine snapshots (pool map, queues) while busy: at most 4/s, plus one whenever the
 # engine turns busy or idle
 
@@ -294,6 +295,8 @@ class SchedulerActor:
         if self.engine.store.arena is not None:
             self.engine.store.release_through(step.plan.step)
         self._count_loads(step.schedule)
+        if result.overlapped:
+            self.hub.count(OVERLAPPED_STEPS)
         if result.error is not None:
             self._step_failed(step, result.error)
             return

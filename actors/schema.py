@@ -243,6 +243,7 @@ class StepResult:
     logprobs: list[Any] = field(default_factory=list)
     prompt_logprobs: list[Any] = field(default_factory=list)
     error: str | None = None  # the step failed on this rank (one line; the traceback is in the executor's log)
+    overlapped: bool = False  # launched while the step before it was still on the device (its host work hid)
 
     def output(self) -> StepOutput:
         return StepOutput.from_wire({"sampled": self.sampled, "logprobs": self.logprobs or [None] * len(self.sampled),

@@ -38,6 +38,8 @@ async def test_two_rank_executors_equal_offline(tmp_path):
             answers = await asyncio.gather(*[post_json(session, server.url + "/v1/completions", {
                 "model": a, "prompt": p, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
                 "return_token_ids": True}) for p, a in work])
+            async with session.get(server.url + "/metrics") as resp:
+                after = await resp.text()
     finally:
         code = stop_server(server)
     assert [e["rank"] for e in health["executors"]] == [0, 1]
@@ -48,6 +50,10 @@ async def test_two_rank_executors_equal_offline(tmp_path):
     for (status, body, _), w in zip(answers, want):
         assert status == 200, body
         assert body["choices"][0]["token_ids"] == w.token_ids
+    events = {s.labels["event"]: s.value for f in text_string_to_metric_families(after) if f.name.endswith("events")
+              for s in f.samples}
+    # both ranks ran steps launched before the step ahead of them was finished (the pipeline's held step)
+    assert events.get("executor_overlapped_steps", 0) > 0, events
     assert code == 0, server.output()
     assert all(wait_gone(e["pid"]) for e in health["executors"])
 
