@@ -292,7 +292,8 @@ def _serve(spec: ExecutorSpec, runner, reader: StagedReader, endpoint: RingEndpo
             raise TypeError(f"executor got unexpected message {type(msg).__name__}")
         plan = StepPlan.from_wire(msg.plan)
         reader.set_step(msg.staged)  # the held step's adapters were read when it launched
-        if slow is not None:
+        if slow is not None:  # a slowed step, not a slowed predecessor: the held step's result goes out first
+            pipeline.flush()
             slow.sleep()
         pipeline.launch(plan)
 

@@ -82,9 +82,9 @@ def _engine(model, adapters, **config):
     return engine
 
 
-def _submit(engine, specs) -> None:
+def _submit(engine, specs, prefix: str = "r") -> None:
     for i, (prompt, params, adapter) in enumerate(specs):
-        engine.add_request(f"r{i}", prompt, params, adapter)
+        engine.add_request(f"{prefix}{i}", prompt, params, adapter)
 
 
 def _synchronous(engine) -> Piped:
@@ -242,8 +242,9 @@ def test_device_side_pending_equals_host_resolution(tiny_llama):
 
 @pytest.mark.gpu
 def test_gpu_pipeline_equals_synchronous_greedy_and_launch_does_not_sync(tiny_llama, adapters):
-    """On CUDA with graphs: the pipelined run equals the synchronous one greedily, and a decode step's launch
-    queues its work without a host sync (torch's sync debug mode raises on one)."""
+    """On CUDA with graphs: the pipelined run equals the synchronous one greedily, and once the graphs of the
+    run's buckets are captured (a first run), a decode step's launch queues its work without a host sync
+    (torch's sync debug mode raises on one)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     specs = [(p, SamplingParams(max_tokens=12, temperature=0.0), n)
@@ -254,23 +255,28 @@ def test_gpu_pipeline_equals_synchronous_greedy_and_launch_does_not_sync(tiny_ll
     want = _synchronous(sync)
     piped = _engine(tiny_llama, adapters, **config)
     _submit(piped, specs)
+    got = run_pipelined(piped)  # also captures the graphs of the buckets the second run uses
+    assert got.tokens == want.tokens and got.held_launches > 5
     runner = piped.executor
-    launch = runner.launch
-    synced = []
+    launch, strict_launches, synced = runner.launch, [], []
 
     def strict(plan):
         if not plan.is_decode or plan.loads:
             return launch(plan)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return launch(plan)
+            step = launch(plan)
         except RuntimeError as exc:
-            synced.append(str(exc))
+            synced.append(exc)
             raise
         finally:
             torch.cuda.set_sync_debug_mode("default")
+        strict_launches.append(step)
+        return step
 
     runner.launch = strict
-    got = run_pipelined(piped)
-    assert not synced, synced[0]
-    assert got.tokens == want.tokens and got.held_launches > 5
+    _submit(piped, specs, prefix="again")
+    again = run_pipelined(piped)
+    assert not synced, f"a decode launch synchronized with the device: {synced[0]}"
+    assert {k.replace("again", "r"): v for k, v in again.tokens.items()} == want.tokens
+    assert len(strict_launches) > 5 and runner.decode_graph_steps > 5
