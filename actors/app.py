@@ -199,8 +199,8 @@ async def debug_state(request: web.Request) -> web.Response:
 
 
 async def _close_sockets(app: web.Application) -> None:
-    for ws in list(app["frontend"].sockets):
-        await ws.close(code=1001, message=b"server shutting down")
+    for conn in list(app["frontend"].sockets):
+        await conn.close_socket(1001, b"server shutting down")
 
 
 async def _to_dashboard(request: web.Request) -> web.Response:

@@ -11,8 +11,11 @@ import asyncio
 import itertools
 import json
 import logging
+import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,36 +35,57 @@ log = logging.getLogger("lorafleet.frontend")
 _ERROR_STATUS = {"internal_error": 500, "executor_failed": 503, "slo_unattainable": 429, "server_shutting_down": 503}
 
 
+Receiver = Callable[[object], None]
+
+
 class Router:
-    """Routes Admitted / Rejected / StepDeltas / AdminResult messages to the waiting request's queue."""
+    """Routes Admitted / Rejected / StepDeltas / AdminResult messages to the request they name.
+
+    Each open request has a receiver: a queue's `put_nowait` (`open`, for handlers that await their messages)
+    or a callback (`attach`) that handles the message at once. A step's `StepDeltas` is delivered in one pass,
+    item by item in the step's order, inside one callback of the loop: a WebSocket's generations encode their
+    frames into their socket's outbox there, and each socket writes the step's frames once, after the pass
+    (`WsConnection.flush`). A receiver that raises is logged and detached; the router and the other requests
+    go on."""
 
     def __init__(self, inbox: LocalChannel) -> None:
         self.inbox = inbox
-        self.queues: dict[str, asyncio.Queue[object]] = {}
+        self.receivers: dict[str, Receiver] = {}
 
     def open(self, request_id: str) -> asyncio.Queue[object]:
         queue: asyncio.Queue[object] = asyncio.Queue()
-        self.queues[request_id] = queue
+        self.receivers[request_id] = queue.put_nowait
         return queue
 
+    def attach(self, request_id: str, receiver: Receiver) -> None:
+        """Hand the request's next messages to `receiver` (called on the loop, must not block)."""
+        self.receivers[request_id] = receiver
+
     def close(self, request_id: str) -> None:
-        self.queues.pop(request_id, None)
+        self.receivers.pop(request_id, None)
 
     async def run(self) -> None:
         while True:
-            msg = await self.inbox.recv()
-            if isinstance(msg, StepDeltas):
-                for item in msg.items:
-                    self._deliver(item.request_id, item)
-            elif isinstance(msg, (Admitted, Rejected, AdminResult)):
-                self._deliver(msg.request_id, msg)
-            else:
-                raise TypeError(f"router got unexpected message {type(msg).__name__}")
+            self.dispatch(await self.inbox.recv())
+
+    def dispatch(self, msg: object) -> None:
+        if isinstance(msg, StepDeltas):
+            for item in msg.items:
+                self._deliver(item.request_id, item)
+        elif isinstance(msg, (Admitted, Rejected, AdminResult)):
+            self._deliver(msg.request_id, msg)
+        else:
+            raise TypeError(f"router got unexpected message {type(msg).__name__}")
 
     def _deliver(self, request_id: str, msg: object) -> None:
-        queue = self.queues.get(request_id)
-        if queue is not None:
-            queue.put_nowait(msg)
+        receiver = self.receivers.get(request_id)
+        if receiver is None:
+            return
+        try:
+            receiver(msg)
+        except Exception:
+            log.exception("delivering %s to %s failed; its messages are dropped", type(msg).__name__, request_id)
+            self.close(request_id)
 
 
 @dataclass
@@ -75,24 +99,24 @@ class Generation:
     finished: bool = False
     cancel_sent: bool = False
 
-    async def admitted(self) -> None:
-        """Returns when admitted; raises ApiError when refused."""
-        msg = await self.queue.get()
+    def resolve(self, msg: object) -> ApiError | None:
+        """Take the generation's first message: None when it was admitted, else the refusal (recorded)."""
         if isinstance(msg, Rejected):
             self.finished = True
             exc = ApiError(msg.status, msg.code, msg.message, msg.param, msg.retry_after)
             self.frontend.refused(exc, self.spec, self.request_id)
-            raise exc
+            return exc
         if isinstance(msg, DeltaItem) and msg.finished:  # failed before its Admitted went out
             self.finished = True
-            raise item_error(msg)
+            return item_error(msg)
         assert isinstance(msg, Admitted), f"unexpected first message {msg!r}"
+        return None
 
-    async def next(self) -> DeltaItem:
-        item = await self.queue.get()
-        assert isinstance(item, DeltaItem), f"unexpected message {item!r}"
-        self.finished = self.finished or item.finished
-        return item
+    async def admitted(self) -> None:
+        """Returns when admitted; raises ApiError when refused."""
+        exc = self.resolve(await self.queue.get())
+        if exc is not None:
+            raise exc
 
     def cancel(self) -> None:
         """Ask the scheduler to stop it (idempotent); a final `cancelled` item will still arrive."""
@@ -151,7 +175,7 @@ class Frontend:
     dashboard_key: str | None = None
     allowed_origins: frozenset[str] = frozenset()  # browser origins beyond same-origin and localhost
     limits: ConnectionLimits = field(default_factory=lambda: ConnectionLimits())
-    sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    sockets: set[WsConnection] = field(default_factory=set)
     _ids: itertools.count = field(default_factory=itertools.count)
 
     def new_id(self, prefix: str = "req") -> str:
@@ -199,34 +223,35 @@ async def admit_all(generations: list[Generation]) -> None:
 
 
 class Merged:
-    """The items of several generations in arrival order, each with its generation, until every one has
-    finished or failed. One reader task per generation, owned here: `close` cancels and awaits them."""
+    """The items of several admitted generations in arrival order, each with its generation, until every one
+    has finished or failed. The Router puts them straight into one queue (no task per generation); items that
+    reached a generation's own queue before (between its admission and this) come first."""
 
     def __init__(self, generations: list[Generation]) -> None:
         self.queue: asyncio.Queue[tuple[Generation, DeltaItem]] = asyncio.Queue()
         self.open = len(generations)
-        self.tasks = [asyncio.create_task(self._read(g), name=f"read-{g.request_id}") for g in generations]
+        self.ended: set[str] = set()
+        for generation in generations:
+            while not generation.queue.empty():
+                self.queue.put_nowait((generation, generation.queue.get_nowait()))
+            generation.frontend.router.attach(generation.request_id, partial(self._put, generation))
 
-    async def _read(self, generation: Generation) -> None:
-        while True:
-            item = await generation.next()
-            self.queue.put_nowait((generation, item))
-            if item.finished or item.error_code is not None:
-                return
+    def _put(self, generation: Generation, item: object) -> None:
+        assert isinstance(item, DeltaItem), f"unexpected message {item!r}"
+        self.queue.put_nowait((generation, item))
 
     async def next(self) -> tuple[Generation, DeltaItem] | None:
         """The next (generation, item), or None when all have ended."""
-        if self.open == 0:
-            return None
-        generation, item = await self.queue.get()
-        if item.finished or item.error_code is not None:
-            self.open -= 1
-        return generation, item
-
-    async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        while self.open:
+            generation, item = await self.queue.get()
+            if generation.request_id in self.ended:
+                continue  # nothing follows a generation's last item; ignore it if anything did
+            if item.finished or item.error_code is not None:
+                generation.finished = generation.finished or item.finished
+                self.ended.add(generation.request_id)
+                self.open -= 1
+            return generation, item
+        return None
 
 
 def item_error(item: DeltaItem) -> ApiError:
@@ -235,30 +260,56 @@ def item_error(item: DeltaItem) -> ApiError:
 
 
 # WebSocket /v1/stream -------------------------------------------------------------------------------
+_json_frame = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(frame, separators=...), minus its set-up
+_FIN_TEXT, _FIN_BINARY = 0x81, 0x82  # RFC 6455 §5.2: FIN + opcode 1 (text) / 2 (binary)
+
+
+def ws_frame(payload: bytes, binary: bool) -> bytes:
+    """One unfragmented, unmasked (server → client) WebSocket data frame: header + payload (RFC 6455 §5.2)."""
+    first = _FIN_BINARY if binary else _FIN_TEXT
+    size = len(payload)
+    if size < 126:
+        return struct.pack("!BB", first, size) + payload
+    if size < 65536:
+        return struct.pack("!BBH", first, 126, size) + payload
+    return struct.pack("!BBQ", first, 127, size) + payload
+
+
 class WsConnection:
-    """One socket: many generations told apart by the client's id; one lock serialises writes.
+    """One socket: many generations told apart by the client's id, and one outbox of frames in send order.
+
+    Every frame for the socket is encoded once and appended to the outbox (`post`, never awaits); the outbox
+    is written once per loop pass (`flush`, scheduled by the first post), so a step's frames for this socket go
+    out in one transport write. Without permessage-deflate the frames are built here (RFC 6455 framing) and
+    written straight to the transport, which never blocks: a client that reads slowly only grows its own
+    socket's buffer, and the loop never waits for it. With permessage-deflate negotiated (a browser's default;
+    the compressor's state lives in aiohttp's writer) a writer task owned by the connection sends them one by
+    one through aiohttp, in order.
 
     A frame that fails gets an error frame and the socket goes on: tied to the frame's `id` when that id is
     valid, else `id: null`. Nothing a client sends can make a frame unsendable: one that cannot be encoded
     (msgpack cannot carry every Python value) is replaced by an `internal_error` frame with `id: null`."""
 
-    def __init__(self, frontend: Frontend, ws: web.WebSocketResponse) -> None:
-        self.frontend, self.ws = frontend, ws
+    def __init__(self, frontend: Frontend, ws: web.WebSocketResponse, transport: asyncio.Transport | None) -> None:
+        self.frontend, self.ws, self.transport = frontend, ws, transport
         self.binary = ws.ws_protocol == MSGPACK_PROTOCOL
-        self.lock = asyncio.Lock()
-        self.active: dict[str, list[Generation]] = {}  # client id -> its choices' generations
-        self.tasks: set[asyncio.Task] = set()
+        self.compressed = bool(ws.compress) or transport is None
+        self.active: dict[str, WsStream] = {}  # client id -> its choices' stream
+        self.outbox: list[bytes | str] = []
+        self.flush_due = False
+        self.writer: asyncio.Task | None = None
+        self.wake = asyncio.Event()
         limits = frontend.limits
         self.bucket = FrameBucket(limits.ws_frame_rate, limits.ws_frame_burst)
 
     def _encode(self, frame: dict[str, Any]) -> str | bytes:
         if self.binary:
             return msgpack.packb(frame, use_bin_type=True)
-        return json.dumps(frame, separators=(",", ":"))
+        return _json_frame(frame)
 
-    async def send(self, frame: dict[str, Any]) -> None:
-        """Send a frame; a client that has gone away loses it silently (its generations are cancelled when
-        the socket's loop ends), so no task dies of a closed connection."""
+    def post(self, frame: dict[str, Any]) -> None:
+        """Queue a frame for the socket (sent in order with the next flush); a client that has gone away
+        loses it silently (its generations are cancelled when the socket's loop ends)."""
         if self.ws.closed:
             return
         try:
@@ -267,23 +318,49 @@ class WsConnection:
             log.error("ws frame %s for id %r could not be encoded: %r", frame.get("type"), frame.get("id"), exc)
             data = self._encode({"type": "error", "id": None, "error": {
                 "code": "internal_error", "message": "a frame for this socket could not be encoded", "param": None}})
-        try:
-            async with self.lock:
-                if isinstance(data, bytes):
-                    await self.ws.send_bytes(data)
-                else:
-                    await self.ws.send_str(data)
-        except ConnectionError:
-            pass  # the client disconnected meanwhile
+        if self.compressed:
+            self.outbox.append(data)
+            self.wake.set()
+            if self.writer is None:
+                self.writer = asyncio.create_task(self._write_compressed(), name="ws-writer")
+            return
+        self.outbox.append(ws_frame(data if isinstance(data, bytes) else data.encode(), self.binary))
+        if not self.flush_due:
+            self.flush_due = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write the outbox's frames to the transport in one call (uncompressed sockets)."""
+        self.flush_due = False
+        frames, self.outbox = self.outbox, []
+        if frames and not self.ws.closed and not self.transport.is_closing():
+            self.transport.writelines(frames)
+
+    async def _write_compressed(self) -> None:
+        """The writer task of a permessage-deflate socket: aiohttp compresses and sends each frame in order."""
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            frames, self.outbox = self.outbox, []
+            for data in frames:
+                if self.ws.closed:
+                    break
+                try:
+                    if isinstance(data, bytes):
+                        await self.ws.send_bytes(data)
+                    else:
+                        await self.ws.send_str(data)
+                except ConnectionError:
+                    break  # the client disconnected meanwhile
 
     def admit_frame(self, invalid: bool = False) -> bool:
         """Charge the socket's frame bucket: False when the client exceeds its frame rate."""
         limits = self.frontend.limits
         return self.bucket.take(limits.ws_invalid_cost if invalid else 1.0)
 
-    async def error(self, cid: str | None, exc: ApiError) -> None:
-        await self.send({"type": "error", "id": cid, "error": {"code": exc.code, "message": redact(exc.message),
-                                                               "param": exc.param}})
+    def error(self, cid: str | None, exc: ApiError) -> None:
+        self.post({"type": "error", "id": cid, "error": {"code": exc.code, "message": redact(exc.message),
+                                                         "param": exc.param}})
 
     def decode(self, msg) -> dict:
         try:
@@ -302,7 +379,7 @@ class WsConnection:
     def _format(msg) -> str:
         return "JSON" if msg.type == WSMsgType.TEXT else "msgpack"
 
-    async def handle(self, msg) -> bool:
+    def handle(self, msg) -> bool:
         """One client frame; any error is answered with an error frame (the socket goes on). False when the
         frame was invalid (it costs more of the socket's frame budget); a well-formed frame refused for
         capacity (429: too_many_generations, queue_full, slo_unattainable) is load, not abuse, and costs 1."""
@@ -310,31 +387,31 @@ class WsConnection:
         try:
             frame = self.decode(msg)
             cid = _valid_id(frame)
-            await self.dispatch(frame)
+            self.dispatch(frame)
             return True
         except ApiError as exc:
             self.frontend.refused(exc)
-            await self.error(None if exc.code in _UNTIED else cid, exc)
+            self.error(None if exc.code in _UNTIED else cid, exc)
             return exc.status == 429
         except Exception as exc:  # a bug must not end the socket or show the client a traceback
             ref = self.frontend.new_id("err")
             log.exception("ws frame failed (%s, id %r)", ref, cid)
             self.frontend.refused(internal_error(ref, exc))
-            await self.error(cid, internal_error(ref, exc))
+            self.error(cid, internal_error(ref, exc))
         return False
 
-    async def dispatch(self, frame: dict) -> None:
+    def dispatch(self, frame: dict) -> None:
         kind = frame.get("type")
         if kind == "generate":
-            await self.generate(frame)
+            self.generate(frame)
         elif kind == "cancel":
-            cid = client_id(frame)
-            for generation in self.active.get(cid, ()):
+            stream = self.active.get(client_id(frame))
+            for generation in stream.generations if stream is not None else ():
                 generation.cancel()
         else:
             raise ApiError(400, "unknown_type", f"type: unknown frame type {show(kind)} (generate, cancel)", "type")
 
-    async def generate(self, frame: dict) -> None:
+    def generate(self, frame: dict) -> None:
         cid = client_id(frame)
         if cid in self.active:
             raise ApiError(400, "duplicate_id", f"id: {cid!r} is already generating on this socket", "id")
@@ -343,82 +420,128 @@ class WsConnection:
             raise ApiError(429, "too_many_generations", f"this socket already has {cap} generations in flight (the "
                            "per-connection limit); wait for one to end", None, 1.0)
         spec = parse_ws_generate(frame, self.frontend.ctx)
-        generations = self.frontend.start_choices(spec)
-        self.active[cid] = generations
-        task = asyncio.create_task(self.pump(cid, generations), name=f"ws-{cid}")
-        self.tasks.add(task)
-        task.add_done_callback(self._pump_done)
+        self.active[cid] = WsStream(self, cid, self.frontend.start_choices(spec))
 
-    def _pump_done(self, task: asyncio.Task) -> None:
-        """Owner's end of a generation task: its outcome is always retrieved (an unexpected failure is
-        logged with its id, never left as "Task exception was never retrieved")."""
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("generation %s failed", task.get_name(), exc_info=task.exception())
-
-    async def pump(self, cid: str, generations: list[Generation]) -> None:
-        merged = None
-        try:
-            try:
-                await admit_all(generations)
-            except ApiError as exc:
-                self._release(cid, generations)
-                await self.error(cid, exc)
-                return
-            await self.send({"type": "accepted", "id": cid})
-            merged = Merged(generations)
-            await self._stream(cid, generations, merged)
-        finally:
-            self._release(cid, generations)
-            if merged is not None:
-                await merged.close()
-            for generation in generations:
-                generation.close()
-
-    def _release(self, cid: str, generations: list[Generation]) -> None:
+    def release(self, stream: WsStream) -> None:
         """Free the id before the final frame goes out: the client may reuse it as soon as it reads it."""
-        if self.active.get(cid) is generations:
-            del self.active[cid]
+        if self.active.get(stream.cid) is stream:
+            del self.active[stream.cid]
 
-    async def _stream(self, cid: str, generations: list[Generation], merged: Merged) -> None:
-        """delta frames as tokens arrive and one done frame per choice (`index`: prompt index * n + sample
-        index); the id is released with the last done. An error ends every choice of the id."""
-        tokenizer = self.frontend.ctx.tokenizer
-        started: set[int] = set()
-        while (got := await merged.next()) is not None:
-            generation, item = got
-            spec, index = generation.spec, generation.spec.index
-            if item.token_ids or item.text:
-                text = item.text
-                if spec.echo and index not in started and tokenizer is not None:  # echo: the prompt's text first
-                    text = tokenizer.decode(spec.prompt_ids, skip_special_tokens=True) + text
-                started.add(index)
-                frame = {"type": "delta", "id": cid, "index": index, "text": text, "token_ids": item.token_ids}
-                if generation.spec.params.get("logprobs") is not None:
-                    frame["logprobs"] = ws_logprobs(item.logprobs, tokenizer)
-                if item.prompt_logprobs is not None:
-                    frame["prompt_logprobs"] = ws_logprobs(item.prompt_logprobs, tokenizer)
-                await self.send(frame)
-            if item.error_code is not None:
-                self._release(cid, generations)
-                await self.error(cid, item_error(item))
-                return
-            if item.finished:
-                if merged.open == 0:
-                    self._release(cid, generations)
-                await self.send({
-                    "type": "done", "id": cid, "index": index, "remaining": merged.open,
-                    "finish_reason": item.finish_reason,
-                    "usage": {"prompt_tokens": item.prompt_tokens, "completion_tokens": item.completion_tokens},
-                    "timing": {"queue_ms": item.queue_ms, "ttft_ms": item.ttft_ms, "e2e_ms": item.e2e_ms},
-                })
+    async def close_socket(self, code: int, message: bytes = b"") -> None:
+        """Send what is queued, then close the socket with `code` (its generations end when its loop does)."""
+        if not self.ws.closed:
+            if not self.compressed:
+                self.flush()
+            await self.ws.close(code=code, message=message)
 
     async def close(self) -> None:
-        for generation in [g for choices in self.active.values() for g in choices]:
+        """The socket's loop ended: cancel its generations and its writer."""
+        for stream in list(self.active.values()):
+            stream.end()
+        if self.writer is not None:
+            self.writer.cancel()
+            await asyncio.gather(self.writer, return_exceptions=True)
+
+
+class WsStream:
+    """One client id's generations (its choices) on a socket, fed by the Router's callbacks — no task: once
+    every choice is admitted an `accepted` frame, then delta frames as tokens arrive and one done frame per
+    choice (`index`: prompt index * n + sample index); the id is released with the last done. A refusal or an
+    error ends every choice of the id with one error frame."""
+
+    def __init__(self, conn: WsConnection, cid: str, generations: list[Generation]) -> None:
+        self.conn, self.cid, self.generations = conn, cid, generations
+        self.pending = len(generations)  # choices whose admission is not known yet
+        self.refusals: list[ApiError | None] = [None] * len(generations)
+        self.admitted: list[bool] = [False] * len(generations)
+        self.held: list[tuple[Generation, DeltaItem]] = []  # items that came before every choice was admitted
+        self.open = len(generations)
+        self.started: set[int] = set()
+        self.ended = False
+        router = conn.frontend.router
+        for i, generation in enumerate(generations):
+            router.attach(generation.request_id, partial(self.receive, i))
+
+    def receive(self, i: int, msg: object) -> None:
+        if self.ended:
+            return
+        try:
+            if self.pending:
+                self._admission(i, msg)
+            else:
+                self._item(self.generations[i], msg)
+        except Exception as exc:  # a bug ends this id with an error frame; the socket and the router go on
+            ref = self.conn.frontend.new_id("err")
+            log.exception("generation %s failed (%s)", self.cid, ref)
+            self._fail(internal_error(ref, exc))
+
+    def _admission(self, i: int, msg: object) -> None:
+        generation = self.generations[i]
+        if self.admitted[i]:  # admitted, others still waiting: keep its items for after `accepted`
+            assert isinstance(msg, DeltaItem), f"unexpected message {msg!r}"
+            self.held.append((generation, msg))
+            return
+        self.refusals[i] = generation.resolve(msg)
+        self.admitted[i] = self.refusals[i] is None
+        self.pending -= 1
+        if self.pending:
+            return
+        refusal = next((r for r in self.refusals if r is not None), None)
+        if refusal is not None:  # the first refusal in choice order, as one error frame
+            self._fail(refusal)
+            return
+        self.conn.post({"type": "accepted", "id": self.cid})
+        held, self.held = self.held, []
+        for generation, item in held:
+            if not self.ended:
+                self._item(generation, item)
+
+    def _item(self, generation: Generation, item: object) -> None:
+        assert isinstance(item, DeltaItem), f"unexpected message {item!r}"
+        if generation.finished:
+            return  # nothing follows a generation's last item
+        spec, index = generation.spec, generation.spec.index
+        tokenizer = self.conn.frontend.ctx.tokenizer
+        if item.token_ids or item.text:
+            text = item.text
+            if spec.echo and index not in self.started and tokenizer is not None:  # echo: the prompt's text first
+                text = tokenizer.decode(spec.prompt_ids, skip_special_tokens=True) + text
+            self.started.add(index)
+            frame = {"type": "delta", "id": self.cid, "index": index, "text": text, "token_ids": item.token_ids}
+            if spec.params.get("logprobs") is not None:
+                frame["logprobs"] = ws_logprobs(item.logprobs, tokenizer)
+            if item.prompt_logprobs is not None:
+                frame["prompt_logprobs"] = ws_logprobs(item.prompt_logprobs, tokenizer)
+            self.conn.post(frame)
+        if item.error_code is not None:
+            generation.finished = True
+            self._fail(item_error(item))
+            return
+        if item.finished:
+            generation.finished = True
+            self.open -= 1
+            if self.open == 0:
+                self.conn.release(self)
+            self.conn.post({
+                "type": "done", "id": self.cid, "index": index, "remaining": self.open,
+                "finish_reason": item.finish_reason,
+                "usage": {"prompt_tokens": item.prompt_tokens, "completion_tokens": item.completion_tokens},
+                "timing": {"queue_ms": item.queue_ms, "ttft_ms": item.ttft_ms, "e2e_ms": item.e2e_ms},
+            })
+            if self.open == 0:
+                self.end()
+
+    def _fail(self, exc: ApiError) -> None:
+        self.conn.release(self)
+        self.conn.error(self.cid, exc)
+        self.end()
+
+    def end(self) -> None:
+        """Stop listening: every choice not finished is cancelled (idempotent)."""
+        self.ended = True
+        self.conn.release(self)
+        for generation in self.generations:
             generation.close()
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 def _valid_id(frame: dict) -> str | None:
@@ -439,18 +562,18 @@ async def ws_stream(request: web.Request) -> web.WebSocketResponse:
     frontend: Frontend = request.app["frontend"]
     ws = web.WebSocketResponse(protocols=(MSGPACK_PROTOCOL,), max_msg_size=frontend.max_body_bytes)
     await ws.prepare(request)
-    conn = WsConnection(frontend, ws)
-    frontend.sockets.add(ws)
+    conn = WsConnection(frontend, ws, request.transport)
+    frontend.sockets.add(conn)
     try:
         async for msg in ws:
             if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
                 continue
-            if not conn.admit_frame(invalid=not await conn.handle(msg)):
+            if not conn.admit_frame(invalid=not conn.handle(msg)):
                 await _close_abusive(conn)
                 break
             await asyncio.sleep(0)  # one socket's backlog of frames never holds the loop from the others
     finally:
-        frontend.sockets.discard(ws)
+        frontend.sockets.discard(conn)
         await conn.close()
     return ws
 
@@ -460,8 +583,8 @@ async def _close_abusive(conn: WsConnection) -> None:
     conn.frontend.hub.count("ws_closed_frame_rate")
     log.warning("closing a WebSocket (1008): frames over --ws-frame-rate %g/s; its %d generation(s) in flight "
                 "are cancelled", limits.ws_frame_rate, len(conn.active))
-    await conn.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=f"frame rate over {limits.ws_frame_rate:g}/s "
-                        f"(an invalid frame counts {limits.ws_invalid_cost:g})".encode())
+    await conn.close_socket(WSCloseCode.POLICY_VIOLATION, f"frame rate over {limits.ws_frame_rate:g}/s "
+                            f"(an invalid frame counts {limits.ws_invalid_cost:g})".encode())
 
 
 def bad_body(exc: Exception) -> ApiError:

@@ -189,8 +189,11 @@ async def _collect(merged: Merged, out: Completion) -> None:
         out.update(generation.spec, item)
 
 
+_json_event = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(data, separators=...), minus its set-up
+
+
 async def _sse(resp: web.StreamResponse, data: object) -> None:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    payload = data if isinstance(data, str) else _json_event(data)
     await resp.write(f"data: {payload}\n\n".encode())
 
 
@@ -225,7 +228,6 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     generations = frontend.start_choices(spec)
     out = Completion(chat, spec, ("chatcmpl-" if chat else "cmpl-") + generations[0].request_id,
                      frontend.ctx.tokenizer)
-    merged = None
     try:
         await admit_all(generations)
         merged = Merged(generations)
@@ -235,8 +237,6 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     except ApiError as exc:
         return error_response(exc)
     finally:
-        if merged is not None:
-            await merged.close()
         for generation in generations:
             generation.close()
     return web.json_response(out.response())

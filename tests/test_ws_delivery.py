@@ -1,0 +1,212 @@
+"""How a step's deltas reach WebSocket clients (actors/frontend.py: Router → WsStream → the socket's outbox):
+the frames built here are byte for byte what aiohttp's own writer sends; every client sees the same frames in
+the same order whether the socket is plain JSON, permessage-deflate or msgpack; a socket whose client stops
+reading never holds up the others (its frames wait in its own buffer). The real aiohttp app and Router serve on
+a loopback socket; a step source stands in for the scheduler (no model), so the tests are fast and exact."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import time
+
+import aiohttp
+import msgpack
+import pytest
+from aiohttp import web
+from aiohttp._websocket.writer import WebSocketWriter
+
+from lorafleet.actors.app import build_app
+from lorafleet.actors.channels import LocalChannel
+from lorafleet.actors.frontend import MSGPACK_PROTOCOL, Frontend, Router, ws_frame
+from lorafleet.actors.hub import ServeHub
+from lorafleet.actors.protocol import ParseContext
+from lorafleet.actors.schema import Admitted, Cancel, DeltaItem, Rejected, StepDeltas, Submit
+
+MODEL = "base"
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class _Protocol:
+    _paused = False
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+@pytest.mark.parametrize("binary", [False, True])
+async def test_ws_frame_bytes_match_aiohttp_writer(size, binary):
+    payload = bytes((i * 7) % 251 for i in range(size))
+    transport = _Transport()
+    writer = WebSocketWriter(_Protocol(), transport)
+    await writer.send_frame(payload, aiohttp.WSMsgType.BINARY if binary else aiohttp.WSMsgType.TEXT)
+    assert ws_frame(payload, binary) == bytes(transport.data)
+
+
+def _text(k: int, size: int) -> str:
+    return (f"<{k}é\n\"\u2028>" * size)[:size]
+
+
+class StepSource:
+    """The scheduler's stand-in: admits every Submit whose max_tokens is not 13 (refused: `queue_full`), then
+    each step gives every running request one token whose text is `text_bytes` long; the last one finishes."""
+
+    def __init__(self, admission: LocalChannel, router_box: LocalChannel, text_bytes: int = 12) -> None:
+        self.admission, self.router_box, self.text_bytes = admission, router_box, text_bytes
+        self.running: dict[str, list[int]] = {}
+        self.step = 0
+
+    def _mailbox(self) -> None:
+        while (msg := self.admission.poll()) is not None:
+            if isinstance(msg, Submit):
+                if msg.params.get("max_tokens") == 13:
+                    self.router_box.send(Rejected(msg.request_id, "queue_full", "full", 429, None, 1.0))
+                    continue
+                self.running[msg.request_id] = [0, int(msg.params["max_tokens"]), len(msg.prompt_ids)]
+                self.router_box.send(Admitted(msg.request_id))
+            elif isinstance(msg, Cancel) and msg.request_id in self.running:
+                state = self.running.pop(msg.request_id)
+                self.router_box.send(StepDeltas(self.step, [DeltaItem(
+                    msg.request_id, [], "", True, "cancelled", state[2], state[0])]))
+
+    def _items(self) -> list[DeltaItem]:
+        items = []
+        for rid, state in list(self.running.items()):
+            state[0] += 1
+            token = 3 + state[0]
+            text = _text(state[0], self.text_bytes)
+            if state[0] >= state[1]:
+                del self.running[rid]
+                items.append(DeltaItem(rid, [token], text, True, "length", state[2], state[0], queue_ms=1.0,
+                                       ttft_ms=2.0, e2e_ms=3.0))
+            else:
+                items.append(DeltaItem(rid, [token], text))
+        return items
+
+    async def run(self, step_s: float) -> None:
+        while True:
+            await asyncio.sleep(step_s)
+            self._mailbox()
+            self.step += 1
+            self.router_box.send(StepDeltas(self.step, self._items()))
+
+
+async def _serve(text_bytes: int = 12, step_s: float = 0.002):
+    admission, scheduler, router_box = LocalChannel(), LocalChannel(), LocalChannel()
+    router = Router(router_box)
+    frontend = Frontend(ParseContext(MODEL, set(), 1 << 16, 32000), admission, scheduler, router, ServeHub())
+    runner = web.AppRunner(build_app(frontend), access_log=None)
+    await runner.setup()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    await web.SockSite(runner, sock).start()
+    source = StepSource(admission, router_box, text_bytes)
+    tasks = [asyncio.create_task(router.run()), asyncio.create_task(source.run(step_s))]
+    return frontend, runner, tasks, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+async def _stop(runner, tasks) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await runner.cleanup()
+
+
+def _expected(cid: str, max_tokens: int, prompt: int, text_bytes: int = 12) -> list[dict]:
+    """What the protocol says a generation of `max_tokens` one-token steps shows (docs/protocol.md)."""
+    frames: list[dict] = [{"type": "accepted", "id": cid}]
+    frames += [{"type": "delta", "id": cid, "index": 0, "text": _text(k, text_bytes), "token_ids": [3 + k]}
+               for k in range(1, max_tokens + 1)]
+    frames.append({"type": "done", "id": cid, "index": 0, "remaining": 0, "finish_reason": "length",
+                   "usage": {"prompt_tokens": prompt, "completion_tokens": max_tokens},
+                   "timing": {"queue_ms": 1.0, "ttft_ms": 2.0, "e2e_ms": 3.0}})
+    return frames
+
+
+async def _run_client(url: str, compress: int, binary: bool, ids: int) -> dict[str, list[dict]]:
+    frames: dict[str, list[dict]] = {}
+    protocols = (MSGPACK_PROTOCOL,) if binary else ()
+    async with aiohttp.ClientSession() as session, \
+            session.ws_connect(url + "/v1/stream", compress=compress, protocols=protocols) as ws:
+        assert ws.compress == compress and (ws.protocol == MSGPACK_PROTOCOL) == binary
+        for i in range(ids):
+            frame = {"type": "generate", "id": f"c{i}", "model": MODEL, "prompt": [5] * (i + 1),
+                     "max_tokens": 13 if i == 3 else 5 + i % 7, "ignore_eos": True}
+            await (ws.send_bytes(msgpack.packb(frame)) if binary else ws.send_str(json.dumps(frame)))
+        await ws.send_str(json.dumps({"type": "bogus", "id": "x"}))
+        done = 0
+        while done < ids:
+            msg = await asyncio.wait_for(ws.receive(), 30)
+            frame = msgpack.unpackb(msg.data) if binary else json.loads(msg.data)
+            frames.setdefault(str(frame["id"]), []).append(frame)
+            done += frame["type"] == "done" or (frame["type"] == "error" and frame["id"] is not None)
+    return frames
+
+
+@pytest.mark.parametrize(("compress", "binary"), [(0, False), (15, False), (0, True), (15, True)])
+async def test_every_socket_kind_gets_the_same_frames_in_order(compress, binary):
+    frontend, runner, tasks, url = await _serve()
+    try:
+        got = await _run_client(url, compress, binary, 24)
+    finally:
+        await _stop(runner, tasks)
+    assert got.pop("None") == [{"type": "error", "id": None, "error": {
+        "code": "unknown_type", "message": "type: unknown frame type 'bogus' (generate, cancel)", "param": "type"}}]
+    assert got.pop("c3") == [{"type": "error", "id": "c3", "error": {"code": "queue_full", "message": "full",
+                                                                       "param": None}}]
+    for i in range(24):
+        if i == 3:
+            continue
+        assert got[f"c{i}"] == _expected(f"c{i}", 5 + i % 7, i + 1), f"c{i}"
+
+
+async def test_a_socket_whose_client_stops_reading_does_not_hold_the_others():
+    """A raw client with a small receive buffer asks for many long generations of 4 KB tokens and never reads:
+    its frames back up into its own socket's buffer (megabytes) while another socket's generations go on at
+    the step rate; that client's ids are cancelled when it disconnects."""
+    frontend, runner, tasks, url = await _serve(text_bytes=4096, step_s=0.005)
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        slow.sendall(f"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                     f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        for i in range(16):
+            payload = json.dumps({"type": "generate", "id": f"s{i}", "model": MODEL, "prompt": [5],
+                                  "max_tokens": 60000, "ignore_eos": True}).encode()
+            mask = os.urandom(4)
+            slow.sendall(bytes([0x81, 0x80 | len(payload)]) + mask
+                         + bytes(b ^ mask[k % 4] for k, b in enumerate(payload)))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            backlog = max((c.transport.get_write_buffer_size() for c in frontend.sockets), default=0)
+            if backlog > 4 << 20:
+                break
+            await asyncio.sleep(0.05)
+        assert backlog > 4 << 20, f"the slow socket's backlog only reached {backlog} bytes"
+        started = time.monotonic()
+        got = await _run_client(url, 0, False, 8)
+        elapsed = time.monotonic() - started
+        assert all(got[f"c{i}"][-1]["type"] == "done" for i in range(8) if i != 3)
+        # 11 steps at 5 ms make the longest of them: allow for a loaded machine, not for a stalled loop
+        assert elapsed < 10, f"the other socket's generations took {elapsed:.1f} s"
+        slow.close()
+        deadline = time.monotonic() + 10
+        while frontend.sockets and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not frontend.sockets and not frontend.router.receivers
+    finally:
+        await _stop(runner, tasks)
