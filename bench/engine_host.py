@@ -25,7 +25,6 @@ import torch
 
 from lorafleet.actors.server import RemoteOnly
 from lorafleet.engine.adapter_store import AdapterStore
-from lorafleet.engine.adapters import COLUMN_PARALLEL
 from lorafleet.engine.config import TARGET_MODULES, EngineConfig, ModelConfig, page_geometry
 from lorafleet.engine.cuda_graphs import DecodeGraphs, StaticBatch, StepInputs
 from lorafleet.engine.engine import Engine
@@ -88,7 +87,8 @@ def measure_engine(engine: Engine, args: argparse.Namespace) -> dict:
 
 def measure_runner_metadata(args: argparse.Namespace, tp: int = 1, repeats: int = 30) -> dict:
     """LoRA tables + positions + static-buffer fill of one decode step (host buffers stand in for the GPU's), as
-    rank 0 of `tp` builds them (its shard's row counts; column maps under tensor parallelism)."""
+    rank 0 of `tp` builds them (a shard has the adapter's rank in A and Bᵀ rows at any size, so the tables are
+    tp=1's: only the ModelRunner's shard differs)."""
     rng = random.Random(1)
     runner = ModelRunner.__new__(ModelRunner)
     runner.shard, runner.block_tokens, runner.max_rank = SimpleNamespace(size=tp, rank=0), 16, 64
@@ -97,8 +97,7 @@ def measure_runner_metadata(args: argparse.Namespace, tp: int = 1, repeats: int 
         rank = RANKS[i % len(RANKS)]
         rows = {}
         for m in args.modules.split(","):
-            a_count, b_count = (rank // tp, rank) if m in COLUMN_PARALLEL else (rank, rank // tp)
-            rows[m] = ([rng.randrange(10**8) for _ in range(a_count)], [rng.randrange(10**8) for _ in range(b_count)])
+            rows[m] = ([rng.randrange(10**8) for _ in range(rank)], [rng.randrange(10**8) for _ in range(rank)])
         runner.resident[f"s{i}"] = ResidentAdapter(2.0, rank, rows)
         runner.row_tables.add(f"s{i}", rows)
     slots = list(runner.resident)
@@ -111,10 +110,10 @@ def measure_runner_metadata(args: argparse.Namespace, tp: int = 1, repeats: int 
     plan = SimpleNamespace(seqs=plan_seqs, slots=slots)
     graphs = DecodeGraphs.__new__(DecodeGraphs)
     graphs.block_tokens, graphs.scratch_page, graphs.max_slots, graphs.max_rank = 16, args.num_pages, args.seqs, 64
-    graphs.static = StaticBatch(args.seqs, 4096 // 16, args.seqs, 64, torch.device("cpu"), tp)
+    graphs.static = StaticBatch(args.seqs, 4096 // 16, args.seqs, 64, torch.device("cpu"))
     started = time.perf_counter()
     for _ in range(repeats):
-        token_slots, scales, tables = runner._lora_tables(plan, static=True)
+        token_slots, scales, tables = runner._lora_tables(plan)
         positions, kv_slots = runner._positions(plan)
         inputs = StepInputs([s.token_ids[0] for s in plan.seqs], positions, kv_slots,
                               [s.block_table for s in plan.seqs], token_slots, scales, tables)

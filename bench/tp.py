@@ -1,6 +1,7 @@
 """Tensor-parallel throughput: tp=1 vs tp=2 on a Llama-2-13B-shaped synthetic model with an S-LoRA style
 workload (adapters of ranks {8,16,32,64}, power-law popularity, uniform lengths), run through the offline
-engine, plus the latency of the collectives a step issues (base all-reduce vs the LoRA gathers/reduces).
+engine, plus the latency of the base all-reduce a layer issues twice (the LoRA adds no collective since the
+adapters are cut along the base split, docs/tensor-parallel.md).
 
     python bench/tp.py --out bench/results/tp-h200x2.json [--model synthetic:llama-2-13b] [--requests 256]
 """
@@ -79,12 +80,10 @@ def _collective_worker(rank: int, init: str, result: dict, shapes: list) -> None
     dist.destroy_process_group()
 
 
-def collective_latencies(hidden: int, tokens: int, max_rank: int) -> dict:
+def collective_latencies(hidden: int, tokens: int) -> dict:
     shapes = [
         ("base_all_reduce_us", (tokens, hidden), torch.bfloat16, "all_reduce"),
-        ("lora_all_gather_us", (tokens, max_rank // 2), torch.float32, "all_gather"),
-        ("lora_all_reduce_us", (tokens, max_rank), torch.float32, "all_reduce"),
-    ]
+    ]  # LoRA adds no collective under tensor parallelism (docs/tensor-parallel.md; bench/tp_collectives.py)
     init = tempfile.mktemp(prefix="lorafleet-bench-tp-")
     with mp.Manager() as manager:
         result = manager.dict()
@@ -122,7 +121,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name(0) if gpu else "none", "gpus": torch.cuda.device_count(),
         "torch": torch.__version__, "python": platform.python_version(),
         "model": args.model, "rows": rows,
-        "collectives_at_128_tokens": collective_latencies(config["hidden_size"], 128, 64) if gpu else {},
+        "collectives_at_128_tokens": collective_latencies(config["hidden_size"], 128) if gpu else {},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -1,14 +1,20 @@
-"""Time of the collectives one decoder layer issues under tensor parallelism, through the engine's own code
-(`ParallelGroup.all_reduce`, `model.collect_intermediate`), eager and replayed from a CUDA graph (as the engine
-runs them), for a decode step of T tokens: the base all-reduces (o, down) against the LoRA collectives — now
-(one all-gather of the q/k/v intermediates, one all-reduce for o, model dtype) and before (one fp32 all-gather per
-column-parallel module, one fp32 all-reduce per row-parallel one). Both rows include the per-token column pick
-after each collective that the engine ran then and runs now (before: indexed per module and layer; now: the
-per-token index built once per step, `LoraBatch.token_cols`, so not timed here). Issue #13's target: LoRA ≤ 25 %
-of base.
+"""Collectives of one decoder layer under tensor parallelism (tp=2), counted and timed through the engine's own
+layer code (`model.Attention`: shared_input_linears for q/k/v, o_proj with its all-reduce; `model.MLP`), eager
+and replayed from a CUDA graph (as the engine runs them), for decode steps of T tokens.
 
-    python bench/tp_collectives.py --out bench/results/tp-collectives-h200x2.json   # 2 GPUs (NCCL)
-    python bench/tp_collectives.py --device cpu                                      # gloo smoke run, eager only
+Per T it reports:
+- every torch.distributed call the layer's linear part makes, with and without LoRA (adapters of rank 64 on
+  q/k/v/o, 16 slots, S-LoRA's S4 targets): count and bytes sent per rank. The LoRA collectives per layer are the
+  difference — 0 since adapters are cut along the base layer's split (docs/tensor-parallel.md);
+- the time of the base all-reduces (o, down; `ParallelGroup.all_reduce` of [T, hidden] twice), the figure
+  issue #13's "LoRA collectives ≤ 25 % of the base all-reduce time" is measured against;
+- the layer's linear part with and without LoRA (all it costs now is shrink/expand kernels, no collective);
+- for reference, the collectives the removed S-LoRA split issued per layer for the same adapters (one
+  all-gather of the q/k/v intermediates [3, T, 32] and one all-reduce of o's [T, 64], model dtype), as bare
+  torch.distributed calls: what the new split saves.
+
+    python bench/tp_collectives.py --out bench/results/tp-collectives-h200x2.json   # 2 GPUs (NCCL), bf16
+    python bench/tp_collectives.py --device cpu --shape tiny --tokens 32             # gloo smoke run, eager only
 """
 
 from __future__ import annotations
@@ -23,47 +29,112 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from lorafleet.engine.model import ParallelGroup, collect_intermediate
+from lorafleet.engine.adapters import shard_widths
+from lorafleet.engine.config import ModelConfig, page_geometry
+from lorafleet.engine.layout import AdapterLayout
+from lorafleet.engine.model import MLP, Attention, LoraBatch, ModuleLora, ParallelGroup, shared_input_linears
+from lorafleet.engine.synthetic import SHAPES
 from lorafleet.engine.weights import Shard
 
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # S-LoRA's S4 setting
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
+               "all_to_all_single", "reduce")
 
-def layer_ops(group: ParallelGroup, tokens: int, hidden: int, rank: int, slots: int, device: str) -> dict:
-    """label -> a function issuing that part of one layer's collectives (adapters on q, k, v, o, rank `rank`)."""
-    size, dtype = group.shard.size, group.dtype
+
+class Recorder:
+    """Counts torch.distributed collectives (and bytes each rank sends) while `active`; the calls still run."""
+
+    def __init__(self) -> None:
+        self.active, self.count, self.bytes = False, 0, 0
+        for name in COLLECTIVES:
+            setattr(torch.distributed, name, self._wrap(name, getattr(torch.distributed, name)))
+
+    def _wrap(self, name: str, fn):
+        def call(*args, **kwargs):
+            if self.active:
+                tensor = next(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+                sent = args[1] if name in ("all_gather_into_tensor", "reduce_scatter_tensor") else tensor
+                self.count += 1
+                self.bytes += sent.numel() * sent.element_size()
+            return fn(*args, **kwargs)
+        return call
+
+    def measure(self, op) -> dict:
+        self.active, self.count, self.bytes = True, 0, 0
+        op()
+        self.active = False
+        return {"count": self.count, "bytes_sent_per_rank": self.bytes}
+
+
+def _layer(cfg: ModelConfig, group: ParallelGroup, dtype: torch.dtype, device: str) -> tuple[Attention, MLP]:
+    """One layer's attention projections and MLP with random weights (this rank's shard)."""
+    with torch.device("meta"):
+        attention, mlp = Attention(cfg, group), MLP(cfg, group)
+    parts = []
+    for module in (attention, mlp):
+        module = module.to(dtype).to_empty(device=torch.device(device))
+        for param in module.parameters():
+            param.data.normal_(0, 0.02)
+        parts.append(module)
+    return parts[0], parts[1]
+
+
+def _lora(cfg: ModelConfig, tp: int, tokens: int, rank: int, slots: int, dtype: torch.dtype,
+          device: str) -> tuple[LoraBatch, torch.Tensor]:
+    """A batch whose tokens use `slots` adapters of rank `rank` on TARGETS, packed as the engine packs a rank's
+    shard (the whole A and 1/tp of Bᵀ for q/k/v, 1/tp of A and the whole Bᵀ for o), and the pool holding them."""
+    dims = cfg.module_dims()
+    _, page_elements = page_geometry(cfg, 16, tp)
+    matrices = {m: (rank, shard_widths(m, *dims[m], tp)[0], rank, shard_widths(m, *dims[m], tp)[1])
+                for m in TARGETS}
+    layout = AdapterLayout.from_matrices(matrices, page_elements)
+    pool = (torch.randn(slots * layout.num_pages * page_elements, device=device) * 0.02).to(dtype)
+    modules = {}
+    for m, rows in layout.modules.items():
+        tables = [[layout.physical(v, list(range(s * layout.num_pages, (s + 1) * layout.num_pages))) for v in side]
+                  for side in (rows.a_rows, rows.b_rows) for s in range(slots)]
+        a = torch.tensor(tables[:slots], device=device)
+        b = torch.tensor(tables[slots:], device=device)
+        modules[m] = ModuleLora(a, b, torch.full((slots,), rank, dtype=torch.int32, device=device))
     gen = torch.Generator().manual_seed(0)
     token_slots = torch.randint(0, slots, (tokens,), generator=gen, dtype=torch.int32).to(device)
-    local = rank // size
-    cols_gather = torch.tensor([(c // local) * local + c % local for c in range(rank)], device=device)
-    cols_gather = cols_gather.expand(3, slots, rank).contiguous()
-    cols_reduce = (group.shard.rank * local + torch.arange(local, device=device)).expand(slots, local).contiguous()
-    base = [torch.randn(tokens, hidden, dtype=dtype, device=device) for _ in range(2)]
-    qkv = torch.randn(3, tokens, local, device=device)
-    o = torch.randn(tokens, rank, device=device)
-    old_gathers = [torch.randn(tokens, local, device=device) for _ in range(3)]
-    qkv_index = cols_gather[:, token_slots.long(), :]  # LoraBatch.token_cols: once per step, not per layer
-    o_index = cols_reduce[token_slots.long(), :]
+    return LoraBatch(token_slots, torch.ones(slots, device=device), modules), pool
 
-    def old_pick(v: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:  # the engine before: per module and layer
-        return torch.gather(v, 1, cols[token_slots.clamp(min=0).long()])
 
-    def old_gather(v: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(size * tokens, local, device=device)
-        torch.distributed.all_gather_into_tensor(out, v, group=group.process_group)
-        return out
+def layer_ops(cfg: ModelConfig, group: ParallelGroup, tokens: int, rank: int, slots: int, dtype: torch.dtype,
+              device: str) -> dict:
+    """label -> a function issuing that part of one layer's work."""
+    attention, mlp = _layer(cfg, group, dtype, device)
+    lora, pool = _lora(cfg, group.shard.size, tokens, rank, slots, dtype, device)
+    x = torch.randn(tokens, cfg.hidden_size, dtype=dtype, device=device)
+    attn_out = torch.randn(tokens, attention.num_heads * attention.head_dim, dtype=dtype, device=device)
+    base = [torch.randn(tokens, cfg.hidden_size, dtype=dtype, device=device) for _ in range(2)]
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    local = rank // group.shard.size
+    gathered = torch.empty(group.shard.size * 3, tokens, local, dtype=dtype, device=device)
+    qkv_part, o_part = torch.randn(3, tokens, local, dtype=dtype, device=device), torch.randn(tokens, rank,
+                                                                                            dtype=dtype, device=device)
+
+    def linears(batch: LoraBatch | None) -> None:
+        shared_input_linears(projections, x, batch, pool)
+        h = attention.output(attn_out, batch, pool)
+        mlp(h, batch, pool)
+
+    def removed_split() -> None:  # the S-LoRA split's fused collectives, as the engine issued them before
+        torch.distributed.all_gather_into_tensor(gathered, qkv_part, group=group.process_group)
+        torch.distributed.all_reduce(o_part, group=group.process_group)
 
     return {
-        "base_all_reduces": lambda: [group.all_reduce(x) for x in base],
-        "lora_now": lambda: (collect_intermediate(qkv, True, group, qkv_index),
-                             collect_intermediate(o, False, group, o_index)),
-        "lora_before": lambda: ([old_pick(old_gather(v).view(size, tokens, local).movedim(0, 1).reshape(tokens, -1),
-                                          cols_gather[0]) for v in old_gathers],
-                                old_pick(group.all_reduce(o.clone()), cols_reduce)),
+        "base_all_reduces": lambda: [group.all_reduce(t) for t in base],
+        "layer_linears_lora": lambda: linears(lora),
+        "layer_linears_base": lambda: linears(None),
+        "removed_split_lora_collectives": removed_split,
     }
 
 
 def _time(op, repeats: int, device: str) -> float:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(5):
+    for _ in range(3):
         op()
     sync()
     started = time.perf_counter()
@@ -86,28 +157,42 @@ def _graphed(op, repeats: int) -> float:
     return _time(graph.replay, repeats, "cuda") / 10
 
 
-def _worker(rank: int, init: str, device_kind: str, tokens_list: list[int], result: dict) -> None:
+def _row(cfg: ModelConfig, group: ParallelGroup, recorder: Recorder, tokens: int, dtype: torch.dtype,
+         device: str, repeats: int) -> dict:
+    ops = layer_ops(cfg, group, tokens, 64, 16, dtype, device)
+    cuda = device.startswith("cuda")
+    with_lora, without = recorder.measure(ops["layer_linears_lora"]), recorder.measure(ops["layer_linears_base"])
+    row = {"tokens": tokens, "collectives_with_lora": with_lora, "collectives_without_lora": without,
+           "lora_collectives_per_layer": with_lora["count"] - without["count"],
+           "lora_collective_bytes_per_layer": with_lora["bytes_sent_per_rank"] - without["bytes_sent_per_rank"]}
+    for label, op in ops.items():
+        row[f"{label}_eager_us"] = _time(op, repeats, device)
+        if cuda:
+            row[f"{label}_graph_us"] = _graphed(op, max(2, repeats // 2))
+    for mode in ("eager", "graph") if cuda else ("eager",):
+        base = row[f"base_all_reduces_{mode}_us"]
+        row[f"lora_collectives_over_base_{mode}"] = 0.0 if row["lora_collectives_per_layer"] == 0 else None
+        row[f"removed_split_over_base_{mode}"] = row[f"removed_split_lora_collectives_{mode}_us"] / base
+        layer = row[f"layer_linears_base_{mode}_us"]
+        row[f"layer_lora_over_base_{mode}"] = row[f"layer_linears_lora_{mode}_us"] / layer
+    return row
+
+
+def _worker(rank: int, init: str, args: argparse.Namespace, result: dict) -> None:
     import torch.distributed as dist
 
-    cuda = device_kind == "cuda"
+    cuda = args.device == "cuda"
     if cuda:
         torch.cuda.set_device(rank)
+    torch.set_num_threads(1)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init}", rank=rank, world_size=2)
     device = f"cuda:{rank}" if cuda else "cpu"
-    group = ParallelGroup(Shard(rank, 2), None, torch.bfloat16 if cuda else torch.float32)
-    rows = []
-    for tokens in tokens_list:
-        ops = layer_ops(group, tokens, 5120, 64, 16, device)
-        row = {"tokens": tokens}
-        for label, op in ops.items():
-            row[f"{label}_eager_us"] = _time(op, 50, device)
-            if cuda:
-                row[f"{label}_graph_us"] = _graphed(op, 20)
-        for mode in ("eager", "graph") if cuda else ("eager",):
-            base = row[f"base_all_reduces_{mode}_us"]
-            row[f"lora_now_over_base_{mode}"] = row[f"lora_now_{mode}_us"] / base
-            row[f"lora_before_over_base_{mode}"] = row[f"lora_before_{mode}_us"] / base
-        rows.append(row)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    cfg = ModelConfig.from_dict(SHAPES[args.shape])
+    recorder = Recorder()
+    with torch.inference_mode():
+        rows = [_row(cfg, ParallelGroup(Shard(rank, 2)), recorder, int(t), dtype, device, args.repeats)
+                for t in args.tokens.split(",")]
     if rank == 0:
         result["rows"] = rows
     dist.destroy_process_group()
@@ -116,16 +201,19 @@ def _worker(rank: int, init: str, device_kind: str, tokens_list: list[int], resu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--shape", default="llama-2-13b", choices=sorted(SHAPES), help="synthetic model shape")
     parser.add_argument("--tokens", default="32,128,256", help="decode batch sizes (tokens per step)")
+    parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     init = os.path.join(tempfile.mkdtemp(prefix="lorafleet-tp-coll-"), "init")
     with mp.Manager() as manager:
         result = manager.dict()
-        mp.spawn(_worker, args=(init, args.device, [int(t) for t in args.tokens.split(",")], result), nprocs=2)
+        mp.spawn(_worker, args=(init, args, result), nprocs=2)
         rows = list(result["rows"])
     doc = {"command": "python bench/tp_collectives.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v),
-           "shape": "Llama-2-13B layer (hidden 5120), adapters of rank 64 on q/k/v/o, 16 adapter slots, tp=2",
+           "shape": f"{args.shape} layer, adapters of rank 64 on q/k/v/o, 16 adapter slots, tp=2, "
+                    f"{'bf16' if args.device == 'cuda' else 'fp32'}",
            "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else "none", "torch": torch.__version__,
            "rows": rows}
     print(json.dumps(doc, indent=2))

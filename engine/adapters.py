@@ -247,70 +247,51 @@ def _parse_key(key: str, num_layers: int) -> tuple[int, str, str, str]:
     return layer, match["module"], match["which"], _module_path(match["module"], layer)
 
 
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-
-
-def padded_rank(rank: int, size: int) -> int:
-    """The rank an adapter is stored with at tensor-parallel size `size`: `rank` rounded up to a multiple of
-    `size`, so that every rank's shard has the same shape (docs/tensor-parallel.md: zero rows of A and zero
-    columns of B, which add nothing to x·Aᵀ·Bᵀ)."""
-    return -(-rank // size) * size
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # the rest (o, down): row-parallel
 
 
 def shard_adapter(weights: AdapterWeights, rank: int, size: int) -> AdapterWeights:
-    """This rank's part of an adapter under S-LoRA partitioning (docs/tensor-parallel.md):
-    column-parallel modules split A by rank rows and B by output rows (the base weight's split);
-    row-parallel modules split A by input columns (the base weight's split) and B by rank columns.
-    A rank not divisible by `size` is first padded to `padded_rank` with zero A rows and zero B columns;
-    `rank` and `scale` stay the adapter's own (PEFT's alpha / r).
+    """This rank's part of an adapter, cut along the base layer's split and never along the LoRA rank
+    (docs/tensor-parallel.md): a column-parallel module keeps the whole A ([layers, r, in]) and this rank's
+    output rows of B ([layers, out/size, r], the slice its base shard computes); a row-parallel module keeps
+    this rank's input columns of A ([layers, r, in/size], the slice of x it receives) and the whole B. Any
+    rank r works at any size; `rank` and `scale` stay the adapter's own (PEFT's alpha / r).
 
-    The parts are views of `weights` (no copy) where the rank divides evenly; a padded module copies only
-    this rank's slice (`pack_adapter` makes the one real copy, into pages)."""
+    The parts are views of `weights` (no copy; `pack_adapter` makes the one real copy, into pages).
+    Per module a rank holds r·(in + out/size) elements (column-parallel) or r·(in/size + out) (row-parallel)."""
     if size == 1:
         return weights
     a: dict[str, torch.Tensor] = {}
     b: dict[str, torch.Tensor] = {}
-    for m, full in weights.ranks().items():
-        padded = padded_rank(full, size)
-        column = m in COLUMN_PARALLEL
-        a[m] = _part(weights.a[m], 1 if column else 2, 1, full, padded, rank, size)  # A [layers, r, in]
-        b[m] = _part(weights.b[m], 1 if column else 2, 2, full, padded, rank, size)  # B [layers, out, r]
+    for m in weights.targets:
+        if m in COLUMN_PARALLEL:
+            a[m], b[m] = weights.a[m], _slice(weights.b[m], 1, rank, size)
+        else:
+            a[m], b[m] = _slice(weights.a[m], 2, rank, size), weights.b[m]
     return AdapterWeights(weights.name, weights.rank, weights.scale, a, b, weights.module_ranks)
 
 
-def _part(tensor: torch.Tensor, split: int, rank_dim: int, full: int, padded: int, rank: int,
-          size: int) -> torch.Tensor:
-    """Rank `rank`'s slice along `split` of `tensor` zero-padded from `full` to `padded` along `rank_dim`,
-    padding only the slice."""
-    if split != rank_dim:
-        step = tensor.shape[split] // size
-        part = tensor.narrow(split, rank * step, step)
-        return part if padded == full else _zero_pad(part, rank_dim, padded - full)
-    step = padded // size
-    start = rank * step
-    real = max(0, min(start + step, full) - start)
-    part = tensor.narrow(split, min(start, full), real)
-    return part if real == step else _zero_pad(part, split, step - real)
+def _slice(tensor: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    """Rank `rank`'s equal part of `tensor` along `dim` (a view)."""
+    step = tensor.shape[dim] // size
+    return tensor.narrow(dim, rank * step, step)
 
 
-def _zero_pad(tensor: torch.Tensor, dim: int, count: int) -> torch.Tensor:
-    shape = list(tensor.shape)
-    shape[dim] = count
-    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+def shard_widths(module: str, in_dim: int, out_dim: int, size: int) -> tuple[int, int]:
+    """(A row width, Bᵀ row width) of one rank's shard of `module` (whole widths `in_dim`, `out_dim`) at
+    tensor-parallel size `size`: column-parallel (in, out/size), row-parallel (in/size, out). A rank-r shard
+    holds r rows of each, r·(A width + Bᵀ width) elements per layer."""
+    return (in_dim, out_dim // size) if module in COLUMN_PARALLEL else (in_dim // size, out_dim)
 
 
 def shard_matrices(weights: AdapterWeights, size: int) -> dict[str, tuple[int, int, int, int]]:
     """`shard_adapter(weights, k, size).matrices()` (the same for every rank k) from the shapes alone:
-    per module (A rows, A row width, Bᵀ rows, Bᵀ row width) of one rank's shard."""
+    per module (A rows, A row width, Bᵀ rows, Bᵀ row width) of one rank's shard. The row counts are the
+    module's rank at every size; only one side's row width is divided by `size` (`shard_widths`)."""
     out = {}
     for m, (a_rows, a_width, bt_rows, bt_width) in weights.matrices().items():
-        padded = padded_rank(a_rows, size)
-        if size == 1:
-            out[m] = (a_rows, a_width, bt_rows, bt_width)
-        elif m in COLUMN_PARALLEL:
-            out[m] = (padded // size, a_width, padded, bt_width // size)
-        else:
-            out[m] = (padded, a_width // size, padded // size, bt_width)
+        a_part, bt_part = shard_widths(m, a_width, bt_width, size)
+        out[m] = (a_rows, a_part, bt_rows, bt_part)
     return out
 
 

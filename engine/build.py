@@ -58,7 +58,7 @@ def build_model(model_dir: Path, config: EngineConfig, shard: Shard = Shard(), p
     """The model on config.device in config.dtype with weights loaded (this rank's shard)."""
     cfg = ModelConfig.from_dir(model_dir)
     with torch.device("meta"):
-        model = CausalLM(cfg, ParallelGroup(shard, process_group, config.torch_dtype))
+        model = CausalLM(cfg, ParallelGroup(shard, process_group))
     model = model.to(config.torch_dtype).to_empty(device=torch.device(config.device))
     model.load(weight_source(model_dir, config.device), max_positions=_max_len(cfg, config))
     return model.eval()

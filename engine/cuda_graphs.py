@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from lorafleet import kernels
-from lorafleet.engine.adapters import COLUMN_PARALLEL
 from lorafleet.engine.config import TARGET_MODULES
 from lorafleet.engine.model import AttentionBatch, CausalLM, LoraBatch, ModuleLora
 from lorafleet.engine.transfer import copy_into
@@ -51,28 +50,17 @@ class StepInputs:
     block_tables: list[list[int]]
     token_slots: list[int]
     scales: list[float]
-    modules: dict[str, tuple]  # module -> (a_rows, b_rows, ranks, expand_ranks, cols) as built by the runner:
-    # row tables and column maps as host int64 tensors [slots, width], row counts as lists
+    modules: dict[str, tuple]  # module -> (a_rows, b_rows, ranks) as built by the runner: row tables as host
+    # int64 tensors [slots, width], ranks as a list
     pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (token positions, ids) on the device, written
     # over `input_ids` there: the previous step's sampled ids, which the host does not know yet
 
 
-def table_widths(module: str, max_rank: int, tp: int) -> tuple[int, int, int]:
-    """Static widths (A row table, Bᵀ row table, column map) of one module's LoRA tables. At tp=1 both tables
-    are `max_rank` wide (no column map). Under tensor parallelism (`max_rank` a multiple of tp) a
-    column-parallel module shrinks with max_rank/tp A rows and expands with max_rank Bᵀ rows; a row-parallel
-    module the other way round (docs/tensor-parallel.md)."""
-    if tp == 1:
-        return max_rank, max_rank, 0
-    local = max_rank // tp
-    return (local, max_rank, max_rank) if module in COLUMN_PARALLEL else (max_rank, local, local)
-
-
 class StaticBatch:
-    """Device buffers sized for the largest bucket; a bucket uses their leading rows."""
+    """Device buffers sized for the largest bucket; a bucket uses their leading rows. The LoRA row tables are
+    `max_rank` wide at every tensor-parallel size (a rank's shard keeps all rank rows of A and Bᵀ)."""
 
-    def __init__(self, rows: int, max_blocks: int, max_slots: int, max_rank: int, device: torch.device,
-                 tp: int) -> None:
+    def __init__(self, rows: int, max_blocks: int, max_slots: int, max_rank: int, device: torch.device) -> None:
         def zeros(*shape, dtype=torch.int32):
             return torch.zeros(*shape, dtype=dtype, device=device)
 
@@ -81,13 +69,9 @@ class StaticBatch:
         self.block_tables, self.context_lens = zeros(rows, max_blocks), zeros(rows)
         self.query_starts = torch.arange(rows + 1, dtype=torch.int32, device=device)
         self.token_slots, self.scales = zeros(rows), zeros(max_slots, dtype=torch.float32)
-        self.modules = {}
-        for m in TARGET_MODULES:
-            a_width, b_width, cols_width = table_widths(m, max_rank, tp)
-            self.modules[m] = ModuleLora(zeros(max_slots, a_width, dtype=torch.long),
-                                         zeros(max_slots, b_width, dtype=torch.long), zeros(max_slots),
-                                         zeros(max_slots),
-                                         zeros(max_slots, cols_width, dtype=torch.long) if cols_width else None)
+        self.modules = {m: ModuleLora(zeros(max_slots, max_rank, dtype=torch.long),
+                                      zeros(max_slots, max_rank, dtype=torch.long), zeros(max_slots))
+                        for m in TARGET_MODULES}
 
     def views(self, rows: int, modules: frozenset[str]) -> tuple[torch.Tensor, AttentionBatch, LoraBatch | None]:
         attn = AttentionBatch(self.positions[:rows], self.slots[:rows], self.block_tables[:rows],
@@ -108,8 +92,7 @@ class DecodeGraphs:
         self.model, self.pool, self.block_tokens, self.scratch_page = model, pool, block_tokens, scratch_page
         self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
         self.max_slots, self.max_rank = max_slots, max_rank
-        self.static = StaticBatch(self.buckets[-1], max_blocks, max_slots, max_rank, pool.device,
-                                  tp=model.group.shard.size)
+        self.static = StaticBatch(self.buckets[-1], max_blocks, max_slots, max_rank, pool.device)
         self.graphs: dict[tuple[int, frozenset[str]], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture = capture
         self.mempool = mempool if mempool is not None or not capture else torch.cuda.graph_pool_handle()
@@ -178,18 +161,14 @@ def fill_lora(s: StaticBatch, inputs: StepInputs, max_slots: int) -> None:
     scales = inputs.scales + [0.0] * (max_slots - slots)
     copy_into(s.scales, scales)
     for module, static in s.modules.items():
-        a_rows, b_rows, ranks, expand_ranks, cols = inputs.modules.get(module, ([], [], [], [], None))
+        a_rows, b_rows, ranks = inputs.modules.get(module, ([], [], []))
         static.ranks.zero_()
-        static.expand_ranks.zero_()
         if not ranks:
             continue
         n = len(ranks)
         copy_into(static.a_rows[:n, : a_rows.shape[1]], a_rows)
         copy_into(static.b_rows[:n, : b_rows.shape[1]], b_rows)
         copy_into(static.ranks[:n], ranks)
-        copy_into(static.expand_ranks[:n], expand_ranks)
-        if cols is not None:
-            copy_into(static.cols[:n, : cols.shape[1]], cols)
 
 
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
@@ -214,7 +193,7 @@ class PiecewiseGraphs:
         self.buckets = [b for b in TOKEN_BUCKETS if b < max_tokens] + [max_tokens]
         self.max_slots, self.max_rank, self.mempool, self.capture = max_slots, max_rank, mempool, capture
         rows, device = self.buckets[-1], pool.device
-        self.static = StaticBatch(rows, 1, max_slots, max_rank, device, tp=model.group.shard.size)
+        self.static = StaticBatch(rows, 1, max_slots, max_rank, device)
         attention = model.model.layers[0].self_attn
         width, hidden = attention.num_heads * attention.head_dim, model.config.hidden_size
         self.q, self.attn_out = (torch.zeros(rows, width, dtype=pool.dtype, device=device) for _ in range(2))

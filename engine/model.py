@@ -4,8 +4,10 @@ Parameter names mirror HuggingFace's, so loading is a name-for-name copy through
 parallelism splits at load time; this code only sees its local shapes). Every targetable linear layer
 runs its base GEMM once for the whole batch, then adds each token's own adapter delta through the
 LoRA kernels, which read adapter rows straight from pool pages. Layers that share their input (q/k/v,
-gate/up) add their deltas with one fused shrink and one fused expand launch (and, under tensor
-parallelism, one all-gather of their intermediates).
+gate/up) add their deltas with one fused shrink and one fused expand launch. Under tensor parallelism the
+LoRA adds no collective: each rank holds its adapters cut along its base shard's split
+(docs/tensor-parallel.md), and a row-parallel layer's LoRA partial joins the base partial before the base
+layer's all-reduce.
 """
 
 from __future__ import annotations
@@ -24,30 +26,24 @@ from lorafleet.engine.weights import Shard, TensorSource, shard_dim
 
 @dataclass
 class ModuleLora:
-    """One target module's slice of the batch's adapters: row tables [S, max rows] and row counts [S]
-    of A (shrink) and Bᵀ (expand). Under tensor parallelism `cols` [S, expand width] picks, per slot,
-    the columns of the collected intermediate that this rank's Bᵀ rows multiply (None at tp=1)."""
+    """One target module's slice of the batch's adapters: row tables [S, max rank] int64 of A (shrink) and
+    Bᵀ (expand) and the ranks [S] int32 (A and Bᵀ have as many rows, at every tensor-parallel size)."""
 
     a_rows: torch.Tensor
     b_rows: torch.Tensor
     ranks: torch.Tensor
-    expand_ranks: torch.Tensor
-    cols: torch.Tensor | None = None
 
 
 @dataclass
 class ModuleGroup:
     """The targeted modules among a group that shares its input, their tables stacked for the fused kernels:
     row tables [M, S, R] (R = the widest module's table, zero-padded: entries past a rank are never read) and
-    row counts [M, S] (0 = the slot's adapter does not target that module); under tensor parallelism the
-    column maps [M, S, C] likewise."""
+    ranks [M, S] (0 = the slot's adapter does not target that module)."""
 
     names: tuple[str, ...]
     a_rows: torch.Tensor
     b_rows: torch.Tensor
     ranks: torch.Tensor
-    expand_ranks: torch.Tensor
-    cols: torch.Tensor | None = None
 
 
 @dataclass
@@ -71,15 +67,6 @@ class LoraBatch:
             self.groups[key] = _stack_group(names, self.modules)
         return self.groups[key]
 
-    def token_cols(self, names: str | tuple[str, ...], cols: torch.Tensor) -> torch.Tensor:
-        """Tensor parallelism: the column map of module (or group) `names` per token, `cols[..., slot, :]`
-        for each token's slot ([T, C] or [M, T, C], int64), built once per step (like `group`) and shared by
-        every layer's `collect_intermediate` instead of re-indexed in each."""
-        key = ("token_cols", names, self._capturing())
-        if key not in self.groups:
-            self.groups[key] = cols[..., self.token_slots.clamp(min=0).long(), :]
-        return self.groups[key]
-
     def _capturing(self) -> bool:
         return self.token_slots.is_cuda and torch.cuda.is_current_stream_capturing()
 
@@ -94,8 +81,7 @@ def _stack_group(names: tuple[str, ...], modules: dict[str, ModuleLora]) -> Modu
         width = max(t.shape[-1] for t in tables)
         return torch.stack([F.pad(t, (0, width - t.shape[-1])) if t.shape[-1] < width else t for t in tables])
 
-    cols = stack("cols") if modules[present[0]].cols is not None else None
-    return ModuleGroup(present, stack("a_rows"), stack("b_rows"), stack("ranks"), stack("expand_ranks"), cols)
+    return ModuleGroup(present, stack("a_rows"), stack("b_rows"), stack("ranks"))
 
 
 @dataclass
@@ -113,41 +99,27 @@ class AttentionBatch:
 
 @dataclass
 class ParallelGroup:
-    """The tensor-parallel group this model shard belongs to; all_reduce is a no-op at size 1."""
+    """The tensor-parallel group this model shard belongs to; all_reduce is a no-op at size 1. The base
+    row-parallel layers' all-reduces are the model's only collectives (the LoRA deltas ride them)."""
 
     shard: Shard
     process_group: object | None = None
-    dtype: torch.dtype = torch.float32  # the LoRA intermediates' dtype in collectives: the model's
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.shard.size > 1:
             torch.distributed.all_reduce(x, group=self.process_group)
         return x
 
-    def all_gather_columns(self, x: torch.Tensor) -> torch.Tensor:
-        """[..., W] on each rank -> [..., size*W]: rank k's columns at k*W..(k+1)*W-1 (one collective)."""
-        out = torch.empty(self.shard.size * x.shape[0], *x.shape[1:], dtype=x.dtype, device=x.device)
-        torch.distributed.all_gather_into_tensor(out, x.contiguous(), group=self.process_group)
-        return out.view(self.shard.size, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], -1)
-
-
-def collect_intermediate(v: torch.Tensor, column: bool, group: ParallelGroup, token_cols: torch.Tensor) -> torch.Tensor:
-    """Tensor parallelism: the shrink output v ([T, W] or [M, T, W], fp32) of every rank combined with ONE
-    collective in the model dtype `group.dtype` — all-gathered for column-parallel modules, all-reduced for a
-    row-parallel one — then, per token, the columns its slot's Bᵀ rows multiply (`token_cols` [T, C] or
-    [M, T, C], int64: `LoraBatch.token_cols`), back in fp32 for the expand: [T, C] or [M, T, C]."""
-    v = v.to(group.dtype)
-    v = group.all_gather_columns(v) if column else group.all_reduce(v)
-    return torch.gather(v, -1, token_cols).float()
-
 
 class LoraLinear(nn.Module):
     """y = x·Wᵀ (+ b) for all tokens, plus scale·x·Aᵀ·Bᵀ for each token's adapter.
 
-    Under tensor parallelism (docs/tensor-parallel.md) a column-parallel layer all-gathers the small
-    rank-sized intermediate x·Aᵀ (A split by rank rows); a row-parallel layer all-reduces it (A split
-    by input columns) and its B product joins the base layer's partial sums, reduced by the caller's
-    all-reduce of the output."""
+    Under tensor parallelism (docs/tensor-parallel.md) the layer issues no collective of its own. A
+    column-parallel layer holds the whole A and its output rows of B: x (replicated) shrinks to the whole
+    x·Aᵀ on every rank and expands into this rank's output columns. A row-parallel layer holds its input
+    columns of A and the whole B: its slice x_k shrinks to a partial x_k·A_kᵀ, whose expand is a partial
+    delta added to the partial base output; the caller's all-reduce of the output sums both
+    (Σ_k x_k·A_kᵀ·Bᵀ = x·Aᵀ·Bᵀ)."""
 
     def __init__(self, name: str, in_features: int, out_features: int, bias: bool, group: ParallelGroup,
                  column: bool) -> None:
@@ -164,26 +136,21 @@ class LoraLinear(nn.Module):
         rows = lora.modules.get(self.target) if lora is not None else None
         if rows is not None:
             v = kernels.lora_shrink(x, pool_flat, rows.a_rows, rows.ranks, lora.token_slots)
-            if rows.cols is not None:
-                v = collect_intermediate(v, self.column, self.group, lora.token_cols(self.target, rows.cols))
-            kernels.lora_expand(v, pool_flat, rows.b_rows, rows.expand_ranks, lora.scales, lora.token_slots, y)
+            kernels.lora_expand(v, pool_flat, rows.b_rows, rows.ranks, lora.scales, lora.token_slots, y)
         return y
 
 
 def shared_input_linears(layers: tuple[LoraLinear, ...], x: torch.Tensor, lora: LoraBatch | None,
                          pool_flat: torch.Tensor) -> list[torch.Tensor]:
     """Outputs of layers that all read x (column-parallel under tensor parallelism): their base GEMMs, then
-    the LoRA deltas of the targeted ones with one fused shrink, (tensor parallelism) one all-gather of all
-    their intermediates, and one fused expand."""
+    the LoRA deltas of the targeted ones with one fused shrink and one fused expand (no collective)."""
     group = lora.group(tuple(layer.target for layer in layers)) if lora is not None else None
     if group is None:
         return [layer(x, lora, pool_flat) for layer in layers]
     ys = [layer.base(x) for layer in layers]
     outs = [y for layer, y in zip(layers, ys) if layer.target in group.names]
     v = kernels.lora_shrink_multi(x, pool_flat, group.a_rows, group.ranks, lora.token_slots)
-    if group.cols is not None:
-        v = collect_intermediate(v, True, layers[0].group, lora.token_cols(group.names, group.cols))
-    kernels.lora_expand_multi(v, pool_flat, group.b_rows, group.expand_ranks, lora.scales, lora.token_slots, outs)
+    kernels.lora_expand_multi(v, pool_flat, group.b_rows, group.ranks, lora.scales, lora.token_slots, outs)
     return ys
 
 
@@ -238,6 +205,7 @@ class Attention(nn.Module):
         return out.reshape(q.shape[0], -1)
 
     def output(self, out, lora, pool_layer) -> torch.Tensor:
+        """o_proj (base partial + LoRA partial under tensor parallelism), then the one all-reduce."""
         return self.group.all_reduce(self.o_proj(out, lora, pool_layer.view(-1)))
 
     def _kv(self, pool_layer, block_tokens) -> torch.Tensor:

@@ -8,7 +8,9 @@ take at the device's copy bandwidth and matmul peak (what a perfect step would t
              (4·heads·head_dim per query-key pair); decode tokens count only for their bytes
     time   = bytes / bandwidth + flops / peak
 
-Per tensor-parallel rank: weights, KV heads and FLOPs are divided by the rank count. The issue behind this
+Per tensor-parallel rank: weights, KV heads and FLOPs are divided by the rank count; adapters are what the rank
+holds of them (`adapters.shard_widths`: the whole A and 1/tp of Bᵀ for column-parallel modules, 1/tp of A and
+the whole Bᵀ for row-parallel ones, docs/tensor-parallel.md), more than 1/tp. The issue behind this
 (step time against reading weights + KV at the copy bandwidth plus the prefill FLOPs at the matmul peak)
 is the lower bound the executor time is compared with in `--log-steps` and in the bench results.
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lorafleet.engine.adapters import shard_widths
 from lorafleet.engine.config import ModelConfig
 from lorafleet.engine.plan import StepPlan
 
@@ -75,9 +78,9 @@ class StepCostModel:
         kv_token = 2 * m.kv_width * m.num_layers * self.elem_bytes // self.tp
         kv_bytes = sum((s.start + len(s.token_ids)) * kv_token for s in plan.seqs)
         dims = m.module_dims()
-        rows = sum(r * (dims[module][0] + dims[module][1]) for name in plan.slots
-                   for module, r in adapter_ranks.get(name, {}).items())
-        adapter_bytes = rows * m.num_layers * self.elem_bytes // self.tp
+        elements = sum(r * sum(shard_widths(module, *dims[module], self.tp)) for name in plan.slots
+                       for module, r in adapter_ranks.get(name, {}).items())
+        adapter_bytes = elements * m.num_layers * self.elem_bytes
         flops = 0.0
         per_token = 2 * m.num_layers * self.linear_params()
         attention = 4 * m.num_heads * m.head_dim * m.num_layers

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from lorafleet.engine.adapter_store import PackedAdapter
-from lorafleet.engine.adapters import COLUMN_PARALLEL, padded_rank
 from lorafleet.engine.config import TARGET_MODULES
 from lorafleet.engine.cuda_graphs import DecodeGraphs, PiecewiseGraphs, StepInputs, pad_rows
 from lorafleet.engine.model import AttentionBatch, CausalLM, LoraBatch, ModuleLora
@@ -26,12 +25,11 @@ from lorafleet.engine.transfer import to_device, to_host
 @dataclass(frozen=True)
 class ResidentAdapter:
     """Physical row offsets (in a layer's flat pool buffer) of one adapter's A and Bᵀ rows per module
-    (this rank's shard), and its full rank."""
+    (this rank's shard: as many rows as the module's rank at any tensor-parallel size), and its rank."""
 
     scale: float
     rank: int
     rows: dict[str, tuple[list[int], list[int]]]
-    cols: dict[tuple[str, int], list[int]] = field(default_factory=dict, compare=False)  # _cols, memoised
 
 
 @dataclass
@@ -77,14 +75,15 @@ class RowTables:
     """Every resident adapter's A and Bᵀ row offsets per module, one matrix row per adapter ([capacity, width]
     int64, zero past each adapter's count), kept as adapters load and leave: a step's tables for a module are
     one gather of its slots' matrix rows instead of a conversion of Python lists per slot (milliseconds per step
-    at 200+ adapters and seven modules). Single-rank runners use it; tensor-parallel ones build lists."""
+    at 200+ adapters and seven modules). Every tensor-parallel rank uses it the same way: its shard of an
+    adapter has the module's rank in A rows and in Bᵀ rows, like the whole adapter."""
 
     def __init__(self, width: int = 64) -> None:
         self.index: dict[str, int] = {}
         self.free: list[int] = []
         self.capacity, self.width = 0, width
         self.rows: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # module -> (A rows, Bᵀ rows)
-        self.counts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.counts: dict[str, np.ndarray] = {}  # module -> rank per adapter (0: not targeted)
 
     def add(self, name: str, rows: dict[str, tuple[list[int], list[int]]]) -> None:
         self.remove(name)
@@ -94,37 +93,34 @@ class RowTables:
         i = self.index[name] = self.free.pop()
         for module in TARGET_MODULES:
             a, b = rows.get(module, ([], []))
-            for table, count, values in ((self.rows[module][0], self.counts[module][0], a),
-                                         (self.rows[module][1], self.counts[module][1], b)):
+            assert len(a) == len(b), f"adapter {name}: {module} has {len(a)} A rows and {len(b)} Bᵀ rows"
+            for table, values in zip(self.rows[module], (a, b)):
                 table[i] = 0
                 table[i, : len(values)] = values
-                count[i] = len(values)
+            self.counts[module][i] = len(a)
 
     def remove(self, name: str) -> None:
         i = self.index.pop(name, None)
         if i is not None:
             self.free.append(i)
 
-    def tables(self, names: list[str], module: str) -> tuple:
-        """(A table, Bᵀ table) [len(names), max(1, longest)] int64 tensors and their counts, for these slots."""
+    def tables(self, names: list[str], module: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(A table, Bᵀ table) [len(names), max(1, widest rank)] int64 tensors and the ranks, for these slots."""
         slots = np.fromiter((self.index[name] for name in names), dtype=np.int64, count=len(names))
-        a_counts, b_counts = self.counts[module][0][slots], self.counts[module][1][slots]
+        counts = self.counts[module][slots]
+        width = max(1, int(counts.max(initial=0)))
         a_rows, b_rows = self.rows[module]
-        a = a_rows[slots, : max(1, int(a_counts.max(initial=0)))]
-        b = b_rows[slots, : max(1, int(b_counts.max(initial=0)))]
-        return torch.from_numpy(a), torch.from_numpy(b), a_counts.tolist(), b_counts.tolist()
+        return torch.from_numpy(a_rows[slots, :width]), torch.from_numpy(b_rows[slots, :width]), counts.tolist()
 
     def _resize(self, capacity: int, width: int) -> None:
         for module in TARGET_MODULES:
             old_rows = self.rows.get(module)
-            old_counts = self.counts.get(module)
             new_rows = tuple(np.zeros((capacity, width), dtype=np.int64) for _ in range(2))
-            new_counts = tuple(np.zeros(capacity, dtype=np.int64) for _ in range(2))
+            new_counts = np.zeros(capacity, dtype=np.int64)
             if old_rows is not None:
                 for new, old in zip(new_rows, old_rows):
                     new[: old.shape[0], : old.shape[1]] = old
-                for new, old in zip(new_counts, old_counts):
-                    new[: old.shape[0]] = old
+                new_counts[: self.capacity] = self.counts[module]
             self.rows[module], self.counts[module] = new_rows, new_counts
         self.free.extend(range(capacity - 1, self.capacity - 1, -1))
         self.capacity, self.width = capacity, width
@@ -351,9 +347,7 @@ class ModelRunner:
         piecewise replay (graphs around eager attention) for other steps that fit, eager execution otherwise.
         `pending`: (flat positions, ids) on the device written over the inputs there (`_pending`)."""
         graphs, pieces = self.graphs, self.pieces
-        # under tensor parallelism with graphs, the tables use the graphs' static shrink width (an eager step
-        # runs as well with it), so they are built once per step
-        token_slots, scales, tables = self._lora_tables(plan, static=graphs is not None or pieces is not None)
+        token_slots, scales, tables = self._lora_tables(plan)
         widest = max((t[0].shape[1] for t in tables.values()), default=0)
         decode = graphs is not None and plan.is_decode and graphs.fits(
             len(plan.seqs), len(scales), widest, max(len(s.block_table) for s in plan.seqs))
@@ -374,9 +368,8 @@ class ModelRunner:
         lora = None
         if scales:
             tensor = self._tensor
-            device = lambda t: to_device(t, t.dtype, self.device) if t is not None else None  # noqa: E731
-            modules = {m: ModuleLora(device(a), device(b), tensor(r, torch.int32), tensor(e, torch.int32), device(c))
-                       for m, (a, b, r, e, c) in tables.items()}
+            device = lambda t: to_device(t, t.dtype, self.device)  # noqa: E731
+            modules = {m: ModuleLora(device(a), device(b), tensor(r, torch.int32)) for m, (a, b, r) in tables.items()}
             lora = LoraBatch(tensor(token_slots, torch.int32), tensor(scales, torch.float32), modules)
         return self.model(input_ids, self._attention_batch(plan), lora, self.pool, self.block_tokens)
 
@@ -387,7 +380,7 @@ class ModelRunner:
         tests). Under tensor parallelism every rank captures the same buckets at the same step, NCCL
         collectives included."""
         scratch = self.pool.shape[1] - 1  # the pool's last page
-        max_rank = self.max_rank = padded_rank(max_rank, self.shard.size)  # adapters are stored padded
+        self.max_rank = max_rank
         if capture and self.device.type != "cuda":
             return
         mempool = torch.cuda.graph_pool_handle() if capture else None
@@ -475,52 +468,16 @@ class ModelRunner:
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         return to_device(data, dtype, self.device)
 
-    def _lora_tables(self, plan: StepPlan, static: bool = False) -> tuple[list[int], list[float], dict]:
-        """Host-side LoRA metadata: per-token slots, per-slot scales, and per targeted module the padded
-        row tables, row counts (shrink, expand) and, under tensor parallelism, the column maps. `static`: the
-        tables feed the graphs' static buffers, whose shrink width is fixed (`max_rank / tp`)."""
+    def _lora_tables(self, plan: StepPlan) -> tuple[list[int], list[float], dict]:
+        """Host-side LoRA metadata: per-token slots, per-slot scales, and per targeted module the row tables
+        (A, Bᵀ) and ranks of the plan's slots (`RowTables.tables`; the same at every tensor-parallel size)."""
         if not plan.slots:
             return [], [], {}
         adapters = [self.resident[name] for name in plan.slots]
         token_slots = [s.slot for s in plan.seqs for _ in s.token_ids]
         modules = {m for a in adapters for m in a.rows}
-        width = 0
-        if self.shard.size > 1:  # every column-parallel module shrinks into one width: the all-gather's blocks
-            width = self.max_rank // self.shard.size if static else max(
-                (len(a.rows[m][0]) for a in adapters for m in a.rows if m in COLUMN_PARALLEL), default=1)
-        if self.shard.size == 1:
-            tables = {m: (*self.row_tables.tables(plan.slots, m), None) for m in modules}
-        else:
-            tables = {m: self._module_tables(adapters, m, width) for m in modules}
+        tables = {m: self.row_tables.tables(plan.slots, m) for m in modules}
         return token_slots, [a.scale for a in adapters], tables
-
-    def _module_tables(self, adapters: list[ResidentAdapter], module: str, width: int) -> tuple:
-        a_tables = [list(a.rows[module][0]) if module in a.rows else [] for a in adapters]
-        b_tables = [list(a.rows[module][1]) if module in a.rows else [] for a in adapters]
-        cols = None
-        if self.shard.size > 1:
-            cols = _padded([self._cols(a, module, width) for a in adapters])
-        a_width = width if self.shard.size > 1 and module in COLUMN_PARALLEL else 0
-        return (_padded(a_tables, a_width), _padded(b_tables), [len(t) for t in a_tables],
-                [len(t) for t in b_tables], cols)
-
-    def _cols(self, adapter: ResidentAdapter, module: str, width: int) -> list[int]:
-        """Columns of the collected intermediate that feed this rank's Bᵀ rows, for one slot. Column-parallel:
-        the all-gather puts rank k's shrink output (`width` columns, its `local` A rows first) at columns
-        k·width.., and this rank's Bᵀ rows are all r' rank columns. Row-parallel: the all-reduced
-        intermediate has all r' columns, and this rank's Bᵀ rows are its `local` rank columns."""
-        if module not in adapter.rows:
-            return []
-        key = (module, width if module in COLUMN_PARALLEL else 0)
-        if key not in adapter.cols:  # the same for every step the adapter stays resident (a static width)
-            a_rows, b_rows = adapter.rows[module]
-            if module in COLUMN_PARALLEL:
-                local = len(a_rows)
-                adapter.cols[key] = [(c // local) * width + c % local for c in range(local * self.shard.size)]
-            else:
-                local = len(b_rows)
-                adapter.cols[key] = [self.shard.rank * local + j for j in range(local)]
-        return adapter.cols[key]
 
 
 def _decode_first(plan: StepPlan) -> StepPlan:
@@ -529,8 +486,3 @@ def _decode_first(plan: StepPlan) -> StepPlan:
     if plan.is_decode or all(len(s.token_ids) > 1 for s in seqs):
         return plan
     return replace(plan, seqs=sorted(seqs, key=lambda s: len(s.token_ids) > 1))
-
-
-def _padded(tables: list[list[int]], width: int = 0) -> torch.Tensor:
-    """[len(tables), width] int64 (at least each table's length), zero-filled."""
-    return pad_rows(tables, max(1, width, max(len(t) for t in tables)), 0, np.int64)

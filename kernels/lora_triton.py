@@ -223,7 +223,7 @@ def lora_expand(
     out: torch.Tensor,
 ) -> None:
     """out[t] += scale · v[t, :r] · Bᵀ for the adapter of token t, in place; base-only tokens untouched.
-    `ranks` are the Bᵀ row counts (under tensor parallelism they may differ from the shrink ranks)."""
+    `ranks` are the Bᵀ row counts; v may be wider than the row tables (columns past a rank are never read)."""
     _check_single(b_rows, ranks)
     assert v.dim() == 2, "v: [T, >= rank] fp32"
     lora_expand_multi(v[None], pool_flat, b_rows[None], ranks[None], scales, token_slots, (out,))

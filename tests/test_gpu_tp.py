@@ -1,7 +1,8 @@
 """Tensor parallelism on two GPUs (skipped without them): every rank replays CUDA graphs (decode steps whole,
 prefill steps piecewise, NCCL collectives captured) and gives tp=1's greedy tokens in fp32 and eager tp=2's;
 bf16 logits at tp=2 stay within the documented tolerance of HF+PEFT; `lorafleet serve --tensor-parallel-size 2`
-on the GPUs equals the offline engine. Adapters of ranks 3, 5, 7 (padded per shard), 8, 16 and 64."""
+on the GPUs equals the offline engine. Adapters of ranks 3, 5, 7, 8, 16 and 64 (cut along the base layers' split,
+never along the rank: no LoRA collective)."""
 
 from __future__ import annotations
 

@@ -92,7 +92,7 @@ def test_lora_tiles_follow_in_place_changes_of_token_slots():
 
 @interpreter
 def test_lora_expand_with_wider_v_and_own_ranks():
-    """Tensor parallelism hands expand a gathered v wider than the row tables and its own (expand) ranks."""
+    """expand reads only each slot's first `ranks[s]` columns of v, whatever v's width and the tables' width."""
     case = make_lora_case([5, 16], [1, 0, 1, -1], in_dim=16, out_dim=32, seed=6)
     v = torch.randn(4, 20)  # 4 columns past the tables' width: never read
     expand_ranks = torch.tensor([3, 16], dtype=torch.int32)

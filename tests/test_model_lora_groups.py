@@ -17,7 +17,7 @@ def _module(case, m: int, width: int | None = None) -> ModuleLora:
     """Module m of the case as the runner hands it over, its tables cut to `width` columns."""
     module = case.modules[m]
     width = width or module.a_rows.shape[1]
-    return ModuleLora(module.a_rows[:, :width], module.b_rows[:, :width], module.ranks, module.ranks)
+    return ModuleLora(module.a_rows[:, :width], module.b_rows[:, :width], module.ranks)
 
 
 def test_group_stacks_the_targeted_modules_padded_to_the_widest():
@@ -31,19 +31,6 @@ def test_group_stacks_the_targeted_modules_padded_to_the_widest():
     assert torch.equal(group.ranks, case.ranks)
     assert lora.group(NAMES) is group, "built once per batch, shared by every layer"
     assert lora.group(("gate_proj", "up_proj")) is None
-
-
-def test_group_stacks_column_maps_under_tensor_parallelism():
-    """Tensor parallelism fuses too (one all-gather per group): the column maps are stacked like the tables."""
-    case = make_multi_lora_case([[4, 2], [2, 2]], [0, 1], in_dim=16, out_dims=[8, 8], page_elements=64)
-    modules = {}
-    for m, name in enumerate(("q_proj", "k_proj")):
-        modules[name] = _module(case, m)
-        modules[name].cols = torch.arange(6 * (m + 1)).view(2, -1) + 100 * m
-    group = LoraBatch(case.token_slots, case.scales, modules).group(NAMES)
-    assert group.names == ("q_proj", "k_proj") and group.cols.shape == (2, 2, 6)
-    assert torch.equal(group.cols[1], modules["k_proj"].cols)
-    assert torch.equal(group.cols[0, :, :3], modules["q_proj"].cols) and not group.cols[0, :, 3:].any()
 
 
 def test_shared_input_linears_equal_one_call_per_layer():

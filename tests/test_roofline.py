@@ -59,7 +59,10 @@ def test_kv_and_adapter_bytes_count_each_context_and_each_distinct_adapter_once(
     rows = 8 * sum(dims["q_proj"]) + 8 * sum(dims["down_proj"]) + 2 * sum(dims["v_proj"])
     assert cost.adapter_bytes == rows * cfg.num_layers * 2  # "a" serves two sequences, read once
     tp2 = StepCostModel(cfg, 2, tp=2).cost(StepPlan(0, seqs, ["a", "b"]), ranks)
-    assert (tp2.kv_bytes, tp2.adapter_bytes) == (cost.kv_bytes // 2, cost.adapter_bytes // 2)
+    (q_in, q_out), (down_in, down_out), (v_in, v_out) = dims["q_proj"], dims["down_proj"], dims["v_proj"]
+    # a rank holds all of A and half of Bᵀ of q/v (column-parallel), half of A and all of Bᵀ of down (row-parallel)
+    rank_rows = 8 * (q_in + q_out // 2) + 8 * (down_in // 2 + down_out) + 2 * (v_in + v_out // 2)
+    assert (tp2.kv_bytes, tp2.adapter_bytes) == (cost.kv_bytes // 2, rank_rows * cfg.num_layers * 2)
     assert StepCost(10, 20, 30, 4e6).seconds(DevicePeak(60.0, 1e6)) == pytest.approx(1 + 4)
 
 

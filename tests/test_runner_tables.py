@@ -8,7 +8,15 @@ import random
 import torch
 
 from lorafleet.engine.config import TARGET_MODULES
-from lorafleet.engine.runner import RowTables, _padded
+from lorafleet.engine.runner import RowTables
+
+
+def _padded(tables: list[list[int]]) -> torch.Tensor:
+    """The tables as one [len(tables), max(1, longest)] int64 tensor, zero-filled."""
+    out = torch.zeros(len(tables), max(1, *map(len, tables)), dtype=torch.int64)
+    for i, table in enumerate(tables):
+        out[i, : len(table)] = torch.tensor(table, dtype=torch.int64)
+    return out
 
 
 def test_row_tables_equal_list_built_tables_under_churn():
@@ -31,11 +39,11 @@ def test_row_tables_equal_list_built_tables_under_churn():
             continue
         slots = rng.sample(list(resident), rng.randint(1, len(resident)))
         for module in TARGET_MODULES:
-            a, b, a_counts, b_counts = tables.tables(slots, module)
+            a, b, counts = tables.tables(slots, module)
             a_lists = [resident[n].get(module, ([], []))[0] for n in slots]
             b_lists = [resident[n].get(module, ([], []))[1] for n in slots]
             assert torch.equal(a, _padded(a_lists)) and torch.equal(b, _padded(b_lists)), (step, module)
-            assert a_counts == [len(t) for t in a_lists] and b_counts == [len(t) for t in b_lists]
-            assert a.dtype == torch.int64 and isinstance(a_counts[0], int)
+            assert counts == [len(t) for t in a_lists] == [len(t) for t in b_lists]
+            assert a.dtype == torch.int64 and isinstance(counts[0], int)
     assert tables.width >= 70 and len(tables.index) == len(resident)
     assert len(set(tables.index.values())) == len(tables.index)  # no two adapters share a matrix row

@@ -1,6 +1,6 @@
 """`lorafleet serve --tensor-parallel-size 2` on CPU (gloo): two executor ranks over a real socket give the
-offline single-process LLM's greedy outputs for adapters of ranks 3, 5, 7, 8 and 16 (odd ranks padded per
-shard) on attention-only, MLP-only and all targets, mixed with base requests."""
+offline single-process LLM's greedy outputs for adapters of ranks 3, 5, 7, 8 and 16 (any rank at any size: the
+rank is never split) on attention-only, MLP-only and all targets, mixed with base requests."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Tensor parallelism on CPU (gloo rank processes): tp=2 (and tp=4) greedy outputs equal tp=1 and HF+PEFT for
-batches mixing adapters of any rank (ranks not divisible by the size are padded with zero rows) and any
-targets with base-only requests, eagerly and through the graphed steps' static buffers (without capture);
-ranks agree on the pool; a killed rank fails cleanly."""
+batches mixing adapters of any rank (the rank dimension is never split: ranks not divisible by the size need
+nothing special) and any targets with base-only requests, eagerly and through the graphed steps' static
+buffers (without capture); a step issues the same collectives with adapters as without; ranks agree on the
+pool; a killed rank fails cleanly."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from conftest import ALL_TARGETS, PeftOracle, make_hf_model, make_peft_adapter
 from lorafleet.engine import LLM
 from lorafleet.engine.adapter_store import AdapterStore
-from lorafleet.engine.adapters import AdapterWeights, padded_rank, shard_adapter
+from lorafleet.engine.adapters import AdapterWeights, shard_adapter
 from lorafleet.engine.parallel import ExecutorDied
 from lorafleet.engine.request import SamplingParams
 
@@ -30,7 +31,7 @@ def assets(tmp_path_factory):
     base = make_hf_model("qwen2", root / "base", seed=3)  # GQA + QKV bias: 2 kv heads -> 1 per rank
     adapters = {f"r{r}-{i}": str(make_peft_adapter(base, root / f"a{i}", rank=r, targets=t, seed=10 + i))
                 for i, (r, t) in enumerate(ADAPTERS)}
-    # per-module ranks and alphas (PEFT's rank_pattern / alpha_pattern), odd ranks padded per module
+    # per-module ranks and alphas (PEFT's rank_pattern / alpha_pattern), odd ranks on some modules
     patterns = {"rank_pattern": {"q_proj": 7, "down_proj": 3}, "alpha_pattern": {"v_proj": 3}}
     adapters["pattern"] = str(make_peft_adapter(base, root / "pattern", rank=4, targets=ALL_TARGETS, seed=40,
                                                 **patterns))
@@ -42,57 +43,137 @@ def _mixed(adapters: dict[str, str], count: int) -> tuple[list[list[int]], list[
     return _prompts(count), [names[i % len(names)] for i in range(count)]
 
 
+def _adapter(rank: int, seed: int, layers: int = 1, in_dim: int = 8, out_dim: int = 8) -> AdapterWeights:
+    """A random fp64 adapter on q_proj (column-parallel) and o_proj (row-parallel)."""
+    gen = torch.Generator().manual_seed(seed)
+    a = {m: torch.randn(layers, rank, in_dim, generator=gen, dtype=torch.float64) for m in ("q_proj", "o_proj")}
+    b = {m: torch.randn(layers, out_dim, rank, generator=gen, dtype=torch.float64) for m in ("q_proj", "o_proj")}
+    return AdapterWeights("a", rank, 1.0, a, b)
+
+
 @pytest.mark.parametrize("rank,size", [(3, 2), (5, 2), (3, 4), (7, 4), (1, 4), (64, 4)])
 def test_shards_of_any_rank_rebuild_the_delta(rank, size):
-    """The S-LoRA partition of a rank not divisible by the size: equal shard shapes (zero-padded rank), and the
-    column-parallel (all-gather) and row-parallel (all-reduce) recombinations give x·Aᵀ·Bᵀ exactly."""
-    gen = torch.Generator().manual_seed(rank * 10 + size)
-    a = {m: torch.randn(1, rank, 8, generator=gen, dtype=torch.float64) for m in ("q_proj", "o_proj")}
-    b = {m: torch.randn(1, 8, rank, generator=gen, dtype=torch.float64) for m in ("q_proj", "o_proj")}
-    weights = AdapterWeights("a", rank, 1.0, a, b)
+    """The partition along the base split, for ranks not divisible by the size: every shard keeps all r rank
+    rows (equal shapes on every rank, nothing padded); column-parallel shards give their output columns of
+    x·Aᵀ·Bᵀ from the whole x, row-parallel shards partial sums from their input slice that add up to x·Aᵀ·Bᵀ
+    (what the base all-reduce does), with no exchange of intermediates."""
+    weights = _adapter(rank, rank * 10 + size)
     parts = [shard_adapter(weights, k, size) for k in range(size)]
     assert len({tuple(p.matrices().items()) for p in parts}) == 1, "every rank's shard has the same shapes"
-    assert parts[0].a["q_proj"].shape[1] == padded_rank(rank, size) // size and parts[0].rank == rank
-    x = torch.randn(5, 8, generator=gen, dtype=torch.float64)
+    assert parts[0].matrices() == {"q_proj": (rank, 8, rank, 8 // size), "o_proj": (rank, 8 // size, rank, 8)}
+    assert parts[0].rank == rank and parts[0].scale == weights.scale
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+    a, b = weights.a, weights.b
     want = {m: x @ a[m][0].T @ b[m][0].T for m in a}
-    v = torch.cat([x @ p.a["q_proj"][0].T for p in parts], dim=1)  # all-gather of the rank-row shards
-    torch.testing.assert_close(torch.cat([v @ p.b["q_proj"][0].T for p in parts], dim=1), want["q_proj"])
+    columns = [x @ p.a["q_proj"][0].T @ p.b["q_proj"][0].T for p in parts]  # each rank: its output columns
+    torch.testing.assert_close(torch.cat(columns, dim=1), want["q_proj"])
     x_parts = x.chunk(size, dim=1)  # a row-parallel layer's input arrives split by columns
-    v = sum(xk @ p.a["o_proj"][0].T for xk, p in zip(x_parts, parts))  # all-reduce of the partials
-    local = padded_rank(rank, size) // size
-    got = sum(v[:, k * local:(k + 1) * local] @ p.b["o_proj"][0].T for k, p in enumerate(parts))
-    torch.testing.assert_close(got, want["o_proj"])
-
-
-def _reference_shard(tensor: torch.Tensor, pad_dim: int, pad: int, split: int, rank: int, size: int):
-    """The partition as written in docs/tensor-parallel.md: zero-pad the rank dimension, then cut equal parts."""
-    shape = list(tensor.shape)
-    shape[pad_dim] = pad
-    return torch.cat([tensor, tensor.new_zeros(shape)], dim=pad_dim).chunk(size, dim=split)[rank]
+    partials = [xk @ p.a["o_proj"][0].T @ p.b["o_proj"][0].T for xk, p in zip(x_parts, parts)]
+    torch.testing.assert_close(sum(partials), want["o_proj"])
 
 
 @pytest.mark.parametrize("rank,size", [(3, 2), (8, 2), (1, 4), (7, 4), (64, 4), (16, 8)])
 def test_shards_are_views_and_their_shapes_known_without_sharding(rank, size):
-    """`shard_adapter` copies nothing where the rank divides evenly (a view of the adapter) and pads only the
-    rank's own slice where it does not; `shard_matrices` gives every shard's shapes from the adapter alone."""
+    """`shard_adapter` copies nothing (views of the adapter's own storage) and cuts exactly the base layer's
+    slices: the whole A and this rank's rows of B (column-parallel), this rank's columns of A and the whole B
+    (row-parallel); `shard_matrices` gives every shard's shapes from the adapter alone."""
     from lorafleet.engine.adapters import shard_matrices
 
-    gen = torch.Generator().manual_seed(rank)
-    a = {m: torch.randn(2, rank, 16, generator=gen) for m in ("q_proj", "o_proj")}
-    b = {m: torch.randn(2, 24, rank, generator=gen) for m in ("q_proj", "o_proj")}
-    weights = AdapterWeights("a", rank, 1.0, a, b)
-    pad = padded_rank(rank, size) - rank
+    weights = _adapter(rank, rank, layers=2, in_dim=16, out_dim=24)
+    a, b = weights.a, weights.b
     for k in range(size):
         part = shard_adapter(weights, k, size)
         assert part.matrices() == shard_matrices(weights, size)
-        torch.testing.assert_close(part.a["q_proj"], _reference_shard(a["q_proj"], 1, pad, 1, k, size), rtol=0, atol=0)
-        torch.testing.assert_close(part.b["q_proj"], _reference_shard(b["q_proj"], 2, pad, 1, k, size), rtol=0, atol=0)
-        torch.testing.assert_close(part.a["o_proj"], _reference_shard(a["o_proj"], 1, pad, 2, k, size), rtol=0, atol=0)
-        torch.testing.assert_close(part.b["o_proj"], _reference_shard(b["o_proj"], 2, pad, 2, k, size), rtol=0, atol=0)
-        if not pad:  # views into the adapter's own storage
-            for mine, whole in ((part.a, a), (part.b, b)):
-                assert all(mine[m].untyped_storage().data_ptr() == whole[m].untyped_storage().data_ptr()
-                           for m in whole)
+        exact = dict(rtol=0, atol=0)
+        torch.testing.assert_close(part.a["q_proj"], a["q_proj"], **exact)
+        torch.testing.assert_close(part.b["q_proj"], b["q_proj"].chunk(size, dim=1)[k], **exact)
+        torch.testing.assert_close(part.a["o_proj"], a["o_proj"].chunk(size, dim=2)[k], **exact)
+        torch.testing.assert_close(part.b["o_proj"], b["o_proj"], **exact)
+        for mine, whole in ((part.a, a), (part.b, b)):
+            assert all(mine[m].untyped_storage().data_ptr() == whole[m].untyped_storage().data_ptr() for m in whole)
+
+
+def test_rank_shard_bytes_equal_the_roofline_figure(tiny_llama):
+    """The step roofline's adapter bytes per rank (StepCostModel at tp=2) are the bytes of a real adapter's
+    shard on one rank, for every target module: the whole A and half of Bᵀ (q, k, v, gate, up), half of A and the
+    whole Bᵀ (o, down) — r·(in + out/2) or r·(in/2 + out) per module, above the r·(in + out)/2 of a rank split."""
+    from lorafleet.engine.adapters import load_adapter
+    from lorafleet.engine.config import ModelConfig
+    from lorafleet.engine.plan import SeqPlan, StepPlan
+    from lorafleet.engine.roofline import StepCostModel
+    from lorafleet.engine.synthetic import synthetic_adapter_path
+
+    model = ModelConfig.from_dir(tiny_llama)
+    weights = load_adapter("s", synthetic_adapter_path(5, 1, tuple(ALL_TARGETS)), model, 64)
+    assert set(weights.targets) == set(ALL_TARGETS)
+    plan = StepPlan(0, [SeqPlan(0, [1], 3, [0], 0, True)], ["s"])
+    figure = StepCostModel(model, 4, tp=2).cost(plan, {"s": weights.ranks()}).adapter_bytes
+    for k in range(2):
+        part = shard_adapter(weights, k, 2)
+        assert sum(t.numel() for t in (*part.a.values(), *part.b.values())) * 4 == figure
+    whole = StepCostModel(model, 4).cost(plan, {"s": weights.ranks()}).adapter_bytes
+    assert whole // 2 < figure < whole
+
+
+class _Collectives:
+    """Stands in for torch.distributed's collectives in one process: records (op, shape, bytes) of every call
+    and leaves the tensors as they are (an all-reduce over one rank's partials; enough to count them)."""
+
+    OPS = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
+           "all_to_all_single", "reduce", "gather", "scatter", "send", "recv")
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[tuple[str, tuple[int, ...], int]] = []
+        for op in self.OPS:
+            monkeypatch.setattr(torch.distributed, op, self._recorder(op))
+
+    def _recorder(self, op: str):
+        def record(*args, **kwargs):
+            tensor = next(a for a in args if isinstance(a, torch.Tensor))
+            self.calls.append((op, tuple(tensor.shape), tensor.numel() * tensor.element_size()))
+        return record
+
+
+@pytest.mark.parametrize("graph_capture", [None, False])
+def test_lora_adds_no_collective_at_tp2(tiny_llama, monkeypatch, graph_capture):
+    """Rank 0 of a tp=2 model in this process, torch.distributed's collectives recorded: steps serving adapters
+    of ranks 3 and 16 on every target module issue exactly the collectives of the same steps without LoRA — per
+    layer the base all-reduces of o_proj and down_proj ([tokens, hidden]), per step one broadcast of the
+    sampled tokens — eagerly and through the graphed steps' static buffers (`graph_capture=False`)."""
+    from lorafleet.engine.build import build_runner
+    from lorafleet.engine.config import EngineConfig, ModelConfig, page_geometry
+    from lorafleet.engine.engine import Engine
+    from lorafleet.engine.synthetic import synthetic_adapter_path
+    from lorafleet.engine.weights import Shard
+
+    model = ModelConfig.from_dir(tiny_llama)
+    extra = {} if graph_capture is None else dict(graph_capture=graph_capture, max_batch_tokens=32)
+    config = EngineConfig(tensor_parallel_size=2, num_pages=64, cuda_graphs=graph_capture is not None, **extra)
+    block_tokens, page_elements = page_geometry(model, config.block_tokens, 2)
+    collectives = _Collectives(monkeypatch)
+    runs = {}
+    for lora in (True, False):
+        store = AdapterStore(model, page_elements, torch.float32, config.max_lora_rank, shards=2)
+        runner, _ = build_runner(tiny_llama, config, Shard(0, 2), store.fetch)
+        engine = Engine(model, config, store, runner, None, block_tokens)
+        for r in (3, 16):
+            engine.add_adapter(f"r{r}", synthetic_adapter_path(r, r, ALL_TARGETS))
+        for i, prompt in enumerate(_prompts(4)):
+            adapter = ("r3", "r16")[i % 2] if lora else None
+            engine.add_request(str(i), prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), adapter)
+        collectives.calls.clear()
+        steps = 0
+        while engine.has_unfinished():
+            engine.step()
+            steps += 1
+        runs[lora] = (steps, list(collectives.calls))
+    assert runs[True] == runs[False], "LoRA changed the collectives of a step"
+    steps, calls = runs[True]
+    reduces = [c for c in calls if c[0] == "all_reduce"]
+    assert {c[0] for c in calls} == {"all_reduce", "broadcast"} and len(reduces) == 2 * model.num_layers * steps
+    assert all(shape[-1] == model.hidden_size for _, shape, _ in reduces), "only the base all-reduces"
+    if graph_capture is not None:
+        assert runner.piecewise_steps > 0 and runner.decode_graph_steps > 0
 
 
 def test_registering_at_tp2_shards_nothing(tiny_llama, monkeypatch):
@@ -120,7 +201,7 @@ def test_registering_at_tp2_shards_nothing(tiny_llama, monkeypatch):
         target = store.reserve("s0")
         store.pack_into(target, paths["s0"])
         assert calls == [("s0", 0), ("s0", 1)]
-        weights = load_adapter("s0", paths["s0"], model, 64)  # rank 3: padded to 4
+        weights = load_adapter("s0", paths["s0"], model, 64)  # rank 3 at tp=2: no padding, no split rank
         for k in range(2):
             want = pack_adapter(real(weights, k, 2), store.infos["s0"].layout, torch.float32)
             torch.testing.assert_close(target.for_rank(k), want, rtol=0, atol=0)
@@ -180,8 +261,9 @@ def test_synthetic_weights_made_per_shard_serve_tp1_outputs(tmp_path, monkeypatc
 def test_tp2_equals_tp1_and_hf_peft_with_any_rank(assets):
     base, adapters = assets
     prompts, which = _mixed(adapters, 16)
-    # 80 pages: every adapter fits (r64 needs 64), but not all at once -> evictions happen at both sizes.
-    options = dict(num_pages=80, max_adapters_per_batch=3)
+    # 110 pages: every adapter fits (r64 on all targets needs 64 pages at tp=1, 92 per rank at tp=2: each rank
+    # holds more than half of it in half-size pages), but not all at once -> evictions happen at tp=2.
+    options = dict(num_pages=110, max_adapters_per_batch=3)
     expected = LLM(str(base), adapters=adapters, **options).generate(prompts, adapters=which, max_tokens=8,
                                                                      ignore_eos=True)
     with LLM(str(base), adapters=adapters, tp=2, **options) as llm:
@@ -199,9 +281,8 @@ def test_tp2_equals_tp1_and_hf_peft_with_any_rank(assets):
 
 
 def test_tp2_static_tables_equal_tp1(assets):
-    """The graphed steps' paths (static buffers at the padded maximum rank, fixed shrink width, bucket padding)
-    without capture: chunked prefills beside decodes (piecewise) and decode steps (whole), at tp=2, equal the
-    plain tp=1 engine."""
+    """The graphed steps' paths (static row tables max_lora_rank wide, bucket padding) without capture:
+    chunked prefills beside decodes (piecewise) and decode steps (whole), at tp=2, equal the plain tp=1 engine."""
     base, adapters = assets
     prompts, which = _mixed(adapters, 10)
     prompts = [p * 4 for p in prompts]  # long enough to be chunked by a 24-token budget
@@ -218,7 +299,8 @@ def test_tp2_static_tables_equal_tp1(assets):
 
 def test_tp4_gqa_with_eight_kv_heads_equals_tp1(tmp_path):
     """Issue #14's CPU check: GQA with 16 query / 8 KV heads over 4 ranks (4 query and 2 KV heads each), adapters
-    of ranks 3, 8, 64."""
+    of ranks 3, 5, 7, 8, 16 and 64 (none but 8, 16 and 64 divisible by 4) on all, MLP-only, o/down-only and
+    attention-only targets, mixed with base requests."""
     from transformers import LlamaConfig
 
     config = LlamaConfig(vocab_size=300, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -226,8 +308,9 @@ def test_tp4_gqa_with_eight_kv_heads_equals_tp1(tmp_path):
                          initializer_range=0.1, bos_token_id=0, eos_token_id=1)
     base = make_hf_model(config, tmp_path / "base", seed=7)
     adapters = {f"r{r}": str(make_peft_adapter(base, tmp_path / f"r{r}", rank=r, targets=t, seed=r))
-                for r, t in ((3, ALL_TARGETS), (8, ATTENTION), (64, MLP))}
-    prompts, which = _mixed(adapters, 8)
+                for r, t in ((3, ALL_TARGETS), (5, MLP), (7, ("o_proj", "down_proj")), (8, ATTENTION),
+                             (16, ALL_TARGETS), (64, MLP))}
+    prompts, which = _mixed(adapters, 10)
     expected = LLM(str(base), adapters=adapters, num_pages=200).generate(prompts, adapters=which, max_tokens=6,
                                                                           ignore_eos=True)
     with LLM(str(base), adapters=adapters, tp=4, num_pages=200) as llm:
