@@ -94,22 +94,33 @@ def step_once(engine) -> tuple[object, float]:
     return plan, seconds
 
 
-def steps_overlapped(engine, steps: int, add_each_step) -> tuple[list, float]:
-    """`steps` steps pipelined (launch n+1, then finish and complete n); their plans and the total seconds."""
+def steps_overlapped(engine, steps: int, add_each_step) -> tuple[list, float, dict]:
+    """`steps` steps pipelined (launch n+1, then finish and complete n); their plans, the total seconds and
+    the host time by part (ms per step): `launch` (the executor's host work, overlapping the device),
+    `finish` (waiting for a step's results and reading them) and `engine` (planning and completing steps,
+    which a server does in its scheduler process)."""
     runner, plans, held = engine.executor, [], None
+    parts = dict.fromkeys(("launch_ms", "finish_ms", "engine_ms"), 0.0)
+
+    def timed(part, fn, *args):
+        started = time.perf_counter()
+        out = fn(*args)
+        parts[part] += (time.perf_counter() - started) * 1000 / steps
+        return out
+
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(steps):
         add_each_step()
-        schedule, plan = engine.plan_step()
-        launched = runner.launch(plan)
+        schedule, plan = timed("engine_ms", engine.plan_step)
+        launched = timed("launch_ms", runner.launch, plan)
         if held is not None:
-            engine.complete_step(held[0], runner.finish(held[1]))
+            timed("engine_ms", engine.complete_step, held[0], timed("finish_ms", runner.finish, held[1]))
         held = (schedule, launched)
         plans.append(plan)
-    engine.complete_step(held[0], runner.finish(held[1]))
-    return plans, time.perf_counter() - started
+    timed("engine_ms", engine.complete_step, held[0], timed("finish_ms", runner.finish, held[1]))
+    return plans, time.perf_counter() - started, parts
 
 
 def run_phase(llm, name: str, steps: int, add_each_step, cost_model, peak, ranks, overlap: bool = False) -> dict:
@@ -117,8 +128,9 @@ def run_phase(llm, name: str, steps: int, add_each_step, cost_model, peak, ranks
     plans, walls = [], []
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
+        parts = {}
         if overlap:
-            plans, seconds = steps_overlapped(engine, steps, add_each_step)
+            plans, seconds, parts = steps_overlapped(engine, steps, add_each_step)
             walls = [seconds / steps] * steps
         for _ in range(0 if overlap else steps):
             add_each_step()
@@ -139,6 +151,7 @@ def run_phase(llm, name: str, steps: int, add_each_step, cost_model, peak, ranks
         "adapter_gb_per_step": sum(c.adapter_bytes for c in costs) / steps / 1e9,
         "category_ms_per_step": {k: v / steps for k, v in sorted(per_cat.items(), key=lambda kv: -kv[1])},
         "top_kernels": [{"name": n[:120], "ms_per_step": ms / steps, "calls_per_step": c / steps} for n, ms, c in top],
+        **({"host_ms_per_step": parts} if overlap else {}),
     }
 
 
@@ -231,7 +244,8 @@ def main() -> None:
         cats = ", ".join(f"{k} {v:.1f}" for k, v in p["category_ms_per_step"].items())
         print(f"{args.model} tp={args.tp} n={args.num_adapters} {p['phase']}: seqs {p['seqs_per_step']:.0f} tokens "
               f"{p['tokens_per_step']:.0f} wall {p['wall_ms']:.1f} ms gpu {p['gpu_busy_ms']:.1f} roofline "
-              f"{p['roofline_ms']:.1f} ({p['wall_over_roofline']:.2f}x) | {cats}")
+              f"{p['roofline_ms']:.1f} ({p['wall_over_roofline']:.2f}x) | {cats}"
+              + "".join(f" | {k} {v:.1f}" for k, v in p.get("host_ms_per_step", {}).items()))
 
 
 def _running(engine):
