@@ -143,12 +143,22 @@ class ProcessGroupExecutor:
                 except (EOFError, OSError):
                     self._fail(f"rank {rank} exited")
                 if status != kind:
-                    self._fail(f"rank {rank} failed:\n{payload}")
+                    self._fail(self._failure(rank, payload))
                 replies[rank] = payload
             dead = [i for i, p in enumerate(self.procs) if not p.is_alive() and i not in replies]
             if dead and not any(c.poll() for i, c in enumerate(self.conns) if i in dead):
                 self._fail(f"rank {dead[0]} exited with code {self.procs[dead[0]].exitcode}")
         return [replies[i] for i in range(self.size)]
+
+    def _failure(self, rank: int, payload: object) -> str:
+        """The message for rank `rank` reporting an error: a rank process that has exited is the cause (the
+        survivors' collectives fail because their peer is gone, e.g. gloo's "connection closed by peer"),
+        so it is named first."""
+        dead = [i for i, p in enumerate(self.procs) if i != rank and not p.is_alive()]
+        if dead:
+            return (f"rank {dead[0]} exited with code {self.procs[dead[0]].exitcode} (rank {rank} failed "
+                    f"after it:\n{payload})")
+        return f"rank {rank} failed:\n{payload}"
 
     def _fail(self, message: str) -> None:
         self.close()

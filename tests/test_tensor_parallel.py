@@ -332,3 +332,19 @@ def test_killed_rank_fails_the_step_without_hanging(assets):
             engine.step()
     assert not engine.executor.procs, "every rank process was stopped"
     assert torch.distributed.is_available()
+
+
+def test_a_survivors_error_names_the_rank_that_died():
+    """When rank 1 is killed, rank 0's collective fails too (gloo: connection closed by peer) and its error may
+    reach the main process first: the failure still names the dead rank as the cause, with the survivor's error."""
+    from types import SimpleNamespace
+
+    from lorafleet.engine.parallel import ProcessGroupExecutor
+
+    group = ProcessGroupExecutor.__new__(ProcessGroupExecutor)
+    group.procs = [SimpleNamespace(is_alive=lambda: True, exitcode=None),
+                   SimpleNamespace(is_alive=lambda: False, exitcode=-9)]
+    message = group._failure(0, "RuntimeError: Connection closed by peer")
+    assert message.startswith("rank 1 exited with code -9") and "Connection closed by peer" in message
+    group.procs[1] = SimpleNamespace(is_alive=lambda: True, exitcode=None)
+    assert group._failure(0, "ValueError: bad").startswith("rank 0 failed")
