@@ -151,7 +151,7 @@ class ModelRunner:
         self.piecewise_steps = 0  # steps replayed piecewise (for tests and logs)
         self.decode_graph_steps = 0  # steps replayed from a whole-step decode graph (for tests and logs)
         self.max_rank = 0
-        self.last_logits: dict[int, torch.Tensor] = {}
+        self._last_logits: tuple[list[int], torch.Tensor | None] = ([], None)  # for `last_logits`
         self.last: LastSampled | None = None  # the last launched step's sampled ids (pending tokens read them)
         self._newest: StepPlan | None = None  # the plan last passed to `launch`
         self.pending_on_device = self.pending_on_host = 0  # steps whose pending tokens were filled there (tests)
@@ -159,6 +159,13 @@ class ModelRunner:
         self.prompt_tails: dict[int, torch.Tensor] = {}  # request id -> logprobs of its next prompt token
         # adapter loads run on a side stream (CUDA): the step waits only for the adapters it uses
         self.load_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    @property
+    def last_logits(self) -> dict[int, torch.Tensor]:
+        """request id -> the logits [vocab] (fp32, on the device) its last sample was drawn from, for the
+        sequences the last launched step sampled (tests and scoring; built on each access)."""
+        ids, logits = self._last_logits
+        return {request_id: logits[i] for i, request_id in enumerate(ids)}
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepOutput:
@@ -272,7 +279,7 @@ class ModelRunner:
         ends = np.cumsum([len(s.token_ids) for s in plan.seqs]) - 1
         rows = [int(ends[i]) for i, s in enumerate(plan.seqs) if s.sample]
         logits = self.model.logits(hidden[to_device(rows, torch.int64, self.device)])
-        self.last_logits = {s.request_id: logits[i] for i, s in enumerate(sampled)}  # for tests and scoring
+        self._last_logits = ([s.request_id for s in sampled], logits)
         return draw(logits, [self._spec(s) for s in sampled])
 
     def _spec(self, seq: SeqPlan) -> SampleSpec:
