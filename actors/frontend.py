@@ -137,12 +137,15 @@ class ConnectionLimits:
     `ws_generations`: generations in flight on one WebSocket (more get a `too_many_generations` error
     frame; the socket stays usable). `ws_frame_rate` / `ws_frame_burst`: a token bucket of client frames
     per second; an invalid frame costs `ws_invalid_cost` tokens; a socket that empties the bucket is closed
-    with 1008 (policy violation). `body_timeout`: seconds a client may take to send a request body (408)."""
+    with 1008 (policy violation). `ws_send_buffer`: bytes of frames one WebSocket may have waiting to be sent
+    (its client reads slower than its generations produce); over it the connection is dropped and its
+    generations cancelled. `body_timeout`: seconds a client may take to send a request body (408)."""
 
     ws_generations: int = 256
     ws_frame_rate: float = 500.0
     ws_frame_burst: float = 1000.0
     ws_invalid_cost: float = 10.0
+    ws_send_buffer: int = 64 << 20
     body_timeout: float = 30.0
 
 
@@ -296,7 +299,8 @@ class WsConnection:
         self.compressed = bool(ws.compress) or transport is None
         self.active: dict[str, WsStream] = {}  # client id -> its choices' stream
         self.outbox: list[bytes | str] = []
-        self.flush_due = False
+        self.outbox_bytes = 0  # frames waiting for the writer task (permessage-deflate sockets)
+        self.flush_due = self.dropped = False
         self.writer: asyncio.Task | None = None
         self.wake = asyncio.Event()
         limits = frontend.limits
@@ -310,7 +314,7 @@ class WsConnection:
     def post(self, frame: dict[str, Any]) -> None:
         """Queue a frame for the socket (sent in order with the next flush); a client that has gone away
         loses it silently (its generations are cancelled when the socket's loop ends)."""
-        if self.ws.closed:
+        if self.dropped or self.ws.closed:
             return
         try:
             data = self._encode(frame)
@@ -320,6 +324,10 @@ class WsConnection:
                 "code": "internal_error", "message": "a frame for this socket could not be encoded", "param": None}})
         if self.compressed:
             self.outbox.append(data)
+            self.outbox_bytes += len(data)
+            if self.outbox_bytes > self.frontend.limits.ws_send_buffer:
+                self._drop()
+                return
             self.wake.set()
             if self.writer is None:
                 self.writer = asyncio.create_task(self._write_compressed(), name="ws-writer")
@@ -333,8 +341,22 @@ class WsConnection:
         """Write the outbox's frames to the transport in one call (uncompressed sockets)."""
         self.flush_due = False
         frames, self.outbox = self.outbox, []
-        if frames and not self.ws.closed and not self.transport.is_closing():
+        if frames and not self.dropped and not self.ws.closed and not self.transport.is_closing():
             self.transport.writelines(frames)
+            if self.transport.get_write_buffer_size() > self.frontend.limits.ws_send_buffer:
+                self._drop()
+
+    def _drop(self) -> None:
+        """The client reads slower than its generations produce and its backlog passed --ws-max-send-buffer-mb:
+        drop the connection (a close frame could not get through); its loop ends and cancels its generations."""
+        self.dropped = True
+        self.outbox, self.outbox_bytes = [], 0
+        self.frontend.hub.count("ws_closed_slow_reader")
+        log.warning("dropping a WebSocket whose client does not read: over %d bytes of frames waiting "
+                    "(--ws-max-send-buffer-mb); its %d generation(s) in flight are cancelled",
+                    self.frontend.limits.ws_send_buffer, len(self.active))
+        if self.transport is not None:
+            self.transport.abort()
 
     async def _write_compressed(self) -> None:
         """The writer task of a permessage-deflate socket: aiohttp compresses and sends each frame in order."""
@@ -343,8 +365,9 @@ class WsConnection:
             self.wake.clear()
             frames, self.outbox = self.outbox, []
             for data in frames:
-                if self.ws.closed:
+                if self.dropped or self.ws.closed:
                     break
+                self.outbox_bytes -= len(data)
                 try:
                     if isinstance(data, bytes):
                         await self.ws.send_bytes(data)

@@ -200,6 +200,14 @@ async def _sse(resp: web.StreamResponse, data: object) -> None:
 async def _stream(request: web.Request, merged: Merged, out: Completion) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
+    try:
+        await _events(resp, merged, out)
+    except ConnectionResetError:  # the client went away mid-stream; the caller cancels its generations
+        pass
+    return resp
+
+
+async def _events(resp: web.StreamResponse, merged: Merged, out: Completion) -> None:
     while (got := await merged.next()) is not None:
         generation, item = got
         if item.error_code is not None:
@@ -214,7 +222,6 @@ async def _stream(request: web.Request, merged: Merged, out: Completion) -> web.
             await _sse(resp, {**out.envelope([], stream=True), "usage": out.usage()})
     await _sse(resp, "[DONE]")
     await resp.write_eof()
-    return resp
 
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:

@@ -137,8 +137,9 @@ async def test_slow_header_and_slow_body_connections_are_closed(server):
 
 
 async def test_abrupt_disconnects_leave_no_task_errors(tmp_path):
-    """Clients vanish mid-stream with several generations on their socket; the server's whole output, read
-    after it has exited (when any unretrieved task exception is reported at the latest), has no trace."""
+    """Clients vanish mid-stream with several generations on their socket, or from an SSE stream; the server's
+    whole output, read after it has exited (when any unretrieved task exception is reported at the latest), has
+    no trace."""
     model = _write_assets(tmp_path)[0]
     server = start_server(["--model", str(model)])
     try:
@@ -152,6 +153,12 @@ async def test_abrupt_disconnects_leave_no_task_errors(tmp_path):
                 pass
             ws._response.connection.transport.abort()  # vanish mid-stream, no close frame
             await session.close()
+        for _ in range(6):  # the same over OpenAI SSE streams
+            async with aiohttp.ClientSession() as session:
+                resp = await session.post(server.url + "/v1/completions", json={
+                    "prompt": "drop", "max_tokens": 300, "ignore_eos": True, "stream": True, "n": 2})
+                await resp.content.readline()
+                resp.connection.transport.abort()
         async with aiohttp.ClientSession() as session:  # still serving
             async with session.post(server.url + "/v1/completions", json={"prompt": "ok", "max_tokens": 2}) as resp:
                 assert resp.status == 200

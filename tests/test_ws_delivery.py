@@ -21,7 +21,7 @@ from aiohttp._websocket.writer import WebSocketWriter
 
 from lorafleet.actors.app import build_app
 from lorafleet.actors.channels import LocalChannel
-from lorafleet.actors.frontend import MSGPACK_PROTOCOL, Frontend, Router, ws_frame
+from lorafleet.actors.frontend import MSGPACK_PROTOCOL, ConnectionLimits, Frontend, Router, ws_frame
 from lorafleet.actors.hub import ServeHub
 from lorafleet.actors.protocol import ParseContext
 from lorafleet.actors.schema import Admitted, Cancel, DeltaItem, Rejected, StepDeltas, Submit
@@ -60,7 +60,8 @@ def _text(k: int, size: int) -> str:
 
 class StepSource:
     """The scheduler's stand-in: admits every Submit whose max_tokens is not 13 (refused: `queue_full`), then
-    each step gives every running request one token whose text is `text_bytes` long; the last one finishes."""
+    each step gives every running request one token whose text is `text_bytes` long (random from 1 KB on);
+    the last one finishes."""
 
     def __init__(self, admission: LocalChannel, router_box: LocalChannel, text_bytes: int = 12) -> None:
         self.admission, self.router_box, self.text_bytes = admission, router_box, text_bytes
@@ -85,7 +86,8 @@ class StepSource:
         for rid, state in list(self.running.items()):
             state[0] += 1
             token = 3 + state[0]
-            text = _text(state[0], self.text_bytes)
+            text = _text(state[0], self.text_bytes) if self.text_bytes < 1024 else \
+                base64.b64encode(os.urandom(self.text_bytes)).decode()[: self.text_bytes]  # incompressible
             if state[0] >= state[1]:
                 del self.running[rid]
                 items.append(DeltaItem(rid, [token], text, True, "length", state[2], state[0], queue_ms=1.0,
@@ -102,10 +104,11 @@ class StepSource:
             self.router_box.send(StepDeltas(self.step, self._items()))
 
 
-async def _serve(text_bytes: int = 12, step_s: float = 0.002):
+async def _serve(text_bytes: int = 12, step_s: float = 0.002, limits: ConnectionLimits | None = None):
     admission, scheduler, router_box = LocalChannel(), LocalChannel(), LocalChannel()
     router = Router(router_box)
-    frontend = Frontend(ParseContext(MODEL, set(), 1 << 16, 32000), admission, scheduler, router, ServeHub())
+    frontend = Frontend(ParseContext(MODEL, set(), 1 << 16, 32000), admission, scheduler, router, ServeHub(),
+                        limits=limits or ConnectionLimits())
     runner = web.AppRunner(build_app(frontend), access_log=None)
     await runner.setup()
     sock = socket.socket()
@@ -171,31 +174,46 @@ async def test_every_socket_kind_gets_the_same_frames_in_order(compress, binary)
         assert got[f"c{i}"] == _expected(f"c{i}", 5 + i % 7, i + 1), f"c{i}"
 
 
+def _silent_client(port: int, ids: int, deflate: bool = False) -> socket.socket:
+    """A raw WebSocket client with a small receive buffer that asks for `ids` long generations and never reads
+    (with `deflate`, over permessage-deflate)."""
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    extension = "Sec-WebSocket-Extensions: permessage-deflate\r\n" if deflate else ""
+    slow.sendall(f"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extension}\r\n".encode())
+    for i in range(ids):
+        payload = json.dumps({"type": "generate", "id": f"s{i}", "model": MODEL, "prompt": [5],
+                              "max_tokens": 60000, "ignore_eos": True}).encode()
+        mask = os.urandom(4)
+        slow.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[k % 4] for k, b in enumerate(payload)))
+    return slow
+
+
+async def _backlog_reaches(frontend: Frontend, size: int) -> int:
+    deadline, backlog = time.monotonic() + 30, 0
+    while time.monotonic() < deadline and backlog <= size:
+        backlog = max((c.transport.get_write_buffer_size() for c in frontend.sockets), default=0)
+        await asyncio.sleep(0.02)
+    return backlog
+
+
+async def _all_ended(frontend: Frontend) -> bool:
+    deadline = time.monotonic() + 10
+    while (frontend.sockets or frontend.router.receivers) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return not frontend.sockets and not frontend.router.receivers
+
+
 async def test_a_socket_whose_client_stops_reading_does_not_hold_the_others():
-    """A raw client with a small receive buffer asks for many long generations of 4 KB tokens and never reads:
-    its frames back up into its own socket's buffer (megabytes) while another socket's generations go on at
-    the step rate; that client's ids are cancelled when it disconnects."""
+    """A client that never reads: its frames of 4 KB tokens back up into its own socket's buffer (megabytes)
+    while another socket's generations go on at the step rate; its ids are cancelled when it disconnects."""
     frontend, runner, tasks, url = await _serve(text_bytes=4096, step_s=0.005)
     try:
-        port = int(url.rsplit(":", 1)[1])
-        slow = socket.socket()
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        slow.connect(("127.0.0.1", port))
-        key = base64.b64encode(os.urandom(16)).decode()
-        slow.sendall(f"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                     f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
-        for i in range(16):
-            payload = json.dumps({"type": "generate", "id": f"s{i}", "model": MODEL, "prompt": [5],
-                                  "max_tokens": 60000, "ignore_eos": True}).encode()
-            mask = os.urandom(4)
-            slow.sendall(bytes([0x81, 0x80 | len(payload)]) + mask
-                         + bytes(b ^ mask[k % 4] for k, b in enumerate(payload)))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            backlog = max((c.transport.get_write_buffer_size() for c in frontend.sockets), default=0)
-            if backlog > 4 << 20:
-                break
-            await asyncio.sleep(0.05)
+        slow = _silent_client(int(url.rsplit(":", 1)[1]), 16)
+        backlog = await _backlog_reaches(frontend, 4 << 20)
         assert backlog > 4 << 20, f"the slow socket's backlog only reached {backlog} bytes"
         started = time.monotonic()
         got = await _run_client(url, 0, False, 8)
@@ -204,9 +222,31 @@ async def test_a_socket_whose_client_stops_reading_does_not_hold_the_others():
         # 11 steps at 5 ms make the longest of them: allow for a loaded machine, not for a stalled loop
         assert elapsed < 10, f"the other socket's generations took {elapsed:.1f} s"
         slow.close()
+        assert await _all_ended(frontend)
+    finally:
+        await _stop(runner, tasks)
+
+
+@pytest.mark.parametrize("deflate", [False, True])
+async def test_a_socket_over_its_send_buffer_is_dropped_and_its_generations_cancelled(deflate):
+    frontend, runner, tasks, url = await _serve(text_bytes=4096, step_s=0.005,
+                                                limits=ConnectionLimits(ws_send_buffer=1 << 20))
+    try:
+        slow = _silent_client(int(url.rsplit(":", 1)[1]), 16, deflate)
         deadline = time.monotonic() + 10
-        while frontend.sockets and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert not frontend.sockets and not frontend.router.receivers
+        while not frontend.sockets and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert [c.compressed for c in frontend.sockets] == [deflate]
+        assert await _all_ended(frontend), "the silent client's socket was not dropped"
+        assert frontend.hub.counters.get("ws_closed_slow_reader") == 1
+        got = await _run_client(url, 0, False, 8)  # the server goes on serving
+        assert all(got[f"c{i}"][-1]["type"] == "done" for i in range(8) if i != 3)
+        slow.settimeout(10)  # the connection ends: what the kernel still held, then its end (EOF or reset)
+        try:
+            while slow.recv(1 << 20):
+                pass
+        except ConnectionResetError:
+            pass
+        slow.close()
     finally:
         await _stop(runner, tasks)
