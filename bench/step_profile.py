@@ -19,7 +19,9 @@ completion (in a server they run in the scheduler's process).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import random
 import time
 from collections import defaultdict
@@ -123,21 +125,44 @@ def steps_overlapped(engine, steps: int, add_each_step) -> tuple[list, float, di
     return plans, time.perf_counter() - started, parts
 
 
-def run_phase(llm, name: str, steps: int, add_each_step, cost_model, peak, ranks, overlap: bool = False) -> dict:
-    engine = llm.engine
+def timed_steps(engine, steps: int, add_each_step, overlap: bool) -> tuple[list, list, dict]:
+    """`steps` steps, pipelined or one at a time: their plans, wall seconds per step and host parts."""
+    if overlap:
+        plans, seconds, parts = steps_overlapped(engine, steps, add_each_step)
+        return plans, [seconds / steps] * steps, parts
     plans, walls = [], []
+    for _ in range(steps):
+        add_each_step()
+        plan, seconds = step_once(engine)
+        plans.append(plan)
+        walls.append(seconds)
+    return plans, walls, {}
+
+
+def host_profile(engine, steps: int, add_each_step, overlap: bool, top: int = 25) -> list:
+    """cProfile of `steps` more steps: the host functions by own time (ms per step)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    timed_steps(engine, steps, add_each_step, overlap)
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(((f"{path.rsplit('/', 1)[-1]}:{line}({name})", tottime, cumtime, calls)
+                   for (path, line, name), (_, calls, tottime, cumtime, _) in stats.items()), key=lambda r: -r[1])
+    return [{"function": f, "own_ms_per_step": t * 1000 / steps, "cum_ms_per_step": c * 1000 / steps,
+             "calls_per_step": n / steps} for f, t, c, n in rows[:top]]
+
+
+def run_phase(llm, name: str, steps: int, add_each_step, cost_model, peak, ranks, overlap: bool = False,
+              cprofile: bool = False) -> dict:
+    """The phase's steps run three times: timed (wall, host parts), under torch.profiler (kernel table; the
+    profiler's own host cost would inflate the times), and with --cprofile under cProfile (host functions)."""
+    engine = llm.engine
+    plans, walls, parts = timed_steps(engine, steps, add_each_step, overlap)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
-        parts = {}
-        if overlap:
-            plans, seconds, parts = steps_overlapped(engine, steps, add_each_step)
-            walls = [seconds / steps] * steps
-        for _ in range(0 if overlap else steps):
-            add_each_step()
-            plan, seconds = step_once(engine)
-            plans.append(plan)
-            walls.append(seconds)
+        profiled, _, _ = timed_steps(engine, steps, add_each_step, overlap)
     per_cat, top, busy = kernel_table(prof)
+    hosts = host_profile(engine, steps, add_each_step, overlap) if cprofile else None
     costs = [cost_model.cost(p, {n: ranks[n] for n in p.slots if n in ranks}) for p in plans]
     roofline = sum(c.seconds(peak) for c in costs) / steps * 1000
     wall = sum(walls) / steps * 1000
@@ -146,12 +171,14 @@ def run_phase(llm, name: str, steps: int, add_each_step, cost_model, peak, ranks
         "seqs_per_step": sum(len(p.seqs) for p in plans) / steps,
         "tokens_per_step": sum(p.num_tokens for p in plans) / steps,
         "distinct_adapters_per_step": sum(len(p.slots) for p in plans) / steps,
-        "wall_ms": wall, "gpu_busy_ms": busy / steps, "roofline_ms": roofline, "wall_over_roofline": wall / roofline,
+        "wall_ms": wall, "gpu_busy_ms": busy / len(profiled), "roofline_ms": roofline,
+        "wall_over_roofline": wall / roofline,
         "kv_gb_per_step": sum(c.kv_bytes for c in costs) / steps / 1e9,
         "adapter_gb_per_step": sum(c.adapter_bytes for c in costs) / steps / 1e9,
         "category_ms_per_step": {k: v / steps for k, v in sorted(per_cat.items(), key=lambda kv: -kv[1])},
         "top_kernels": [{"name": n[:120], "ms_per_step": ms / steps, "calls_per_step": c / steps} for n, ms, c in top],
         **({"host_ms_per_step": parts} if overlap else {}),
+        **({"host_functions": hosts} if hosts else {}),
     }
 
 
@@ -171,6 +198,7 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (kernel tables then stay empty: the "
                     "ranks run in their own processes; wall times per step still compare)")
     ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--cprofile", action="store_true", help="also the host functions by own time (cProfile)")
     ap.add_argument("--overlap", action="store_true", help="pipeline the profiled steps as the serving executor "
                     "does (launch step n+1, then finish step n); tp=1 only")
     ap.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
@@ -195,7 +223,7 @@ def main() -> None:
                 break
             except ValueError:
                 pass
-    total_seqs = args.seqs + args.steps + 1
+    total_seqs = args.seqs + 3 * args.steps + 2  # mixed steps add one each, in up to 3 passes
     llm = LLM(args.model, adapters=adapters, device=args.device, tp=args.tp, dtype=args.dtype,
               num_pages=args.num_pages, max_num_seqs=total_seqs, max_batch_tokens=4096,
               max_adapters_per_batch=max(1, min(256, args.num_adapters)),
@@ -228,9 +256,10 @@ def main() -> None:
     add(args.prefill_len)  # warm the mixed path's graphs/kernels once
     step_once(engine)
     step_once(engine)
-    phases = [run_phase(llm, "decode", args.steps, lambda: None, cost_model, peak, ranks_of, args.overlap),
+    phases = [run_phase(llm, "decode", args.steps, lambda: None, cost_model, peak, ranks_of, args.overlap,
+                        args.cprofile),
               run_phase(llm, "mixed", args.steps, lambda: add(args.prefill_len), cost_model, peak, ranks_of,
-                        args.overlap)]
+                        args.overlap, args.cprofile)]
     result = {"model": args.model, "tensor_parallel_size": args.tp, "num_adapters": args.num_adapters,
               "overlap": args.overlap,
               "targets": list(targets), "device": args.device,
