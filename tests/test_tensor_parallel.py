@@ -57,10 +57,10 @@ def test_shards_of_any_rank_rebuild_the_delta(rank, size):
     rows (equal shapes on every rank, nothing padded); column-parallel shards give their output columns of
     x·Aᵀ·Bᵀ from the whole x, row-parallel shards partial sums from their input slice that add up to x·Aᵀ·Bᵀ
     (what the base all-reduce does), with no exchange of intermediates."""
-    weights = _adapter(rank, rank * 10 + size)
+    weights = _adapter(rank, rank * 10 + size, in_dim=8, out_dim=12)
     parts = [shard_adapter(weights, k, size) for k in range(size)]
     assert len({tuple(p.matrices().items()) for p in parts}) == 1, "every rank's shard has the same shapes"
-    assert parts[0].matrices() == {"q_proj": (rank, 8, rank, 8 // size), "o_proj": (rank, 8 // size, rank, 8)}
+    assert parts[0].matrices() == {"q_proj": (rank, 8, rank, 12 // size), "o_proj": (rank, 8 // size, rank, 12)}
     assert parts[0].rank == rank and parts[0].scale == weights.scale
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
     a, b = weights.a, weights.b
