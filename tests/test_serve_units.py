@@ -487,7 +487,8 @@ def test_schema_encode_is_the_packed_plain_map(plan, items, rows):
     staged = StagedAdapter("a", "seg", 128, [2, 3, 64], "float32", 2.0, 4, {"q_proj": 4}, {"q_proj": [[0, 8], [64]]}, 3)
     for msg in (RunStep({**plan, "seqs": rows}, [staged]), StepDeltas(3, items), StepResult(1, 0, [5, 6], 0.25)):
         assert encode(msg) == msgpack.packb(to_wire(msg), use_bin_type=True)
-        assert decode(encode(msg)) == decode(msgpack.packb(to_wire(msg), use_bin_type=True))
+        # repr: NaN leaves (allowed in _LEAF) compare unequal to themselves
+        assert repr(decode(encode(msg))) == repr(decode(msgpack.packb(to_wire(msg), use_bin_type=True)))
 
 
 def test_schema_encode_refuses_what_to_wire_refuses():
