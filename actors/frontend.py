@@ -264,6 +264,8 @@ def item_error(item: DeltaItem) -> ApiError:
 
 # WebSocket /v1/stream -------------------------------------------------------------------------------
 _json_frame = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(frame, separators=...), minus its set-up
+_json_string = json.encoder.encode_basestring_ascii  # what that encoder writes for a str (ensure_ascii)
+_MSGPACK_TOKEN_IDS = msgpack.packb("token_ids", use_bin_type=True)
 _FIN_TEXT, _FIN_BINARY = 0x81, 0x82  # RFC 6455 §5.2: FIN + opcode 1 (text) / 2 (binary)
 
 
@@ -311,6 +313,28 @@ class WsConnection:
             return msgpack.packb(frame, use_bin_type=True)
         return _json_frame(frame)
 
+    def delta_prefix(self, cid: str, index: int) -> str | bytes:
+        """The encoded start of a plain delta frame of (`cid`, `index`), up to its `text` value: what
+        `_encode({"type": "delta", "id": cid, "index": index, "text": ...})` writes before the text."""
+        if self.binary:
+            return b"\x85" + b"".join(msgpack.packb(v, use_bin_type=True)
+                                       for v in ("type", "delta", "id", cid, "index", index, "text"))
+        return '{"type":"delta","id":' + _json_string(cid) + ',"index":' + str(int(index)) + ',"text":'
+
+    def post_delta(self, prefix: str | bytes, text: str, token_ids: list[int]) -> None:
+        """Post the plain delta frame `{"type", "id", "index", "text", "token_ids"}` from its encoded prefix
+        (`delta_prefix`): the same bytes `post` would encode, without building and walking the dict."""
+        if self.dropped or self.ws.closed:
+            return
+        if type(text) is not str or type(token_ids) is not list or not all(type(t) is int for t in token_ids):
+            raise TypeError("a plain delta frame carries a str text and a list of int token ids")
+        if self.binary:
+            data = prefix + msgpack.packb(text, use_bin_type=True) + _MSGPACK_TOKEN_IDS + \
+                msgpack.packb(token_ids, use_bin_type=True)
+        else:
+            data = prefix + _json_string(text) + ',"token_ids":[' + ",".join(map(str, token_ids)) + "]}"
+        self._queue(data)
+
     def post(self, frame: dict[str, Any]) -> None:
         """Queue a frame for the socket (sent in order with the next flush); a client that has gone away
         loses it silently (its generations are cancelled when the socket's loop ends)."""
@@ -322,6 +346,9 @@ class WsConnection:
             log.error("ws frame %s for id %r could not be encoded: %r", frame.get("type"), frame.get("id"), exc)
             data = self._encode({"type": "error", "id": None, "error": {
                 "code": "internal_error", "message": "a frame for this socket could not be encoded", "param": None}})
+        self._queue(data)
+
+    def _queue(self, data: str | bytes) -> None:
         if self.compressed:
             self.outbox.append(data)
             self.outbox_bytes += len(data)
@@ -480,6 +507,7 @@ class WsStream:
         self.held: list[tuple[Generation, DeltaItem]] = []  # items that came before every choice was admitted
         self.open = len(generations)
         self.started: set[int] = set()
+        self.prefixes: dict[int, str | bytes] = {}  # choice index -> its delta frames' encoded prefix
         self.ended = False
         router = conn.frontend.router
         for i, generation in enumerate(generations):
@@ -530,12 +558,7 @@ class WsStream:
             if spec.echo and index not in self.started and tokenizer is not None:  # echo: the prompt's text first
                 text = tokenizer.decode(spec.prompt_ids, skip_special_tokens=True) + text
             self.started.add(index)
-            frame = {"type": "delta", "id": self.cid, "index": index, "text": text, "token_ids": item.token_ids}
-            if spec.params.get("logprobs") is not None:
-                frame["logprobs"] = ws_logprobs(item.logprobs, tokenizer)
-            if item.prompt_logprobs is not None:
-                frame["prompt_logprobs"] = ws_logprobs(item.prompt_logprobs, tokenizer)
-            self.conn.post(frame)
+            self._delta(spec, index, text, item, tokenizer)
         if item.error_code is not None:
             generation.finished = True
             self._fail(item_error(item))
@@ -553,6 +576,23 @@ class WsStream:
             })
             if self.open == 0:
                 self.end()
+
+    def _delta(self, spec: GenerationSpec, index: int, text: str, item: DeltaItem, tokenizer: Any) -> None:
+        if spec.params.get("logprobs") is None and item.prompt_logprobs is None:
+            prefix = self.prefixes.get(index)
+            if prefix is None:
+                prefix = self.prefixes[index] = self.conn.delta_prefix(self.cid, index)
+            try:
+                self.conn.post_delta(prefix, text, item.token_ids)
+                return
+            except (TypeError, ValueError, OverflowError):
+                pass  # not a plain frame after all: the general encoder decides (and reports what fails)
+        frame = {"type": "delta", "id": self.cid, "index": index, "text": text, "token_ids": item.token_ids}
+        if spec.params.get("logprobs") is not None:
+            frame["logprobs"] = ws_logprobs(item.logprobs, tokenizer)
+        if item.prompt_logprobs is not None:
+            frame["prompt_logprobs"] = ws_logprobs(item.prompt_logprobs, tokenizer)
+        self.conn.post(frame)
 
     def _fail(self, exc: ApiError) -> None:
         self.conn.release(self)

@@ -18,10 +18,12 @@ import msgpack
 import pytest
 from aiohttp import web
 from aiohttp._websocket.writer import WebSocketWriter
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lorafleet.actors.app import build_app
 from lorafleet.actors.channels import LocalChannel
-from lorafleet.actors.frontend import MSGPACK_PROTOCOL, ConnectionLimits, Frontend, Router, ws_frame
+from lorafleet.actors.frontend import MSGPACK_PROTOCOL, ConnectionLimits, Frontend, Router, WsConnection, ws_frame
 from lorafleet.actors.hub import ServeHub
 from lorafleet.actors.protocol import ParseContext
 from lorafleet.actors.schema import Admitted, Cancel, DeltaItem, Rejected, StepDeltas, Submit
@@ -56,6 +58,33 @@ async def test_ws_frame_bytes_match_aiohttp_writer(size, binary):
 
 def _text(k: int, size: int) -> str:
     return (f"<{k}é\n\"\u2028>" * size)[:size]
+
+
+class _Ws:
+    closed, compress = False, 0
+
+    def __init__(self, binary: bool) -> None:
+        self.ws_protocol = MSGPACK_PROTOCOL if binary else None
+
+
+@given(binary=st.booleans(), cid=st.text(max_size=20), index=st.integers(0, 10_000), text=st.text(max_size=40),
+       token_ids=st.lists(st.integers(0, (1 << 64) - 1), max_size=4))
+def test_a_delta_frame_from_its_prefix_is_the_encoded_dict(binary, cid, index, text, token_ids):
+    """The fast path of delta frames (prefix + text + ids) writes exactly what encoding the frame's dict does."""
+    frontend = Frontend(ParseContext(MODEL, set(), 1 << 16, 32000), LocalChannel(), LocalChannel(),
+                        Router(LocalChannel()), ServeHub())
+    conn = WsConnection(frontend, _Ws(binary), None)
+    sent: list = []
+    conn._queue = sent.append
+    frame = {"type": "delta", "id": cid, "index": index, "text": text, "token_ids": token_ids}
+    try:
+        expected = conn._encode(frame)
+    except (TypeError, ValueError, OverflowError) as exc:  # e.g. a lone surrogate in msgpack: both refuse it
+        with pytest.raises(type(exc)):
+            conn.post_delta(conn.delta_prefix(cid, index), text, token_ids)
+        return
+    conn.post_delta(conn.delta_prefix(cid, index), text, token_ids)
+    assert sent == [expected]
 
 
 class StepSource:
