@@ -326,6 +326,7 @@ class StepPipeline:
         return self.held is None or self.held.launched.ready()
 
     def launch(self, plan: StepPlan) -> None:
+        """Launch `plan`, then finish the held step (if any) and send its result; the new step is held."""
         started = time.perf_counter()
         try:
             launched = self.runner.launch(plan)
@@ -366,8 +367,8 @@ class StepPipeline:
 
     def _occupied(self, started: float) -> float:
         """The step's `executor_s`: from its launch, or the previous step's finish if later (the executor was
-        busy with that one until then), to now (its finish). Sums to the executor's busy time; the
-        scheduler's roofline and admission read it as the step's cost."""
+        busy with that one until then), to now (its finish). Sums to the executor's busy time; the roofline
+        line of `--log-steps` and the roofline metrics read it as the step's cost."""
         now = time.perf_counter()
         seconds, self._free_at = now - max(started, self._free_at), now
         return seconds
