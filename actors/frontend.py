@@ -13,6 +13,7 @@ import json
 import logging
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -227,26 +228,37 @@ async def admit_all(generations: list[Generation]) -> None:
 
 class Merged:
     """The items of several admitted generations in arrival order, each with its generation, until every one
-    has finished or failed. The Router puts them straight into one queue (no task per generation); items that
-    reached a generation's own queue before (between its admission and this) come first."""
+    has finished or failed. The Router appends them straight to one deque and wakes the reader (no task per
+    generation, no queue per item); items that reached a generation's own queue before (between its admission
+    and this) come first."""
 
     def __init__(self, generations: list[Generation]) -> None:
-        self.queue: asyncio.Queue[tuple[Generation, DeltaItem]] = asyncio.Queue()
+        self.items: deque[tuple[Generation, DeltaItem]] = deque()
+        self.waiter: asyncio.Future[None] | None = None
         self.open = len(generations)
         self.ended: set[str] = set()
         for generation in generations:
             while not generation.queue.empty():
-                self.queue.put_nowait((generation, generation.queue.get_nowait()))
+                self.items.append((generation, generation.queue.get_nowait()))
             generation.frontend.router.attach(generation.request_id, partial(self._put, generation))
 
     def _put(self, generation: Generation, item: object) -> None:
         assert isinstance(item, DeltaItem), f"unexpected message {item!r}"
-        self.queue.put_nowait((generation, item))
+        self.items.append((generation, item))
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     async def next(self) -> tuple[Generation, DeltaItem] | None:
         """The next (generation, item), or None when all have ended."""
         while self.open:
-            generation, item = await self.queue.get()
+            if not self.items:
+                self.waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self.waiter
+                finally:
+                    self.waiter = None
+                continue
+            generation, item = self.items.popleft()
             if generation.request_id in self.ended:
                 continue  # nothing follows a generation's last item; ignore it if anything did
             if item.finished or item.error_code is not None:
