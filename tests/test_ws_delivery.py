@@ -88,27 +88,36 @@ def test_a_delta_frame_from_its_prefix_is_the_encoded_dict(binary, cid, index, t
 
 
 class StepSource:
-    """The scheduler's stand-in: admits every Submit whose max_tokens is not 13 (refused: `queue_full`), then
-    each step gives every running request one token whose text is `text_bytes` long (random from 1 KB on);
-    the last one finishes."""
+    """The scheduler's stand-in: admits every Submit whose max_tokens is not 13 and whose seed is not 13 (those
+    are refused: `queue_full`), a seeded one `seed % 3` steps late; then each step gives every running request
+    one token whose text is `text_bytes` long (random from 1 KB on); the last one finishes."""
 
     def __init__(self, admission: LocalChannel, router_box: LocalChannel, text_bytes: int = 12) -> None:
         self.admission, self.router_box, self.text_bytes = admission, router_box, text_bytes
         self.running: dict[str, list[int]] = {}
+        self.later: list[tuple[int, Submit]] = []
+        self.cancelled: set[str] = set()
         self.step = 0
 
     def _mailbox(self) -> None:
         while (msg := self.admission.poll()) is not None:
             if isinstance(msg, Submit):
-                if msg.params.get("max_tokens") == 13:
-                    self.router_box.send(Rejected(msg.request_id, "queue_full", "full", 429, None, 1.0))
-                    continue
+                seed = msg.params.get("seed")
+                self.later.append((self.step + (seed % 3 if seed is not None else 0), msg))
+            elif isinstance(msg, Cancel):
+                self.cancelled.add(msg.request_id)
+                if msg.request_id in self.running:
+                    state = self.running.pop(msg.request_id)
+                    self.router_box.send(StepDeltas(self.step, [DeltaItem(
+                        msg.request_id, [], "", True, "cancelled", state[2], state[0])]))
+        due = [msg for step, msg in self.later if step <= self.step]
+        self.later = [(step, msg) for step, msg in self.later if step > self.step]
+        for msg in due:
+            if 13 in (msg.params.get("max_tokens"), msg.params.get("seed")):
+                self.router_box.send(Rejected(msg.request_id, "queue_full", "full", 429, None, 1.0))
+            else:
                 self.running[msg.request_id] = [0, int(msg.params["max_tokens"]), len(msg.prompt_ids)]
                 self.router_box.send(Admitted(msg.request_id))
-            elif isinstance(msg, Cancel) and msg.request_id in self.running:
-                state = self.running.pop(msg.request_id)
-                self.router_box.send(StepDeltas(self.step, [DeltaItem(
-                    msg.request_id, [], "", True, "cancelled", state[2], state[0])]))
 
     def _items(self) -> list[DeltaItem]:
         items = []
@@ -145,7 +154,7 @@ async def _serve(text_bytes: int = 12, step_s: float = 0.002, limits: Connection
     await web.SockSite(runner, sock).start()
     source = StepSource(admission, router_box, text_bytes)
     tasks = [asyncio.create_task(router.run()), asyncio.create_task(source.run(step_s))]
-    return frontend, runner, tasks, f"http://127.0.0.1:{sock.getsockname()[1]}"
+    return frontend, runner, tasks, f"http://127.0.0.1:{sock.getsockname()[1]}", source
 
 
 async def _stop(runner, tasks) -> None:
@@ -188,7 +197,7 @@ async def _run_client(url: str, compress: int, binary: bool, ids: int) -> dict[s
 
 @pytest.mark.parametrize(("compress", "binary"), [(0, False), (15, False), (0, True), (15, True)])
 async def test_every_socket_kind_gets_the_same_frames_in_order(compress, binary):
-    frontend, runner, tasks, url = await _serve()
+    frontend, runner, tasks, url, source = await _serve()
     try:
         got = await _run_client(url, compress, binary, 24)
     finally:
@@ -239,7 +248,7 @@ async def _all_ended(frontend: Frontend) -> bool:
 async def test_a_socket_whose_client_stops_reading_does_not_hold_the_others():
     """A client that never reads: its frames of 4 KB tokens back up into its own socket's buffer (megabytes)
     while another socket's generations go on at the step rate; its ids are cancelled when it disconnects."""
-    frontend, runner, tasks, url = await _serve(text_bytes=4096, step_s=0.005)
+    frontend, runner, tasks, url, source = await _serve(text_bytes=4096, step_s=0.005)
     try:
         slow = _silent_client(int(url.rsplit(":", 1)[1]), 16)
         backlog = await _backlog_reaches(frontend, 4 << 20)
@@ -258,7 +267,7 @@ async def test_a_socket_whose_client_stops_reading_does_not_hold_the_others():
 
 @pytest.mark.parametrize("deflate", [False, True])
 async def test_a_socket_over_its_send_buffer_is_dropped_and_its_generations_cancelled(deflate):
-    frontend, runner, tasks, url = await _serve(text_bytes=4096, step_s=0.005,
+    frontend, runner, tasks, url, source = await _serve(text_bytes=4096, step_s=0.005,
                                                 limits=ConnectionLimits(ws_send_buffer=1 << 20))
     try:
         slow = _silent_client(int(url.rsplit(":", 1)[1]), 16, deflate)
@@ -279,3 +288,47 @@ async def test_a_socket_over_its_send_buffer_is_dropped_and_its_generations_canc
         slow.close()
     finally:
         await _stop(runner, tasks)
+
+
+async def _frames(url: str, frame: dict) -> list[dict]:
+    async with aiohttp.ClientSession() as session, session.ws_connect(url + "/v1/stream") as ws:
+        await ws.send_json(frame)
+        frames = []
+        while not frames or not (frames[-1]["type"] == "error" or frames[-1].get("remaining") == 0):
+            frames.append(json.loads((await asyncio.wait_for(ws.receive(), 30)).data))
+        await ws.send_json({"type": "generate", "id": "after", "model": MODEL, "prompt": [1], "max_tokens": 1})
+        frames.append(json.loads((await asyncio.wait_for(ws.receive(), 30)).data))
+    return frames
+
+
+async def test_choices_admitted_at_different_steps_stream_after_one_accepted():
+    """n = 3 choices admitted one step apart: the first ones' tokens are held until all are admitted, then
+    `accepted`, every choice's deltas in order and one done each (`remaining` 2, 1, 0); nothing after."""
+    frontend, runner, tasks, url, source = await _serve()
+    try:
+        frames = await _frames(url, {"type": "generate", "id": "c", "model": MODEL, "prompt": [5, 6], "n": 3,
+                                     "seed": 100, "max_tokens": 4, "ignore_eos": True})
+    finally:
+        await _stop(runner, tasks)
+    assert frames.pop() == {"type": "accepted", "id": "after"}
+    assert frames[0] == {"type": "accepted", "id": "c"}
+    assert [f["remaining"] for f in frames if f["type"] == "done"] == [2, 1, 0]
+    for index in range(3):
+        mine = [f for f in frames[1:] if f["index"] == index]
+        assert [f["token_ids"] for f in mine[:-1]] == [[4], [5], [6], [7]]
+        assert [f["text"] for f in mine[:-1]] == [_text(k, 12) for k in range(1, 5)]
+        assert mine[-1]["type"] == "done" and mine[-1]["usage"] == {"prompt_tokens": 2, "completion_tokens": 4}
+    assert len(frames) == 1 + 3 * 5
+
+
+async def test_one_refused_choice_ends_the_id_with_one_error_and_cancels_the_others():
+    frontend, runner, tasks, url, source = await _serve()
+    try:
+        frames = await _frames(url, {"type": "generate", "id": "c", "model": MODEL, "prompt": [5], "n": 3,
+                                     "seed": 11, "max_tokens": 50, "ignore_eos": True})
+    finally:
+        await _stop(runner, tasks)
+    assert frames == [{"type": "error", "id": "c", "error": {"code": "queue_full", "message": "full", "param": None}},
+                      {"type": "accepted", "id": "after"}]
+    assert len(source.cancelled) == 2 and not source.running.keys() & source.cancelled
+    assert not frontend.router.receivers
