@@ -282,3 +282,42 @@ def test_gpu_pipeline_equals_synchronous_greedy_and_launch_does_not_sync(tiny_ll
     assert not synced, f"a decode launch synchronized with the device: {synced[0]}"
     assert {k.replace("again", "r"): v for k, v in again.tokens.items()} == want.tokens
     assert len(strict_launches) > 5 and runner.decode_graph_steps > 5
+
+
+def test_transfer_helpers_keep_values_and_dtypes():
+    """engine/transfer.py on the CPU: the same values and dtypes as torch.tensor / copy_."""
+    from lorafleet.engine.transfer import copy_into, to_device, to_host
+
+    cpu = torch.device("cpu")
+    for values, dtype in (([3, -1, 7], torch.int64), ([0.5, 2.25], torch.float32), ([True, False], torch.bool)):
+        got = to_device(values, dtype, cpu)
+        assert got.dtype == dtype and got.tolist() == torch.tensor(values, dtype=dtype).tolist()
+    target = torch.zeros(3, dtype=torch.int32)
+    copy_into(target, [4, 5, 6])
+    assert target.tolist() == [4, 5, 6]
+    copy_into(target, torch.tensor([7, 8, 9], dtype=torch.int64))
+    assert target.tolist() == [7, 8, 9] and to_host(target) is target
+
+
+@pytest.mark.gpu
+def test_gpu_transfers_do_not_wait_for_queued_work():
+    """On CUDA, per-step copies in both directions are queued behind running kernels without a host sync
+    (torch's sync debug mode raises on one), and carry the right values once the stream ran."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from lorafleet.engine.transfer import copy_into, to_device, to_host
+
+    device = torch.device("cuda")
+    big = torch.randn(4096, 4096, device=device)
+    target = torch.zeros(4, dtype=torch.int32, device=device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            big = big @ big / 64  # keeps the stream busy while the copies are queued
+        ids = to_device([1, 2, 3, 4], torch.int64, device)
+        copy_into(target, [5, 6, 7, 8])
+        back = to_host(ids * 2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert ids.tolist() == [1, 2, 3, 4] and target.tolist() == [5, 6, 7, 8] and back.tolist() == [2, 4, 6, 8]
