@@ -31,6 +31,7 @@ from lorafleet.actors.protocol import ApiError, GenerationSpec, ParseContext, ba
 from lorafleet.actors.schema import AdminOp, AdminResult, Admitted, Cancel, DeltaItem, Rejected, StepDeltas, Submit
 
 MSGPACK_PROTOCOL = "lorafleet.msgpack"
+CLOSE_DRAIN_S = 2.0  # how long closing a permessage-deflate socket waits for its queued frames to be sent
 _UNTIED = ("invalid_json", "unknown_type", "duplicate_id")  # error frames that must not end a generation
 log = logging.getLogger("lorafleet.frontend")
 _ERROR_STATUS = {"internal_error": 500, "executor_failed": 503, "slo_unattainable": 429, "server_shutting_down": 503}
@@ -316,7 +317,8 @@ class WsConnection:
         self.outbox_bytes = 0  # frames waiting for the writer task (permessage-deflate sockets)
         self.flush_due = self.dropped = False
         self.writer: asyncio.Task | None = None
-        self.wake = asyncio.Event()
+        self.wake, self.idle = asyncio.Event(), asyncio.Event()  # writer task: frames to send / none left
+        self.idle.set()
         limits = frontend.limits
         self.bucket = FrameBucket(limits.ws_frame_rate, limits.ws_frame_burst)
 
@@ -367,6 +369,7 @@ class WsConnection:
             if self.outbox_bytes > self.frontend.limits.ws_send_buffer:
                 self._drop()
                 return
+            self.idle.clear()
             self.wake.set()
             if self.writer is None:
                 self.writer = asyncio.create_task(self._write_compressed(), name="ws-writer")
@@ -414,6 +417,8 @@ class WsConnection:
                         await self.ws.send_str(data)
                 except ConnectionError:
                     break  # the client disconnected meanwhile
+            if not self.outbox:
+                self.idle.set()
 
     def admit_frame(self, invalid: bool = False) -> bool:
         """Charge the socket's frame bucket: False when the client exceeds its frame rate."""
@@ -494,6 +499,11 @@ class WsConnection:
         if not self.ws.closed:
             if not self.compressed:
                 self.flush()
+            elif self.writer is not None:  # let the writer task send them, for a bounded time
+                try:
+                    await asyncio.wait_for(self.idle.wait(), CLOSE_DRAIN_S)
+                except TimeoutError:
+                    pass
             await self.ws.close(code=code, message=message)
 
     async def close(self) -> None:

@@ -332,3 +332,21 @@ async def test_one_refused_choice_ends_the_id_with_one_error_and_cancels_the_oth
                       {"type": "accepted", "id": "after"}]
     assert len(source.cancelled) == 2 and not source.running.keys() & source.cancelled
     assert not frontend.router.receivers
+
+
+@pytest.mark.parametrize("compress", [0, 15])
+async def test_a_socket_closed_for_its_frame_rate_gets_every_answer_before_the_close(compress):
+    """Burst 10, an invalid frame costs 10: the first invalid frame is answered, the second is answered and
+    closes the socket (1008); both error frames arrive before the close frame, deflate or not."""
+    limits = ConnectionLimits(ws_frame_rate=5.0, ws_frame_burst=10.0)
+    frontend, runner, tasks, url, source = await _serve(limits=limits)
+    try:
+        async with aiohttp.ClientSession() as session, \
+                session.ws_connect(url + "/v1/stream", compress=compress) as ws:
+            await ws.send_str("not json")
+            await ws.send_str("[1]")
+            got = [await asyncio.wait_for(ws.receive(), 10) for _ in range(3)]
+    finally:
+        await _stop(runner, tasks)
+    assert [json.loads(m.data)["error"]["code"] for m in got[:2]] == ["invalid_json", "invalid_json"]
+    assert got[2].type == aiohttp.WSMsgType.CLOSE and got[2].data == 1008
