@@ -14,6 +14,7 @@ If an executor dies, every in-flight request gets an `executor_failed` error and
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from dataclasses import dataclass, field
@@ -47,9 +48,9 @@ from lorafleet.engine.adapter_index import AdapterIndex
 from lorafleet.engine.adapters import AdapterError
 from lorafleet.engine.engine import Engine
 from lorafleet.engine.plan import StepPlan
-from lorafleet.engine.request import ParamError, Request, RequestOutput
+from lorafleet.engine.request import ParamError, Request, RequestOutput, Status
 from lorafleet.engine.roofline import DevicePeak, StepCost, StepCostModel
-from lorafleet.engine.scheduler import Schedule
+from lorafleet.engine.scheduler import Schedule, Scheduler
 
 EXECUTOR_FAILED = "executor_failed"
 STEP_TOO_LARGE = "step_too_large"
@@ -59,6 +60,7 @@ RING_FULL_PAUSE_S = (0.001, 0.05)  # waiting for room in the plan ring with noth
 ADAPTER_LOAD_BYTES = "adapter_load_bytes"  # hub counters (exported by dashboard/prom.py)
 ADAPTER_LOAD_STALLS = "adapter_load_stalls"
 OVERLAPPED_STEPS = "executor_overlapped_steps"  # steps the executor launched while the step before still ran
+DEADLINE_SLACK_S = 1e-6  # deadlines this close ahead are checked exactly (their heap key is rounded)
 SNAPSHOT_EVERY_S = 0.25  # engine snapshots (pool map, queues) while busy: at most 4/s, plus one whenever the
 # engine turns busy or idle
 
@@ -134,6 +136,34 @@ class StartRate:
         return self.rate
 
 
+class QueueAge:
+    """The earliest arrival (Live.arrival) among the live requests waiting in the engine's queue, without a
+    walk over the queue on every step: a heap of live requests by arrival, whose head is dropped once it is
+    no longer waiting (admitted, finished, cancelled). A running request goes back to the queue only when
+    it is preempted; then (the engine's preemption count moved) the heap is rebuilt from the queue."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Live]] = []
+        self._preemptions = 0
+
+    def push(self, live: Live) -> None:
+        heapq.heappush(self._heap, (live.arrival, live.request.id, live))
+
+    def oldest(self, live_by_id: dict[str, Live], scheduler: Scheduler) -> float | None:
+        heap = self._heap
+        if scheduler.preemptions != self._preemptions:
+            self._preemptions = scheduler.preemptions
+            heap[:] = [(live.arrival, r.id, live) for r in scheduler.waiting
+                       if (live := live_by_id.get(r.external_id)) is not None and live.request is r]
+            heapq.heapify(heap)
+        while heap:
+            live = heap[0][2]
+            if live.request.status is Status.WAITING and live_by_id.get(live.request.external_id) is live:
+                return live.arrival
+            heapq.heappop(heap)
+        return None
+
+
 @dataclass
 class InFlight:
     """A step sent to the executors whose result has not been received."""
@@ -179,7 +209,10 @@ class SchedulerActor:
         self._snapshot_at, self._snapshot_busy = 0.0, False
         self.inbox, self.router, self.admission, self.prefetcher, self.hub = inbox, router, admission, prefetcher, hub
         self.live: dict[str, Live] = {}
-        self._deadlines: dict[str, Live] = {}  # live requests with a first-token deadline, until their first token
+        self._deadlines: list[tuple[float, int, Live]] = []  # heap by first-token deadline (monotonic s) of
+        # live requests with one; an entry stays until its deadline passes (then it is dropped if the request
+        # has its first token or ended meanwhile)
+        self._queue_age = QueueAge()
         self.dead: str | None = None
         self.draining = False
         self.seen_seq = 0
@@ -460,14 +493,15 @@ class SchedulerActor:
         self._ask_prefetch()
 
     def _publish(self, throttled: bool = False) -> None:
-        waiting = self.engine.scheduler.waiting
+        scheduler = self.engine.scheduler
+        waiting = scheduler.waiting
         now = time.monotonic()
-        oldest = max((now - self.live[r.external_id].arrival for r in waiting if r.external_id in self.live),
-                     default=0.0)
+        arrival = self._queue_age.oldest(self.live, scheduler)
+        oldest = now - arrival if arrival is not None else 0.0
         rate = self.start_rate.update(now, self.started, len(waiting))
         self.admission.send(SchedulerStats(
-            self.hub.timing.step, self.seen_seq, len(waiting), len(self.engine.scheduler.running),
-            sum(r.num_tokens - r.num_computed for r in waiting), self.step_ms, oldest * 1000, rate))
+            self.hub.timing.step, self.seen_seq, len(waiting), len(scheduler.running), scheduler.waiting_tokens,
+            self.step_ms, oldest * 1000, rate))
         busy = self.engine.has_unfinished()
         if not throttled or now - self._snapshot_at >= SNAPSHOT_EVERY_S or busy != self._snapshot_busy:
             self._snapshot_at, self._snapshot_busy = now, busy
@@ -547,7 +581,8 @@ class SchedulerActor:
         request = self.engine.requests[msg.request_id].request
         live = self.live[msg.request_id] = Live(request, msg.arrival, msg.slo_ttft_ms)
         if live.slo_ttft_ms is not None:
-            self._deadlines[msg.request_id] = live
+            heapq.heappush(self._deadlines, (live.arrival + live.slo_ttft_ms / 1000, request.id, live))
+        self._queue_age.push(live)
         self.idle.clear()
         self.router.send(Admitted(msg.request_id))
 
@@ -574,14 +609,19 @@ class SchedulerActor:
     def _drop_expired(self) -> None:
         """Queue-age eviction: a request still without its first token past its first-token deadline
         (`slo_ttft_ms`, else `--slo-ttft-ms`) ends with a `slo_unattainable` error, waiting or prefilling.
-        Only requests with a deadline and no first token yet are looked at, not every live request on every
-        loop; one that got its first token or ended leaves that set here."""
+        Only the requests whose deadline has passed are looked at (the heap's head), not every request with
+        a deadline on every loop; one that got its first token or ended meanwhile is dropped then."""
         now = time.monotonic()
-        for request_id, live in list(self._deadlines.items()):
-            if live.first_token is not None or self.live.get(request_id) is not live:
-                del self._deadlines[request_id]
-            elif self._past_deadline(live, now, "waited" if live.request.scheduled_time is None else "prefilled"):
-                del self._deadlines[request_id]
+        heap, kept = self._deadlines, []
+        while heap and heap[0][0] <= now + DEADLINE_SLACK_S:
+            entry = heapq.heappop(heap)
+            live = entry[2]
+            if live.first_token is not None or self.live.get(live.request.external_id) is not live:
+                continue
+            if not self._past_deadline(live, now, "waited" if live.request.scheduled_time is None else "prefilled"):
+                kept.append(entry)  # at its deadline only to the rounding of the key: looked at again later
+        for entry in kept:
+            heapq.heappush(heap, entry)
 
     def _past_deadline(self, live: Live, now: float, what: str) -> bool:
         """End `live` with `slo_unattainable` if it has no first token and its deadline has passed."""
@@ -603,7 +643,7 @@ class SchedulerActor:
         store, pool = self.engine.store, self.engine.pool
         if store.arena is not None:
             return
-        window = list(self.engine.scheduler.waiting)[: self.engine.config.fairness_window]
+        window = islice(self.engine.scheduler.waiting, self.engine.config.fairness_window)
         for name in dict.fromkeys(r.adapter for r in window if r.adapter is not None):
             if name in store.infos and not store.is_cached(name) and not pool.is_resident(name):
                 try:

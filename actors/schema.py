@@ -166,6 +166,9 @@ def _convert(value: Any, hint: Any, where: str) -> Any:  # noqa: C901 - one smal
         if not isinstance(value, (list, tuple)):
             raise SchemaError(f"{where}: must be a list, got {type(value).__name__}")
         (item,) = typing.get_args(hint)
+        exact = _EXACT.get(item)
+        if exact is not None and all(type(v) in exact for v in value):  # a step's sampled ids: no walk per item
+            return list(value) if item is not float else [float(v) for v in value]
         return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
@@ -177,6 +180,9 @@ def _convert(value: Any, hint: Any, where: str) -> Any:  # noqa: C901 - one smal
             raise SchemaError(f"{where}: must be a {_TAG_OF[hint]!r} message")
         return _build(hint, value, where)
     return _scalar(value, hint, where)
+
+
+_EXACT = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}  # list items `_scalar` takes as they are
 
 
 def _scalar(value: Any, hint: Any, where: str) -> Any:

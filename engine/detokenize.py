@@ -27,6 +27,13 @@ class TextStream:
         later, only a stop string that ends after it counts."""
         if not check_stop:
             self.search_from = len(text)
+        if not self.stop:  # the common case, without the stop-string search (the same result)
+            self.text, end = text, len(text)
+            while end > self.sent and text[end - 1] == "\ufffd":
+                end -= 1
+            delta = text[self.sent:end] if end > self.sent else ""
+            self.sent = max(self.sent, end)
+            return delta
         found = [at for stop in (self.stop if check_stop else ())
                  if (at := text.find(stop, max(0, self.search_from - len(stop) + 1))) != -1]
         self.text = text[:min(found)] if found else text  # the earliest occurrence, whatever the list order
@@ -48,10 +55,10 @@ class TextStream:
         end = len(self.text)
         while end > self.sent and self.text[end - 1] == "\ufffd":
             end -= 1
-        text, safe = self.text[:end], end
+        text, safe = self.text, end
         for stop in self.stop:
             for keep in range(min(len(stop) - 1, end), 0, -1):  # longest first: the earliest start
-                if text.endswith(stop[:keep]):
+                if text.endswith(stop[:keep], 0, end):
                     safe = min(safe, end - keep)
                     break
         return safe

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Protocol
 
 from lorafleet.engine.adapter_store import AdapterStore
@@ -69,11 +69,32 @@ class Executor(Protocol):
 
 @dataclass
 class Tracked:
-    """A request plus its output text stream."""
+    """A request plus its output text stream, and the fields of its SeqPlans that never change (`head`:
+    temperature, top_p, top_k, seed; `tail`: prompt_len .. logit_bias; `banned`: what min_tokens holds back;
+    `logprobs`), built once instead of at every step."""
 
     request: Request
     text: TextStream
     detok: Detokenizer
+    head: tuple = ()
+    tail: tuple = ()
+    banned: list[int] = field(default_factory=list)
+    logprobs: int = -1
+
+
+_PLAN_ORDER = ("request_id", "token_ids", "start", "block_table", "slot", "sample", "temperature", "top_p", "top_k",
+               "seed", "sample_index", "prompt_len", "min_p", "presence_penalty", "frequency_penalty",
+               "repetition_penalty", "logit_bias", "banned_ids", "logprobs", "prompt_logprobs")
+assert tuple(f.name for f in fields(SeqPlan)) == _PLAN_ORDER, "Engine._seq_plan builds SeqPlan positionally"
+
+
+def _fixed_plan_fields(request: Request, banned: list[int]) -> tuple[tuple, tuple, list[int], int]:
+    """Tracked's head, tail, banned and logprobs for `request` (see Engine._seq_plan)."""
+    p = request.params
+    head = (p.temperature, p.top_p, p.top_k, request.seed)
+    tail = (len(request.prompt_ids), p.min_p, p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
+            [list(pair) for pair in p.logit_bias])
+    return head, tail, banned, p.logprobs if p.logprobs is not None else -1
 
 
 class Engine:
@@ -115,7 +136,8 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         request = Request(self._next_id, request_id, list(prompt_ids), adapter, params, seed, time.monotonic())
         self._next_id += 1
-        self.requests[request_id] = Tracked(request, TextStream(params.stop), Detokenizer(self.decode))
+        self.requests[request_id] = Tracked(request, TextStream(params.stop), Detokenizer(self.decode),
+                                            *_fixed_plan_fields(request, self._banned_ids(params)))
         self.scheduler.add(request)
 
     def _validate(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None) -> None:
@@ -224,22 +246,16 @@ class Engine:
         return StepPlan(self._planned, seqs, slots, loads, evicted + self.pool.drain_evicted(), released)
 
     def _seq_plan(self, chunk: Chunk, slot_of: dict[str, int]) -> SeqPlan:
-        r, p = chunk.request, chunk.request.params
+        """The chunk's SeqPlan: the fields that change per step here, the request's fixed sampling fields from
+        its Tracked entry (built once), positionally in SeqPlan's field order (checked in Tracked)."""
+        r = chunk.request
+        tracked = self.requests[r.external_id]
         index = len(r.output_ids) + r.pending
         return SeqPlan(
-            request_id=r.id,
-            token_ids=r.token_slice(chunk.start, chunk.length),
-            start=chunk.start,
-            block_table=list(self.pool.kv_pages[r.id]),
-            slot=slot_of[r.adapter] if r.adapter is not None else -1,
-            sample=chunk.sample,
-            temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-            seed=r.seed, sample_index=index, prompt_len=len(r.prompt_ids), min_p=p.min_p,
-            presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-            repetition_penalty=p.repetition_penalty, logit_bias=[list(pair) for pair in p.logit_bias],
-            banned_ids=self._banned_ids(p) if chunk.sample and index < p.min_tokens else [],
-            logprobs=p.logprobs if p.logprobs is not None else -1,
-            prompt_logprobs=self._prompt_logprobs_wanted(r, chunk),
+            r.id, r.token_slice(chunk.start, chunk.length), chunk.start, list(self.pool.kv_pages[r.id]),
+            slot_of[r.adapter] if r.adapter is not None else -1, chunk.sample, *tracked.head, index, *tracked.tail,
+            tracked.banned if chunk.sample and index < r.params.min_tokens else [], tracked.logprobs,
+            self._prompt_logprobs_wanted(r, chunk) if r.params.prompt_logprobs is not None else -1,
         )
 
     def _banned_ids(self, params: SamplingParams) -> list[int]:
@@ -319,7 +335,8 @@ class Engine:
         """Plain-data view of the engine for dashboards and metrics."""
         pool = self.pool
         external = {t.request.id: t.request.external_id for t in self.requests.values()}
-        owners = [_owner_label(o, external) for o in pool.owner]
+        labels: dict[tuple[str, object] | None, str] = {None: ""}  # one label per owner, not per page
+        owners = [labels[o] if o in labels else labels.setdefault(o, _owner_label(o, external)) for o in pool.owner]
         return EngineSnapshot(
             step=self._step,
             num_pages=pool.num_pages,

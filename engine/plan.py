@@ -7,18 +7,23 @@ obey it. It is msgpack-friendly by construction (see `to_wire` / `from_wire`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from operator import attrgetter
 
 from lorafleet.engine.sampling import TokenLogprobs
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SeqPlan:
     """One sequence's chunk: new token ids at positions start..start+len-1, its KV pages, its adapter
     slot (-1 = base), and if it samples, the sampling options. `prompt_len` tells prompt positions from
     output positions (penalties count output tokens); `banned_ids` are masked while min_tokens is not
     reached; `logprobs` / `prompt_logprobs` >= 0 ask for logprobs with that many top alternatives of the
-    sampled token / of this chunk's prompt tokens (-1: none)."""
+    sampled token / of this chunk's prompt tokens (-1: none).
+
+    Read-only by convention: a plan is built once per sequence and step (256 of them per step at a full
+    batch), so it is a slotted dataclass, not a frozen one (whose initialiser costs ~7x more); use
+    `dataclasses.replace` for a changed copy. Its list fields may be shared with the engine's books."""
 
     request_id: int
     token_ids: list[int]
@@ -67,8 +72,9 @@ class StepPlan:
     def is_decode(self) -> bool:
         return all(len(s.token_ids) == 1 for s in self.seqs)
 
-    @property
+    @cached_property
     def num_tokens(self) -> int:
+        """Tokens of the step (computed once: the scheduler reads it several times per step)."""
         return sum(len(s.token_ids) for s in self.seqs)
 
     def to_wire(self) -> dict:

@@ -76,7 +76,6 @@ class StepCostModel:
         """`adapter_ranks[name][module]`: the rank of each adapter of the plan's slots on each module."""
         m = self.model
         kv_token = 2 * m.kv_width * m.num_layers * self.elem_bytes // self.tp
-        kv_bytes = sum((s.start + len(s.token_ids)) * kv_token for s in plan.seqs)
         dims = m.module_dims()
         elements = sum(r * sum(shard_widths(module, *dims[module], self.tp)) for name in plan.slots
                        for module, r in adapter_ranks.get(name, {}).items())
@@ -84,12 +83,15 @@ class StepCostModel:
         flops = 0.0
         per_token = 2 * m.num_layers * self.linear_params()
         attention = 4 * m.num_heads * m.head_dim * m.num_layers
+        contexts = 0  # tokens of context over the step's sequences (one pass over them, not two)
         for s in plan.seqs:
             q = len(s.token_ids)
+            context = s.start + q
+            contexts += context
             if q > 1:
-                context = s.start + q
                 flops += q * per_token + attention * (q * context - q * (q - 1) / 2)
                 flops += 2 * m.vocab_size * m.hidden_size * s.sample
+        kv_bytes = contexts * kv_token
         return StepCost(self.weight_bytes(plan.num_tokens), kv_bytes, adapter_bytes, flops / self.tp)
 
 

@@ -36,7 +36,7 @@ from lorafleet.engine.pool import PagePool
 from lorafleet.engine.request import Request, Status
 
 
-@dataclass
+@dataclass(slots=True)
 class Chunk:
     """`length` tokens of `request`, starting at token `start`, run this step; `sample` if it ends them."""
 
@@ -80,6 +80,7 @@ class Scheduler:
         self.load_stalls = 0  # (request, step) pairs where a request waited for its adapter's load
         self.loaded_bytes = 0  # pool bytes (one rank) of every load planned
         self.waiting: deque[Request] = deque()
+        self.waiting_tokens = 0  # tokens the waiting requests have still to run (sum of num_tokens - num_computed)
         self.running: list[Request] = []
         self.preemptions = 0
         self.prefetched = 0
@@ -89,6 +90,7 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
+        self.waiting_tokens += request.num_tokens - request.num_computed
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -127,7 +129,7 @@ class Scheduler:
         admitted. Prefetched adapters are idle: eviction may take them back first."""
         headroom = len(self.running)  # one page of KV growth per running request
         loaded = 0
-        for request in list(self.waiting)[: self.config.fairness_window]:
+        for request in islice(self.waiting, self.config.fairness_window):
             if loaded >= self.config.prefetch_adapters:
                 return
             name = request.adapter
@@ -141,15 +143,16 @@ class Scheduler:
             loaded += 1
 
     def _continue(self, request: Request, budget: int, plan: Schedule) -> int:
-        length = min(request.num_tokens - request.num_computed, budget)
-        while not self._reserve_kv(request, request.num_computed + length, plan):
+        total, start = request.num_tokens, request.num_computed
+        length = min(total - start, budget)
+        while not self._reserve_kv(request, start + length, plan):
             victim = self._youngest_running(plan)
             if victim is None:  # every other candidate is in flight: this request waits a step
                 return 0
             self._preempt(victim, plan)
             if victim is request:
                 return 0
-        self._add_chunk(request, length, plan)
+        plan.chunks.append(Chunk(request, start, length, start + length == total))  # as _add_chunk
         return length
 
     def _admit(self, budget: int, plan: Schedule) -> None:
@@ -171,6 +174,7 @@ class Scheduler:
             if not self._fit_new(request, length, plan):
                 break
             self.waiting.remove(request)
+            self.waiting_tokens -= request.num_tokens - request.num_computed
             request.status = Status.RUNNING
             request.scheduled_time = request.scheduled_time or time.monotonic()
             self.running.append(request)
@@ -220,8 +224,8 @@ class Scheduler:
         return True
 
     def _reserve_kv(self, request: Request, num_tokens: int, plan: Schedule) -> bool:
-        have = len(self.pool.kv_pages.get(request.id, []))
-        need = self.blocks_for(num_tokens) - have
+        pages = self.pool.kv_pages.get(request.id)
+        need = -(-num_tokens // self.config.block_tokens) - (len(pages) if pages is not None else 0)
         if need <= 0:
             return True
         if not self._evict_until(need, keep=None):
@@ -231,6 +235,8 @@ class Scheduler:
 
     def _evict_until(self, pages: int, keep: str | None) -> bool:
         """Evict idle adapters (LRU first, never `keep`) until `pages` are free; False if impossible."""
+        if self.pool.num_free >= pages:  # the common case: no need to list the idle adapters
+            return True
         idle = [name for name in self.pool.idle_adapters() if name != keep]
         while self.pool.num_free < pages and idle:
             self.pool.evict_adapter(idle.pop(0))
@@ -251,6 +257,7 @@ class Scheduler:
         request.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(request)
+        self.waiting_tokens += request.num_tokens - request.num_computed
         plan.preempted.append(request)
 
     def _add_chunk(self, request: Request, length: int, plan: Schedule) -> None:
@@ -268,7 +275,8 @@ class Scheduler:
 
     def finish(self, request: Request, reason: str) -> None:
         self.release(request)
-        if request in self.waiting:
+        if request.status is Status.WAITING:  # exactly the requests in `waiting` (not a scan of the queue)
             self.waiting.remove(request)
+            self.waiting_tokens -= request.num_tokens - request.num_computed
         request.status = Status.FINISHED
         request.finish_reason = reason

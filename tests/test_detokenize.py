@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -66,3 +68,56 @@ def test_stream_of_windowed_text_sends_every_character_once(tokenizer):
             break
     sent += stream.update(detok.finish(ids[:end])) + stream.flush()
     assert sent == TEXTS[1][: TEXTS[1].index("東京")]
+
+
+class _ReferenceStream:
+    """TextStream as it was before its no-stop fast path: the stop-string search and the safe-length scan
+    run for every update (the independent truth the fast path is checked against)."""
+
+    def __init__(self, stop: tuple[str, ...]) -> None:
+        self.stop, self.text, self.sent, self.stopped, self.search_from = stop, "", 0, False, 0
+
+    def update(self, text: str, check_stop: bool = True) -> str:
+        if not check_stop:
+            self.search_from = len(text)
+        found = [at for stop in (self.stop if check_stop else ())
+                 if (at := text.find(stop, max(0, self.search_from - len(stop) + 1))) != -1]
+        self.text = text[:min(found)] if found else text
+        self.stopped = self.stopped or bool(found)
+        safe = len(self.text) if self.stopped else self._safe_length()
+        delta = self.text[self.sent:safe] if safe > self.sent else ""
+        self.sent = max(self.sent, safe)
+        return delta
+
+    def flush(self) -> str:
+        delta = self.text[self.sent:]
+        self.sent = len(self.text)
+        return delta
+
+    def _safe_length(self) -> int:
+        end = len(self.text)
+        while end > self.sent and self.text[end - 1] == "\ufffd":
+            end -= 1
+        text, safe = self.text[:end], end
+        for stop in self.stop:
+            for keep in range(min(len(stop) - 1, end), 0, -1):
+                if text.endswith(stop[:keep]):
+                    safe = min(safe, end - keep)
+                    break
+        return safe
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(["ab", "a", "b", "\ufffd", " x", "xy", "ä"]), max_size=3),
+       st.lists(st.tuples(st.text(alphabet="abxy \ufffdä", max_size=4), st.booleans()), max_size=12))
+def test_text_stream_matches_the_reference(stops, pieces):
+    """Every update's delta and the stream's state equal the reference's, with and without stop strings,
+    incomplete UTF-8 endings (U+FFFD) that later resolve, and updates before min_tokens (check_stop False)."""
+    stream, ref = TextStream(tuple(stops)), _ReferenceStream(tuple(stops))
+    text = ""
+    for piece, check_stop in pieces:
+        text = text.rstrip("\ufffd") + piece  # a held-back incomplete ending is replaced by the full character
+        assert stream.update(text, check_stop) == ref.update(text, check_stop)
+        assert (stream.text, stream.sent, stream.stopped, stream.search_from) == (
+            ref.text, ref.sent, ref.stopped, ref.search_from)
+    assert stream.flush() == ref.flush()

@@ -500,6 +500,24 @@ def test_schema_encode_refuses_what_to_wire_refuses():
             encode(bad_msg)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([int, float, str, bool]), st.lists(_LEAF, max_size=6))
+def test_schema_list_fast_path_is_the_per_item_check(item, value):
+    """Decoding list[T] of scalars checks the whole list at once; its result, or its error naming the first bad
+    item, is what converting item by item gives."""
+    from lorafleet.actors import schema
+
+    def outcome(fn):
+        try:
+            return fn()
+        except SchemaError as exc:
+            return str(exc)
+
+    got = outcome(lambda: schema._convert(value, list[item], "m.f"))
+    want = outcome(lambda: [schema._convert(v, item, f"m.f[{i}]") for i, v in enumerate(value)])
+    assert got == want and [type(v) for v in got] == [type(v) for v in want] if isinstance(got, list) else got == want
+
+
 def test_adapter_root_names_adapters_by_relative_path(tmp_path):
     from lorafleet.engine.adapter_index import scan_adapter_root
 
