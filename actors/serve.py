@@ -442,6 +442,7 @@ async def run(args: argparse.Namespace, assets: Assets, config, sock) -> int:
 async def _run(args: argparse.Namespace, assets: Assets, config, arena, stop: asyncio.Event, started: float,
                sock) -> int:
     from lorafleet.actors.executor import ExecutorDied, ExecutorGroup
+    from lorafleet.actors.scheduler import release_heap, settle_heap
     from lorafleet.actors.server import Server
 
     try:
@@ -464,8 +465,10 @@ async def _run(args: argparse.Namespace, assets: Assets, config, arena, stop: as
     except Exception as exc:  # start-up failed: report in one line, clean up, exit 2
         await server.stop()
         return startup_failed(args, exc)
+    settle_heap()  # everything of start-up is built: keep the collector off it while serving
     server.print_urls(time.monotonic() - started)
     try:
         return await server.serve_until(stop)
     finally:
         await server.stop()
+        release_heap()

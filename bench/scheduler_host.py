@@ -39,7 +39,7 @@ from engine_host import planning_args, planning_engine  # noqa: E402
 
 from lorafleet.actors.channels import LocalChannel  # noqa: E402
 from lorafleet.actors.hub import ServeHub  # noqa: E402
-from lorafleet.actors.scheduler import SchedulerActor  # noqa: E402
+from lorafleet.actors.scheduler import SchedulerActor, release_heap, settle_heap  # noqa: E402
 from lorafleet.actors.schema import RunStep, StepDeltas, StepResult, Submit, decode, encode  # noqa: E402
 from lorafleet.engine.adapter_store import PackedAdapter  # noqa: E402
 from lorafleet.engine.roofline import DevicePeak, StepCostModel  # noqa: E402
@@ -137,6 +137,8 @@ def main() -> None:
     parser.add_argument("--waiting", type=int, default=None,
                         help="requests kept waiting beyond the batch (default a quarter of --seqs)")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of the measured steps")
+    parser.add_argument("--default-gc", action="store_true",
+                        help="leave the garbage collector as Python sets it (the server settles the heap at start)")
     parser.add_argument("--pack-in-loop", action="store_true",
                         help="pack each adapter in the loop on first use (no host arena) instead of a stand-in cache")
     parser.add_argument("--out", default=None)
@@ -145,7 +147,10 @@ def main() -> None:
         engine = planning_engine(str(write_model("llama-2-7b", tmp)), args)
         if not args.pack_in_loop:
             stand_in_cache(engine)
+        if not args.default_gc:
+            settle_heap()  # as the server does once it has started
         result = asyncio.run(measure(args, engine))
+        release_heap()
     print(json.dumps(result, indent=1))
     if args.out:
         doc = {"schema": "lorafleet.scheduler-host/1",
