@@ -23,6 +23,9 @@ from lorafleet.actors.logprobs import CompletionLogprobs, chat_logprobs, prompt_
 from lorafleet.actors.protocol import ApiError, GenerationSpec, bad, parse_detokenize, parse_generation, parse_tokenize
 from lorafleet.actors.schema import DeltaItem
 
+_json_event = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(data, separators=...), minus its set-up
+_json_string = json.encoder.encode_basestring_ascii  # what that encoder writes for a str (ensure_ascii)
+
 
 def error_response(exc: ApiError) -> web.Response:
     headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after is not None else None
@@ -98,6 +101,7 @@ class Completion:
     tokenizer: Any
     choices: dict[int, ChoiceState] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
+    prefixes: dict[int, str] = field(default_factory=dict, repr=False)  # choice index -> its chunks' JSON start
 
     @property
     def object(self) -> str:
@@ -145,6 +149,28 @@ class Completion:
         self._extensions(choice, spec, piece.token_ids, piece.first, piece.prompt_logprobs)
         return choice
 
+    def chunk_json(self, spec: GenerationSpec, piece: Piece, finish: str | None) -> str:
+        """One streamed chunk's JSON (`envelope([chunk_choice(...)])`). A plain piece — no logprobs, token ids
+        or prompt rows asked — is assembled from the choice's encoded prefix plus its text and finish reason:
+        the same text the dict's encoding gives, without building and walking the dicts per token."""
+        plain = spec.params.get("logprobs") is None and not spec.return_token_ids and piece.logprobs is None \
+            and piece.prompt_logprobs is None and type(piece.text) is str and (finish is None or type(finish) is str)
+        if not plain:
+            return _json_event(self.envelope([self.chunk_choice(spec, piece, finish)], stream=True))
+        prefix = self.prefixes.get(spec.index)
+        if prefix is None:
+            kind = self.object + (".chunk" if self.chat else "")
+            prefix = self.prefixes[spec.index] = (
+                f'{{"id":{_json_event(self.id)},"object":{_json_event(kind)},"created":{_json_event(self.created)},'
+                f'"model":{_json_event(self.spec.model)},"choices":[{{"index":{_json_event(spec.index)},')
+        if self.chat:
+            body = ('"delta":{"role":"assistant","content":' if piece.first else '"delta":{"content":') + \
+                _json_string(piece.text) + "}"
+        else:
+            body = '"text":' + _json_string(piece.text)
+        return prefix + body + ',"logprobs":null,"finish_reason":' + \
+            ("null" if finish is None else _json_string(finish)) + "}]}"
+
     def final_choice(self, state: ChoiceState) -> dict:
         spec = state.spec
         choice: dict = {"index": spec.index}
@@ -189,9 +215,6 @@ async def _collect(merged: Merged, out: Completion) -> None:
         out.update(generation.spec, item)
 
 
-_json_event = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(data, separators=...), minus its set-up
-
-
 async def _sse(resp: web.StreamResponse, data: object) -> None:
     payload = data if isinstance(data, str) else _json_event(data)
     await resp.write(f"data: {payload}\n\n".encode())
@@ -215,8 +238,7 @@ async def _events(resp: web.StreamResponse, merged: Merged, out: Completion) -> 
             break
         piece = out.update(generation.spec, item)
         if piece.text or piece.token_ids or item.finished or (piece.first and out.chat):
-            choice = out.chunk_choice(generation.spec, piece, item.finish_reason if item.finished else None)
-            await _sse(resp, out.envelope([choice], stream=True))
+            await _sse(resp, out.chunk_json(generation.spec, piece, item.finish_reason if item.finished else None))
     else:
         if out.spec.include_usage:
             await _sse(resp, {**out.envelope([], stream=True), "usage": out.usage()})

@@ -1,7 +1,8 @@
 """How a step's deltas reach WebSocket clients (actors/frontend.py: Router → WsStream → the socket's outbox):
 the frames built here are byte for byte what aiohttp's own writer sends; every client sees the same frames in
 the same order whether the socket is plain JSON, permessage-deflate or msgpack; a socket whose client stops
-reading never holds up the others (its frames wait in its own buffer). The real aiohttp app and Router serve on
+reading never holds up the others (its frames wait in its own buffer); OpenAI SSE chunks from the fast path are
+the envelope's JSON. The real aiohttp app and Router serve on
 a loopback socket; a step source stands in for the scheduler (no model), so the tests are fast and exact."""
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from lorafleet.actors.app import build_app
 from lorafleet.actors.channels import LocalChannel
 from lorafleet.actors.frontend import MSGPACK_PROTOCOL, ConnectionLimits, Frontend, Router, WsConnection, ws_frame
 from lorafleet.actors.hub import ServeHub
-from lorafleet.actors.protocol import ParseContext
+from lorafleet.actors.openai_api import Completion, Piece, _json_event
+from lorafleet.actors.protocol import GenerationSpec, ParseContext
 from lorafleet.actors.schema import Admitted, Cancel, DeltaItem, Rejected, StepDeltas, Submit
 
 MODEL = "base"
@@ -85,6 +87,19 @@ def test_a_delta_frame_from_its_prefix_is_the_encoded_dict(binary, cid, index, t
         return
     conn.post_delta(conn.delta_prefix(cid, index), text, token_ids)
     assert sent == [expected]
+
+
+@given(chat=st.booleans(), cid=st.text(max_size=12), model=st.text(max_size=12), created=st.integers(0, 1 << 40),
+       index=st.integers(0, 99), text=st.text(max_size=30), first=st.booleans(),
+       finish=st.sampled_from([None, "stop", "length", "cancelled"]))
+def test_an_sse_chunk_from_its_prefix_is_the_encoded_envelope(chat, cid, model, created, index, text, first, finish):
+    """OpenAI SSE's fast path (Completion.chunk_json for a plain piece) writes exactly the envelope's JSON."""
+    spec = GenerationSpec(model, None, [1, 2], {}, index=index, chat=chat)
+    out = Completion(chat, spec, cid, None, created=created)
+    piece = Piece(text, [7], first)
+    expected = _json_event(out.envelope([out.chunk_choice(spec, piece, finish)], stream=True))
+    assert out.chunk_json(spec, piece, finish) == expected
+    assert out.chunk_json(spec, piece, finish) == expected  # again, from the cached prefix
 
 
 class StepSource:
