@@ -159,7 +159,7 @@ class Request:
         return self.pending > 0 and len(self.output_ids) + self.pending >= self.params.max_tokens
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request: new tokens and text, and whether it finished."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def text_decoder(tokenizer: PreTrainedTokenizerBase | None) -> Callable[[list[in
         return None
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+        return functools.partial(backend.decode, skip_special_tokens=True)  # no Python frame per call
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
