@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import hmac
@@ -199,8 +200,8 @@ async def debug_state(request: web.Request) -> web.Response:
 
 
 async def _close_sockets(app: web.Application) -> None:
-    for conn in list(app["frontend"].sockets):
-        await conn.close_socket(1001, b"server shutting down")
+    """Close every WebSocket at once (each first sends what it has queued, a deflate one for at most 2 s)."""
+    await asyncio.gather(*(conn.close_socket(1001, b"server shutting down") for conn in list(app["frontend"].sockets)))
 
 
 async def _to_dashboard(request: web.Request) -> web.Response:

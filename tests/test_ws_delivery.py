@@ -365,3 +365,23 @@ async def test_a_socket_closed_for_its_frame_rate_gets_every_answer_before_the_c
         await _stop(runner, tasks)
     assert [json.loads(m.data)["error"]["code"] for m in got[:2]] == ["invalid_json", "invalid_json"]
     assert got[2].type == aiohttp.WSMsgType.CLOSE and got[2].data == 1008
+
+
+async def test_shutdown_closes_every_socket_with_1001():
+    frontend, runner, tasks, url, source = await _serve()
+    async with aiohttp.ClientSession() as session:
+        sockets = [await session.ws_connect(url + "/v1/stream", compress=c) for c in (0, 15)]
+        for ws in sockets:
+            await ws.send_json({"type": "generate", "id": "g", "model": MODEL, "prompt": [1], "max_tokens": 60000})
+            assert (await asyncio.wait_for(ws.receive(), 10)).json()["type"] == "accepted"
+        cleanup = asyncio.create_task(runner.cleanup())
+        for ws in sockets:
+            while (msg := await asyncio.wait_for(ws.receive(), 10)).type == aiohttp.WSMsgType.TEXT:
+                assert msg.json()["type"] == "delta"
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1001
+            await ws.close()
+        await asyncio.wait_for(cleanup, 10)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert not frontend.sockets and not frontend.router.receivers
