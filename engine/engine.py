@@ -111,6 +111,7 @@ class Engine:
     ) -> None:
         self.model, self.config, self.store, self.executor = model, config, store, executor
         self.decode = decode or (lambda ids: "")
+        self._token_texts: dict[int, str] = {}  # one token's text, for the detokenizers (at most the vocabulary)
         self.block_tokens = block_tokens or config.block_tokens
         self.pool = PagePool(config.num_pages)
         page_bytes = model.num_layers * store.page_elements * store.dtype.itemsize
@@ -136,7 +137,8 @@ class Engine:
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         request = Request(self._next_id, request_id, list(prompt_ids), adapter, params, seed, time.monotonic())
         self._next_id += 1
-        self.requests[request_id] = Tracked(request, TextStream(params.stop), Detokenizer(self.decode),
+        self.requests[request_id] = Tracked(request, TextStream(params.stop), Detokenizer(self.decode,
+                                                                                          single=self._token_texts),
                                             *_fixed_plan_fields(request, self._banned_ids(params)))
         self.scheduler.add(request)
 

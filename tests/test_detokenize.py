@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -121,3 +122,24 @@ def test_text_stream_matches_the_reference(stops, pieces):
         assert (stream.text, stream.sent, stream.stopped, stream.search_from) == (
             ref.text, ref.sent, ref.stopped, ref.search_from)
     assert stream.flush() == ref.flush()
+
+
+@functools.cache
+def _decoders() -> tuple:
+    return tuple(text_decoder(t) for t in (build_byte_tokenizer(512), metaspace_tokenizer(TEXTS)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([0, 1]), st.lists(st.lists(st.one_of(st.integers(0, 40), st.integers(0, 399)), max_size=25),
+                                        min_size=1, max_size=4))
+def test_shared_one_token_memo_gives_the_same_text(which, sequences):
+    """Detokenizers sharing the memo of one-token windows (as the engine's requests do) produce, push by push and
+    at finish, exactly the text of detokenizers that decode every window (ids over both tokenizers' specials,
+    bytes and merges)."""
+    decode = _decoders()[which]
+    memo: dict[int, str] = {}
+    for ids in sequences:
+        plain, shared = Detokenizer(decode), Detokenizer(decode, single=memo)
+        for end in range(1, len(ids) + 1):
+            assert shared.push(ids[:end]) == plain.push(ids[:end])
+        assert shared.finish(ids) == plain.finish(ids)
