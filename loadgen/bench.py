@@ -228,14 +228,16 @@ def scrape_server_metrics(url: str) -> dict[tuple[str, tuple], float]:
 
 
 def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
-    """Prometheus text as {(sample name without its `prefix:` or `lorafleet_`, sorted labels): value}."""
+    """Prometheus text as {(sample name without its `prefix:` or `lorafleet_`, sorted labels): value}. The
+    `model_name` label (one value per server, on every family, as vLLM labels them) is dropped."""
     from prometheus_client.parser import text_string_to_metric_families
 
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             name = sample.name.split(":", 1)[-1].removeprefix("lorafleet_")
-            samples[(name, tuple(sorted(sample.labels.items())))] = sample.value
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "model_name"))
+            samples[(name, labels)] = sample.value
     return samples
 
 

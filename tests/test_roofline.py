@@ -79,12 +79,12 @@ def test_roofline_figures_reach_the_bench_row_through_metrics():
 
     hub = Hub()
     stats = FleetStats(hub)
-    before = parse_metrics(render(make_registry(stats)).decode())
+    before = parse_metrics(render(make_registry(stats, model_name="m")).decode())  # labelled as the server does
     hub.device_peak = (4.2e12, 7.9e14)
     hub.roofline["200+"] = RooflineTotals(4, 0.096, 0.048, 64_000_000_000, 52_000_000_000, 2_000_000_000, 4e12)
     hub.count("adapter_load_bytes", 3_000_000_000)
     hub.count("adapter_load_stalls", 7)
-    after = parse_metrics(render(make_registry(stats, prefix="vllm:")).decode())
+    after = parse_metrics(render(make_registry(stats, prefix="vllm:", model_name="m")).decode())
     figures = server_figures(before, after, seconds=2.0)
     row = figures["roofline"]["200+"]
     assert row["steps"] == 4 and row["executor_ms"] == pytest.approx(24.0) and row["roofline_ms"] == pytest.approx(12.0)
