@@ -328,9 +328,11 @@ class Rejected:
 
 
 @message("delta_item")
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class DeltaItem:
-    """One request's news from one step: new tokens/text, and at the end its finish reason or error."""
+    """One request's news from one step: new tokens/text, and at the end its finish reason or error.
+    Read-only by convention; slotted, not frozen: one is built per sequence and step (a frozen dataclass's
+    initialiser costs ~4x more, ~1 ms per 256-sequence step on the dev CPU)."""
 
     request_id: str
     token_ids: list[int]
