@@ -101,6 +101,11 @@ async def auth_middleware(request: web.Request, handler):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
         return openai_api.error_response(ApiError(exc.status, code, f"{request.method} {request.path}: {exc.reason}"))
     except Exception as exc:  # a bug: logged with its traceback, the client gets a reference, not the trace
+        if isinstance(exc, ConnectionResetError) and (request.transport is None or request.transport.is_closing()):
+            # the client left before its response could start (e.g. while its request waited for admission):
+            # nothing to answer and no server failure; the handler cancelled its generations
+            log.info("%s %s: the client disconnected before the response started", request.method, request.path)
+            return web.Response(status=499)  # never sent; the access log's "client closed request"
         ref = frontend.new_id("err")
         log.exception("%s %s failed (%s)", request.method, request.path, ref)
         return openai_api.error_response(internal_error(ref, exc))

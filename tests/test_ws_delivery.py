@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import socket
 import time
@@ -385,3 +386,36 @@ async def test_shutdown_closes_every_socket_with_1001():
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     assert not frontend.sockets and not frontend.router.receivers
+
+
+async def test_a_client_gone_before_its_response_starts_is_not_logged_as_a_server_failure(caplog):
+    """A WebSocket upgrade half-closed at once (aiohttp closes it before the 101 goes out) and an SSE request
+    whose client leaves while it waits for admission: nothing to answer, no ERROR traceback of a server bug;
+    the SSE generation is cancelled and the server goes on serving."""
+    frontend, runner, tasks, url, source = await _serve(step_s=0.2)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        with caplog.at_level(logging.INFO, logger="lorafleet"):
+            upgrade = socket.create_connection(("127.0.0.1", port))
+            upgrade.sendall(f"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                            f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\n"
+                            "Sec-WebSocket-Version: 13\r\n\r\n".encode())
+            upgrade.shutdown(socket.SHUT_WR)
+            body = json.dumps({"model": MODEL, "prompt": [5], "max_tokens": 50, "seed": 2, "stream": True}).encode()
+            sse = socket.create_connection(("127.0.0.1", port))
+            sse.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            await asyncio.sleep(0.1)
+            sse.close()  # gone before its admission (2 steps of 0.2 s)
+            upgrade.settimeout(5)
+            assert await asyncio.to_thread(upgrade.recv, 4096) == b""
+            upgrade.close()
+            deadline = time.monotonic() + 10
+            while not source.cancelled and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            got = await _run_client(url, 0, False, 2)
+        assert len(source.cancelled) == 1
+        assert got["c1"][-1]["type"] == "done"
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    finally:
+        await _stop(runner, tasks)
