@@ -157,6 +157,7 @@ class ModelRunner:
         self.pending_on_device = self.pending_on_host = 0  # steps whose pending tokens were filled there (tests)
         self.histories: dict[int, list[int]] = {}  # penalized request id -> its token ids by position
         self.prompt_tails: dict[int, torch.Tensor] = {}  # request id -> logprobs of its next prompt token
+        self.forgotten: set[int] = set()  # requests of a failed step, until a plan releases them (`forget`)
         # adapter loads run on a side stream (CUDA): the step waits only for the adapters it uses
         self.load_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
@@ -232,6 +233,7 @@ class ModelRunner:
         for request_id in plan.released:
             self.histories.pop(request_id, None)
             self.prompt_tails.pop(request_id, None)
+            self.forgotten.discard(request_id)
 
     def _launch_sampling(self, step: LaunchedStep, hidden: torch.Tensor, sampled: list[SeqPlan]) -> None:
         """Sample (the sampling rank) and, under tensor parallelism, broadcast the ids over the device: every
@@ -252,10 +254,13 @@ class ModelRunner:
         here goes, and if no later step was launched, a plan already queued that continues one of them reads
         token 0 for its pending token (its result is dropped); the plan's adapter loads may be incomplete, so
         those adapters are no longer resident (the scheduler evicts them from its books too, so a later plan
-        loads them again)."""
+        loads them again). Such a queued plan's chunks of them run on stand-ins for the state dropped here
+        (penalty history, prompt-logprob tail: zeros) until a plan releases them, so the other requests of
+        that plan do not fail with them."""
         for seq in plan.seqs:
             self.histories.pop(seq.request_id, None)
             self.prompt_tails.pop(seq.request_id, None)
+            self.forgotten.add(seq.request_id)
         if plan is self._newest:
             rows = {s.request_id: i for i, s in enumerate(s for s in plan.seqs if s.sample)}
             zeros = torch.zeros(len(rows), dtype=torch.int64, device=self.device)
@@ -270,6 +275,8 @@ class ModelRunner:
         for s in plan.seqs:
             if s.penalized:
                 history = self.histories.setdefault(s.request_id, [])
+                if len(history) < s.start and s.request_id in self.forgotten:  # its result is dropped
+                    history.extend([0] * (s.start - len(history)))
                 assert len(history) >= s.start, f"request {s.request_id}: a chunk skipped positions"
                 del history[s.start:]
                 history.extend(s.token_ids)
@@ -302,6 +309,8 @@ class ModelRunner:
             end = min(s.start + len(s.token_ids), s.prompt_len)
             logprobs = torch.log_softmax(self.model.logits(hidden[offsets[i]:offsets[i] + end - s.start]).float(), -1)
             tail = self.prompt_tails.pop(s.request_id, None)
+            if tail is None and s.start > 0 and s.request_id in self.forgotten:  # its result is dropped
+                tail = torch.zeros_like(logprobs[0])
             if s.start > 0:
                 assert tail is not None, f"request {s.request_id}: prompt logprobs of an earlier chunk missing"
                 predicted, targets, first = torch.cat([tail[None], logprobs[:-1]]), s.token_ids[:end - s.start], s.start

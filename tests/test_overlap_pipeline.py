@@ -184,6 +184,51 @@ def test_a_failing_step_in_the_middle_fails_only_its_requests(tiny_llama, where)
         assert want.tokens[request_id][:len(got.tokens.get(request_id, []))] == got.tokens.get(request_id, [])
 
 
+@pytest.mark.parametrize("kind", ["penalized", "prompt_logprobs"])
+def test_a_failing_step_leaves_the_next_steps_requests_alone(tiny_llama, kind):
+    """Step 2 raises inside launch (its forward pass). Step 3 was planned before that failure was known: it
+    continues step 2's requests (which fail: their results are dropped) beside requests step 2 did not have.
+    The runner state forgotten for the failed requests (penalty histories, prompt-logprob tails) must not fail
+    step 3: only step 2's requests fail, and the executor keeps running."""
+    extra = dict(repetition_penalty=1.3) if kind == "penalized" else dict(prompt_logprobs=1)
+    prompts = [[3 + i, 5, 7, 9, 11, 13, 17, 19, 23, 29] for i in range(5)]
+    specs = [(p, SamplingParams(max_tokens=4, temperature=0.0, **extra), None) for p in prompts]
+    options = dict(max_num_seqs=6, max_batch_tokens=14)  # prefills chunked, requests admitted step by step
+    sync = _engine(tiny_llama, {}, **options)
+    _submit(sync, specs)
+    want = _synchronous(sync)
+    piped = _engine(tiny_llama, {}, **options)
+    _submit(piped, specs)
+    runner, plans = piped.executor, []
+
+    def poison(index, plan):
+        plans.append({f"r{s.request_id}" for s in plan.seqs})
+        return _raising_forward(runner) if index == 2 else None
+
+    got = run_pipelined(piped, poison)
+    assert plans[3] - plans[2] and plans[3] & plans[2], "step 3 has step 2's requests and others"
+    assert got.failed == plans[2]
+    survivors = set(want.tokens) - got.failed
+    assert survivors and {r: got.tokens[r] for r in survivors} == {r: want.tokens[r] for r in survivors}
+
+
+class _raising_forward:
+    """Makes the runner's forward pass raise once (inside `launch`, after its bookkeeping)."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+
+    def __enter__(self):
+        def forward(*args, **kwargs):
+            raise RuntimeError("injected forward failure")
+        self.runner._forward = forward
+        return self
+
+    def __exit__(self, *exc):
+        del self.runner._forward
+        return False
+
+
 class _raising:
     """Makes the runner's `launch` raise for the next call, or `finish` raise for the step launched next."""
 
