@@ -158,6 +158,7 @@ class ModelRunner:
         self.histories: dict[int, list[int]] = {}  # penalized request id -> its token ids by position
         self.prompt_tails: dict[int, torch.Tensor] = {}  # request id -> logprobs of its next prompt token
         self.forgotten: set[int] = set()  # requests of a failed step, until a plan releases them (`forget`)
+        self.unloaded: set[str] = set()  # adapters a failed step was loading, until a plan loads them (`forget`)
         # adapter loads run on a side stream (CUDA): the step waits only for the adapters it uses
         self.load_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
@@ -186,6 +187,7 @@ class ModelRunner:
         self._newest = plan
         self._retire(plan)
         loads = self._load_adapters(plan)
+        plan = self._without_unloaded(plan)
         asked = [s.request_id for s in plan.seqs if s.sample]
         plan, pending = self._pending(_decode_first(plan))
         if self.sample_on_this_rank:
@@ -268,6 +270,18 @@ class ModelRunner:
         for load in plan.loads:
             self.resident.pop(load.name, None)
             self.row_tables.remove(load.name)
+            self.unloaded.add(load.name)
+
+    def _without_unloaded(self, plan: StepPlan) -> StepPlan:
+        """The plan without the adapters `forget` took out (a plan queued before the failure was known may still
+        use one): their sequences run without LoRA; the scheduler fails those requests (their results are
+        dropped), and the plan's other sequences run as planned."""
+        if not self.unloaded or self.unloaded.isdisjoint(plan.slots):
+            return plan
+        slots = [name for name in plan.slots if name not in self.unloaded]
+        index = {name: i for i, name in enumerate(slots)}
+        seqs = [replace(s, slot=index.get(plan.slots[s.slot], -1)) if s.slot >= 0 else s for s in plan.seqs]
+        return replace(plan, seqs=seqs, slots=slots)
 
     def _record_histories(self, plan: StepPlan) -> None:
         """Penalties need each sequence's tokens: keep them by position from the chunks that pass (a chunk at
@@ -447,6 +461,7 @@ class ModelRunner:
         }
         self.resident[name] = ResidentAdapter(packed.info.scale, packed.info.rank, rows)
         self.row_tables.add(name, rows)
+        self.unloaded.discard(name)
 
     def _positions(self, plan: StepPlan) -> tuple[list[int], list[int]]:
         """Each token's position and KV slot (page * block_tokens + row)."""

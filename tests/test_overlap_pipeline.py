@@ -49,7 +49,7 @@ def run_pipelined(engine, poison=lambda step, plan: None) -> Piped:
             assert queued, "unfinished requests but nothing planned or in flight"
             pipeline.flush()
         for _ in range(min(len(results), 1 if planned is not None else len(results))):
-            _complete(engine, *queued.popleft(), results.pop(0), out)
+            _complete(engine, *queued.popleft(), results.pop(0), out, queued)
     return out
 
 
@@ -61,12 +61,20 @@ class _nothing:
         return False
 
 
-def _complete(engine, schedule, plan, result, out: Piped) -> None:
+def _complete(engine, schedule, plan, result, out: Piped, behind=()) -> None:
+    """A failed step fails its requests and, as the serving scheduler does, those of the step sent behind it
+    that use an adapter it loaded; its loads leave the pool's books."""
     assert result.step == plan.step
     if result.error is not None:
-        for request_id in engine.fail_step(schedule):
+        loads = {load.name for load in plan.loads}
+        failed = engine.fail_step(schedule) + [c.request.external_id for later, _ in behind for c in later.chunks
+                                               if c.request.adapter in loads]
+        for request_id in failed:
             engine.abort(request_id)
             out.failed.add(request_id)
+        for name in loads:
+            if engine.pool.is_resident(name) and not engine.pool.pins.get(name):
+                engine.pool.evict_adapter(name)
         return
     for o in engine.complete_step(schedule, result.output()):
         if o.request_id in out.failed:
@@ -210,6 +218,33 @@ def test_a_failing_step_leaves_the_next_steps_requests_alone(tiny_llama, kind):
     assert got.failed == plans[2]
     survivors = set(want.tokens) - got.failed
     assert survivors and {r: got.tokens[r] for r in survivors} == {r: want.tokens[r] for r in survivors}
+
+
+def test_a_failing_step_leaves_the_next_steps_other_adapters_alone(tiny_llama, adapters):
+    """Step 2 loads adapter r2 and raises in its forward pass; step 3, planned before that was known, still
+    runs r2's request (the executor dropped r2: its pages may not have been written) beside a request whose
+    adapter r8 step 3 loads. Only step 2's requests fail (and, as the server does, step 3's on r2); the r8
+    requests get the synchronous engine's tokens and the executor keeps running."""
+    prompts = [[3 + i, 5, 7, 9, 11, 13, 17, 19, 23, 29] for i in range(6)]
+    names = [None, None, "r2", "r8", "r8", None]
+    specs = [(p, SamplingParams(max_tokens=4, temperature=0.0), name) for p, name in zip(prompts, names)]
+    options = dict(max_num_seqs=6, max_batch_tokens=14, prefetch_adapters=0)
+    sync = _engine(tiny_llama, adapters, **options)
+    _submit(sync, specs)
+    want = _synchronous(sync)
+    piped = _engine(tiny_llama, adapters, **options)
+    _submit(piped, specs)
+    runner, plans = piped.executor, []
+
+    def poison(index, plan):
+        plans.append(plan)
+        return _raising_forward(runner) if index == 2 else None
+
+    got = run_pipelined(piped, poison)
+    assert [load.name for load in plans[2].loads] == ["r2"] and plans[3].slots == ["r2", "r8"]
+    assert got.failed == {f"r{s.request_id}" for s in plans[2].seqs}
+    survivors = set(want.tokens) - got.failed
+    assert {"r3", "r4"} <= survivors and {r: got.tokens[r] for r in survivors} == {r: want.tokens[r] for r in survivors}
 
 
 class _raising_forward:
