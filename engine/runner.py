@@ -161,6 +161,8 @@ class ModelRunner:
         self.unloaded: set[str] = set()  # adapters a failed step was loading, until a plan loads them (`forget`)
         # adapter loads run on a side stream (CUDA): the step waits only for the adapters it uses
         self.load_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.unwaited: dict[str, torch.cuda.Event] = {}  # adapter -> its copy's event, until the compute stream
+        # waited for it (a prefetched adapter: the step that loaded it did not use it)
 
     @property
     def last_logits(self) -> dict[int, torch.Tensor]:
@@ -232,6 +234,7 @@ class ModelRunner:
         for name in plan.evicted:
             self.resident.pop(name, None)
             self.row_tables.remove(name)
+            self.unwaited.pop(name, None)
         for request_id in plan.released:
             self.histories.pop(request_id, None)
             self.prompt_tails.pop(request_id, None)
@@ -424,16 +427,21 @@ class ModelRunner:
         """Copy the plan's adapter loads into their pool pages. On CUDA the copies go on the side stream
         (after the work already queued: a page freed by an earlier step is written after that step), the
         adapters this step uses first; the step's stream waits for those, while the copies of adapters loaded
-        ahead for waiting requests (prefetch) overlap the step. Returns one event per copy (`finish` waits
-        for them: the host source may be reused after)."""
+        ahead for waiting requests (prefetch) overlap the step; a later step that uses one waits for its copy
+        (launched before the loading step is finished, nothing else orders it after the copy). Returns one
+        event per copy (`finish` waits for them: the host source may be reused after)."""
         used = set(plan.slots)
         loads = sorted(plan.loads, key=lambda load: load.name not in used)
         stream = self.load_stream
-        if stream is None or not loads:
+        if stream is None:
             for load in loads:
                 self._load_adapter(load.name, load.pages)
             return []
         current = torch.cuda.current_stream(self.device)
+        for name in used.intersection(self.unwaited):
+            current.wait_event(self.unwaited.pop(name))
+        if not loads:
+            return []
         stream.wait_stream(current)
         needed, events = None, []
         with torch.cuda.stream(stream):
@@ -444,6 +452,8 @@ class ModelRunner:
                 events.append(event)
                 if load.name in used:
                     needed = event
+                else:
+                    self.unwaited[load.name] = event
         if needed is not None:
             current.wait_event(needed)
         return events

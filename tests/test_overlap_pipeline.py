@@ -323,6 +323,36 @@ def test_device_side_pending_equals_host_resolution(tiny_llama):
 
 
 @pytest.mark.gpu
+def test_gpu_prefetched_adapter_used_by_the_next_step_waits_for_its_copy(tiny_llama, adapters):
+    """Step 0 runs a 16-token prefill and prefetches r8 for the request its token budget left waiting; step 1
+    (launched while step 0 is held) admits that request on r8 without a load. Its pages were copied on the load
+    stream, slowed here by a sleep kernel queued there before each copy: step 1 must still read the adapter,
+    not the pages before the copy (the synchronous engine's tokens)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    specs = [(list(range(3, 19)), SamplingParams(max_tokens=6, temperature=0.0), None),
+             (list(range(40, 55)), SamplingParams(max_tokens=6, temperature=0.0), "r8")]
+    config = dict(max_batch_tokens=16, prefetch_adapters=1, device="cuda", dtype="float32")
+    sync = _engine(tiny_llama, adapters, **config)
+    _submit(sync, specs)
+    want = _synchronous(sync)
+    piped = _engine(tiny_llama, adapters, **config)
+    _submit(piped, specs)
+    runner, plans = piped.executor, []
+    load = runner._load_adapter
+
+    def slow_load(name, pages):
+        torch.cuda._sleep(500_000_000)  # on the load stream (the caller's): ~0.3 s before the copy
+        load(name, pages)
+
+    runner._load_adapter = slow_load
+    got = run_pipelined(piped, lambda index, plan: plans.append(plan))
+    assert [load.name for load in plans[0].loads] == ["r8"] and not plans[0].slots
+    assert plans[1].slots == ["r8"] and not plans[1].loads and got.held_launches >= 1
+    assert got.tokens == want.tokens
+
+
+@pytest.mark.gpu
 def test_gpu_pipeline_equals_synchronous_greedy_and_launch_does_not_sync(tiny_llama, adapters):
     """On CUDA with graphs: the pipelined run equals the synchronous one greedily, and once the graphs of the
     run's buckets are captured (a first run), a decode step's launch queues its work without a host sync
