@@ -141,7 +141,8 @@ class StepLog:
 class StartRate:
     """Requests reaching their first token per second, measured only over windows (of at least
     `window_s`) in which the queue never emptied: the server's capacity to start requests, not the
-    arrival rate. Smoothed (half old, half new); 0 until a saturated window has been seen."""
+    arrival rate. Smoothed (half old, half new); 0 until a saturated window has been seen, and again after a
+    saturated window in which no request started."""
 
     window_s: float = 1.0
     rate: float = 0.0
@@ -156,7 +157,10 @@ class StartRate:
         if now - self._at >= self.window_s:
             if self._saturated:
                 sample = (started - self._started) / (now - self._at)
-                self.rate = sample if self.rate == 0 else 0.5 * self.rate + 0.5 * sample
+                # no start in a saturated window: the queue did not move, so no rate is known (the oldest
+                # waiting request's age stands in); halving instead decayed it towards 1e-300 over a long stall,
+                # and the absurd estimates it gave refused every request that would queue, after the stall too
+                self.rate = 0.0 if sample == 0 else sample if self.rate == 0 else 0.5 * self.rate + 0.5 * sample
             self._at, self._started, self._saturated = now, started, True
         return self.rate
 

@@ -76,3 +76,23 @@ def test_an_idle_server_admits_after_a_slow_cold_step_and_the_next_step_refreshe
     assert refusal is not None and refusal.code == "slo_unattainable"
     policy.observe(SchedulerStats(2, seen_seq=1, num_waiting=0, num_running=1, waiting_tokens=0, step_ms=40.0))
     assert policy.decide(_submit(tokens=400, slo=6000.0)) is None  # steps ran: the estimate is fresh again
+
+
+def test_a_stalled_queue_does_not_leave_an_absurd_start_rate_behind():
+    """Two minutes of saturated windows in which no request started (long decodes holding every slot while
+    preempted requests wait) used to halve the rate each window, down to ~1e-35 requests/s, which then stood
+    after the stall: every request that would queue behind even one other was refused with a first-token
+    estimate of ~1e37 ms. A window with no start means the queue did not move: the oldest waiting request's
+    age stands in again, and the next saturated window with starts measures afresh."""
+    rate = StartRate(window_s=1.0)
+    rate.update(0.0, started=0, waiting=5)
+    assert rate.update(1.0, started=20, waiting=5) == pytest.approx(20.0)
+    for now in range(2, 122):
+        rate.update(float(now), started=20, waiting=5)
+    assert rate.rate == 0.0
+    policy = AdmissionPolicy(max_queue=1000, max_batch_tokens=512)
+    policy.observe(_stats(waiting=1, rate=rate.rate, oldest_ms=300.0))
+    assert policy.estimate_ttft_ms(10) == pytest.approx(300.0)
+    assert policy.decide(_submit(slo=2000.0)) is None
+    assert rate.update(123.0, started=20, waiting=5) == 0.0  # still no start
+    assert rate.update(124.0, started=26, waiting=5) == pytest.approx(6.0)  # measured afresh
