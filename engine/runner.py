@@ -234,7 +234,9 @@ class ModelRunner:
         for name in plan.evicted:
             self.resident.pop(name, None)
             self.row_tables.remove(name)
-            self.unwaited.pop(name, None)
+            event = self.unwaited.pop(name, None)
+            if event is not None:  # prefetched, never used: its pages may take this step's KV after the copy
+                torch.cuda.current_stream(self.device).wait_event(event)
         for request_id in plan.released:
             self.histories.pop(request_id, None)
             self.prompt_tails.pop(request_id, None)

@@ -353,6 +353,37 @@ def test_gpu_prefetched_adapter_used_by_the_next_step_waits_for_its_copy(tiny_ll
 
 
 @pytest.mark.gpu
+def test_gpu_prefetched_adapter_evicted_by_the_next_step_is_copied_before_its_pages_take_kv(tiny_llama, adapters):
+    """Step 0 prefetches r8 into pages 2-6 for a waiting request; step 1 (launched while step 0 is held)
+    evicts it, unused, and writes a new request's KV into pages 2-3. The copy, slowed on the load stream,
+    must land before those KV writes, not over them (the synchronous engine's tokens)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    specs = [(list(range(3, 3 + n)), SamplingParams(max_tokens=6, temperature=0.0), name)
+             for n, name in zip([24, 32, 29, 24], [None, "r8", None, None])]
+    config = dict(num_pages=8, max_batch_tokens=24, prefetch_adapters=1, max_adapters_per_batch=1, device="cuda",
+                  dtype="float32")
+    sync = _engine(tiny_llama, adapters, **config)
+    _submit(sync, specs)
+    want = _synchronous(sync)
+    piped = _engine(tiny_llama, adapters, **config)
+    _submit(piped, specs)
+    runner, plans = piped.executor, []
+    load = runner._load_adapter
+
+    def slow_load(name, pages):
+        torch.cuda._sleep(500_000_000)  # on the load stream (the caller's): ~0.3 s before the copy
+        load(name, pages)
+
+    runner._load_adapter = slow_load
+    got = run_pipelined(piped, lambda index, plan: plans.append(plan))
+    assert [load.name for load in plans[0].loads] == ["r8"] and not plans[0].slots
+    assert plans[1].evicted == ["r8"] and not plans[1].loads
+    assert set(plans[0].loads[0].pages) & {p for s in plans[1].seqs for p in s.block_table}
+    assert got.tokens == want.tokens
+
+
+@pytest.mark.gpu
 def test_gpu_pipeline_equals_synchronous_greedy_and_launch_does_not_sync(tiny_llama, adapters):
     """On CUDA with graphs: the pipelined run equals the synchronous one greedily, and once the graphs of the
     run's buckets are captured (a first run), a decode step's launch queues its work without a host sync
