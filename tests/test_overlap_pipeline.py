@@ -322,17 +322,9 @@ def test_device_side_pending_equals_host_resolution(tiny_llama):
     assert filled and filled.items() <= sampled.items()
 
 
-@pytest.mark.gpu
-def test_gpu_prefetched_adapter_used_by_the_next_step_waits_for_its_copy(tiny_llama, adapters):
-    """Step 0 runs a 16-token prefill and prefetches r8 for the request its token budget left waiting; step 1
-    (launched while step 0 is held) admits that request on r8 without a load. Its pages were copied on the load
-    stream, slowed here by a sleep kernel queued there before each copy: step 1 must still read the adapter,
-    not the pages before the copy (the synchronous engine's tokens)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    specs = [(list(range(3, 19)), SamplingParams(max_tokens=6, temperature=0.0), None),
-             (list(range(40, 55)), SamplingParams(max_tokens=6, temperature=0.0), "r8")]
-    config = dict(max_batch_tokens=16, prefetch_adapters=1, device="cuda", dtype="float32")
+def _pipelined_with_slow_loads(tiny_llama, adapters, specs, config: dict):
+    """(the synchronous engine's run, the pipelined run, its plans) of `specs`, the pipelined runner's adapter
+    copies each delayed ~0.3 s on the load stream by a sleep kernel queued there first."""
     sync = _engine(tiny_llama, adapters, **config)
     _submit(sync, specs)
     want = _synchronous(sync)
@@ -346,7 +338,21 @@ def test_gpu_prefetched_adapter_used_by_the_next_step_waits_for_its_copy(tiny_ll
         load(name, pages)
 
     runner._load_adapter = slow_load
-    got = run_pipelined(piped, lambda index, plan: plans.append(plan))
+    return want, run_pipelined(piped, lambda index, plan: plans.append(plan)), plans
+
+
+@pytest.mark.gpu
+def test_gpu_prefetched_adapter_used_by_the_next_step_waits_for_its_copy(tiny_llama, adapters):
+    """Step 0 runs a 16-token prefill and prefetches r8 for the request its token budget left waiting; step 1
+    (launched while step 0 is held) admits that request on r8 without a load. Its pages were copied on the load
+    stream, slowed here by a sleep kernel queued there before each copy: step 1 must still read the adapter,
+    not the pages before the copy (the synchronous engine's tokens)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    specs = [(list(range(3, 19)), SamplingParams(max_tokens=6, temperature=0.0), None),
+             (list(range(40, 55)), SamplingParams(max_tokens=6, temperature=0.0), "r8")]
+    config = dict(max_batch_tokens=16, prefetch_adapters=1, device="cuda", dtype="float32")
+    want, got, plans = _pipelined_with_slow_loads(tiny_llama, adapters, specs, config)
     assert [load.name for load in plans[0].loads] == ["r8"] and not plans[0].slots
     assert plans[1].slots == ["r8"] and not plans[1].loads and got.held_launches >= 1
     assert got.tokens == want.tokens
@@ -363,20 +369,7 @@ def test_gpu_prefetched_adapter_evicted_by_the_next_step_is_copied_before_its_pa
              for n, name in zip([24, 32, 29, 24], [None, "r8", None, None])]
     config = dict(num_pages=8, max_batch_tokens=24, prefetch_adapters=1, max_adapters_per_batch=1, device="cuda",
                   dtype="float32")
-    sync = _engine(tiny_llama, adapters, **config)
-    _submit(sync, specs)
-    want = _synchronous(sync)
-    piped = _engine(tiny_llama, adapters, **config)
-    _submit(piped, specs)
-    runner, plans = piped.executor, []
-    load = runner._load_adapter
-
-    def slow_load(name, pages):
-        torch.cuda._sleep(500_000_000)  # on the load stream (the caller's): ~0.3 s before the copy
-        load(name, pages)
-
-    runner._load_adapter = slow_load
-    got = run_pipelined(piped, lambda index, plan: plans.append(plan))
+    want, got, plans = _pipelined_with_slow_loads(tiny_llama, adapters, specs, config)
     assert [load.name for load in plans[0].loads] == ["r8"] and not plans[0].slots
     assert plans[1].evicted == ["r8"] and not plans[1].loads
     assert set(plans[0].loads[0].pages) & {p for s in plans[1].seqs for p in s.block_table}
