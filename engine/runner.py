@@ -302,8 +302,8 @@ class ModelRunner:
 
     def _sample(self, plan: StepPlan, hidden: torch.Tensor, sampled: list[SeqPlan]) -> tuple[torch.Tensor, ...]:
         """(sampled ids int64 [len(sampled)], raw fp32 logits) on the device (`sampling.draw`)."""
-        ends = np.cumsum([len(s.token_ids) for s in plan.seqs]) - 1
-        rows = [int(ends[i]) for i, s in enumerate(plan.seqs) if s.sample]
+        starts = _token_starts(plan.seqs)
+        rows = [starts[i + 1] - 1 for i, s in enumerate(plan.seqs) if s.sample]
         logits = self.model.logits(hidden[to_device(rows, torch.int64, self.device)])
         self._last_logits = ([s.request_id for s in sampled], logits)
         return draw(logits, [self._spec(s) for s in sampled])
@@ -320,7 +320,7 @@ class ModelRunner:
         """Logprobs of the prompt tokens in chunks that ask: the row at position p predicts the token at p + 1;
         a chunk's last row predicts the next chunk's first token (kept in `prompt_tails` until then). Per
         chunk (request id, position of its first entry, target ids, top-N, host copies of `logprob_tensors`)."""
-        offsets = np.cumsum([0] + [len(s.token_ids) for s in plan.seqs]).tolist()
+        offsets = _token_starts(plan.seqs)
         out = []
         for i, s in enumerate(plan.seqs):
             if s.prompt_logprobs < 0 or s.start >= s.prompt_len:
@@ -357,7 +357,7 @@ class ModelRunner:
             self.pending_on_host += 1
             return self._resolve_pending(plan), None
         self.pending_on_device += 1
-        offsets = np.cumsum([0] + [len(s.token_ids) for s in plan.seqs]).tolist()
+        offsets = _token_starts(plan.seqs)
         rows = [self.last.rows[plan.seqs[i].request_id] for i in waiting]
         values = self.last.tokens.index_select(0, to_device(rows, torch.int64, self.device))
         return plan, (to_device([offsets[i] for i in waiting], torch.int64, self.device), values)
@@ -503,7 +503,7 @@ class ModelRunner:
     def _attention_part(self, seqs: list[SeqPlan], is_decode: bool) -> AttentionBatch:
         """Block tables, context lengths and query starts of `seqs` (positions and slots are the caller's)."""
         tables = pad_rows([s.block_table for s in seqs], max(len(s.block_table) for s in seqs), 0)
-        starts = np.cumsum([0] + [len(s.token_ids) for s in seqs]).tolist()
+        starts = _token_starts(seqs)
         return AttentionBatch(None, None, to_device(tables, tables.dtype, self.device),
                               self._tensor([s.start + len(s.token_ids) for s in seqs], torch.int32),
                               self._tensor(starts, torch.int32), is_decode)
@@ -521,6 +521,12 @@ class ModelRunner:
         modules = {m for a in adapters for m in a.rows}
         tables = {m: self.row_tables.tables(plan.slots, m) for m in modules}
         return token_slots, [a.scale for a in adapters], tables
+
+
+def _token_starts(seqs: list[SeqPlan]) -> list[int]:
+    """Where each sequence's tokens start in the step's flat token order, and the total at the end
+    ([len(seqs) + 1] ints)."""
+    return np.cumsum([0] + [len(s.token_ids) for s in seqs]).tolist()
 
 
 def _decode_first(plan: StepPlan) -> StepPlan:
