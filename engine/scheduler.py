@@ -143,16 +143,15 @@ class Scheduler:
             loaded += 1
 
     def _continue(self, request: Request, budget: int, plan: Schedule) -> int:
-        total, start = request.num_tokens, request.num_computed
-        length = min(total - start, budget)
-        while not self._reserve_kv(request, start + length, plan):
+        length = min(request.num_tokens - request.num_computed, budget)
+        while not self._reserve_kv(request, request.num_computed + length, plan):
             victim = self._youngest_running(plan)
             if victim is None:  # every other candidate is in flight: this request waits a step
                 return 0
             self._preempt(victim, plan)
             if victim is request:
                 return 0
-        plan.chunks.append(Chunk(request, start, length, start + length == total))  # as _add_chunk
+        self._add_chunk(request, length, plan)
         return length
 
     def _admit(self, budget: int, plan: Schedule) -> None:
@@ -225,7 +224,7 @@ class Scheduler:
 
     def _reserve_kv(self, request: Request, num_tokens: int, plan: Schedule) -> bool:
         pages = self.pool.kv_pages.get(request.id)
-        need = -(-num_tokens // self.config.block_tokens) - (len(pages) if pages is not None else 0)
+        need = self.blocks_for(num_tokens) - (len(pages) if pages is not None else 0)
         if need <= 0:
             return True
         if not self._evict_until(need, keep=None):
