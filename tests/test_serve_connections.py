@@ -43,14 +43,15 @@ async def test_generations_per_socket_are_capped_and_the_socket_stays_usable(ser
         third = await asyncio.wait_for(client.expect("g2"), 60)
         await client.send({"type": "cancel", "id": "g0"})
         await asyncio.wait_for(client.expect("g0"), 60)
-        await client.send({"type": "generate", "id": "g3", "prompt": "after", "max_tokens": 3})
+        await client.send({"type": "generate", "id": "g3", "prompt": "after", "max_tokens": 3,
+                           "ignore_eos": True})
         after = await asyncio.wait_for(client.expect("g3"), 60)
         await client.send({"type": "cancel", "id": "g1"})
         await asyncio.wait_for(client.expect("g1"), 60)
         await ws.close()
         await reader
     assert third["type"] == "error" and third["error"]["code"] == "too_many_generations", third
-    assert after["type"] == "done" and after["usage"]["completion_tokens"] == 3
+    assert after["type"] == "done" and after["usage"]["completion_tokens"] == 3, after
 
 
 async def test_refusals_for_capacity_are_not_invalid_frames(server):
