@@ -15,8 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors import safe_open
 
 from lorafleet.engine.config import TARGET_MODULES, ModelConfig
 from lorafleet.engine.layout import AdapterLayout
@@ -31,6 +31,7 @@ MAX_DELTA = 1e4  # bound on |scale * B @ A| entries (trained adapters: below ~10
 # adapter_config.json is a few KB (a rank_pattern for every module of a 128-layer model: ~100 KB); parsing a
 # huge one would hold the GIL for seconds and take gigabytes in the serving process
 MAX_CONFIG_BYTES = 4 << 20
+MAX_HEADER_BYTES = 8 << 20  # a safetensors header of 128 layers x 7 modules x 2 factors: ~300 KB
 
 
 class AdapterError(ValueError):
@@ -98,13 +99,28 @@ def read_adapter_config(adapter_dir: Path, max_rank: int) -> LoraSpec:
         raise AdapterError(str(exc)) from None
 
 
-def _read_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+def max_weights_bytes(model: ModelConfig, max_rank: int) -> int:
+    """Size limit of adapter_model.safetensors: every module of every layer at rank `max_rank` in float64,
+    plus room for the header (names and offsets, a few hundred KB at most)."""
+    per_layer = sum(max_rank * (in_dim + out_dim) for in_dim, out_dim in model.module_dims().values())
+    return model.num_layers * per_layer * 8 + MAX_HEADER_BYTES
+
+
+def _read_tensors(adapter_dir: Path, limit: int) -> dict[str, torch.Tensor]:
+    """The tensors of adapter_model.safetensors, read into memory with plain reads. Not memory-mapped: a
+    mapped file that shrinks while it is read (an adapter saved again in place: writers truncate first)
+    kills the whole process with SIGBUS; a read only returns fewer bytes, which is refused here. A file larger
+    than `limit` (no adapter of this model could be that large) is refused before it is read."""
     path = adapter_dir / "adapter_model.safetensors"
     if not path.is_file():
         raise AdapterError(f"adapter_model.safetensors not found in {adapter_dir} (only safetensors is read)")
+    with path.open("rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise AdapterError(f"adapter_model.safetensors: larger than {limit} bytes, which is more than every module "
+                           "of every layer at the maximum rank in float64: not an adapter of this model")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
+        return safetensors.torch.load(data)
     except Exception as exc:  # safetensors raises several types for corrupt files
         raise AdapterError(f"adapter_model.safetensors is unreadable: {exc}") from exc
 
@@ -127,21 +143,30 @@ def _load_adapter(name: str, adapter_dir: str | Path, model: ModelConfig, max_ra
             raise AdapterError(f"target_modules: selects {container}, which is not a linear layer (PEFT cannot "
                                "put a LoRA on it either)")
     pairs: dict[tuple[str, int], dict[str, tuple[str, torch.Tensor]]] = {}
-    dims = model.module_dims()
-    for key, tensor in sorted(_read_tensors(adapter_dir).items()):
+    for key, tensor in sorted(_read_tensors(adapter_dir, max_weights_bytes(model, max_rank)).items()):
         layer, module, which, path = _parse_key(key, model.num_layers)
-        if not spec.selects(path):
-            raise AdapterError(f"{key}: module {path} is not selected by target_modules/exclude_modules/"
-                               "layers_to_transform (PEFT would not load this tensor)")
-        rank = spec.rank(path)
-        in_dim, out_dim = dims[module]
-        expected = (rank, in_dim) if which == "A" else (out_dim, rank)
-        if tuple(tensor.shape) != expected:
-            source = "rank_pattern" if rank != spec.r else "r"
-            raise AdapterError(f"{key}: shape {tuple(tensor.shape)} does not match the base model and the rank, "
-                               f"expected {expected} ({source} = {rank})")
-        pairs.setdefault((module, layer), {})[which] = (key, _finite(key, _floating(key, tensor).float()))
+        factors = pairs.setdefault((module, layer), {})
+        if which in factors:  # e.g. with and without the base_model.model. prefix: which one PEFT uses is unclear
+            raise AdapterError(f"{key}: a second lora_{which} of {path} (the first is {factors[which][0]})")
+        factors[which] = (key, _checked_factor(key, tensor, spec, model, path, which))
     return _assemble(name, spec, pairs, model.num_layers)
+
+
+def _checked_factor(key: str, tensor: torch.Tensor, spec: LoraSpec, model: ModelConfig, path: str,
+                    which: str) -> torch.Tensor:
+    """The tensor `key` (lora_`which` of module `path`) as float32, once the config selects its module and
+    its shape, dtype and values are those of a LoRA factor of the base model; else AdapterError naming it."""
+    if not spec.selects(path):
+        raise AdapterError(f"{key}: module {path} is not selected by target_modules/exclude_modules/"
+                           "layers_to_transform (PEFT would not load this tensor)")
+    rank = spec.rank(path)
+    in_dim, out_dim = model.module_dims()[path.rsplit(".", 1)[1]]
+    expected = (rank, in_dim) if which == "A" else (out_dim, rank)
+    if tuple(tensor.shape) != expected:
+        source = "rank_pattern" if rank != spec.r else "r"
+        raise AdapterError(f"{key}: shape {tuple(tensor.shape)} does not match the base model and the rank, "
+                           f"expected {expected} ({source} = {rank})")
+    return _finite(key, _floating(key, tensor).float())
 
 
 def _floating(key: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -295,6 +295,8 @@ def _layers(value: object) -> int | tuple[int, ...] | None:
 def _layers_pattern(value: object) -> tuple[str, ...] | None:
     if value is None:
         return None
+    if value == "":
+        return ()  # PEFT: an empty layers_pattern means "any layer pattern" (not None: still refused with a regex)
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
         raise ConfigFieldError(f"layers_pattern: must be a string or a list of strings, got {_json_type(value)}")

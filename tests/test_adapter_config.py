@@ -143,7 +143,7 @@ def lora_configs(draw) -> dict:
         "exclude_modules": st.one_of(st.sampled_from([["k_proj"], ["model.layers.0.mlp.up_proj"]]),
                                      st.just(r".*layers\.0\.self_attn\.q_proj")),
         "layers_to_transform": st.one_of(st.integers(0, 2), st.lists(st.integers(0, 3), max_size=2, unique=True)),
-        "layers_pattern": st.sampled_from(["layers", ["layers"], "blocks"]),
+        "layers_pattern": st.sampled_from(["layers", ["layers"], "blocks", ""]),
         "rank_pattern": st.dictionaries(st.sampled_from(["q_proj", "mlp.down_proj", r"layers\.1\.self_attn\.k_proj"]),
                                         st.integers(1, 8), max_size=2),
         "alpha_pattern": st.dictionaries(st.sampled_from(["v_proj", "up_proj", r"layers\.0\..*"]),
@@ -425,6 +425,73 @@ def test_fan_in_fan_out_and_dropout_are_ignored_as_peft_does_for_linear(tiny_lla
     odd = _adapter(tmp_path, tiny_llama, Fault("", {"fan_in_fan_out": True, "lora_dropout": 0.5}), name="o")
     weights = load_adapter("o", odd, model_cfg, MAX_RANK)
     assert weights.scale == plain.scale and all(torch.equal(weights.a[m], plain.a[m]) for m in plain.a)
+
+
+def test_an_empty_layers_pattern_means_any_layer_as_in_peft(tiny_llama, base, model_cfg, tmp_path):
+    """PEFT reads `"layers_pattern": ""` as no pattern (the layer index is the first numbered component);
+    it was read as a pattern that matches nothing, so the adapter was refused or lost its layers."""
+    path = _adapter(tmp_path, tiny_llama, Fault("", {"layers_pattern": "", "layers_to_transform": [1]},
+                                                tensors=lambda t: {k: v for k, v in t.items() if ".layers.1." in k}))
+    peft_layers = set(_peft_layers(_peft_model(base, path)))
+    spec = read_adapter_config(path, MAX_RANK)
+    assert {n for n in LINEAR if spec.selects(n)} == peft_layers and peft_layers
+    weights = load_adapter("a", path, model_cfg, MAX_RANK)
+    assert all(torch.count_nonzero(weights.a[m][0]) == 0 and torch.count_nonzero(weights.a[m][1]) for m in weights.a)
+
+
+def test_two_tensors_for_one_factor_are_refused_naming_both(tiny_llama, model_cfg, tmp_path):
+    """A factor saved twice (with and without PEFT's `base_model.model.` prefix, or with an adapter name) was
+    accepted, the later name in sorted order silently replacing the other."""
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    for i, other in enumerate([key.removeprefix("base_model.model."), key.replace("lora_A.", "lora_A.default.")]):
+        path = _adapter(tmp_path, tiny_llama, Fault("", tensors=lambda t, o=other: {**t, o: torch.ones_like(t[key])}),
+                        name=f"d{i}")
+        with pytest.raises(AdapterError, match="a second lora_A of model.layers.0.self_attn.q_proj"):
+            load_adapter("a", path, model_cfg, MAX_RANK)
+
+
+def test_a_weights_file_larger_than_any_adapter_is_refused_before_it_is_read(tiny_llama, model_cfg, tmp_path):
+    """A merged model or a stray checkpoint saved as adapter_model.safetensors was read whole before its names
+    were checked; the size bound (every module at the maximum rank in float64) refuses it unread."""
+    from lorafleet.engine.adapters import max_weights_bytes
+
+    limit = max_weights_bytes(model_cfg, MAX_RANK)
+    path = _adapter(tmp_path, tiny_llama)
+    save_file({"base_model.model.model.embed_tokens.weight": torch.zeros(limit // 4 + 1)},
+              str(path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=f"^adapter_model.safetensors: larger than {limit} bytes"):
+        load_adapter("a", path, model_cfg, MAX_RANK)
+    full = _adapter(tmp_path, tiny_llama, name="full", rank=MAX_RANK, targets=TARGET_MODULES, dtype=torch.float64,
+                    std=0.001)
+    assert load_adapter("full", full, model_cfg, MAX_RANK).rank == MAX_RANK  # the largest valid one is read
+
+
+def test_a_weights_file_cut_short_while_it_is_read_is_refused_and_the_process_lives(tiny_llama, tmp_path):
+    """Tensors were memory-mapped from adapter_model.safetensors: when the file was truncated while an
+    adapter was read (a trainer saving it again in place) the next access killed the whole serving process
+    with SIGBUS. Here the file is cut to 100 bytes as its first tensor's values are checked."""
+    import subprocess
+    import sys
+
+    path = _adapter(tmp_path, tiny_llama, rank=16, targets=TARGET_MODULES)
+    script = f"""
+import os
+from lorafleet.engine import adapters
+from lorafleet.engine.config import ModelConfig
+checked = adapters._finite
+def cut(*args):
+    os.truncate({str(path / "adapter_model.safetensors")!r}, 100)
+    return checked(*args)
+adapters._finite = cut
+try:
+    weights = adapters.load_adapter("a", {str(path)!r}, ModelConfig.from_dir({str(tiny_llama)!r}), 64)
+    print("read", weights.rank)
+except adapters.AdapterError as exc:
+    print("refused", exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("read 16")  # the bytes were read before the cut: the adapter is whole
 
 
 KEY_PARTS = {
