@@ -141,13 +141,15 @@ class ConnectionLimits:
     per second; an invalid frame costs `ws_invalid_cost` tokens; a socket that empties the bucket is closed
     with 1008 (policy violation). `ws_send_buffer`: bytes of frames one WebSocket may have waiting to be sent
     (its client reads slower than its generations produce); over it the connection is dropped and its
-    generations cancelled. `body_timeout`: seconds a client may take to send a request body (408)."""
+    generations cancelled. `sse_send_buffer`: the same bound for one OpenAI SSE stream (its events encoded
+    but not yet sent). `body_timeout`: seconds a client may take to send a request body (408)."""
 
     ws_generations: int = 256
     ws_frame_rate: float = 500.0
     ws_frame_burst: float = 1000.0
     ws_invalid_cost: float = 10.0
     ws_send_buffer: int = 64 << 20
+    sse_send_buffer: int = 64 << 20
     body_timeout: float = 30.0
 
 

@@ -9,22 +9,25 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import json
+import logging
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from aiohttp import web
 
 from lorafleet.actors.fields import show, unique_keys
-from lorafleet.actors.frontend import Frontend, Merged, admit_all, item_error
+from lorafleet.actors.frontend import Frontend, Generation, Merged, admit_all, internal_error, item_error
 from lorafleet.actors.logprobs import CompletionLogprobs, chat_logprobs, prompt_logprobs
 from lorafleet.actors.protocol import ApiError, GenerationSpec, bad, parse_detokenize, parse_generation, parse_tokenize
 from lorafleet.actors.schema import DeltaItem
 
 _json_event = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps(data, separators=...), minus its set-up
 _json_string = json.encoder.encode_basestring_ascii  # what that encoder writes for a str (ensure_ascii)
+log = logging.getLogger("lorafleet.openai")
 
 
 def error_response(exc: ApiError) -> web.Response:
@@ -56,12 +59,20 @@ async def read_json(request: web.Request, frontend: Frontend) -> object:
                        "body") from exc
     except web.HTTPRequestEntityTooLarge as exc:
         raise ApiError(413, "body_too_large", f"body: larger than {frontend.max_body_bytes} bytes", "body") from exc
+    except web.RequestPayloadError as exc:  # the body's framing or Content-Encoding is broken (the client's fault)
+        raise bad("body", f"could not be read: {_payload_reason(exc)}", "invalid_body") from exc
     try:
         return json.loads(raw, object_pairs_hook=unique_keys)
     except RecursionError as exc:
         raise bad("body", "is nested too deeply to parse", "invalid_json") from exc
     except ValueError as exc:
         raise bad("body", f"is not valid JSON: {exc}", "invalid_json") from exc
+
+
+def _payload_reason(exc: web.RequestPayloadError) -> str:
+    """aiohttp's reason for a body it could not read (e.g. "Can not decode content-encoding: deflate"), one line."""
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    return " ".join(str(getattr(cause, "message", "") or cause).split())[:200]
 
 
 @dataclass
@@ -215,35 +226,127 @@ async def _collect(merged: Merged, out: Completion) -> None:
         out.update(generation.spec, item)
 
 
-async def _sse(resp: web.StreamResponse, data: object) -> None:
+def _sse(data: object) -> bytes:
+    """One server-sent event: `data: <JSON or [DONE]>` and a blank line."""
     payload = data if isinstance(data, str) else _json_event(data)
-    await resp.write(f"data: {payload}\n\n".encode())
+    return f"data: {payload}\n\n".encode()
 
 
-async def _stream(request: web.Request, merged: Merged, out: Completion) -> web.StreamResponse:
+class SseStream:
+    """One streamed response: its choices' items become SSE events as they arrive, and the handler writes them.
+
+    The Router hands each item to `receive` (on the loop, never awaiting), which encodes the choice's chunk into
+    the response's outbox at once; the handler (`run`) writes whatever the outbox holds in one write per wake-up,
+    so a step's chunks for one response go out together. The handler's write waits while the client reads slowly,
+    but the items do not: their chunks accumulate in the outbox. What is encoded but not yet sent — the outbox
+    plus the connection's transport buffer, in bytes — is bounded by `--sse-max-send-buffer-mb`, the WebSocket
+    bound's twin: past it the client reads slower than its generations produce, the connection is dropped
+    (counted `sse_closed_slow_reader`) and its generations are cancelled. The events are those of OpenAI's
+    stream: one chunk per item that carries text, token ids or a finish (and chat's first, role-only delta),
+    an error event in place of the rest when a choice fails, the usage chunk (`include_usage`), then `[DONE]`."""
+
+    def __init__(self, request: web.Request, resp: web.StreamResponse, generations: list[Generation],
+                 out: Completion) -> None:
+        self.frontend: Frontend = request.app["frontend"]
+        self.transport, self.resp, self.out = request.transport, resp, out
+        self.generations = generations
+        self.outbox: list[bytes] = []
+        self.outbox_bytes = 0
+        self.open = len(generations)
+        self.ended: set[str] = set()
+        self.done = self.dropped = False
+        self.wake = asyncio.Event()
+        router = self.frontend.router
+        for generation in generations:
+            while not generation.queue.empty():  # items that came between its admission and now
+                self.receive(generation, generation.queue.get_nowait())
+            router.attach(generation.request_id, partial(self.receive, generation))
+
+    def receive(self, generation: Generation, item: object) -> None:
+        """The Router's callback for one of the response's choices."""
+        if self.done or generation.request_id in self.ended:
+            return  # nothing follows the stream's end, or a choice's last item
+        try:
+            self._item(generation, item)
+        except Exception as exc:  # a bug ends the stream with an error event; the router and the others go on
+            ref = self.frontend.new_id("err")
+            log.exception("SSE stream %s failed (%s)", self.out.id, ref)
+            self._end(_sse(internal_error(ref, exc).body()))
+        self._check_backlog()
+        self.wake.set()
+
+    def _item(self, generation: Generation, item: object) -> None:
+        assert isinstance(item, DeltaItem), f"unexpected message {item!r}"
+        generation.finished = generation.finished or item.finished
+        if item.error_code is not None:
+            self._end(_sse(item_error(item).body()))
+            return
+        out = self.out
+        piece = out.update(generation.spec, item)
+        if piece.text or piece.token_ids or item.finished or (piece.first and out.chat):
+            self._post(_sse(out.chunk_json(generation.spec, piece, item.finish_reason if item.finished else None)))
+        if item.finished:
+            self.ended.add(generation.request_id)
+            self.open -= 1
+            if self.open == 0:
+                usage = _sse({**out.envelope([], stream=True), "usage": out.usage()}) if out.spec.include_usage \
+                    else b""
+                self._end(usage)
+
+    def _post(self, event: bytes) -> None:
+        self.outbox.append(event)
+        self.outbox_bytes += len(event)
+
+    def _end(self, last: bytes) -> None:
+        """The stream's last events: `last` (an error, or the usage chunk), then `[DONE]`."""
+        if last:
+            self._post(last)
+        self._post(_sse("[DONE]"))
+        self.done = True
+
+    def _check_backlog(self) -> None:
+        """Drop the connection once its unsent bytes (outbox + transport buffer) pass --sse-max-send-buffer-mb."""
+        if self.dropped:
+            return
+        limit = self.frontend.limits.sse_send_buffer
+        waiting = self.outbox_bytes + (self.transport.get_write_buffer_size() if self.transport is not None else 0)
+        if waiting <= limit:
+            return
+        self.dropped = self.done = True
+        self.outbox, self.outbox_bytes = [], 0
+        self.frontend.hub.count("sse_closed_slow_reader")
+        log.warning("dropping an SSE stream whose client does not read: over %d bytes of events waiting "
+                    "(--sse-max-send-buffer-mb); its %d generation(s) are cancelled", limit, len(self.generations))
+        for generation in self.generations:
+            generation.close()
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def run(self) -> None:
+        """Write the outbox as it fills, until the stream has ended (then end the response) or was dropped."""
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            if self.dropped:
+                return
+            events, self.outbox, self.outbox_bytes = self.outbox, [], 0
+            finished = self.done
+            if events:
+                await self.resp.write(b"".join(events))
+            if finished and not self.outbox:
+                break
+        if not self.dropped:
+            await self.resp.write_eof()
+
+
+async def _stream(request: web.Request, generations: list[Generation], out: Completion) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     try:
-        await _events(resp, merged, out)
+        await SseStream(request, resp, generations, out).run()
     except ConnectionResetError:  # the client went away mid-stream; the caller cancels its generations
         pass
     return resp
-
-
-async def _events(resp: web.StreamResponse, merged: Merged, out: Completion) -> None:
-    while (got := await merged.next()) is not None:
-        generation, item = got
-        if item.error_code is not None:
-            await _sse(resp, item_error(item).body())
-            break
-        piece = out.update(generation.spec, item)
-        if piece.text or piece.token_ids or item.finished or (piece.first and out.chat):
-            await _sse(resp, out.chunk_json(generation.spec, piece, item.finish_reason if item.finished else None))
-    else:
-        if out.spec.include_usage:
-            await _sse(resp, {**out.envelope([], stream=True), "usage": out.usage()})
-    await _sse(resp, "[DONE]")
-    await resp.write_eof()
 
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
@@ -259,10 +362,9 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
                      frontend.ctx.tokenizer)
     try:
         await admit_all(generations)
-        merged = Merged(generations)
         if spec.stream:
-            return await _stream(request, merged, out)
-        await _collect(merged, out)
+            return await _stream(request, generations, out)
+        await _collect(Merged(generations), out)
     except ApiError as exc:
         return error_response(exc)
     finally:

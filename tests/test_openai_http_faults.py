@@ -1,0 +1,69 @@
+"""HTTP-level faults a client (or a hostile one) can send the OpenAI routes, over a real socket: bodies whose
+Content-Encoding or chunked framing is broken are the client's error (400 `invalid_body`, JSON error shape),
+never a 500, and the server goes on serving. The real aiohttp app and Router serve on a loopback socket; the
+step source of tests/test_ws_delivery.py stands in for the scheduler (no model)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import socket
+import zlib
+
+import pytest
+from test_ws_delivery import MODEL, _serve, _stop
+
+BODY = json.dumps({"model": MODEL, "prompt": [5], "max_tokens": 3}).encode()
+
+
+def _exchange(port: int, head: bytes, body: bytes) -> tuple[int, dict]:
+    """Send one POST /v1/completions (`head`: extra header lines) and read its whole response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\n" + head + b"\r\n" + body)
+        raw = bytearray()
+        while data := sock.recv(1 << 16):
+            raw += data
+    status_line, _, rest = bytes(raw).partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+def _chunked(body: bytes, size: int = 7) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + size]), body[i:i + size])
+                    for i in range(0, len(body), size)) + b"0\r\n\r\n"
+
+
+def _length(body: bytes) -> bytes:
+    return b"Content-Length: %d\r\n" % len(body)
+
+
+CUT = gzip.compress(BODY)[:20]  # a gzip stream cut short decodes to the start of the JSON: invalid JSON
+CASES = {  # name: (header lines, body, expected error code or None for 200)
+    "gzip": (b"Content-Encoding: gzip\r\n" + _length(gzip.compress(BODY)), gzip.compress(BODY), None),
+    "deflate": (b"Content-Encoding: deflate\r\n" + _length(zlib.compress(BODY)), zlib.compress(BODY), None),
+    "chunked": (b"Transfer-Encoding: chunked\r\n", _chunked(BODY), None),
+    "deflate, not compressed": (b"Content-Encoding: deflate\r\n" + _length(BODY), BODY, "invalid_body"),
+    "gzip, chunked, corrupt": (b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n",
+                               _chunked(b"\x1f\x8b\x08\x00" + b"\xff" * 40), "invalid_body"),
+    "gzip, cut short": (b"Content-Encoding: gzip\r\n" + _length(CUT), CUT, "invalid_json"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+async def test_a_body_that_cannot_be_read_is_400_invalid_body_and_the_server_goes_on(name):
+    head, body, expected = CASES[name]
+    frontend, runner, tasks, url, source = await _serve()
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        status, got = await asyncio.to_thread(_exchange, port, head, body)
+        assert status == (200 if expected is None else 400), got
+        if expected is not None:
+            error = got["error"]
+            assert (error["code"], error["param"], error["type"]) == (expected, "body", "invalid_request_error")
+        else:
+            assert got["choices"][0]["finish_reason"] == "length"
+        status, after = await asyncio.to_thread(_exchange, port, _length(BODY), BODY)
+        assert status == 200 and after["usage"]["completion_tokens"] == 3
+    finally:
+        await _stop(runner, tasks)
