@@ -22,14 +22,11 @@ import asyncio
 import json
 import os
 import platform
-import queue
 import random
 import shlex
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -37,6 +34,7 @@ from pathlib import Path
 import aiohttp
 
 from lorafleet.engine.demo import BASE_MODEL_NAME, TASKS, echo, random_input
+from lorafleet.loadgen.launch import Launched, launch, stop
 
 
 def free_port() -> int:
@@ -45,36 +43,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_fleet(replicas: int, router: str, server_args: list[str], ray_cpus: int) -> tuple[subprocess.Popen, str]:
+def start_fleet(replicas: int, router: str, server_args: list[str], ray_cpus: int) -> Launched:
     port = free_port()
     cmd = [sys.executable, "-m", "lorafleet", "fleet", "--replicas", str(replicas), "--port", str(port),
            "--ray-num-cpus", str(ray_cpus), "--router", router, "--", "--torch-threads", "1", *server_args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    ready: queue.Queue[str | None] = queue.Queue()
-    lines: list[str] = []
-
-    def pump() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if "lorafleet fleet: ready on " in line:
-                ready.put(line.rsplit("ready on ", 1)[1].strip())
-        ready.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    url = ready.get(timeout=600)
-    if url is None:
-        raise RuntimeError("the fleet did not start:\n" + "".join(lines[-100:]))
-    return proc, url
-
-
-def stop_fleet(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    return launch(cmd, {**os.environ, "OMP_NUM_THREADS": "1"}, "lorafleet fleet: ready on ", 600, new_session=True)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -177,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for name, replicas, router in (("1-replica", 1, "affinity"), ("2-replicas", 2, "affinity"),
                                    ("2-replicas-ray-default-router", 2, "ray-default")):
-        proc, url = start_fleet(replicas, router, server_args, args.ray_num_cpus)
+        fleet = start_fleet(replicas, router, server_args, args.ray_num_cpus)
+        url = fleet.url
         try:
             run = {"replicas": replicas, "router": router}
             if name == "2-replicas":
@@ -190,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[name] = run
             print(name, json.dumps(run), flush=True)
         finally:
-            stop_fleet(proc)
+            stop(fleet.proc, signal.SIGINT, 120, new_session=True)
     one, two = runs["1-replica"]["throughput"], runs["2-replicas"]["throughput"]
     ray_default = runs["2-replicas-ray-default-router"]
     result = {

@@ -22,17 +22,16 @@ import json
 import os
 import platform
 import random
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+
+from lorafleet.loadgen.launch import Launched, launch, stop
 
 STEP_DELAY_ENV = "LORAFLEET_TEST_STEP_DELAY_FILE"
 SHED_CODES = ("queue_full", "slo_unattainable", "too_many_generations")  # load refused or dropped, by design
@@ -195,23 +194,16 @@ def summarize(soak: Soak, phases: list[str]) -> dict:
     return {"all": figures(outs), "phases": {p: figures([o for o in outs if o.phase == p]) for p in phases}}
 
 
-def start_server(args: argparse.Namespace, delay_file: Path, log: list[str]) -> tuple[subprocess.Popen, str]:
+def start_server(args: argparse.Namespace, delay_file: Path) -> Launched:
     cmd = [sys.executable, "-m", "lorafleet", "serve", "--port", "0", "--torch-threads", "1",
            "--disable-log-requests", "--slo-ttft-ms", str(args.deadline_ms), *args.server_args]
-    env = {**os.environ, STEP_DELAY_ENV: str(delay_file)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    for line in proc.stdout:
-        if "ready on http://" in line:
-            # keep reading its output (a full pipe would block the server), keeping the warnings and errors
-            threading.Thread(target=_drain_output, args=(proc, log), daemon=True).start()
-            return proc, line.rsplit("ready on ", 1)[1].split()[0]
-    raise RuntimeError(f"the server did not start (exit {proc.wait()})")
+    return launch(cmd, {**os.environ, STEP_DELAY_ENV: str(delay_file)})
 
 
-def _drain_output(proc: subprocess.Popen, log: list[str]) -> None:
-    for line in proc.stdout:
-        if any(word in line for word in ("WARNING", "ERROR", "Traceback", "Task exception", "stalled")):
-            log.append(line.rstrip())
+def _warnings(lines: list[str]) -> list[str]:
+    """The server's warnings, errors and tracebacks among its output lines."""
+    words = ("WARNING", "ERROR", "Traceback", "Task exception", "stalled")
+    return [line.rstrip() for line in lines if any(word in line for word in words)]
 
 
 async def soak_run(args: argparse.Namespace, url: str, delay_file: Path) -> dict:
@@ -262,21 +254,15 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         delay_file = Path(tmp) / "step-delay"
         delay_file.write_text("0")
-        server_log: list[str] = []
-        proc, url = start_server(args, delay_file, server_log)
+        server = start_server(args, delay_file)
         try:
-            result = asyncio.run(soak_run(args, url, delay_file))
+            result = asyncio.run(soak_run(args, server.url, delay_file))
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                exit_code = proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                exit_code = proc.wait()
+            exit_code = stop(server.proc, timeout=60)
     config = {k: v for k, v in vars(args).items() if k != "out"}
     report = {"bench": "soak", "config": config, "machine": {"platform": platform.platform(),
               "cpus": os.cpu_count()}, **result, "server_exit_code": exit_code,
-              "server_warnings": server_log[-50:]}
+              "server_warnings": _warnings(server.lines)[-50:]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: report[k] for k in ("capacity_req_s", "offered_req_s", "all", "health_at_end",

@@ -7,15 +7,14 @@ run's TTFT axis spans the data, not the SLO; the plot names the configuration.""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-from test_serve_support import spawn_until_ready
 
 from lorafleet.loadgen.cli import server_defaults
 from lorafleet.loadgen.clients import RequestRecord
+from lorafleet.loadgen.launch import launch, stop
 from lorafleet.loadgen.results import build_figure
 
 LORAFLEET = [sys.executable, "-m", "lorafleet"]
@@ -24,10 +23,9 @@ LORAFLEET = [sys.executable, "-m", "lorafleet"]
 @pytest.fixture(scope="module")
 def default_server():
     """`lorafleet serve --port 0`, nothing else: the server a new user starts."""
-    proc, url, _ = spawn_until_ready([*LORAFLEET, "serve", "--port", "0"], dict(os.environ), "ready on ")
-    yield url
-    proc.terminate()
-    assert proc.wait(timeout=60) == 0
+    started = launch([*LORAFLEET, "serve", "--port", "0"])
+    yield started.url
+    assert stop(started.proc, timeout=60) == 0, started.output(200)
 
 
 def loadgen(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess:

@@ -7,17 +7,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import queue
-import re
 import signal
-import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+
+from lorafleet.loadgen.launch import Launched, launch, stop
 
 RANKS = (1, 2, 3, 4, 6, 8, 12, 16)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -55,70 +52,25 @@ def offline_truth(model: Path, adapters: dict[str, Path], work: list[tuple[str, 
     return [{"token_ids": r.token_ids, "text": r.text, "finish_reason": r.finish_reason} for r in results]
 
 
-@dataclass
-class ServerProc:
-    proc: subprocess.Popen
-    url: str
-    lines: list[str] = field(default_factory=list)
-
+class ServerProc(Launched):
     @property
     def ws_url(self) -> str:
         return self.url.replace("http", "ws", 1) + "/v1/stream"
-
-    def output(self) -> str:
-        return "".join(self.lines)
-
-
-def spawn_until_ready(cmd: list[str], env: dict[str, str], marker: str, timeout: float = START_TIMEOUT,
-                      new_session: bool = False) -> tuple[subprocess.Popen, str, list[str]]:
-    """Start `cmd` (its output collected line by line by a thread) and wait for a line holding `marker` followed
-    by a URL; returns the process, that URL and the lines. A process that ends or does
-    not print it within `timeout` s is killed (its whole session with `new_session`) and its output raised."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=new_session)
-    lines: list[str] = []
-    ready: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            found = re.search(re.escape(marker) + r"(http\S+)", line)
-            if found:
-                ready.put(found.group(1))
-        ready.put(None)
-
-    threading.Thread(target=pump, daemon=True).start()
-    try:
-        url = ready.get(timeout=timeout)
-    except queue.Empty:
-        url = None
-    if url is None:
-        if new_session:
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:
-            proc.kill()
-        proc.wait()
-        raise RuntimeError(f"{cmd[3]} did not start:\n" + "".join(lines[-200:]))
-    return proc, url, lines
 
 
 def start_server(args: list[str], env: dict[str, str] | None = None) -> ServerProc:
     """Start `python -m lorafleet serve --port 0 ...` and wait for its ready line."""
     cmd = [sys.executable, "-m", "lorafleet", "serve", "--host", "127.0.0.1", "--port", "0", "--torch-threads", "1",
            *args]
-    return ServerProc(*spawn_until_ready(cmd, {**os.environ, **(env or {})}, "ready on "))
+    started = launch(cmd, {**os.environ, **(env or {})}, timeout=START_TIMEOUT)
+    return ServerProc(started.proc, started.url, started.lines)
 
 
 def stop_server(server: ServerProc, sig: int = signal.SIGTERM, timeout: float = 120.0) -> int:
     """Signal the server and wait for it; kills it (and fails loudly) if it does not exit."""
-    if server.proc.poll() is None:
-        server.proc.send_signal(sig)
-    try:
-        return server.proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait()
-        raise AssertionError("server did not exit after the signal:\n" + server.output()) from None
+    code = stop(server.proc, sig, timeout)
+    assert code is not None, "server did not exit after the signal:\n" + server.output()
+    return code
 
 
 def pid_alive(pid: int) -> bool:
