@@ -251,6 +251,8 @@ class SchedulerActor:
         self.started = 0  # requests that got their first token
         self.start_rate = StartRate()
         self._asked: set[str] = set()
+        self._loading: set[str] = set()  # names of runtime loads being read
+        self._admin_tasks: set[asyncio.Task] = set()
         self._stalls_seen = 0
         self._unpublished: Completed | None = None
         self.idle = asyncio.Event()
@@ -742,14 +744,44 @@ class SchedulerActor:
         if refusal is not None:
             self.router.send(refusal)
             return
+        if msg.op == "load":  # read off the step loop: the running requests keep streaming meanwhile
+            self._loading.add(msg.name)
+            task = asyncio.create_task(self._admin_load(msg), name=f"admin-load-{msg.name}")
+            self._admin_tasks.add(task)
+            task.add_done_callback(self._admin_tasks.discard)
+            return
         try:
-            if msg.op == "load":
-                await asyncio.to_thread(self.engine.add_adapter, msg.name, msg.path)
-            else:
-                self.engine.remove_adapter(msg.name)
+            self.engine.remove_adapter(msg.name)
         except AdapterError as exc:
             self.router.send(AdminResult(msg.request_id, False, "adapter_invalid", str(exc)))
             return
+        self._admin_done(msg)
+
+    async def _admin_load(self, msg: AdminOp) -> None:
+        """A runtime load: the directory is read and validated in a worker thread (seconds for a large adapter,
+        during which steps go on), then registered here on the loop. Any failure answers the op, never the actor."""
+        store = self.engine.store
+        try:
+            prepared = await asyncio.to_thread(store.prepare, msg.name, msg.path)
+            if msg.name in store.infos:  # resolved from the adapter root on first use meanwhile
+                self.router.send(AdminResult(msg.request_id, False, "adapter_exists",
+                                             f"lora_name: {msg.name!r} is already loaded"))
+                return
+            store.add(*prepared)
+        except AdapterError as exc:
+            self.router.send(AdminResult(msg.request_id, False, "adapter_invalid", str(exc)))
+            return
+        except Exception as exc:
+            ref = f"msg-AdminOp-{msg.request_id}"
+            log.error("scheduler: AdminOp failed (%s)", ref, exc_info=exc)
+            self.router.send(AdminResult(msg.request_id, False, INTERNAL_ERROR, "the scheduler failed on this "
+                                         f"request; the server log has the details under {ref}"))
+            return
+        finally:
+            self._loading.discard(msg.name)
+        self._admin_done(msg)
+
+    def _admin_done(self, msg: AdminOp) -> None:
         if self.index is not None:
             self.index.invalid.pop(msg.name, None)
         self._adapters_changed()
@@ -765,6 +797,8 @@ class SchedulerActor:
             return AdminResult(msg.request_id, False, "invalid_parameter", f"op: unknown operation {msg.op!r}")
         if msg.op == "load" and known:
             return AdminResult(msg.request_id, False, "adapter_exists", f"lora_name: {msg.name!r} is already loaded")
+        if msg.op == "load" and msg.name in self._loading:
+            return AdminResult(msg.request_id, False, "adapter_exists", f"lora_name: {msg.name!r} is being loaded")
         if msg.op == "unload" and not known:
             return AdminResult(msg.request_id, False, "model_not_found", f"lora_name: {msg.name!r} is not loaded")
         users = sum(1 for live in self.live.values() if live.request.adapter == msg.name)

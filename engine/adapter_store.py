@@ -94,10 +94,23 @@ class AdapterStore:
         """Validate the PEFT directory and make it servable as `name` (replacing nothing). A directory is
         read, packed and cached; a `synthetic:` adapter (made in memory) is packed on first use."""
         self._check_new_name(name)
-        info, weights = self._read(name, str(path))
-        self.infos[name] = info
-        if self.arena is None and not info.path.startswith(SYNTHETIC_ADAPTER):
-            self._put(self._pack(info, weights))
+        return self.add(*self.prepare(name, str(path)))
+
+    def prepare(self, name: str, path: str) -> tuple[AdapterInfo, PackedAdapter | None]:
+        """`register`'s reading part, which touches no state (a worker thread may run it while the store is
+        used): the adapter read and validated, and packed unless the arena's cache fills on demand (or it is
+        `synthetic:`). AdapterError naming the field or tensor at fault."""
+        info, weights = self._read(name, path)
+        if self.arena is not None or info.path.startswith(SYNTHETIC_ADAPTER):
+            return info, None
+        return info, self._pack(info, weights)
+
+    def add(self, info: AdapterInfo, packed: PackedAdapter | None) -> AdapterInfo:
+        """`register`'s second part: make an adapter `prepare` read servable (AdapterError if its name is taken)."""
+        self._check_new_name(info.name)
+        self.infos[info.name] = info
+        if packed is not None:
+            self._put(packed)
         return info
 
     def register_packed(self, packed: PackedAdapter) -> AdapterInfo:

@@ -286,3 +286,77 @@ async def test_a_request_waiting_for_its_adapter_does_not_block_the_ones_behind_
     finally:
         engine.store.cache.clear()
         arena.close()
+
+
+async def test_a_runtime_load_is_read_off_the_step_loop_and_then_served_exactly(tiny_llama, adapters, tmp_path):
+    """POST /v1/load_lora_adapter read and validated the directory inside the scheduler's mailbox handler:
+    every running request's stream stopped for as long as the read took (seconds for a large adapter). Here
+    the read is held: a running request must finish meanwhile, a second load of the same name is refused
+    (adapter_exists), and once read the adapter generates as the offline engine with it."""
+    import threading
+
+    from conftest import make_peft_adapter
+    from lorafleet.actors.hub import ServeHub
+    from lorafleet.actors.prefetcher import AdapterLoader, PrefetcherActor
+    from lorafleet.actors.scheduler import SchedulerActor
+    from lorafleet.actors.schema import AdminOp, AdminResult
+    from lorafleet.engine import LLM
+    from lorafleet.engine.build import build_engine
+    from lorafleet.engine.config import EngineConfig
+
+    new = str(make_peft_adapter(tiny_llama, tmp_path / "new", 4, seed=11))
+    prompts, names = [[3, 4, 5], [9, 8, 7, 6]], ["a0", "new"]
+    want = LLM(str(tiny_llama), adapters={**adapters, "new": new}).generate(prompts, adapters=names, max_tokens=12,
+                                                                           ignore_eos=True)
+    engine, _ = build_engine(str(tiny_llama), EngineConfig(), adapters)
+    arena = _arena_store(engine, 4)
+    gate = threading.Event()
+    read = engine.store._read
+
+    def held_read(name, path):
+        if name == "new":
+            gate.wait(30)
+        return read(name, path)
+
+    engine.store._read = held_read
+    hub = ServeHub()
+    inbox, router, admission, prefetch = (LocalChannel() for _ in range(4))
+    loader = AdapterLoader(engine.model, engine.store.page_elements, engine.store.dtype, 64)
+    actor = SchedulerActor(engine, _InProcessGroup(engine.executor), inbox, router, admission, prefetch, hub)
+    tasks = [asyncio.create_task(actor.run()),
+             asyncio.create_task(PrefetcherActor(loader, prefetch, inbox, hub, workers=2).run())]
+    tokens: dict[str, list[int]] = {"run": [], "use": []}
+    results: dict[str, AdminResult] = {}
+
+    async def until(done) -> None:
+        while not done():
+            msg = await asyncio.wait_for(router.recv(), 15)
+            if isinstance(msg, AdminResult):
+                results[msg.request_id] = msg
+            for item in msg.items if isinstance(msg, StepDeltas) else []:
+                tokens[item.request_id] += item.token_ids
+
+    params = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
+    try:
+        inbox.send(Submit("run", prompts[0], params, "a0", None, 0.0, 1))
+        await until(lambda: tokens["run"])
+        inbox.send(AdminOp("load-1", "load", "new", new))
+        inbox.send(AdminOp("load-2", "load", "new", new))
+        await until(lambda: len(tokens["run"]) == 12 and "load-2" in results)  # while the read is held
+        assert not gate.is_set() and "load-1" not in results
+        assert (results["load-2"].ok, results["load-2"].code) == (False, "adapter_exists")
+        gate.set()
+        await until(lambda: "load-1" in results)
+        assert results["load-1"].ok, results["load-1"].message
+        inbox.send(Submit("use", prompts[1], params, "new", None, 0.0, 2))
+        await until(lambda: len(tokens["use"]) == 12)
+    finally:
+        gate.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    try:
+        assert [tokens["run"], tokens["use"]] == [w.token_ids for w in want]
+    finally:
+        engine.store.cache.clear()
+        arena.close()
