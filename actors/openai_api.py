@@ -255,7 +255,8 @@ class SseStream:
         self.open = len(generations)
         self.ended: set[str] = set()
         self.done = self.dropped = False
-        self.wake = asyncio.Event()
+        self.limit = self.frontend.limits.sse_send_buffer
+        self.waiter: asyncio.Future[None] | None = None  # the handler waiting for events
         router = self.frontend.router
         for generation in generations:
             while not generation.queue.empty():  # items that came between its admission and now
@@ -272,8 +273,10 @@ class SseStream:
             ref = self.frontend.new_id("err")
             log.exception("SSE stream %s failed (%s)", self.out.id, ref)
             self._end(_sse(internal_error(ref, exc).body()))
-        self._check_backlog()
-        self.wake.set()
+        if not self.dropped and self.outbox_bytes + self._unsent() > self.limit:
+            self._drop()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
     def _item(self, generation: Generation, item: object) -> None:
         assert isinstance(item, DeltaItem), f"unexpected message {item!r}"
@@ -304,19 +307,18 @@ class SseStream:
         self._post(_sse("[DONE]"))
         self.done = True
 
-    def _check_backlog(self) -> None:
-        """Drop the connection once its unsent bytes (outbox + transport buffer) pass --sse-max-send-buffer-mb."""
-        if self.dropped:
-            return
-        limit = self.frontend.limits.sse_send_buffer
-        waiting = self.outbox_bytes + (self.transport.get_write_buffer_size() if self.transport is not None else 0)
-        if waiting <= limit:
-            return
+    def _unsent(self) -> int:
+        """Bytes handed to the connection that it has not sent yet (its transport's buffer)."""
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+    def _drop(self) -> None:
+        """The client reads slower than its generations produce and the stream's unsent events (outbox +
+        transport buffer) passed --sse-max-send-buffer-mb: drop the connection, cancel its generations."""
         self.dropped = self.done = True
         self.outbox, self.outbox_bytes = [], 0
         self.frontend.hub.count("sse_closed_slow_reader")
         log.warning("dropping an SSE stream whose client does not read: over %d bytes of events waiting "
-                    "(--sse-max-send-buffer-mb); its %d generation(s) are cancelled", limit, len(self.generations))
+                    "(--sse-max-send-buffer-mb); its %d generation(s) are cancelled", self.limit, len(self.generations))
         for generation in self.generations:
             generation.close()
         if self.transport is not None:
@@ -324,19 +326,20 @@ class SseStream:
 
     async def run(self) -> None:
         """Write the outbox as it fills, until the stream has ended (then end the response) or was dropped."""
-        while True:
-            await self.wake.wait()
-            self.wake.clear()
-            if self.dropped:
+        loop = asyncio.get_running_loop()
+        while not self.dropped:
+            if self.outbox:
+                events, self.outbox, self.outbox_bytes = self.outbox, [], 0
+                await self.resp.write(b"".join(events))  # waits while the client reads slowly; events pile up
+            elif self.done:
+                await self.resp.write_eof()
                 return
-            events, self.outbox, self.outbox_bytes = self.outbox, [], 0
-            finished = self.done
-            if events:
-                await self.resp.write(b"".join(events))
-            if finished and not self.outbox:
-                break
-        if not self.dropped:
-            await self.resp.write_eof()
+            else:
+                self.waiter = loop.create_future()
+                try:
+                    await self.waiter
+                finally:
+                    self.waiter = None
 
 
 async def _stream(request: web.Request, generations: list[Generation], out: Completion) -> web.StreamResponse:
