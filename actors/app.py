@@ -37,7 +37,9 @@ def _bearer(request: web.Request) -> str | None:
 
 
 def _matches(given: str | None, expected: str) -> bool:
-    return given is not None and hmac.compare_digest(given.encode(), expected.encode())
+    """Constant-time key check; a client value that is not UTF-8 (aiohttp keeps its bytes as surrogates) is
+    compared as the bytes it was, so it is simply wrong, never an encoding error."""
+    return given is not None and hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
 
 
 def _dashboard_token(key: str) -> str:

@@ -1,7 +1,8 @@
 """HTTP-level faults a client (or a hostile one) can send the OpenAI routes, over a real socket: bodies whose
 Content-Encoding or chunked framing is broken are the client's error (400 `invalid_body`, JSON error shape),
-never a 500, and the server goes on serving. The real aiohttp app and Router serve on a loopback socket; the
-step source of tests/test_ws_delivery.py stands in for the scheduler (no model)."""
+never a 500, and the server goes on serving; a key header that is not UTF-8 is a wrong key (401), never a 500.
+The real aiohttp app and Router serve on a loopback socket; the step source of tests/test_ws_delivery.py stands
+in for the scheduler (no model)."""
 
 from __future__ import annotations
 
@@ -65,5 +66,37 @@ async def test_a_body_that_cannot_be_read_is_400_invalid_body_and_the_server_goe
             assert got["choices"][0]["finish_reason"] == "length"
         status, after = await asyncio.to_thread(_exchange, port, _length(BODY), BODY)
         assert status == 200 and after["usage"]["completion_tokens"] == 3
+    finally:
+        await _stop(runner, tasks)
+
+
+def _get(port: int, head: bytes, path: bytes = b"/v1/models") -> tuple[int, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + head + b"\r\n")
+        raw = bytearray()
+        while data := sock.recv(1 << 16):
+            raw += data
+    status_line, _, rest = bytes(raw).partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+KEY_HEADERS = [b"Authorization: Bearer \xff\xfe\r\n", b"X-API-Key: \xe9t\xe9\r\n", b"Authorization: Bearer \x80\r\n",
+               b"Cookie: lorafleet_dashboard=\xff\r\n"]
+
+
+@pytest.mark.parametrize("head", KEY_HEADERS)
+async def test_a_key_that_is_not_utf8_is_a_wrong_key_not_a_500(head):
+    """With --api-key set, a key header holding bytes that are not UTF-8 (kept by aiohttp as surrogates) is
+    401 invalid_api_key in OpenAI's error shape, for the API and the dashboard; the right key still opens both."""
+    frontend, runner, tasks, url, source = await _serve()
+    frontend.api_key = "sekret"
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        for path in (b"/v1/models", b"/dashboard"):
+            status, body = await asyncio.to_thread(_get, port, head, path)
+            assert status == 401, body
+            assert json.loads(body)["error"]["code"] == "invalid_api_key"
+        status, body = await asyncio.to_thread(_get, port, b"Authorization: Bearer sekret\r\n")
+        assert status == 200 and json.loads(body)["data"][0]["id"] == MODEL
     finally:
         await _stop(runner, tasks)
