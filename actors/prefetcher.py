@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -24,9 +25,11 @@ from lorafleet.actors.channels import Channel
 from lorafleet.actors.hub import ServeHub
 from lorafleet.actors.logs import adapter_log, event
 from lorafleet.actors.schema import AdapterFetched, AdapterFetchFailed, Prefetch
+from lorafleet.engine.adapter_index import outside_root
 from lorafleet.engine.adapter_store import AdapterStore, PackedAdapter
 from lorafleet.engine.adapters import AdapterError
 from lorafleet.engine.config import ModelConfig
+from lorafleet.engine.synthetic import SYNTHETIC_ADAPTER
 
 
 @dataclass(frozen=True)
@@ -39,17 +42,33 @@ class AdapterLoader:
     dtype: torch.dtype
     max_rank: int
     shards: int = 1
+    root: str | None = None  # --adapter-root: a directory under it is read only while nothing in it links out
 
     def _scratch(self) -> AdapterStore:
         return AdapterStore(self.model, self.page_elements, self.dtype, self.max_rank, 1 << 62, shards=self.shards)
 
     def load(self, name: str, path: str) -> PackedAdapter:
+        self._check_confined(path)
         return self._scratch().load_packed(name, path)
 
     def pack_into(self, target: PackedAdapter, path: str) -> PackedAdapter:
         """Pack the adapter at `path` into `target`'s pages (a reserved host-arena extent); returns `target`."""
+        self._check_confined(path)
         self._scratch().pack_into(target, path)
         return target
+
+    def _check_confined(self, path: str) -> None:
+        """AdapterError if `path` lies under the adapter root and it, or a file in it, now links outside the
+        root: an adapter is read again from disk whenever the host cache refills it, and its files may have
+        been replaced by links since it was first checked (docs/adapters.md)."""
+        if self.root is None or path.startswith(SYNTHETIC_ADAPTER):
+            return
+        root = os.path.realpath(self.root)
+        if os.path.commonpath([root, os.path.abspath(path)]) != root:  # by name: the path itself may be a link now
+            return  # an --adapter NAME=DIR elsewhere: the operator's own path
+        outside = outside_root(root, path)
+        if outside is not None:
+            raise AdapterError(f"lora_path: {outside!r} links outside the adapter root")
 
 
 class PrefetcherActor:

@@ -118,7 +118,8 @@ class Server:
                                 engine.model.vocab_size, tokenizer, args.slo_ttft_ms or None, assets.adapter_root,
                                 prompt_char_bound(tokenizer, engine.max_model_len))
         self.loader = AdapterLoader(engine.model, page_elements, config.torch_dtype, config.max_lora_rank,
-                                    config.tensor_parallel_size)
+                                    config.tensor_parallel_size,
+                                    str(assets.adapter_root) if assets.adapter_root is not None else None)
         self.executors: ExecutorGroup | None = None
         self.tasks: list[asyncio.Task] = []
         self.runner: web.AppRunner | None = None

@@ -96,9 +96,13 @@ class AdapterIndex:
         return cls(Path(root), scan_adapter_root(root))
 
     def find(self, name: str) -> str | None:
-        """The directory that serves `name`, indexed at start-up or present on disk now; None if neither."""
+        """The real path of the directory that serves `name`, indexed at start-up or present on disk now; None
+        if neither, or if it (or a file in it) now links outside the root: the confinement is checked on every
+        lookup, since an indexed directory or its files may have been replaced by links after the scan."""
         path = self.indexed.get(name)
-        return path if path is not None and os.path.isdir(path) else find_adapter_dir(self.root, name)
+        if path is None or not os.path.isdir(path):
+            return find_adapter_dir(self.root, name)
+        return os.path.realpath(path) if outside_root(self.root, path) is None else None
 
     def refusal(self, name: str, path: str) -> str | None:
         """Why `name` was refused before, unless its adapter_config.json changed since (then it is tried again)."""

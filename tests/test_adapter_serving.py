@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import torch
 from adapter_faults import SERVE_FAULTS, write_fault
 from test_serve_support import WsClient, get_json, post_json, start_server, stop_server
 
@@ -31,7 +32,10 @@ def assets(tmp_path_factory):
     adapter_root = root / "adapters"
     good = write_adapter(adapter_root / "team" / "good", model, 4, seed=5, std=0.2)
     bad = {name: write_fault(adapter_root / name, model, fault) for name, fault in SERVE_FAULTS.items()}
-    return {"model": model, "root": adapter_root, "good": good, "bad": bad, "tmp": root}
+    for name in ("swap/dir", "swap/file"):  # indexed at start-up, replaced by links out of the root later
+        write_adapter(adapter_root / name, model, 2, seed=6)
+    outside = write_adapter(root / "outside", model, 2, seed=7, std=0.2)
+    return {"model": model, "root": adapter_root, "good": good, "bad": bad, "tmp": root, "outside": outside}
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +127,46 @@ async def test_runtime_load_of_bad_adapters_answers_400_and_serves_on(server, as
         status, body, _ = await post_json(session, load, {"lora_name": BASE, "lora_path": str(assets["good"])}, AUTH)
         assert (status, body["error"]["param"]) == (400, "lora_name"), body
     assert server.proc.poll() is None
+
+
+async def test_an_indexed_adapter_replaced_by_a_link_out_of_the_root_is_not_found(server, assets):
+    """The confinement was checked for indexed adapters only at the start-up scan: a directory (or its weights
+    file) replaced by a link out of the root afterwards was read and served. Every lookup checks it now."""
+    import shutil
+
+    root, outside = assets["root"], assets["outside"]
+    shutil.rmtree(root / "swap" / "dir")
+    (root / "swap" / "dir").symlink_to(outside, target_is_directory=True)
+    weights = root / "swap" / "file" / "adapter_model.safetensors"
+    weights.unlink()
+    weights.symlink_to(outside / "adapter_model.safetensors")
+    async with aiohttp.ClientSession() as session:
+        for name in ("swap/dir", "swap/file"):
+            status, body = await _complete(session, server.url, name)
+            assert (status, body["error"]["code"]) == (404, "model_not_found"), (name, body)
+        assert (await _complete(session, server.url, BASE))[0] == 200
+
+
+def test_a_cache_refill_does_not_follow_a_link_out_of_the_root(tiny_llama, tmp_path):
+    """A registered adapter is read again whenever the host cache refills it: its files may have been replaced
+    by links out of the adapter root since its first use. The prefetcher's loader refuses to follow them
+    (an --adapter directory outside the root is the operator's own and read as given)."""
+    from lorafleet.actors.prefetcher import AdapterLoader
+    from lorafleet.engine.adapters import AdapterError
+    from lorafleet.engine.config import ModelConfig
+    from lorafleet.engine.synthetic import write_adapter
+
+    root = tmp_path / "root"
+    inside = write_adapter(root / "a", tiny_llama, 2, seed=1)
+    elsewhere = write_adapter(tmp_path / "elsewhere", tiny_llama, 2, seed=2)
+    loader = AdapterLoader(ModelConfig.from_dir(tiny_llama), 1024, torch.float32, 8, root=str(root))
+    assert loader.load("a", str(inside)).info.rank == 2
+    (inside / "adapter_model.safetensors").unlink()
+    (inside / "adapter_model.safetensors").symlink_to(elsewhere / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match="'adapter_model.safetensors' links outside the adapter root"):
+        loader.load("a", str(inside))
+    (elsewhere / "link.json").symlink_to(elsewhere / "adapter_config.json")
+    assert loader.load("e", str(elsewhere)).info.rank == 2
 
 
 def _serve_exit(args: list[str]) -> subprocess.CompletedProcess:
