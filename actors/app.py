@@ -224,7 +224,7 @@ def build_app(frontend: Frontend) -> web.Application:
     app.router.add_post("/v1/completions", openai_api.completions)
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     app.router.add_get("/v1/models", openai_api.models)
-    app.router.add_get("/v1/models/{model}", openai_api.model)
+    app.router.add_get("/v1/models/{model:.+}", openai_api.model)  # names under --adapter-root hold "/"
     app.router.add_get("/version", openai_api.version)
     app.router.add_post("/tokenize", openai_api.tokenize)
     app.router.add_post("/detokenize", openai_api.detokenize)

@@ -311,11 +311,12 @@ class Param:
     default: Any = None
     aliases: tuple[str, ...] = ()
 
-    def read(self, body: dict, ctx: Any) -> Any:
+    def read(self, body: dict, ctx: Any, prefix: str = "") -> Any:
+        """The checked value (errors name `prefix + key`, e.g. `stream_options.include_usage`) or the default."""
         for key in (self.name, *self.aliases):
             value = body.get(key)
             if value is not None:
-                return self.rule.check(key, value, ctx)
+                return self.rule.check(prefix + key, value, ctx)
         return self.default
 
 

@@ -180,7 +180,8 @@ class Completion:
         else:
             body = '"text":' + _json_string(piece.text)
         return prefix + body + ',"logprobs":null,"finish_reason":' + \
-            ("null" if finish is None else _json_string(finish)) + "}]}"
+            ("null" if finish is None else _json_string(finish)) + ('}],"usage":null}' if self.spec.include_usage
+                                                                    else "}]}")
 
     def final_choice(self, state: ChoiceState) -> dict:
         spec = state.spec
@@ -209,8 +210,13 @@ class Completion:
             choice["prompt_logprobs"] = prompt_rows
 
     def envelope(self, choices: list[dict], stream: bool) -> dict:
+        """The response's (or a chunk's) outer object; a chunk of a stream that asked for `include_usage` carries
+        `"usage": null` (OpenAI: every chunk but the last, which has the totals)."""
         kind = self.object + (".chunk" if stream and self.chat else "")
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.spec.model, "choices": choices}
+        body = {"id": self.id, "object": kind, "created": self.created, "model": self.spec.model, "choices": choices}
+        if stream and self.spec.include_usage:
+            body["usage"] = None
+        return body
 
     def response(self) -> dict:
         body = self.envelope([self.final_choice(self.choices[i]) for i in sorted(self.choices)], False)

@@ -92,6 +92,15 @@ def _check_chars(chars: int, ctx: ParseContext, name: str) -> None:
                        f"length of the {name.split('[')[0]}.", name)
 
 
+def refuse_unknown_keys(name: str, value: dict, known: tuple[str, ...]) -> None:
+    """400 `unknown_parameter` naming `name.key` for a key of the object `value` outside `known` (OpenAI refuses
+    unknown nested fields as it does top-level ones: nothing sent is silently ignored)."""
+    unknown = next((key for key in value if key not in known), None)
+    if unknown is not None:
+        raise bad(f"{name}.{unknown}", f"unrecognized field of {name} (fields: {', '.join(known)})",
+                  "unknown_parameter")
+
+
 def _vocab(ctx: ParseContext) -> int:
     return ctx.vocab_size
 
@@ -127,6 +136,7 @@ class ResponseFormat:
         if value.get("type") != "text":
             raise bad(name, f"only {{\"type\": \"text\"}} is supported, got type {show(value.get('type'))}",
                       "unsupported_parameter")
+        refuse_unknown_keys(name, value, ("type",))
         return None
 
 
@@ -174,7 +184,11 @@ REQUEST_PARAMS: tuple[Param, ...] = (  # -> GenerationSpec.extras (and the named
 )
 COMPLETION_PARAMS = (Param("echo", Bool(), False), Param("best_of", Int(1, MAX_N), None),
                      Param("suffix", Unsupported()))
-STREAM_OPTIONS: tuple[Param, ...] = (Param("include_usage", Bool(), False),)
+STREAM_OPTIONS: tuple[Param, ...] = (  # stream_options' own fields (any other is refused naming it)
+    Param("include_usage", Bool(), False),
+    Param("include_obfuscation", Bool(), None),  # OpenAI's padding against size side channels: never added here
+    Param("continuous_usage_stats", Unsupported()),  # vLLM: usage in every chunk (not served)
+)
 ID = Text(MAX_ID_LENGTH)
 MODEL = Text(MAX_MODEL_NAME, min_chars=0)
 
@@ -343,12 +357,26 @@ def _apply_template(tokenizer: Any, messages: list[dict]) -> list[int]:
 
 
 def _content_text(content: Any, index: int) -> str:
+    """A message's text: a string, or its text parts (`{"type": "text", "text": ...}`) joined. A part of any other
+    type (image_url, input_audio, file, ...) is 400 `unsupported_parameter` naming it: the models served read
+    text only, and dropping the part would answer a question the client did not ask."""
+    name = f"messages[{index}].content"
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text", ""), str) for p in content):
-        return "".join(p.get("text", "") for p in content)
-    raise bad(f"messages[{index}].content", "must be a string or a list of text parts")
+    if not isinstance(content, list):
+        raise bad(name, f"must be a string, a list of content parts or null, got {kind(content)}")
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise bad(f"{name}[{j}]", f"must be a content part object, got {kind(part)}")
+        if part.get("type") != "text":
+            raise bad(f"{name}[{j}].type", f"only text content parts are supported (the served models read text "
+                      f"only), got {show(part.get('type'))}", "unsupported_parameter")
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise bad(f"{name}[{j}].text", f"a text part needs its text as a string, got {kind(text)}")
+        texts.append(text)
+    return "".join(texts)
 
 
 def check_context(prompt_ids: list[int], params: dict[str, Any], ctx: ParseContext, prompt_name: str = "prompt",
@@ -382,7 +410,9 @@ def parse_generation(body: Any, ctx: ParseContext, chat: bool, default_temperatu
     stream_options = extras.pop("stream_options")
     if stream_options is not None and not extras["stream"]:
         raise bad("stream_options", "is only allowed with stream: true")
-    options = read_params(stream_options or {}, STREAM_OPTIONS, ctx)
+    if stream_options is not None:
+        refuse_unknown_keys("stream_options", stream_options, tuple(p.name for p in STREAM_OPTIONS))
+    options = {p.name: p.read(stream_options or {}, ctx, "stream_options.") for p in STREAM_OPTIONS}
     prompts = [render_chat(body.get("messages"), ctx)] if chat else encode_prompts(body.get("prompt"), ctx)
     params = sampling_params(body, ctx, chat and not ws, default_temperature, prompts)
     _check_best_of(extras.pop("best_of"), extras["n"])

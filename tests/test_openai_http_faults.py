@@ -100,3 +100,55 @@ async def test_a_key_that_is_not_utf8_is_a_wrong_key_not_a_500(head):
         assert status == 200 and json.loads(body)["data"][0]["id"] == MODEL
     finally:
         await _stop(runner, tasks)
+
+
+async def test_the_openai_client_gets_nested_fields_refused_by_their_path():
+    """What the `openai` client sends for a stream option, a response format key or an image part this server
+    does not serve: 400 BadRequestError naming the nested field (`error.param`), never a silent drop."""
+    openai = pytest.importorskip("openai")
+    frontend, runner, tasks, url, source = await _serve()
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    calls = [
+        (client.completions.create(model=MODEL, prompt=[5], stream=True,
+                                   stream_options={"include_usage": True, "include_extra": True}),
+         "stream_options.include_extra", "unknown_parameter"),
+        (client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]),
+         "messages[0].content[1].type", "unsupported_parameter"),
+        (client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                        response_format={"type": "text", "schema": {}}),
+         "response_format.schema", "unknown_parameter"),
+    ]
+    try:
+        for call, param, code in calls:
+            with pytest.raises(openai.BadRequestError) as info:
+                await call
+            assert (info.value.body["param"], info.value.body["code"]) == (param, code)
+        stream = await client.completions.create(model=MODEL, prompt=[5], max_tokens=2, stream=True,
+                                                 stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in stream]
+        assert chunks[-1].usage.completion_tokens == 2
+    finally:
+        await client.close()
+        await _stop(runner, tasks)
+
+
+async def test_a_model_card_is_found_by_a_name_with_a_slash():
+    """Adapters under --adapter-root are named by their relative path (`team-a/sql`): GET /v1/models/team-a/sql
+    (a raw client) and the `openai` client's models.retrieve find the card; an unknown nested name is 404
+    model_not_found naming `model`."""
+    openai = pytest.importorskip("openai")
+    frontend, runner, tasks, url, source = await _serve()
+    frontend.hub.adapters["team-a/sql"] = "adapters/team-a/sql"
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    port = int(url.rsplit(":", 1)[1])
+    try:
+        status, body = await asyncio.to_thread(_get, port, b"", b"/v1/models/team-a/sql")
+        assert status == 200 and json.loads(body)["id"] == "team-a/sql"
+        assert (await client.models.retrieve("team-a/sql")).parent == MODEL
+        status, body = await asyncio.to_thread(_get, port, b"", b"/v1/models/team-a/none")
+        assert status == 404 and json.loads(body)["error"]["param"] == "model"
+    finally:
+        await client.close()
+        await _stop(runner, tasks)

@@ -155,3 +155,43 @@ def test_any_body_is_a_spec_that_packs_or_an_api_error_naming_a_field(body, chat
         return
     encode(Submit("r", spec.prompt_ids, spec.params, spec.adapter, spec.slo_ttft_ms, 0.0))
     assert all(math.isfinite(v) for v in spec.params.values() if isinstance(v, float))
+
+
+@pytest.mark.parametrize("body, param, code", [
+    ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": True, "foo": 1}}, "stream_options.foo",
+     "unknown_parameter"),
+    ({"prompt": "hi", "stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage",
+     "invalid_parameter"),
+    ({"prompt": "hi", "stream": True, "stream_options": {"continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats", "unsupported_parameter"),
+    ({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "text", "strict": True}},
+     "response_format.strict", "unknown_parameter"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text",
+     "invalid_parameter"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text",
+     "invalid_parameter"),
+    ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages[0].content[0]", "invalid_parameter"),
+    ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content", "invalid_parameter"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                {"type": "image_url", "image_url": {"url": "data:,"}}]}]},
+     "messages[0].content[1].type", "unsupported_parameter"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]},
+     "messages[1].content[0].type", "unsupported_parameter"),
+])
+def test_nested_fields_are_checked_and_named_by_their_path(body, param, code):
+    """Inside `stream_options`, `response_format` and content parts nothing is silently ignored or defaulted: an
+    unknown key, a wrong type, a missing text or a non-text part is 400 naming its path (OpenAI's shape)."""
+    error = _refused(body, "messages" in body)
+    assert (error.param, error.code) == (param, code), error
+
+
+def test_known_nested_fields_and_text_parts_are_served():
+    spec = parse_generation({"prompt": "hi", "stream": True, "stream_options": {
+        "include_usage": True, "include_obfuscation": False, "continuous_usage_stats": False}}, CTX, chat=False)
+    assert spec.include_usage
+    parts = [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]
+    chat = parse_generation({"messages": [{"role": "user", "content": parts}],
+                             "response_format": {"type": "text"}}, CTX, chat=True)
+    plain = parse_generation({"messages": [{"role": "user", "content": "hi"}]}, CTX, chat=True)
+    assert chat.prompt_ids == plain.prompt_ids

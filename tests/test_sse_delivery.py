@@ -80,6 +80,7 @@ async def test_the_openai_client_reads_every_choice_the_usage_and_the_end():
     finally:
         await _stop(runner, tasks)
     *deltas, last = chunks
+    assert all(c.usage is None and "usage" in c.model_fields_set for c in deltas)  # "usage": null, as OpenAI
     for index in range(2):
         mine = [c.choices[0] for c in deltas if c.choices[0].index == index]
         assert [c.text for c in mine] == [_text(k, 12) for k in range(1, 7)]

@@ -92,10 +92,11 @@ def test_a_delta_frame_from_its_prefix_is_the_encoded_dict(binary, cid, index, t
 
 @given(chat=st.booleans(), cid=st.text(max_size=12), model=st.text(max_size=12), created=st.integers(0, 1 << 40),
        index=st.integers(0, 99), text=st.text(max_size=30), first=st.booleans(),
-       finish=st.sampled_from([None, "stop", "length", "cancelled"]))
-def test_an_sse_chunk_from_its_prefix_is_the_encoded_envelope(chat, cid, model, created, index, text, first, finish):
+       finish=st.sampled_from([None, "stop", "length", "cancelled"]), include_usage=st.booleans())
+def test_an_sse_chunk_from_its_prefix_is_the_encoded_envelope(chat, cid, model, created, index, text, first, finish,
+                                                              include_usage):
     """OpenAI SSE's fast path (Completion.chunk_json for a plain piece) writes exactly the envelope's JSON."""
-    spec = GenerationSpec(model, None, [1, 2], {}, index=index, chat=chat)
+    spec = GenerationSpec(model, None, [1, 2], {}, index=index, chat=chat, include_usage=include_usage)
     out = Completion(chat, spec, cid, None, created=created)
     piece = Piece(text, [7], first)
     expected = _json_event(out.envelope([out.chunk_choice(spec, piece, finish)], stream=True))
