@@ -312,12 +312,21 @@ class Param:
     aliases: tuple[str, ...] = ()
 
     def read(self, body: dict, ctx: Any, prefix: str = "") -> Any:
-        """The checked value (errors name `prefix + key`, e.g. `stream_options.include_usage`) or the default."""
-        for key in (self.name, *self.aliases):
-            value = body.get(key)
-            if value is not None:
-                return self.rule.check(prefix + key, value, ctx)
-        return self.default
+        """The checked value (errors name `prefix + key`, e.g. `stream_options.include_usage`) or the default. A
+        field sent under two of its names with different values (`max_tokens: 5, max_completion_tokens: 500`)
+        is 400 naming the second: one of them would be silently ignored."""
+        if not self.aliases:
+            value = body.get(self.name)
+            return self.default if value is None else self.rule.check(prefix + self.name, value, ctx)
+        given = [(key, body[key]) for key in (self.name, *self.aliases) if body.get(key) is not None]
+        if not given:
+            return self.default
+        values = [self.rule.check(prefix + key, value, ctx) for key, value in given]
+        for (key, _), value in zip(given[1:], values[1:], strict=True):
+            if value != values[0]:
+                raise bad(prefix + key, f"is {show(value)} but {prefix}{given[0][0]} is {show(values[0])}: they name "
+                          "the same limit, send one of them")
+        return values[0]
 
 
 def read_params(body: dict, params: tuple[Param, ...], ctx: Any) -> dict[str, Any]:

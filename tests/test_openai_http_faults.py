@@ -104,7 +104,8 @@ async def test_a_key_that_is_not_utf8_is_a_wrong_key_not_a_500(head):
 
 async def test_the_openai_client_gets_nested_fields_refused_by_their_path():
     """What the `openai` client sends for a stream option, a response format key or an image part this server
-    does not serve: 400 BadRequestError naming the nested field (`error.param`), never a silent drop."""
+    does not serve, or two different completion limits: 400 BadRequestError naming the (nested) field
+    (`error.param`), never a silent drop."""
     openai = pytest.importorskip("openai")
     frontend, runner, tasks, url, source = await _serve()
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
@@ -119,6 +120,8 @@ async def test_the_openai_client_gets_nested_fields_refused_by_their_path():
         (client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                         response_format={"type": "text", "schema": {}}),
          "response_format.schema", "unknown_parameter"),
+        (client.completions.create(model=MODEL, prompt=[5], max_tokens=2, extra_body={"max_completion_tokens": 6}),
+         "max_completion_tokens", "invalid_parameter"),
     ]
     try:
         for call, param, code in calls:

@@ -172,6 +172,10 @@ def test_any_body_is_a_spec_that_packs_or_an_api_error_naming_a_field(body, chat
      "invalid_parameter"),
     ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages[0].content[0]", "invalid_parameter"),
     ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content", "invalid_parameter"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "max_completion_tokens": 6},
+     "max_completion_tokens", "invalid_parameter"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "max_completion_tokens": 0},
+     "max_completion_tokens", "invalid_parameter"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
                                                 {"type": "image_url", "image_url": {"url": "data:,"}}]}]},
      "messages[0].content[1].type", "unsupported_parameter"),
@@ -181,7 +185,8 @@ def test_any_body_is_a_spec_that_packs_or_an_api_error_naming_a_field(body, chat
 ])
 def test_nested_fields_are_checked_and_named_by_their_path(body, param, code):
     """Inside `stream_options`, `response_format` and content parts nothing is silently ignored or defaulted: an
-    unknown key, a wrong type, a missing text or a non-text part is 400 naming its path (OpenAI's shape)."""
+    unknown key, a wrong type, a missing text or a non-text part is 400 naming its path (OpenAI's shape); so is a
+    completion limit sent under both its names with different values."""
     error = _refused(body, "messages" in body)
     assert (error.param, error.code) == (param, code), error
 
@@ -195,3 +200,6 @@ def test_known_nested_fields_and_text_parts_are_served():
                              "response_format": {"type": "text"}}, CTX, chat=True)
     plain = parse_generation({"messages": [{"role": "user", "content": "hi"}]}, CTX, chat=True)
     assert chat.prompt_ids == plain.prompt_ids
+    both = parse_generation({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                             "max_completion_tokens": 3}, CTX, chat=True)
+    assert both.params["max_tokens"] == 3
