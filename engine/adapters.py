@@ -46,6 +46,8 @@ def adapter_errors(where: str | Path) -> Iterator[None]:
         yield
     except AdapterError:
         raise
+    except ConfigFieldError as exc:  # raised by the config's matching (its regular expressions' time budget)
+        raise AdapterError(str(exc)) from None
     except Exception as exc:  # the point: no input may escape as another exception type
         raise AdapterError(f"{where}: cannot be read as a LoRA adapter ({type(exc).__name__}: {exc})") from exc
 

@@ -15,10 +15,14 @@ lora_alpha / sqrt(r) with use_rslora), peft 0.21.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
+
+import regex
 
 from lorafleet.engine.config import TARGET_MODULES
 
@@ -27,6 +31,10 @@ DEFAULT_R = 8  # peft.LoraConfig defaults
 DEFAULT_ALPHA = 8
 DEFAULT_TARGETS = ("q_proj", "v_proj")  # PEFT's default target_modules for llama, mistral and qwen2
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every nn.Linear except the output layer
+MATCH_BUDGET_S = 5.0  # regex matching time one adapter may take (trained configs: milliseconds)
+MAX_PATTERN_CHARS = 64 << 10  # one regular expression (every module of a 128-layer model spelled out: ~40 KB)
+MAX_PATTERN_KEYS = 4096  # rank_pattern / alpha_pattern keys (one per module of a 128-layer model: 896)
+_PLAIN = re.compile(r"(?:\w|\\\.|\.)+")  # a module name (dots escaped or not): no quantifier, cannot backtrack
 
 # fields whose non-default value changes the math in a way this engine does not reproduce: value -> why
 _REFUSED = {
@@ -56,9 +64,49 @@ class ConfigFieldError(ValueError):
     """adapter_config.json is unusable; the message starts with the field's name."""
 
 
+class _Regexes:
+    """The config's regular expressions, each compiled once, matched under one time budget per adapter.
+
+    A pattern with regex syntax is matched with the `regex` module: for patterns `re` accepts (they are
+    checked with `re` first, as PEFT compiles them) it gives `re`'s results, but a match can time out and
+    releases the GIL. With `re`, one catastrophically backtracking pattern (`(.*.*)*z` against a 31-character
+    module name) held the GIL for hours and froze the whole server. A key that is a plain module name (word
+    characters and dots, escaped or not: the usual rank_pattern/alpha_pattern key) cannot backtrack beyond its fixed
+    prefix `(.*\\.)?` and is matched with `re`, compiled once: PEFT's `re.match` per module and key recompiled
+    every pattern once `re`'s cache (512 entries) overflowed, 30 s for a per-module rank_pattern of a
+    128-layer model."""
+
+    def __init__(self) -> None:
+        self.compiled: dict[str, Any] = {}
+        self.keys: dict[tuple[str, str], str | None] = {}  # (field, module) -> matching pattern key
+        self.left = MATCH_BUDGET_S
+
+    def match(self, pattern: str, name: str, field: str, full: bool = False, literal: bool = False):
+        """`fullmatch` (full) or `match` of `pattern` on `name` (a match object or None); ConfigFieldError
+        naming `field` once this adapter's regex matching took MATCH_BUDGET_S."""
+        compiled = self.compiled.get(pattern)
+        if compiled is None:
+            compiled = self.compiled[pattern] = (re if literal else regex).compile(pattern)
+        method = compiled.fullmatch if full else compiled.match
+        if literal:
+            return method(name)
+        started = time.perf_counter()
+        try:
+            found = method(name, timeout=max(self.left, 1e-3), concurrent=True)
+        except TimeoutError:
+            found, self.left = None, 0.0
+        self.left -= time.perf_counter() - started
+        if self.left <= 0:
+            raise ConfigFieldError(f"{field}: matching module names against its regular expression takes more "
+                                   f"than {MATCH_BUDGET_S:g} s (catastrophic backtracking): not usable")
+        return found
+
+
 @dataclass(frozen=True)
 class LoraSpec:
-    """The parts of a LoraConfig that decide which modules of which layers get a LoRA and its r and alpha."""
+    """The parts of a LoraConfig that decide which modules of which layers get a LoRA and its r and alpha.
+    `selects`, `rank`, `alpha` and `scale` raise ConfigFieldError when the config's regular expressions
+    take more than MATCH_BUDGET_S in all to match (catastrophic backtracking)."""
 
     r: int
     lora_alpha: float
@@ -69,13 +117,14 @@ class LoraSpec:
     layers_pattern: tuple[str, ...] | None
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
+    _regexes: _Regexes = dataclasses.field(default_factory=_Regexes, repr=False, compare=False)
 
     def selects(self, module: str) -> bool:
         """Whether PEFT puts a LoRA on the module named `module` (e.g. 'model.layers.0.self_attn.q_proj')."""
         if self._excluded(module):
             return False
         if isinstance(self.target_modules, str):
-            return re.fullmatch(self.target_modules, module) is not None
+            return self._regexes.match(self.target_modules, module, "target_modules", full=True) is not None
         if module in self.target_modules:
             return True  # a full name selects its module whatever layers_to_transform says (as PEFT)
         if not any(module.endswith(f".{t}") for t in self.target_modules):
@@ -87,7 +136,7 @@ class LoraSpec:
         if not ex:
             return False
         if isinstance(ex, str):
-            return re.fullmatch(ex, module) is not None
+            return self._regexes.match(ex, module, "exclude_modules", full=True) is not None
         return module in ex or any(module.endswith(f".{e}") for e in ex)
 
     def _in_layers(self, module: str) -> bool:
@@ -99,7 +148,7 @@ class LoraSpec:
         else:
             match = None
             for pattern in self.layers_pattern:
-                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)
+                match = self._regexes.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module, "layers_pattern")
                 if match is not None:
                     break
         if match is None:
@@ -108,11 +157,11 @@ class LoraSpec:
         return index == layers if isinstance(layers, int) else index in layers
 
     def rank(self, module: str) -> int:
-        key = _pattern_key(self.rank_pattern, module)
+        key = self._pattern_key(self.rank_pattern, module, "rank_pattern")
         return self.rank_pattern[key] if key is not None else self.r
 
     def alpha(self, module: str) -> float:
-        key = _pattern_key(self.alpha_pattern, module)
+        key = self._pattern_key(self.alpha_pattern, module, "alpha_pattern")
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
 
     def scale(self, module: str) -> float:
@@ -120,12 +169,14 @@ class LoraSpec:
         r = self.rank(module)
         return self.alpha(module) / (math.sqrt(r) if self.use_rslora else r)
 
-
-def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
+    def _pattern_key(self, patterns: dict[str, Any], module: str, field_name: str) -> str | None:
+        """The first key of `patterns` that matches the end of `module` (peft.utils.other.get_pattern_key)."""
+        memo = self._regexes.keys
+        if (field_name, module) not in memo:
+            memo[field_name, module] = next((key for key in patterns if self._regexes.match(
+                rf"(.*\.)?({key})$", module, f"{field_name}[{key!r}]", literal=_PLAIN.fullmatch(key) is not None)
+                is not None), None)
+        return memo[field_name, module]
 
 
 def parse_lora_config(raw: object, max_rank: int) -> LoraSpec:
@@ -252,10 +303,16 @@ def _strings(value: list, field: str) -> frozenset[str]:
 
 
 def _regex(value: str, field: str, template: str = "{}") -> str:
-    """`value`, if it compiles as a regular expression inside `template` (where PEFT embeds it)."""
+    """`value`, if it compiles as a regular expression inside `template` (where PEFT embeds it), with `re` (as
+    PEFT) and with `regex` (which matches it here), and is at most MAX_PATTERN_CHARS long."""
+    if len(value) > MAX_PATTERN_CHARS:
+        raise ConfigFieldError(f"{field}: a regular expression of {len(value)} characters, more than "
+                               f"{MAX_PATTERN_CHARS} (list the module names instead)")
     try:
         re.compile(template.replace("{}", value))
-    except (re.error, RecursionError, OverflowError) as exc:
+        if _PLAIN.fullmatch(value) is None:
+            regex.compile(template.replace("{}", value))
+    except (re.error, regex.error, RecursionError, OverflowError, ValueError) as exc:
         raise ConfigFieldError(f"{field}: {_short(value)} is not a valid regular expression ({exc})") from None
     return value
 
@@ -306,4 +363,7 @@ def _layers_pattern(value: object) -> tuple[str, ...] | None:
 def _pattern(value: object, field: str, read) -> dict:
     if not isinstance(value, dict):
         raise ConfigFieldError(f"{field}: must be an object (module pattern -> value), got {_json_type(value)}")
+    if len(value) > MAX_PATTERN_KEYS:
+        raise ConfigFieldError(f"{field}: {len(value)} patterns, more than {MAX_PATTERN_KEYS} (one per module of "
+                               "a 128-layer model is 896)")
     return {_regex(key, field, r"(.*\.)?({})$"): read(v, f"{field}[{key!r}]") for key, v in value.items()}

@@ -344,6 +344,8 @@ REFUSED_FIELDS = [
     ("layers_to_transform", 1.0), ("layers_pattern", 5), ("rank_pattern", []), ("rank_pattern", {"q_proj": 0}),
     ("rank_pattern", {"(": 4}), ("alpha_pattern", {"q_proj": None}), ("alpha_pattern", {"q_proj": 1e300}),
     ("init_lora_weights", 3), ("init_lora_weights", "weird"), ("init_lora_weights", "Eva"),
+    ("target_modules", "q_proj|" * 10000), ("exclude_modules", "k" * 70000),
+    ("rank_pattern", {f"layers.{i}.q_proj": 4 for i in range(5000)}),
 ]
 
 
@@ -492,6 +494,50 @@ except adapters.AdapterError as exc:
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("read 16")  # the bytes were read before the cut: the adapter is whole
+
+
+def test_a_catastrophically_backtracking_regex_is_matched_in_bounded_time(tiny_llama, tmp_path):
+    """`(.*.*)*z` against a module name took hours inside `re`, holding the GIL: one adapter_config.json froze
+    the whole server (the health check included). Each regex field gets it; the load must end, refused."""
+    import subprocess
+    import sys
+
+    slow = "(.*.*)*z"
+    cases = {"target_modules": {"target_modules": slow}, "exclude_modules": {"exclude_modules": slow},
+             "rank_pattern": {"rank_pattern": {slow: 2}}, "alpha_pattern": {"alpha_pattern": {slow: 2}},
+             "layers_pattern": {"layers_pattern": slow, "layers_to_transform": [0]}}
+    paths = {name: _adapter(tmp_path, tiny_llama, Fault("", doc), name=name) for name, doc in cases.items()}
+    script = f"""
+from lorafleet.engine.adapters import AdapterError, load_adapter
+from lorafleet.engine.config import ModelConfig
+model = ModelConfig.from_dir({str(tiny_llama)!r})
+for name, path in {({k: str(v) for k, v in paths.items()})!r}.items():
+    try:
+        weights = load_adapter(name, path, model, 64)
+        print(name, "read", weights.rank)
+    except AdapterError as exc:
+        print(name, "refused", exc)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert lines.keys() == cases.keys()
+    # the pattern selects nothing: the target regex or the layer pattern leaves the file's tensors unselected;
+    # as an exclusion or a rank/alpha key it changes nothing
+    assert lines["target_modules"].startswith("refused") and lines["layers_pattern"].startswith("refused")
+    assert lines["exclude_modules"] == lines["rank_pattern"] == lines["alpha_pattern"] == "read 4"
+
+
+def test_regex_matching_past_its_time_budget_is_refused_naming_the_field(tiny_llama, model_cfg, tmp_path,
+                                                                         monkeypatch):
+    from lorafleet.engine import peft_config
+
+    monkeypatch.setattr(peft_config, "MATCH_BUDGET_S", 0.0)
+    for field, doc in (("target_modules", {"target_modules": r".*\.(q|k|v|o)_proj"}),
+                       ("rank_pattern", {"rank_pattern": {r"self_attn\..*": 4}})):
+        path = _adapter(tmp_path, tiny_llama, Fault("", doc), name=field)
+        with pytest.raises(AdapterError, match=f"^{re.escape(field)}.*: matching module names .* takes more than"):
+            load_adapter("a", path, model_cfg, MAX_RANK)
 
 
 KEY_PARTS = {
