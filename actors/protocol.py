@@ -83,13 +83,15 @@ def prompt_char_bound(tokenizer: Any, max_model_len: int) -> int | None:
     return max_model_len * max(1, max(len(t) for t in entries))
 
 
-def _check_chars(chars: int, ctx: ParseContext, name: str) -> None:
-    """400 context_length_exceeded for text that cannot fit max_model_len tokens, before tokenizing it."""
+def _check_chars(chars: int, ctx: ParseContext, name: str, what: str | None = None) -> None:
+    """400 context_length_exceeded for text that cannot fit max_model_len tokens, before tokenizing it (`what`
+    describes the text in the message; by default the field `name`)."""
     if ctx.max_prompt_chars is not None and chars > ctx.max_prompt_chars:
+        field = name.split("[")[0]
         raise ApiError(400, "context_length_exceeded", f"This model's maximum context length is {ctx.max_model_len} "
-                       f"tokens. However, the {name.split('[')[0]} has {chars} characters, more than "
+                       f"tokens. However, the {what or field} has {chars} characters, more than "
                        f"{ctx.max_model_len} tokens can hold (at most {ctx.max_prompt_chars}). Please reduce the "
-                       f"length of the {name.split('[')[0]}.", name)
+                       f"length of the {field}.", name)
 
 
 def refuse_unknown_keys(name: str, value: dict, known: tuple[str, ...]) -> None:
@@ -326,9 +328,12 @@ def render_chat(messages: Any, ctx: ParseContext) -> list[int]:
         raise bad("messages", "this model has no tokenizer")
     _check_chars(sum(len(m.get("content") or "") for m in clean), ctx, "messages")
     if getattr(ctx.tokenizer, "chat_template", None):
-        ids = _apply_template(ctx.tokenizer, clean)
+        text = _apply_template(ctx.tokenizer, clean)
+        _check_chars(len(text), ctx, "messages", "conversation as the chat template renders it")
+        ids = list(ctx.tokenizer(text, add_special_tokens=False)["input_ids"])  # what tokenize=True encodes
     else:
         text = "".join(f"{m['role']}: {m['content'] or ''}\n" for m in clean) + "assistant:"
+        _check_chars(len(text), ctx, "messages", "conversation as rendered")
         ids = list(ctx.tokenizer.encode(text))
     if not ids:
         raise bad("messages", "the chat template rendered no tokens from this conversation (no user message?)")
@@ -346,14 +351,17 @@ def _message(message: Any, index: int) -> dict:
     return {**message, "content": None if content is None else _content_text(content, index)}
 
 
-def _apply_template(tokenizer: Any, messages: list[dict]) -> list[int]:
+def _apply_template(tokenizer: Any, messages: list[dict]) -> str:
+    """The conversation's text through the chat template (not yet tokenized: its length is bounded first, since
+    a template also renders fields other than `content`, e.g. tool calls' arguments)."""
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as exc:  # the template's own error (jinja2 `raise_exception`, a bad field it reads)
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise bad("messages", f"the chat template refused the conversation: {reason}") from exc
-    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    return list(ids)
+    if not isinstance(text, str):
+        raise bad("messages", f"the chat template rendered {kind(text)}, not text")
+    return text
 
 
 def _content_text(content: Any, index: int) -> str:

@@ -201,6 +201,10 @@ class _SpyTokenizer:
         self.encoded.append(len(text))
         return self.inner.encode(text, **kw)
 
+    def __call__(self, text, **kw):
+        self.encoded.append(len(text))
+        return self.inner(text, **kw)
+
 
 def test_an_impossibly_long_prompt_is_refused_before_tokenizing(tmp_path):
     """Tokenizing runs on the event loop (a 100 KB prompt took ~1 s with the demo tokenizer, stalling every
@@ -224,3 +228,39 @@ def test_an_impossibly_long_prompt_is_refused_before_tokenizing(tmp_path):
     assert refused_chat.value.param == "messages"
     assert tokenizer.encoded == []  # refused without tokenizing
     assert len(encode_prompt("hello", ctx)) > 0 and tokenizer.encoded == [5]
+
+
+TOOL_TEMPLATE = ("{%- for m in messages -%}{{ m['role'] }}: {{ m['content'] or '' }}"
+                 "{%- for c in m.get('tool_calls') or [] -%}"
+                 "{{ c['function']['name'] }}({{ c['function']['arguments'] }}){%- endfor -%}{{ '\\n' }}"
+                 "{%- endfor -%}{%- if add_generation_prompt -%}assistant: {%- endif -%}")
+
+
+def test_a_conversation_is_bounded_as_it_is_rendered_before_tokenizing(tmp_path):
+    """A chat template renders more than `content` (tool calls' arguments here, as Llama-3.1's and Qwen2's do), and
+    the plain rendering of a model without one writes every role: the rendered conversation is what must fit, so
+    one that cannot is refused (context_length_exceeded naming messages) without being tokenized, whichever field
+    made it long; one that fits gets HF apply_chat_template's token ids."""
+    from transformers import AutoTokenizer
+
+    from lorafleet.actors.protocol import ApiError, ParseContext, prompt_char_bound, render_chat
+    from lorafleet.engine.synthetic import write_model
+
+    tokenizer = _SpyTokenizer(AutoTokenizer.from_pretrained(str(write_model("tiny", tmp_path / "m"))))
+    bound = prompt_char_bound(tokenizer, 64)
+    ctx = ParseContext("m", set(), 64, tokenizer.vocab_size, tokenizer, max_prompt_chars=bound)
+    many_roles = [{"role": "r" * 64, "content": ""}] * (bound // 60)  # no template: "role: content" per message
+    tokenizer.inner.chat_template = TOOL_TEMPLATE
+    calls = [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "x" * (bound + 1)}}]
+    long_call = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": calls},
+                 {"role": "user", "content": "ok"}]
+    for convo, template in ((long_call, TOOL_TEMPLATE), (many_roles, None)):
+        tokenizer.inner.chat_template = template
+        with pytest.raises(ApiError) as refused:
+            render_chat(convo, ctx)
+        assert (refused.value.code, refused.value.param) == ("context_length_exceeded", "messages")
+        assert tokenizer.encoded == []  # refused without tokenizing
+    tokenizer.inner.chat_template = TOOL_TEMPLATE
+    calls[0]["function"]["arguments"] = '{"q": "fits"}'
+    truth = tokenizer.inner.apply_chat_template(long_call, add_generation_prompt=True, tokenize=True)["input_ids"]
+    assert render_chat(long_call, ctx) == list(truth) and len(truth) > 10
