@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,6 +56,26 @@ def positive_float(value: str) -> float:
     if not 0 < number < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
     return number
+
+
+def fraction(value: str) -> float:
+    """A float in [0, 1]."""
+    number = _number(value, float, "a number")
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {value}")
+    return number
+
+
+def http_url(value: str) -> str:
+    """A server's base URL: http:// or https://, a host, and no query or fragment (a trailing / is dropped)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not a number in 0..65535
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a URL ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(f"expected the server's base URL, http(s)://HOST[:PORT], got {value!r}")
+    return value.rstrip("/")
 
 
 def _number(value: str, kind: type, what: str):

@@ -31,9 +31,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from lorafleet.args import Parser
-from lorafleet.loadgen.cli import Target, add_workload_args, resolve_target, run_one
+from lorafleet.args import Parser, http_url, non_negative_float, positive_float
+from lorafleet.loadgen.cli import Target, add_workload_args, check_output_paths, resolve_target, run_one
 from lorafleet.loadgen.results import environment, write_json
+from lorafleet.loadgen.workload import read_trace
 
 BACKENDS = ("lorafleet", "lorafleet-nolora", "peft")
 SCHEMA = "lorafleet.bench/1"
@@ -45,19 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", default="peft", help=f"comma-separated, of {', '.join(BACKENDS)}")
     parser.add_argument("--model", default=None, help="base model directory (or a name lorafleet serve knows)")
     parser.add_argument("--adapter", action="append", default=[], help="name=DIR (repeatable)")
-    parser.add_argument("--url", default=None, help="measure this running server instead of starting one")
+    parser.add_argument("--url", type=http_url, default=None,
+                        help="measure this running server instead of starting one")
     parser.add_argument("--peft-num-adapters", default=None, help="n values for peft only (default: the same)")
     parser.add_argument("--nolora-num-adapters", default=None,
                         help="n values for lorafleet-nolora only (default: the same; n only changes which "
                         "adapter names the trace holds, nolora ignores them)")
     parser.add_argument("--serve-arg", action="append", default=[], help="extra argument for lorafleet serve")
     parser.add_argument("--peft-arg", action="append", default=[], help="extra argument for the PEFT server")
-    parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for /health")
+    parser.add_argument("--startup-timeout", type=positive_float, default=900.0, help="seconds to wait for /health")
     parser.add_argument("--log-dir", default=None, help="server logs go here (default: a temporary dir)")
     parser.add_argument("--out", default=None, help="results JSON path (rewritten after every row)")
     parser.add_argument("--append", action="store_true", help="add rows to an existing --out file")
     parser.add_argument("--records", action="store_true", help="include per-request records in runs")
-    parser.add_argument("--warmup-duration", type=float, default=0.0, metavar="S",
+    parser.add_argument("--warmup-duration", type=non_negative_float, default=0.0, metavar="S",
                         help="first run the workload for S seconds with the largest adapter count and discard it "
                         "(kernel compilation, lazily captured CUDA graphs, cold adapter caches)")
     add_workload_args(parser, several_n=True)
@@ -363,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         backends = parse_backends(args.backend)
+        check_output_paths(args, ("out",))
+        if args.trace:
+            read_trace(args.trace)
         for backend in backends:
             _counts_for(backend, args)
         env = environment()

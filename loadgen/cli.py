@@ -9,13 +9,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import os
 import sys
 from collections import deque
 from pathlib import Path
 
 import aiohttp
 
-from lorafleet.args import Parser
+from lorafleet.args import (
+    Parser,
+    fraction,
+    http_url,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from lorafleet.loadgen.clients import (
     ClientConfig,
     Progress,
@@ -34,6 +43,8 @@ from lorafleet.loadgen.results import (
     write_json,
 )
 from lorafleet.loadgen.workload import (
+    MAX_CV,
+    MIN_CV,
     RequestSpec,
     WorkloadConfig,
     generate,
@@ -45,6 +56,7 @@ from lorafleet.loadgen.workload import (
 DEFAULT_SLO_TTFT_MS = 6000.0
 SLORA_LEN = (8, 512)  # S-LoRA's input and output length range
 DEFAULT_TOKEN_RANGE = (10, 499)
+MODELS_TIMEOUT_S = 30.0  # GET /v1/models waits at most this (or --request-timeout when shorter)
 
 
 def add_workload_args(parser: argparse.ArgumentParser, several_n: bool = False) -> None:
@@ -52,23 +64,24 @@ def add_workload_args(parser: argparse.ArgumentParser, several_n: bool = False) 
     w = parser.add_argument_group("workload (S-LoRA's model)")
     w.add_argument(
         "--num-adapters",
-        type=str if several_n else int,
+        type=str if several_n else non_negative_int,
         default=None,
         help="use the first N adapters (of --adapters or of the server's /v1/models)"
         + ("; comma-separated values give one row each" if several_n else ""),
     )
     w.add_argument("--adapters", default=None, help="comma-separated adapter names (default: from /v1/models)")
     w.add_argument("--base-model", default=None, help="the base model's name (default: from /v1/models)")
-    w.add_argument("--alpha", type=float, default=1.0, help="power-law popularity exponent (default 1)")
-    w.add_argument("--rate", type=float, default=1.0, help="mean arrival rate, requests/s (default 1)")
-    w.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of inter-arrival gaps")
+    w.add_argument("--alpha", type=non_negative_float, default=1.0, help="power-law popularity exponent (default 1)")
+    w.add_argument("--rate", type=positive_float, default=1.0, help="mean arrival rate, requests/s (default 1)")
+    w.add_argument("--cv", type=gap_cv, default=1.0, help="coefficient of variation of inter-arrival gaps "
+                   f"(default 1: Poisson; 0: constant gaps; else {MIN_CV:g}..{MAX_CV:g})")
     w.add_argument("--input-len", default=None, help="prompt length range a:b in tokens, inclusive (default: "
                    "S-LoRA's 8:512, scaled down to fit the server's max_model_len with --output-len)")
     w.add_argument("--output-len", default=None, help="output length range a:b in tokens, inclusive (default: "
                    "S-LoRA's 8:512, scaled down like --input-len)")
-    w.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals (default 60)")
-    w.add_argument("--seed", type=int, default=0)
-    w.add_argument("--base-fraction", type=float, default=0.0, help="fraction of requests to the base model")
+    w.add_argument("--duration", type=positive_float, default=60.0, help="seconds of arrivals (default 60)")
+    w.add_argument("--seed", type=non_negative_int, default=0)
+    w.add_argument("--base-fraction", type=fraction, default=0.0, help="fraction of requests to the base model")
     w.add_argument("--prompt-kind", choices=("tokens", "text"), default="tokens")
     w.add_argument("--token-range", default=None, help="token ids of synthetic prompts, a:b inclusive (default: "
                    "10:499, cut to the server's vocabulary when /v1/models gives vocab_size)")
@@ -77,22 +90,31 @@ def add_workload_args(parser: argparse.ArgumentParser, several_n: bool = False) 
     c.add_argument("--protocol", type=protocol_name, choices=("ws", "openai"), default="ws",
                    help="ws: the WebSocket stream /v1/stream; openai (or http): streamed POST /v1/completions "
                    "(default: ws)")
-    c.add_argument("--num-sockets", type=int, default=1, help="WebSocket connections to spread requests over")
-    c.add_argument("--max-concurrency", type=int, default=None, help="at most this many requests in flight")
-    c.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is abandoned")
+    c.add_argument("--num-sockets", type=positive_int, default=1, help="WebSocket connections to spread requests over")
+    c.add_argument("--max-concurrency", type=positive_int, default=None, help="at most this many requests in flight")
+    c.add_argument("--request-timeout", type=positive_float, default=600.0,
+                   help="seconds before a request is abandoned")
     c.add_argument(
         "--drain-timeout",
-        type=float,
+        type=non_negative_float,
         default=None,
         help="abandon requests still running this many seconds after the last arrival (default: wait)",
     )
-    c.add_argument("--temperature", type=float, default=0.0)
-    c.add_argument("--slo-ttft-ms", type=float, default=DEFAULT_SLO_TTFT_MS,
+    c.add_argument("--temperature", type=non_negative_float, default=0.0)
+    c.add_argument("--slo-ttft-ms", type=positive_float, default=DEFAULT_SLO_TTFT_MS,
                    help=f"first-token SLO in ms, the same for both protocols: attainment is measured against it "
                    f"and it is sent with every request (default {DEFAULT_SLO_TTFT_MS:g})")
     c.add_argument("--no-server-slo", action="store_true",
                    help="measure attainment against --slo-ttft-ms but do not send it (no early abort by the server)")
     c.add_argument("--no-progress", action="store_true", help="no live progress display")
+
+
+def gap_cv(value: str) -> float:
+    """--cv: 0 (constant gaps) or a number in [MIN_CV, MAX_CV] (workload.py says why)."""
+    cv = non_negative_float(value)
+    if cv != 0 and not MIN_CV <= cv <= MAX_CV:
+        raise argparse.ArgumentTypeError(f"must be 0 (constant gaps) or in [{MIN_CV:g}, {MAX_CV:g}], got {value}")
+    return cv
 
 
 def protocol_name(value: str) -> str:
@@ -103,7 +125,7 @@ def protocol_name(value: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     """The `lorafleet loadgen` argument parser."""
     parser = Parser(prog="lorafleet loadgen", description=__doc__.splitlines()[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    parser.add_argument("--url", type=http_url, default="http://127.0.0.1:8000", help="server base URL")
     add_workload_args(parser)
     parser.add_argument(
         "--no-lora",
@@ -173,7 +195,7 @@ async def resolve_target(args: argparse.Namespace, need_adapters: bool) -> Targe
         names = [f"adapter-{i}" for i in range(args.num_adapters or 0)]
     elif not args.dry_run:
         try:
-            models = await list_models(args.url)
+            models = await list_models(args.url, timeout_s=min(MODELS_TIMEOUT_S, args.request_timeout))
         except (aiohttp.ClientError, OSError, RuntimeError, asyncio.TimeoutError, ValueError) as exc:
             if need_adapters and not names:
                 raise RuntimeError(f"could not list the server's models: {exc}") from exc
@@ -298,8 +320,10 @@ async def run_one(
     """One workload run: returns the results entry (config + metrics [+ records]) and the raw output."""
     specs, described = load_specs(args, target, rate)
     if not specs:
-        where = f"the trace {args.trace}" if args.trace else f"rate {rate:g} req/s over {args.duration:g} s"
-        raise ValueError(f"the workload has no requests ({where}); raise --duration or --rate")
+        if args.trace:
+            raise ValueError(f"--trace: {args.trace} holds no requests")
+        raise ValueError(f"the workload has no requests (rate {rate:g} req/s over {args.duration:g} s); raise "
+                         "--duration or --rate")
     cfg = client_config(args, url, target)
     out = await run_with_progress(specs, cfg, not args.no_progress, label)
     slo_s = None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1e3
@@ -342,11 +366,31 @@ def parse_rates(text: str | None, default: float) -> list[float]:
     return rates
 
 
+def check_output_paths(args: argparse.Namespace, flags: tuple[str, ...] = ("out", "plot", "write_trace")) -> None:
+    """Refuse an output path that cannot be written before anything runs (not after a long run): its folder
+    must exist and be writable, and the path must not be a folder. ValueError naming the flag."""
+    for flag in flags:
+        value = getattr(args, flag, None)
+        if not value:
+            continue
+        path, name = Path(value), "--" + flag.replace("_", "-")
+        folder = path.parent
+        if path.is_dir():
+            raise ValueError(f"{name}: {value} is a directory; give a file path")
+        if not folder.is_dir():
+            raise ValueError(f"{name}: cannot write {value}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise ValueError(f"{name}: {value} is not writable")
+
+
 async def amain(args: argparse.Namespace) -> int:
     """Resolve the target, run one workload per rate, print and write the results; the exit status."""
     rates = parse_rates(args.sweep_rates, args.rate)
     if args.trace and args.sweep_rates:
         raise ValueError("--sweep-rates needs a generated workload, not --trace")
+    check_output_paths(args)
+    if args.trace:
+        read_trace(args.trace)  # a bad trace is a bad argument: refused before the server is asked anything
     wants_adapters = not args.trace and not args.no_lora and args.num_adapters != 0
     target = await resolve_target(args, need_adapters=wants_adapters)
     if args.dry_run:

@@ -217,7 +217,7 @@ async def _read_sse(resp: aiohttp.ClientResponse, record: RequestRecord, clock: 
     """Consume an SSE body; True when `data: [DONE]` arrived."""
     data_lines: list[str] = []
     async for raw in resp.content:
-        line = raw.decode("utf-8").rstrip("\r\n")
+        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
         if line.startswith("data:"):
             data_lines.append(line[5:].lstrip(" "))
             continue
@@ -227,12 +227,11 @@ async def _read_sse(resp: aiohttp.ClientResponse, record: RequestRecord, clock: 
         if data == "[DONE]":
             return True
         try:
-            chunk = json.loads(data)
-        except json.JSONDecodeError:
+            _apply_sse_chunk(record, json.loads(data), clock())
+        except (ValueError, TypeError, AttributeError) as exc:  # not JSON, or not the shape of a chunk
             record.mid_stream = True
-            record.fail("bad_sse_chunk", f"unparseable SSE data: {data[:200]!r}", clock())
+            record.fail("bad_sse_chunk", f"unparseable SSE data ({type(exc).__name__}): {data[:200]!r}", clock())
             return False
-        _apply_sse_chunk(record, chunk, clock())
         if record.error_code is not None:
             return False
     return False
@@ -316,7 +315,7 @@ class WsMux:
         try:
             frame = json.loads(text)
             kind, req_id = frame["type"], frame.get("id")
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             self._protocol_errors.append(f"malformed frame from server ({exc!r}): {text[:200]}")
             return
         entry = self._pending.get(str(req_id)) if req_id is not None else None
@@ -325,7 +324,14 @@ class WsMux:
                 self._protocol_errors.append(f"error frame without a known id: {text[:300]}")
             return
         record, future = entry
-        if _apply_ws_frame(record, frame, kind, self._clock()) and not future.done():
+        try:
+            ended = _apply_ws_frame(record, frame, kind, self._clock())
+        except (ValueError, TypeError, AttributeError) as exc:  # a frame of the request, not of its shape
+            self._protocol_errors.append(f"malformed frame from server ({exc!r}): {text[:200]}")
+            record.fail("bad_frame", f"malformed {kind!r:.40} frame from the server ({type(exc).__name__})",
+                        self._clock())
+            ended = True
+        if ended and not future.done():
             future.set_result(None)
 
 
@@ -497,7 +503,11 @@ async def _run_ws(
     muxes: list[WsMux] = []
     try:
         for _ in range(cfg.num_sockets):
-            ws = await session.ws_connect(ws_url, heartbeat=None, timeout=aiohttp.ClientWSTimeout(ws_close=5))
+            try:
+                ws = await session.ws_connect(ws_url, heartbeat=None, timeout=aiohttp.ClientWSTimeout(ws_close=5))
+            except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+                detail = str(exc) or f"no answer within {cfg.request_timeout_s:g} s"
+                raise RuntimeError(f"could not open the WebSocket {ws_url}: {type(exc).__name__}: {detail}") from None
             muxes.append(WsMux(ws, clock, protocol_errors))
         clock.restart()  # the run starts once the sockets are open
 
@@ -511,17 +521,25 @@ async def _run_ws(
 
 
 async def list_models(url: str, timeout_s: float = 30.0) -> list[dict[str, object]]:
-    """GET /v1/models; returns its `data` list."""
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
-        async with session.get(f"{url}/v1/models") as resp:
-            if resp.status != 200:
-                detail = (await resp.text())[:300]
-                raise RuntimeError(f"GET {url}/v1/models answered HTTP {resp.status}: {detail}")
-            body = await resp.json()
+    """GET /v1/models; returns its `data` list, keeping only the entries that are objects with a string `id`.
+
+    Raises RuntimeError saying what went wrong: no answer within `timeout_s`, a status other than 200, a body
+    that is not JSON or has no `data` list; aiohttp.ClientError / OSError when the server cannot be reached."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+            async with session.get(f"{url}/v1/models") as resp:
+                if resp.status != 200:
+                    detail = (await resp.text(errors="replace"))[:300]
+                    raise RuntimeError(f"GET {url}/v1/models answered HTTP {resp.status}: {detail}")
+                body = await resp.json(content_type=None)
+    except asyncio.TimeoutError:
+        raise RuntimeError(f"GET {url}/v1/models: no answer within {timeout_s:g} s") from None
+    except (ValueError, aiohttp.ContentTypeError) as exc:
+        raise RuntimeError(f"GET {url}/v1/models: the answer is not JSON ({exc})") from None
     data = body.get("data") if isinstance(body, dict) else None
     if not isinstance(data, list):
         raise RuntimeError(f"GET {url}/v1/models: the answer has no 'data' list")
-    return data
+    return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
 def split_models(models: list[dict[str, object]]) -> tuple[str | None, list[str]]:
@@ -530,8 +548,9 @@ def split_models(models: list[dict[str, object]]) -> tuple[str | None, list[str]
     An entry with a non-null ``parent`` is an adapter of that parent; entries without one are base
     models. When no entry carries a ``parent`` field at all, the first entry is taken as the base.
     """
-    ids = [str(m["id"]) for m in models if isinstance(m, dict) and "id" in m]
-    if not any(isinstance(m, dict) and "parent" in m for m in models):
+    models = [m for m in models if isinstance(m, dict) and "id" in m]
+    ids = [str(m["id"]) for m in models]
+    if not any("parent" in m for m in models):
         return (ids[0] if ids else None), ids[1:]
     bases = [str(m["id"]) for m in models if m.get("parent") is None]
     adapters = [str(m["id"]) for m in models if m.get("parent") is not None]

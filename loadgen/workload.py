@@ -22,12 +22,17 @@ Definitions (also in docs/loadgen.md):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 TRACE_FORMAT = "lorafleet.trace/1"
+MAX_REQUESTS = 1_000_000  # expected requests (rate x duration) of one generated workload
+# Gamma(1/cv^2) gaps: above MAX_CV (shape < 0.01) numpy's sampler starts returning gaps of exactly 0 (at cv 1e10
+# every gap, and the arrival loop never reaches the duration); below MIN_CV 1/cv^2 overflows.
+MIN_CV, MAX_CV = 1e-6, 10.0
 WORDS = (
     "the",
     "model",
@@ -105,11 +110,22 @@ class WorkloadConfig:
     token_range: tuple[int, int] = (10, 500)
 
     def __post_init__(self) -> None:
+        finite = all(math.isfinite(v) for v in (self.rate, self.cv, self.alpha, self.duration))
         checks = [
+            (finite, f"rate, cv, alpha and duration must be finite, got {self.rate}, {self.cv}, {self.alpha}, "
+             f"{self.duration}"),
             (self.rate > 0, f"rate must be > 0, got {self.rate}"),
-            (self.cv >= 0, f"cv must be >= 0, got {self.cv}"),
+            (
+                self.cv == 0 or MIN_CV <= self.cv <= MAX_CV,
+                f"cv must be 0 (constant gaps) or in [{MIN_CV:g}, {MAX_CV:g}], got {self.cv}",
+            ),
             (self.alpha >= 0, f"alpha must be >= 0, got {self.alpha}"),
             (self.duration > 0, f"duration must be > 0, got {self.duration}"),
+            (
+                not finite or self.rate * self.duration <= MAX_REQUESTS,
+                f"rate x duration = {self.rate * self.duration:.3g} requests; a workload holds at most "
+                f"{MAX_REQUESTS:,} (each is drawn and kept in memory before the run)",
+            ),
             (0 <= self.base_fraction <= 1, f"base_fraction must be in [0, 1], got {self.base_fraction}"),
             (
                 self.prompt_kind in ("tokens", "text"),
@@ -209,32 +225,43 @@ def write_trace(path: str | Path, specs: list[RequestSpec], config: WorkloadConf
             out.write(json.dumps(asdict(spec), separators=(",", ":")) + "\n")
 
 
+def _int_field(obj: dict[str, object], key: str, where: str, default: int | None = None, low: int = 0) -> int:
+    value = obj.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{where}: field {key!r} must be an integer >= {low}, got {value!r:.60}")
+    return value
+
+
 def _spec_from_json(obj: dict[str, object], line_no: int, index: int) -> RequestSpec:
+    """One request line, checked field by field: JSON integers for the counts (never 1.5, true or "3"), a
+    finite non-negative number for `arrival_s`."""
     where = f"trace line {line_no}"
     for key in ("arrival_s", "prompt", "max_tokens"):
         if key not in obj:
             raise ValueError(f"{where}: missing field {key!r}")
     prompt = obj["prompt"]
     if isinstance(prompt, list):
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            raise ValueError(f"{where}: field 'prompt' must be a string or a list of integers")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+            raise ValueError(f"{where}: field 'prompt' must be a string or a list of token ids (integers >= 0)")
     elif not isinstance(prompt, str):
-        raise ValueError(f"{where}: field 'prompt' must be a string or a list of integers")
+        raise ValueError(f"{where}: field 'prompt' must be a string or a list of token ids (integers >= 0)")
+    if not prompt:
+        raise ValueError(f"{where}: field 'prompt' is empty")
     adapter = obj.get("adapter")
     if adapter is not None and not isinstance(adapter, str):
         raise ValueError(f"{where}: field 'adapter' must be a string or null")
-    default_len = len(prompt) if isinstance(prompt, list) else len(prompt.split())
-    try:
-        return RequestSpec(
-            index=int(obj.get("index", index)),
-            arrival_s=float(obj["arrival_s"]),
-            adapter=adapter,
-            prompt=prompt,
-            input_len=int(obj.get("input_len", default_len)),
-            max_tokens=int(obj["max_tokens"]),
-        )
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: {exc}") from exc
+    arrival = obj["arrival_s"]
+    if not isinstance(arrival, (int, float)) or isinstance(arrival, bool) or not 0 <= arrival < math.inf:
+        raise ValueError(f"{where}: field 'arrival_s' must be a finite number >= 0, got {arrival!r:.60}")
+    default_len = len(prompt) if isinstance(prompt, list) else max(1, len(prompt.split()))
+    return RequestSpec(
+        index=_int_field(obj, "index", where, index),
+        arrival_s=float(arrival),
+        adapter=adapter,
+        prompt=prompt,
+        input_len=_int_field(obj, "input_len", where, default_len, low=1),
+        max_tokens=_int_field(obj, "max_tokens", where, low=1),
+    )
 
 
 def read_trace(path: str | Path) -> tuple[list[RequestSpec], dict[str, object] | None]:
@@ -243,24 +270,36 @@ def read_trace(path: str | Path) -> tuple[list[RequestSpec], dict[str, object] |
     The header line is optional; blank lines are skipped; request lines need `arrival_s`, `prompt`
     and `max_tokens` (`adapter`, `index` and `input_len` are optional).
     """
+    try:
+        with open(path, encoding="utf-8") as src:
+            return _parse_trace(src, path)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"trace {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ValueError(f"trace {path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def _parse_trace(src, path: str | Path) -> tuple[list[RequestSpec], dict[str, object] | None]:
     specs: list[RequestSpec] = []
     config: dict[str, object] | None = None
-    with open(path, encoding="utf-8") as src:
-        for line_no, line in enumerate(src, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"trace line {line_no}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict):
-                raise ValueError(f"trace line {line_no}: expected a JSON object")
-            if "format" in obj:
-                if obj["format"] != TRACE_FORMAT:
-                    raise ValueError(f"trace line {line_no}: unknown format {obj['format']!r}")
-                config = obj.get("config")  # type: ignore[assignment]
-                continue
-            specs.append(_spec_from_json(obj, line_no, len(specs)))
+    for line_no, line in enumerate(src, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"trace line {line_no}: invalid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise ValueError(f"trace line {line_no}: JSON nested too deeply") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"trace line {line_no}: expected a JSON object")
+        if "format" in obj:
+            if obj["format"] != TRACE_FORMAT:
+                raise ValueError(f"trace line {line_no}: unknown format {obj['format']!r:.80} "
+                                 f"(expected {TRACE_FORMAT})")
+            config = obj.get("config")  # type: ignore[assignment]
+            continue
+        specs.append(_spec_from_json(obj, line_no, len(specs)))
     indexes = [s.index for s in specs]
     if len(set(indexes)) != len(indexes):
         raise ValueError(f"trace {path}: field 'index' must be unique across requests")
