@@ -24,6 +24,7 @@ from lorafleet.engine.adapters import (
     AdapterError,
     AdapterWeights,
     adapter_errors,
+    adapter_files_stamp,
     load_adapter,
     pack_adapter,
     shard_adapter,
@@ -45,6 +46,7 @@ class AdapterInfo:
     scale: float
     ranks: dict[str, int]
     layout: AdapterLayout
+    files: tuple | None = None  # adapter_files_stamp of the directory when it was read (None: not from files)
 
     @property
     def num_pages(self) -> int:
@@ -148,9 +150,13 @@ class AdapterStore:
         """Read and validate; the page layout comes from the shards' shapes (nothing is sharded or copied
         here: registering N adapters at any tensor-parallel size costs what it costs at tp=1)."""
         with adapter_errors(path):
+            stamp = adapter_files_stamp(path)
             weights = load_adapter(name, path, self.model, self.max_rank)
+            if adapter_files_stamp(path) != stamp:
+                raise AdapterError(f"lora_path: adapter {name!r} changed on disk while it was read; try again")
             layout = AdapterLayout.from_matrices(shard_matrices(weights, self.shards), self.page_elements)
-            return AdapterInfo(name, path, weights.rank, weights.scale, weights.ranks(), layout), weights
+            info = AdapterInfo(name, path, weights.rank, weights.scale, weights.ranks(), layout, stamp)
+            return info, weights
 
     def _pack(self, info: AdapterInfo, weights: AdapterWeights) -> PackedAdapter:
         with adapter_errors(info.path):
@@ -161,10 +167,11 @@ class AdapterStore:
 
     def pack_into(self, target: PackedAdapter, path: str) -> None:
         """Read, validate and pack the adapter at `path` into `target.pages` (a reserved extent); touches no
-        state, so a worker thread may run it. AdapterError if the adapter no longer has the registered shape."""
+        state, so a worker thread may run it. AdapterError if its files changed since it was registered (a
+        different stamp, or another shape or scale): the pages must be the registered adapter's, never a mix of
+        its registered scale and new weights."""
         info, weights = self._read(target.info.name, path)
-        if info.layout != target.info.layout:
-            raise AdapterError(f"lora_path: adapter {info.name!r} changed on disk since it was registered")
+        _check_unchanged(target.info, info)
         with adapter_errors(path):
             for rank in range(self.shards):
                 pack_adapter(shard_adapter(weights, rank, self.shards), info.layout, self.dtype,
@@ -280,6 +287,7 @@ class AdapterStore:
             raise AdapterError(f"lora_name: adapter {name!r} is not in the host cache")
         started = time.perf_counter()
         packed = self.load_packed(name, self.infos[name].path)
+        _check_unchanged(self.infos[name], packed.info)
         self.stats.load_seconds += time.perf_counter() - started
         self._put(packed)
         return packed
@@ -304,3 +312,13 @@ class AdapterStore:
         """Whether a step may load `name` now: always without an arena (a miss is read in place), with one
         only once it is packed in the cache."""
         return self.arena is None or name in self.cache
+
+
+def _check_unchanged(registered: AdapterInfo, read: AdapterInfo) -> None:
+    """AdapterError unless `read` (the adapter read again from disk, e.g. to refill the host cache) is the
+    adapter registered as `registered`: same files (stamp), shape and scale. Pages of new weights under the
+    registered scale would serve an adapter that never existed."""
+    if (read.files, read.layout, read.scale, read.ranks) != (registered.files, registered.layout, registered.scale,
+                                                             registered.ranks):
+        raise AdapterError(f"lora_path: adapter {read.name!r} changed on disk since it was registered (its files "
+                           "were modified or replaced); load it again")

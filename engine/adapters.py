@@ -9,6 +9,7 @@ whatever the files hold, is an AdapterError naming the field or the tensor.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,6 +80,22 @@ class AdapterWeights:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in [*self.a.values(), *self.b.values()])
+
+
+def adapter_files_stamp(adapter_dir: str | Path) -> tuple | None:
+    """(inode, size, mtime in ns) of adapter_config.json and adapter_model.safetensors (None for a file that
+    is missing, and for a `synthetic:` adapter): two reads of a directory with equal stamps read the same
+    files. A file saved again, or replaced by a rename, gets another stamp."""
+    if str(adapter_dir).startswith(SYNTHETIC_ADAPTER):
+        return None
+    stamp = []
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        try:
+            st = os.stat(Path(adapter_dir) / name)
+            stamp.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            stamp.append(None)
+    return tuple(stamp)
 
 
 def read_adapter_config(adapter_dir: Path, max_rank: int) -> LoraSpec:

@@ -360,3 +360,49 @@ async def test_a_runtime_load_is_read_off_the_step_loop_and_then_served_exactly(
     finally:
         engine.store.cache.clear()
         arena.close()
+
+
+def test_a_refill_from_changed_files_is_refused_not_mixed_with_the_registered_scale(tiny_llama, adapters):
+    """The host cache reads an adapter back from disk whenever it refills it. Its files changed since it was
+    registered (alpha_pattern added, same shapes) used to be packed anyway: the new per-module scales folded
+    into B under the registered scale 2, an adapter that never existed. Any change of its files now fails the
+    refill (the scheduler then unregisters it; under the adapter root the next request reads the new one)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from lorafleet.engine.adapters import AdapterError
+    from lorafleet.engine.build import build_engine
+    from lorafleet.engine.config import EngineConfig
+
+    engine, _ = build_engine(str(tiny_llama), EngineConfig(), adapters)
+    store = engine.store
+    reference = store.cache["a1"].pages.clone()
+    store.cache.clear()  # without an arena: a miss reads the directory again
+    assert torch.equal(store.fetch("a1").pages, reference)
+    arena = _arena_store(engine, 2)
+    try:
+        target = store.reserve("a1")
+        store.pack_into(target, adapters["a1"])  # unchanged files: the registered adapter again
+        assert torch.equal(target.pages, reference)
+        store.abandon("a1", target.arena_offset)
+        config = Path(adapters["a1"]) / "adapter_config.json"
+        doc = json.loads(config.read_text())
+        config.write_text(json.dumps({**doc, "alpha_pattern": {"q_proj": 4 * doc["lora_alpha"]}}))
+        target = store.reserve("a1")
+        with pytest.raises(AdapterError, match="adapter 'a1' changed on disk since it was registered"):
+            store.pack_into(target, adapters["a1"])
+        store.abandon("a1", target.arena_offset)
+        config.write_text(json.dumps(doc))  # the same bytes again, a new modification time: still another file
+        os.utime(config, ns=(1, 1))
+        target = store.reserve("a1")
+        with pytest.raises(AdapterError, match="changed on disk since it was registered"):
+            store.pack_into(target, adapters["a1"])
+        store.abandon("a1", target.arena_offset)
+        store.arena = None
+        with pytest.raises(AdapterError, match="changed on disk since it was registered"):
+            store.fetch("a1")  # the offline engine's miss path checks it too
+    finally:
+        store.cache.clear()
+        store.reserved.clear()
+        arena.close()
