@@ -1,11 +1,13 @@
 """Per-connection limits and slow clients, over real sockets: a WebSocket's generations in flight are capped,
 a socket flooding invalid frames is closed (1008) after a handful while another socket's generation goes on,
-slow-header and slow-body connections are timed out, and abrupt disconnects leave no unretrieved task errors."""
+slow-header and slow-body connections are timed out, an SSE client that stops reading is dropped at
+--sse-max-send-buffer-mb, and abrupt disconnects leave no unretrieved task errors."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import aiohttp
@@ -28,7 +30,7 @@ def test_frame_bucket():
 def server(tmp_path_factory):
     model = _write_assets(tmp_path_factory.mktemp("connections"))[0]
     proc = start_server(["--model", str(model), "--ws-max-generations", "2", "--ws-frame-rate", "50",
-                         "--header-timeout", "1", "--body-timeout", "1"])
+                         "--header-timeout", "1", "--body-timeout", "1", "--sse-max-send-buffer-mb", "0.25"])
     yield proc
     assert stop_server(proc) == 0, proc.output()
 
@@ -135,6 +137,41 @@ async def test_slow_header_and_slow_body_connections_are_closed(server):
     assert b" 200 " not in slow_header
     assert slow_body.startswith(b"HTTP/1.1 408"), slow_body[:200]
     assert b"request_timeout" in slow_body
+
+
+async def test_an_sse_client_that_stops_reading_is_dropped_at_the_flag_bound(server):
+    """`lorafleet serve --sse-max-send-buffer-mb 0.25`: a client that asks for 16 long streamed choices with
+    logprobs (megabytes of events) and reads nothing is dropped once its unsent events pass 0.25 MB (counted in
+    /metrics), its generations are cancelled, and the server goes on serving; the client never sees [DONE]."""
+    port = int(server.url.rsplit(":", 1)[1])
+    body = json.dumps({"prompt": "slow", "n": 16, "max_tokens": 1000, "logprobs": 20, "ignore_eos": True,
+                       "stream": True}).encode()
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(("127.0.0.1", port))
+    slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    counter = 'lorafleet:events_total{event="sse_closed_slow_reader"'
+    async with aiohttp.ClientSession() as session:
+        deadline, dropped = time.monotonic() + 60, False
+        while not dropped and time.monotonic() < deadline:
+            async with session.get(server.url + "/metrics") as resp:
+                dropped = any(line.startswith(counter) and line.endswith(" 1.0")
+                              for line in (await resp.text()).splitlines())
+            await asyncio.sleep(0.2)
+        assert dropped, "the silent SSE client was not dropped"
+        async with session.post(server.url + "/v1/completions", json={"prompt": "ok", "max_tokens": 2}) as resp:
+            assert resp.status == 200 and (await resp.json())["usage"]["completion_tokens"] == 2
+    slow.settimeout(10)
+    received = bytearray()
+    try:
+        while data := await asyncio.to_thread(slow.recv, 1 << 20):
+            received += data
+    except ConnectionResetError:
+        pass
+    slow.close()
+    assert b"data: [DONE]" not in received and b"finish_reason" in received
+    assert "dropping an SSE stream whose client does not read" in server.output()
 
 
 async def test_abrupt_disconnects_leave_no_task_errors(tmp_path):
