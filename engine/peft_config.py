@@ -102,6 +102,12 @@ class _Regexes:
         return found
 
 
+def _ends_with_any(module: str, names: frozenset[str]) -> bool:
+    """`any(module.endswith("." + name) for name in names)` (PEFT's suffix rule) in time independent of how
+    many names there are: the strings `module` ends with after a dot are the parts after each of its dots."""
+    return any(module[i + 1:] in names for i, char in enumerate(module) if char == ".")
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """The parts of a LoraConfig that decide which modules of which layers get a LoRA and its r and alpha.
@@ -113,7 +119,7 @@ class LoraSpec:
     use_rslora: bool
     target_modules: str | frozenset[str]  # a regex (fullmatch on the module name), or names/suffixes
     exclude_modules: str | frozenset[str] | None
-    layers_to_transform: int | tuple[int, ...] | None
+    layers_to_transform: int | frozenset[int] | None
     layers_pattern: tuple[str, ...] | None
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
@@ -127,7 +133,7 @@ class LoraSpec:
             return self._regexes.match(self.target_modules, module, "target_modules", full=True) is not None
         if module in self.target_modules:
             return True  # a full name selects its module whatever layers_to_transform says (as PEFT)
-        if not any(module.endswith(f".{t}") for t in self.target_modules):
+        if not _ends_with_any(module, self.target_modules):
             return False
         return self._in_layers(module)
 
@@ -137,11 +143,11 @@ class LoraSpec:
             return False
         if isinstance(ex, str):
             return self._regexes.match(ex, module, "exclude_modules", full=True) is not None
-        return module in ex or any(module.endswith(f".{e}") for e in ex)
+        return module in ex or _ends_with_any(module, ex)
 
     def _in_layers(self, module: str) -> bool:
         layers = self.layers_to_transform
-        if layers is None or layers == ():
+        if layers is None or layers == frozenset():
             return True
         if not self.layers_pattern:
             match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
@@ -338,13 +344,13 @@ def _targets(value: object) -> str | frozenset[str]:
     return targets
 
 
-def _layers(value: object) -> int | tuple[int, ...] | None:
+def _layers(value: object) -> int | frozenset[int] | None:
     if value is None:
         return None
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return tuple(value)
+        return frozenset(value)  # a set: PEFT's `index in layers_to_transform`, without a scan per module
     raise ConfigFieldError(f"layers_to_transform: must be an integer or a list of integers, got {_json_type(value)} "
                            f"{_short(value)}")
 
@@ -357,6 +363,8 @@ def _layers_pattern(value: object) -> tuple[str, ...] | None:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
         raise ConfigFieldError(f"layers_pattern: must be a string or a list of strings, got {_json_type(value)}")
+    if len(items) > MAX_PATTERN_KEYS:
+        raise ConfigFieldError(f"layers_pattern: {len(items)} patterns, more than {MAX_PATTERN_KEYS}")
     return tuple(_regex(v, "layers_pattern", r"(?:^|.*?\.){}\.(?P<idx>\d+)\.") for v in items)
 
 

@@ -540,6 +540,45 @@ def test_regex_matching_past_its_time_budget_is_refused_naming_the_field(tiny_ll
             load_adapter("a", path, model_cfg, MAX_RANK)
 
 
+NAME_PARTS = st.sampled_from(["q_proj", "self_attn", "layers", "0", "1", "model", "", "x.q_proj", ".q_proj", "proj"])
+
+
+@settings(max_examples=300, **SETTINGS)
+@given(names=st.lists(st.builds(".".join, st.lists(NAME_PARTS, min_size=1, max_size=4)), max_size=6))
+def test_the_suffix_rule_is_peft_s_endswith(names):
+    """target_modules / exclude_modules as a list: PEFT selects a module when its name ends with "." + an
+    entry; lorafleet looks the module's dot suffixes up in a set (a scan of a 400 000-name list per module
+    took minutes of a worker's CPU)."""
+    from lorafleet.engine.peft_config import _ends_with_any
+
+    for module in [*LINEAR, "model.layers.0..q_proj", "q_proj", "model.layers.0.self_attn.q_proj."]:
+        assert _ends_with_any(module, frozenset(names)) == any(module.endswith(f".{n}") for n in names), module
+
+
+def test_huge_target_and_layer_lists_select_what_short_ones_do(tiny_llama, model_cfg, tmp_path):
+    """A 4 MiB config may list hundreds of thousands of names or layer indexes; each module's check used to
+    scan them (0.1 s per module, minutes for a large model). Same adapter as with the short lists."""
+    short = {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "layers_to_transform": [0, 1]}
+    long = {"target_modules": [*short["target_modules"], *(f"m{i}" for i in range(200_000))],
+            "layers_to_transform": list(range(-200_000, 2))}
+    weights = [load_adapter(n, _adapter(tmp_path, tiny_llama, Fault("", doc), name=n), model_cfg, MAX_RANK)
+               for n, doc in (("short", short), ("long", long))]
+    assert weights[0].targets == weights[1].targets == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert all(torch.equal(weights[0].b[m], weights[1].b[m]) for m in weights[0].targets)
+
+    class Unscannable(frozenset):
+        def __iter__(self):
+            raise AssertionError("the list was scanned for one module")
+
+    import dataclasses
+
+    spec = read_adapter_config(tmp_path / "long", MAX_RANK)
+    spec = dataclasses.replace(spec, target_modules=Unscannable(spec.target_modules),
+                               layers_to_transform=Unscannable(spec.layers_to_transform))
+    assert [spec.selects(name) for name in LINEAR] == [name.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))
+                                                       for name in LINEAR]
+
+
 KEY_PARTS = {
     "prefix": ["base_model.model.", "", "base_model.model.model.vision_tower.", "x."],
     "layer": ["0", "1", "2", "99999999999999999999", "-1", "a"],
