@@ -9,8 +9,12 @@ token's text is its own decode (`tokenizer.decode([id])`), as vLLM reports it.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from lorafleet.engine.tokenizer import token_bytes
 
 Row = list  # [token_id, logprob, top_ids, top_logprobs]
 
@@ -64,8 +68,23 @@ def chat_logprobs(rows: list[Row], tokenizer: Any) -> list[dict]:
 
 
 def _chat_entry(token_id: int, logprob: float, tokenizer: Any) -> dict:
-    text = token_text(tokenizer, token_id)
-    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+    """`bytes` are the token's own bytes (engine/tokenizer.py: token_bytes), not its text's: a token holding part
+    of a multi-byte character has text U+FFFD but exact bytes, so the client can join them (OpenAI's meaning)."""
+    return {"token": token_text(tokenizer, token_id), "logprob": logprob,
+            "bytes": list(_token_bytes(tokenizer)(token_id))}
+
+
+_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its token_bytes lookup
+_NO_TOKENIZER = token_bytes(None)
+
+
+def _token_bytes(tokenizer: Any) -> Callable[[int], bytes]:
+    if tokenizer is None:
+        return _NO_TOKENIZER
+    lookup = _BYTES.get(tokenizer)
+    if lookup is None:
+        lookup = _BYTES[tokenizer] = token_bytes(tokenizer)
+    return lookup
 
 
 def prompt_logprobs(rows: list[Row | None], tokenizer: Any) -> list[dict | None]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -60,3 +62,54 @@ def build_byte_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # a SentencePiece byte-fallback piece
+
+
+def token_bytes(tokenizer: PreTrainedTokenizerBase | None) -> Callable[[int], bytes]:
+    """token id -> the bytes the token stands for, read from its vocabulary entry rather than from its decode.
+
+    A byte-level BPE token (GPT-2, Llama-3, Qwen2) that holds part of a multi-byte character decodes on its own
+    to U+FFFD, but its bytes are exact, so a sequence's token bytes joined are the sequence's UTF-8 text (what
+    OpenAI chat logprobs' `bytes` is for). Byte-level vocabularies spell each byte with one printable character
+    (GPT-2's table, `bytes_to_unicode`); SentencePiece byte-fallback vocabularies spell a byte `<0xNN>` and a
+    space `▁`; added and special tokens are their own text. Any other vocabulary, and a piece the table does
+    not spell, falls back to the token's decode encoded as UTF-8. Results are cached per id."""
+    if tokenizer is None:
+        return lambda token_id: str(token_id).encode()
+    spell = _piece_speller(_decoder_types(tokenizer))
+    added = set(getattr(tokenizer, "added_tokens_decoder", None) or ())
+
+    @functools.cache
+    def lookup(token_id: int) -> bytes:
+        if spell is not None and token_id not in added:
+            piece = tokenizer.convert_ids_to_tokens(token_id)
+            if isinstance(piece, str) and (spelled := spell(piece)) is not None:
+                return spelled
+        return tokenizer.decode([token_id]).encode("utf-8", "surrogatepass")
+
+    return lookup
+
+
+def _decoder_types(tokenizer: PreTrainedTokenizerBase) -> set[str]:
+    """The `type`s of a fast tokenizer's decoder and of the decoders a Sequence holds (empty for others)."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None:
+        return set()
+    state = json.loads(decoder.__getstate__())
+    return {d.get("type") for d in [state, *state.get("decoders", [])]}
+
+
+def _piece_speller(decoders: set[str]) -> Callable[[str], bytes | None] | None:
+    if "ByteLevel" in decoders:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        table = {char: byte for byte, char in bytes_to_unicode().items()}
+        return lambda piece: bytes(table[c] for c in piece) if all(c in table for c in piece) else None
+    if decoders & {"ByteFallback", "Metaspace"}:
+        def spell(piece: str) -> bytes:
+            byte = _BYTE_TOKEN.fullmatch(piece)
+            return bytes([int(byte.group(1), 16)]) if byte else piece.replace("\u2581", " ").encode("utf-8")
+        return spell
+    return None
