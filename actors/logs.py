@@ -18,6 +18,8 @@ import logging
 import sys
 import time
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 ROOT = "lorafleet"
 server_log = logging.getLogger(f"{ROOT}.server")
 access_log = logging.getLogger(f"{ROOT}.access")
@@ -85,6 +87,22 @@ class _Below(logging.Filter):
         return record.levelno < self.level
 
 
+class ClientHttpErrors(logging.Filter):
+    """On aiohttp's `aiohttp.server` logger: a request that is not valid HTTP (a request line or header over
+    aiohttp's limits, a bad chunk size, TLS or HTTP/2 bytes on the plain port ...) is the client's error,
+    answered 400 by aiohttp. aiohttp logs it at ERROR with a traceback, as if the server had failed (and any
+    client could fill the log with them); this filter drops that record and logs one INFO line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        reason = (exc.message or type(exc).__name__).splitlines()[0][:120]
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        event(server_log, "malformed HTTP request refused", status=exc.code, reason=reason, remote=remote)
+        return False
+
+
 def setup_logging(fmt: str = "text", level: str = "info", access: bool = True) -> None:
     """Configure the `lorafleet` logger: `fmt` "text" or "json", `level` a logging level name; `access`
     False silences lorafleet.access. Replaces handlers a previous call installed."""
@@ -102,6 +120,10 @@ def setup_logging(fmt: str = "text", level: str = "info", access: bool = True) -
     root.setLevel(level.upper())
     root.propagate = False
     access_log.disabled = not access
+    aiohttp_server = logging.getLogger("aiohttp.server")
+    for old in [f for f in aiohttp_server.filters if isinstance(f, ClientHttpErrors)]:
+        aiohttp_server.removeFilter(old)
+    aiohttp_server.addFilter(ClientHttpErrors())
 
 
 def http_status(record) -> int:

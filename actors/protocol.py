@@ -310,7 +310,11 @@ def encode_prompt(prompt: Any, ctx: ParseContext, name: str = "prompt") -> list[
         if ctx.tokenizer is None:
             raise bad(name, "this model has no tokenizer: send token ids")
         _check_chars(len(prompt), ctx, name)
-        return list(ctx.tokenizer.encode(prompt))
+        ids = list(ctx.tokenizer.encode(prompt))
+        if not ids:  # e.g. whitespace only, under a tokenizer whose normalizer strips it
+            raise bad(name, f"the text ({len(prompt)} characters) tokenizes to no tokens; send text the model's "
+                      "tokenizer keeps, or token ids")
+        return ids
     if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
         return list(IntList(ctx.max_model_len, 0, _last_token).check(name, prompt, ctx))
     raise bad(name, f"must be a non-empty string or a non-empty list of token ids, got {kind(prompt)}")

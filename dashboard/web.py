@@ -27,6 +27,7 @@ SOCKETS = web.AppKey("lorafleet_dashboard_sockets", weakref.WeakSet)
 REGISTRY = web.AppKey("lorafleet_dashboard_registry", object)
 TEMPLATES = web.AppKey("lorafleet_dashboard_templates", jinja2.Environment)
 SETTINGS = web.AppKey("lorafleet_dashboard_settings", dict)
+MAX_CLIENT_FRAME = 256  # characters: the only client frame with a meaning is {"type": "resync"}
 
 
 def static_dir() -> Path:
@@ -76,7 +77,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def dashboard_socket(request: web.Request) -> web.WebSocketResponse:
     """Send a full state, then a delta every update interval, until the client goes away."""
-    ws = web.WebSocketResponse(heartbeat=20.0)
+    ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=64 * 1024)
     await ws.prepare(request)
     request.app[SOCKETS].add(ws)
     subscriber = Subscriber(request.app[FEED])
@@ -97,7 +98,7 @@ async def dashboard_socket(request: web.Request) -> web.WebSocketResponse:
         if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
             break
         if msg.type == WSMsgType.TEXT and _wants_full(msg.data):
-            subscriber, due = Subscriber(request.app[FEED]), loop.time()
+            subscriber = Subscriber(request.app[FEED])  # its next frame (at the next tick) is a full snapshot
     return ws
 
 
@@ -106,9 +107,13 @@ def _dumps(message: dict) -> str:
 
 
 def _wants_full(data: str) -> bool:
+    """True for a `{"type": "resync"}` frame; anything else a client sends (not JSON, nested too deeply to
+    parse, not an object, long) is ignored."""
+    if len(data) > MAX_CLIENT_FRAME:
+        return False
     try:
         return json.loads(data).get("type") == "resync"
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return False
 
 
