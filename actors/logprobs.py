@@ -20,7 +20,20 @@ Row = list  # [token_id, logprob, top_ids, top_logprobs]
 
 
 def token_text(tokenizer: Any, token_id: int) -> str:
-    return tokenizer.decode([token_id]) if tokenizer is not None else str(token_id)
+    """A token's own text (`tokenizer.decode([id])`), cached per tokenizer: a logprobs request reads it for every
+    top entry of every token of every choice (21 decodes a token at top 20), on the event loop."""
+    if tokenizer is None:
+        return str(token_id)
+    texts = _TEXTS.get(tokenizer)
+    if texts is None:
+        texts = _TEXTS[tokenizer] = {}
+    text = texts.get(token_id)
+    if text is None:
+        text = texts[token_id] = tokenizer.decode([token_id])
+    return text
+
+
+_TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {token id: its text}
 
 
 @dataclass

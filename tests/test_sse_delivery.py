@@ -8,14 +8,20 @@ step source of tests/test_ws_delivery.py stands in for the scheduler (no model).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from test_ws_delivery import MODEL, _serve, _stop, _text
 
 from lorafleet.actors.frontend import ConnectionLimits
+from lorafleet.actors.openai_api import Completion, _response_json
+from lorafleet.actors.protocol import GenerationSpec
+from lorafleet.actors.schema import DeltaItem
 
 openai = pytest.importorskip("openai")
 
@@ -133,3 +139,16 @@ async def test_a_client_that_stops_reading_is_dropped_at_its_bound_and_others_go
         assert b"[DONE]" not in received and len(received) < 8 * limit
     finally:
         await _stop(runner, tasks)
+
+
+@given(chat=st.booleans(), model=st.text(max_size=12), texts=st.lists(st.text(max_size=20), min_size=1, max_size=5),
+       finish=st.sampled_from(["stop", "length"]))
+def test_a_response_encoded_choice_by_choice_is_the_dumps_of_the_whole(chat, model, texts, finish):
+    """A non-streamed response is encoded one choice at a time (the loop runs between them): the same text as
+    `json.dumps` of the whole response, which is what aiohttp's json_response wrote."""
+    spec = GenerationSpec(model, None, [1, 2], {}, chat=chat, n=len(texts))
+    out = Completion(chat, spec, "cmpl-x", None)
+    for index, text in enumerate(texts):
+        choice = dataclasses.replace(spec, index=index, n=1)
+        out.update(choice, DeltaItem(f"r{index}", [7, 8], text, True, finish, 2, 2))
+    assert asyncio.run(_response_json(out)) == json.dumps(out.response())
