@@ -232,11 +232,11 @@ async def test_admin_lifecycle_lines_with_a_key(tmp_path):
             async with session.post(served.url + "/v1/unload_lora_adapter", headers=auth,
                                     json={"lora_name": "fresh"}) as resp:
                 assert resp.status == 200
-        events = await wait_for(lambda: [(r["msg"], r.get("via")) for r in served.records()
-                                         if r["logger"] == "adapters" and r.get("adapter") == "fresh"][-1:]
-                                and [(r["msg"], r.get("via")) for r in served.records()
-                                     if r["logger"] == "adapters" and r.get("adapter") == "fresh"],
-                                "adapter lines")
+        # the lines reach us through a reader thread: wait until the unload's line is in, not just any line
+        events = await wait_for(lambda: (lines := [(r["msg"], r.get("via")) for r in served.records()
+                                                   if r["logger"] == "adapters" and r.get("adapter") == "fresh"])
+                                and ("adapter unregistered", "admin") in lines and lines,
+                                "the adapter's unregistered line")
         assert events[0] == ("adapter registered", "admin") and events[-1] == ("adapter unregistered", "admin")
         assert ("adapter loaded into the pool", None) in events
         assert not [r for r in served.records() if r["logger"] == "access"]  # --disable-log-requests
