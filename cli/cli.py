@@ -29,7 +29,7 @@ COMMANDS = (
     Command("loadgen", "lorafleet.loadgen.cli:main",
             "replay S-LoRA's workload (or a JSONL trace) against a running server and summarise it"),
     Command("bench", "lorafleet.loadgen.bench:main",
-            "run loadgen over several adapter counts and write one JSON and plot per run"),
+            "one workload against several backends (PEFT baseline, lorafleet, no-LoRA) and adapter counts, one JSON"),
 )
 
 
