@@ -1,5 +1,5 @@
 """HTTP-level faults a client (or a hostile one) can send the OpenAI routes, over a real socket: bodies whose
-Content-Encoding or chunked framing is broken are the client's error (400 `invalid_body`, JSON error shape),
+Content-Encoding does not decode (plain or chunked) are the client's error (400 `invalid_body`, JSON error shape),
 never a 500, and the server goes on serving; a key header that is not UTF-8 is a wrong key (401), never a 500.
 The real aiohttp app and Router serve on a loopback socket; the step source of tests/test_ws_delivery.py stands
 in for the scheduler (no model)."""
