@@ -348,8 +348,11 @@ def _save(args: argparse.Namespace, document: dict) -> None:
 def _new_document(args: argparse.Namespace, env: dict) -> dict:
     """A fresh results document, or the existing --out file's with --append."""
     if args.append and args.out and Path(args.out).exists():
-        document = json.loads(Path(args.out).read_text(encoding="utf-8"))
-        if document.get("schema") != SCHEMA:
+        try:
+            document = json.loads(Path(args.out).read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:  # not JSON, not UTF-8, unreadable
+            raise ValueError(f"--append: {args.out} is not a {SCHEMA} file ({exc})") from None
+        if not isinstance(document, dict) or document.get("schema") != SCHEMA:
             raise ValueError(f"--append: {args.out} is not a {SCHEMA} file")
         document.setdefault("failures", [])
         return document

@@ -39,6 +39,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from lorafleet.args import Parser
+
 BASE_ADAPTER = "__base__"
 
 
@@ -759,7 +761,17 @@ def _adapter_arg(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
         raise argparse.ArgumentTypeError(f"--adapter expects name=DIR, got {text!r}")
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{path!r} is not a PEFT adapter directory (no adapter_config.json)")
     return name, path
+
+
+def _model_dir(text: str) -> str:
+    """--model: an HF model directory (config.json in it), checked before anything loads."""
+    if not (Path(text) / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an HF model directory (no config.json); the PEFT baseline "
+                                         "loads directories only (`lorafleet serve` also takes synthetic:NAME)")
+    return text
 
 
 def _natural_key(name: str) -> list[object]:
@@ -783,12 +795,12 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The baseline server's argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="python -m lorafleet.loadgen.peft_server",
         description="HF transformers + PEFT baseline server (static mixed-adapter batches).",
     )
     add = parser.add_argument
-    add("--model", required=True, help="base model directory (HF format)")
+    add("--model", required=True, type=_model_dir, help="base model directory (HF format)")
     add("--adapter", action="append", default=[], type=_adapter_arg, help="name=DIR (repeatable)")
     add("--adapter-dir", default=None, help="serve every PEFT adapter directory below DIR, named by its folder")
     add("--random-weights", action="store_true", help="random base weights from config.json (no weight files)")
@@ -832,6 +844,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: load the model, then serve until SIGINT/SIGTERM; the exit status."""
     try:
         config = parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:  # --help, or a bad flag (one line on stderr)
+        return int(exc.code or 0)
     except ValueError as exc:
         print(f"peft_server: error: {exc}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 from aiohttp import web
 
-from lorafleet.loadgen import bench
+from lorafleet.loadgen import bench, peft_server
 from lorafleet.loadgen.cli import main
 
 TRACE_OK = {"arrival_s": 0.0, "prompt": [5, 6], "max_tokens": 2}
@@ -73,6 +73,31 @@ def test_bench_refuses_an_unwritable_out_before_starting_servers(tmp_path, capsy
     rc = bench.main(["--backend", "lorafleet", "--model", "synthetic:tiny", "--out", str(tmp_path / "no" / "b.json")])
     err = capsys.readouterr().err
     assert rc == 2 and "--out" in err and "Traceback" not in err, err
+
+
+def test_bench_append_to_a_file_that_is_not_a_bench_result_exits_2(tmp_path, capsys) -> None:
+    for content in (b"root:x:0:0\n", b"\xff\xfe", b"[1, 2]", b'{"schema": "other"}'):
+        (tmp_path / "b.json").write_bytes(content)
+        rc = bench.main(["--backend", "lorafleet", "--url", "http://127.0.0.1:1", "--append", "--out",
+                         str(tmp_path / "b.json")])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--append" in err and err.count("\n") == 1, (content, err)
+
+
+@pytest.mark.parametrize("argv", [["--model", "synthetic:tiny"], ["--model", "nonexistent-dir"]])
+def test_the_peft_baseline_refuses_a_model_that_is_not_a_directory_in_one_line(argv, tmp_path, capsys) -> None:
+    """bench starts it as a subprocess and shows its last lines: a traceback from transformers was all it had."""
+    (tmp_path / "adapter").mkdir()
+    for extra in ([], ["--adapter", f"a={tmp_path / 'adapter'}"]):
+        rc = peft_server.main([*argv, *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--model" in err and "config.json" in err and err.count("\n") == 1, err
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    assert peft_server.main(["--model", str(model), "--adapter", f"a={tmp_path / 'adapter'}"]) == 2
+    err = capsys.readouterr().err
+    assert "--adapter" in err and "adapter_config.json" in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize(
