@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 if not torch.cuda.is_available():
@@ -17,6 +18,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+# Property tests check properties, not speed: on a loaded 2-core CI machine one example can take longer than
+# hypothesis's default 200 ms deadline, or the first examples longer than its too_slow health check allows, and
+# either failed a test whose property held. Explicit @settings still set their own example counts.
+settings.register_profile("lorafleet", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.load_profile("lorafleet")
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
