@@ -224,6 +224,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if getattr(args, name) == "flash" and (not args.device.startswith("cuda") or args.dtype == "float32"):
             parser.error(f"--{name.replace('_', '-')} flash needs --device cuda and --dtype float16 or bfloat16 "
                          f"(FlashAttention-2), got --device {args.device} --dtype {args.dtype}")
+    for flag in ("api_key", "admin_key", "dashboard_key"):
+        value = getattr(args, flag)
+        if value is not None and not value.strip():  # `--api-key "$UNSET"` would leave the server open
+            parser.error(f"--{flag.replace('_', '-')} is empty: an empty key would leave its routes open; give a key, "
+                         "or leave the flag out for none")
     args.api_key = args.api_key if args.api_key is not None else os.environ.get("LORAFLEET_API_KEY") or None
     args.admin_key = args.admin_key if args.admin_key is not None else os.environ.get("LORAFLEET_ADMIN_KEY") or None
     args.dashboard_key = (args.dashboard_key if args.dashboard_key is not None

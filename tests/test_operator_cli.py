@@ -118,6 +118,8 @@ def test_busy_port_fails_in_one_line_before_the_model_loads(tmp_path):
     (["--max-model-len", "0"], "--max-model-len"), (["--drain-timeout", "-1"], "--drain-timeout"),
     (["--num-pages", "-1"], "--num-pages"), (["--max-num-seqs", "0"], "--max-num-seqs"),
     (["--executor-restarts", "-1"], "--executor-restarts"), (["--no-such-flag"], "--no-such-flag"),
+    (["--api-key", ""], "--api-key"), (["--admin-key", " "], "--admin-key"),  # "$UNSET" would open the routes
+    (["--dashboard-key", ""], "--dashboard-key"),
 ])
 def test_bad_flag_values_fail_in_one_line_while_parsing(argv, names):
     """Out-of-range numbers are refused by the parser (a port of 70000 used to wrap to 4464 and serve)."""
