@@ -188,7 +188,7 @@ def _base_facts(models: list[dict[str, object]], base: str | None) -> tuple[int 
 
 async def resolve_target(args: argparse.Namespace, need_adapters: bool) -> Target:
     """Adapter names from --adapters or the server's /v1/models, cut to --num-adapters."""
-    names = [a for a in (args.adapters or "").split(",") if a]
+    names = [a.strip() for a in (args.adapters or "").split(",") if a.strip()]  # "a, b" means a and b
     base = args.base_model
     facts: tuple[int | None, int | None] = (None, None)
     if args.dry_run and not names:

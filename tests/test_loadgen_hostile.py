@@ -60,6 +60,14 @@ def test_nonsense_arguments_exit_2_naming_the_flag(argv, names, capsys) -> None:
     assert rc == 2 and names in err and err.count("\n") == 1, err
 
 
+def test_adapter_names_are_read_without_the_spaces_around_commas(tmp_path) -> None:
+    trace = tmp_path / "t.jsonl"
+    assert main(["--dry-run", "--adapters", " upper, reverse ,", "--duration", "20", "--rate", "2",
+                 "--write-trace", str(trace)]) == 0
+    header = json.loads(trace.read_text().splitlines()[0])
+    assert header["config"]["adapters"] == ["upper", "reverse"], header
+
+
 @pytest.mark.parametrize("flag", ["--out", "--plot", "--write-trace"])
 def test_unwritable_outputs_are_refused_before_the_run(flag, tmp_path, capsys) -> None:
     # the url is a port nobody listens on: a refusal that came after trying to run would be exit 1
