@@ -767,6 +767,7 @@ class SchedulerActor:
                 self.router.send(AdminResult(msg.request_id, False, "adapter_exists",
                                              f"lora_name: {msg.name!r} is already loaded"))
                 return
+            store.check_fits(prepared[0])
             store.add(*prepared)
         except AdapterError as exc:
             self.router.send(AdminResult(msg.request_id, False, "adapter_invalid", str(exc)))

@@ -103,6 +103,16 @@ def index_adapter_root(assets: Assets, engine: Engine) -> AdapterIndex | None:
     return index
 
 
+def warn_unrunnable_adapters(engine: Engine) -> None:
+    """A WARNING for each start-up adapter whose pages fill the whole pool (its requests are refused, naming
+    it): start-up goes on, as the demo's largest adapters do not fit a small --num-pages."""
+    for info in engine.store.infos.values():
+        try:
+            engine.store.check_fits(info)
+        except AdapterError as exc:
+            event(adapter_log, f"{exc}; its requests are refused", logging.WARNING, adapter=info.name)
+
+
 class Server:
     def __init__(self, args: Namespace, assets: Assets, config: EngineConfig, engine: Engine, tokenizer,
                  page_elements: int) -> None:
@@ -111,6 +121,7 @@ class Server:
                                   "started": time.time(), "config": dict(config.__dict__),
                                   "slo_ttft_ms": args.slo_ttft_ms or None, "max_queue": args.max_queue,
                                   "block_size": engine.block_tokens, "metric_prefix": args.metric_prefix})
+        warn_unrunnable_adapters(engine)
         self.index = index_adapter_root(assets, engine)
         indexed = self.index.listed() if self.index is not None else {}
         self.hub.adapters = {**indexed, **{name: info.path for name, info in engine.store.infos.items()}}

@@ -91,6 +91,7 @@ class AdapterStore:
     reserved: dict[str, PackedAdapter] = field(default_factory=dict)  # extents being filled
     busy: dict[str, int] = field(default_factory=dict)  # name -> last planned step that reads its extent
     _orphans: list[tuple[int, int]] = field(default_factory=list)  # (step, offset) freed once that step is done
+    pool_pages: int | None = None  # pages of the device pool (set by the engine): an adapter must leave room for KV
 
     def register(self, name: str, path: str | Path) -> AdapterInfo:
         """Validate the PEFT directory and make it servable as `name` (replacing nothing). A directory is
@@ -119,9 +120,10 @@ class AdapterStore:
         """Make an adapter read, validated and packed elsewhere (by `load_packed` in a worker thread, e.g.
         on first use of an adapter under the adapter root) servable under its name, and cache its pages
         (with an arena: copied into an extent when one can be made now, else packed again on demand).
-        AdapterError if the name is taken or the adapter is larger than the whole host cache."""
+        AdapterError if the name is taken, the adapter is larger than the whole host cache or fills the pool."""
         name = packed.info.name
         self._check_new_name(name)
+        self.check_fits(packed.info)
         self.infos[name] = packed.info
         if self.arena is None:
             self._put(packed)
@@ -141,6 +143,16 @@ class AdapterStore:
             raise AdapterError("lora_name: must be a non-empty string")
         if name in self.infos:
             raise AdapterError(f"lora_name: adapter {name!r} is already loaded")
+
+    def check_fits(self, info: AdapterInfo) -> None:
+        """AdapterError (naming `r`) if the adapter's pages fill the whole device pool: it could never run a
+        request, each needs KV pages beside it. Runtime loads and first use under the adapter root are refused
+        with it; start-up only warns (the demo's adapters with a small --num-pages)."""
+        if self.pool_pages is not None and info.num_pages >= self.pool_pages:
+            raise AdapterError(f"r: adapter {info.name!r} (rank {info.rank}, {len(info.ranks)} modules) needs "
+                               f"{info.num_pages} pool pages, the pool has {self.pool_pages} and its requests "
+                               "need KV pages beside it: serve it with more pages (--num-pages, GPU memory) or at "
+                               "a lower rank")
 
     def load_packed(self, name: str, path: str) -> PackedAdapter:
         """Read, validate, shard (one part per tensor-parallel rank) and pack an adapter; touches no state."""

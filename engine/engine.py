@@ -114,6 +114,7 @@ class Engine:
         self._token_texts: dict[int, str] = {}  # one token's text, for the detokenizers (at most the vocabulary)
         self.block_tokens = block_tokens or config.block_tokens
         self.pool = PagePool(config.num_pages)
+        store.pool_pages = config.num_pages or None
         page_bytes = model.num_layers * store.page_elements * store.dtype.itemsize
         weights = StepCostModel(model, store.dtype.itemsize, config.tensor_parallel_size).weight_bytes(0)
         self.scheduler = Scheduler(config, self.pool, lambda name: store.infos[name].num_pages, page_bytes,
@@ -163,7 +164,12 @@ class Engine:
                              f"exceeds the context length {self.max_model_len}")
         if adapter is not None and adapter not in self.store.infos:
             raise AdapterError(f"model: adapter {adapter!r} is not loaded")
-        pages = self.scheduler.blocks_for(total) + (self.store.infos[adapter].num_pages if adapter else 0)
+        adapter_pages = self.store.infos[adapter].num_pages if adapter else 0
+        if adapter_pages >= self.config.num_pages:  # no max_tokens could make it fit: name the adapter
+            raise ParamError("model", f"adapter {adapter!r} needs {adapter_pages} pool pages, the pool has "
+                             f"{self.config.num_pages} and a request needs KV pages beside it: serve it with more "
+                             "pages (--num-pages, GPU memory) or at a lower rank")
+        pages = self.scheduler.blocks_for(total) + adapter_pages
         if pages > self.config.num_pages:
             raise ParamError("max_tokens", f"the request needs {pages} pages, the pool has {self.config.num_pages}")
 

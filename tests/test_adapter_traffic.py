@@ -406,3 +406,35 @@ def test_a_refill_from_changed_files_is_refused_not_mixed_with_the_registered_sc
         store.cache.clear()
         store.reserved.clear()
         arena.close()
+
+
+async def test_a_runtime_load_of_an_adapter_the_pool_cannot_hold_is_refused(tiny_llama, adapters, tmp_path):
+    """A runtime load registered an adapter whose pages fill the whole pool; every request for it was then
+    refused naming max_tokens. The load itself is refused now (adapter_invalid, naming `r`)."""
+    from lorafleet.actors.hub import ServeHub
+    from lorafleet.actors.prefetcher import AdapterLoader, PrefetcherActor
+    from lorafleet.actors.scheduler import SchedulerActor
+    from lorafleet.actors.schema import AdminOp, AdminResult
+    from lorafleet.engine.build import build_engine
+    from lorafleet.engine.config import TARGET_MODULES, EngineConfig
+    from lorafleet.engine.synthetic import write_adapter
+
+    big = str(write_adapter(tmp_path / "big", tiny_llama, 32, targets=TARGET_MODULES, seed=1, std=0.01))
+    engine, _ = build_engine(str(tiny_llama), EngineConfig(num_pages=12), adapters)  # big: 17 pages
+    arena = _arena_store(engine, 4)
+    hub = ServeHub()
+    inbox, router, admission, prefetch = (LocalChannel() for _ in range(4))
+    loader = AdapterLoader(engine.model, engine.store.page_elements, engine.store.dtype, 64)
+    actor = SchedulerActor(engine, _InProcessGroup(engine.executor), inbox, router, admission, prefetch, hub)
+    tasks = [asyncio.create_task(actor.run()),
+             asyncio.create_task(PrefetcherActor(loader, prefetch, inbox, hub).run())]
+    try:
+        inbox.send(AdminOp("load", "load", "big", big))
+        result = await asyncio.wait_for(router.recv(), 30)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        arena.close()
+    assert isinstance(result, AdminResult) and (result.ok, result.code) == (False, "adapter_invalid")
+    assert result.message.startswith("r: adapter 'big' (rank 32, 7 modules) needs") and "big" not in engine.store.infos

@@ -114,3 +114,29 @@ def test_packed_pages_hold_every_row_at_its_layout_offset(good_adapter, tiny_lla
             for i, start in enumerate(rows.b_rows):
                 at = layout.physical(start, page_table)
                 assert torch.equal(flat[at:at + fan_out], weights.b[module][layer, :, i])
+
+
+def test_an_adapter_larger_than_the_pool_is_refused_naming_it_not_max_tokens(tiny_llama, tmp_path):
+    """An adapter whose pages fill the device pool can never run a request; each was refused with
+    `max_tokens: the request needs N pages`, naming a field no client value could fix. Requests are refused
+    naming `model` and the adapter; a runtime registration (first use under the root, a runtime load) is
+    refused naming `r`; start-up keeps it (with a warning, see the server)."""
+    from lorafleet.actors.prefetcher import AdapterLoader
+    from lorafleet.engine import LLM
+    from lorafleet.engine.config import TARGET_MODULES
+    from lorafleet.engine.request import ParamError, SamplingParams
+    from lorafleet.engine.synthetic import write_adapter
+
+    big = write_adapter(tmp_path / "big", tiny_llama, 16, targets=TARGET_MODULES, seed=1, std=0.01)
+    llm = LLM(str(tiny_llama), adapters={"big": str(big)})
+    pages = llm.engine.store.infos["big"].num_pages
+    small = LLM(str(tiny_llama), adapters={"big": str(big)}, num_pages=pages)
+    with pytest.raises(ParamError, match=rf"^model: adapter 'big' needs {pages} pool pages, the pool has {pages}"):
+        small.engine.add_request("q", [5, 6, 7], SamplingParams(max_tokens=1), "big")
+    store = small.engine.store
+    packed = AdapterLoader(small.engine.model, store.page_elements, store.dtype, 64).load("big2", str(big))
+    with pytest.raises(AdapterError, match=rf"^r: adapter 'big2' \(rank 16, 7 modules\) needs {pages} pool pages"):
+        store.register_packed(packed)  # what first use under the adapter root registers
+    roomy = LLM(str(tiny_llama), adapters={"big": str(big)}, num_pages=pages + 1)  # one page of KV beside it
+    want = llm.generate([[5, 6, 7]], adapters=["big"], max_tokens=4, ignore_eos=True)[0].token_ids
+    assert roomy.generate([[5, 6, 7]], adapters=["big"], max_tokens=4, ignore_eos=True)[0].token_ids == want
