@@ -5,7 +5,7 @@ adapter_config.json (names only: nothing is read, so thousands of adapters cost 
 request naming an adapter that is not loaded is resolved here: the name is a path relative to the root
 (`team-a/sql`), indexed at start-up or added to the disk since. The directory is then read and validated
 like any adapter; one that fails is remembered as invalid (with the reason, until its adapter_config.json
-changes) so later requests are refused at once with the same message. See docs/adapters.md.
+or adapter_model.safetensors changes) so later requests are refused at once with the same message. See docs/adapters.md.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lorafleet.engine.adapters import adapter_files_stamp
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -73,19 +75,12 @@ def scan_adapter_root(root: str | Path, skipped: list[str] | None = None) -> dic
     return found
 
 
-def _config_mtime(path: str) -> float | None:
-    try:
-        return os.stat(os.path.join(path, CONFIG_NAME)).st_mtime
-    except OSError:
-        return None
-
-
 @dataclass
 class AdapterIndex:
     """Names of the adapters under `root` (not yet read) and the ones found invalid on first use.
 
     `indexed`: name -> directory, from the start-up scan (what /v1/models lists before first use).
-    `invalid`: name -> (adapter_config.json mtime when it failed, the AdapterError message)."""
+    `invalid`: name -> (the directory's adapter_files_stamp when it failed, the AdapterError message)."""
 
     root: Path
     indexed: dict[str, str] = field(default_factory=dict)
@@ -105,17 +100,18 @@ class AdapterIndex:
         return os.path.realpath(path) if outside_root(self.root, path) is None else None
 
     def refusal(self, name: str, path: str) -> str | None:
-        """Why `name` was refused before, unless its adapter_config.json changed since (then it is tried again)."""
+        """Why `name` was refused before, unless its adapter_config.json or adapter_model.safetensors changed
+        since (then it is tried again)."""
         known = self.invalid.get(name)
         if known is None:
             return None
-        if known[0] != _config_mtime(path):
+        if known[0] != adapter_files_stamp(path):  # either file saved again (an upload finished): try again
             del self.invalid[name]
             return None
         return known[1]
 
     def mark_invalid(self, name: str, path: str, message: str) -> None:
-        self.invalid[name] = (_config_mtime(path), message)
+        self.invalid[name] = (adapter_files_stamp(path), message)
 
     def listed(self) -> dict[str, str]:
         """The indexed adapters not (yet) known to be invalid: name -> directory."""

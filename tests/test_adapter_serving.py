@@ -35,7 +35,11 @@ def assets(tmp_path_factory):
     for name in ("swap/dir", "swap/file"):  # indexed at start-up, replaced by links out of the root later
         write_adapter(adapter_root / name, model, 2, seed=6)
     outside = write_adapter(root / "outside", model, 2, seed=7, std=0.2)
-    return {"model": model, "root": adapter_root, "good": good, "bad": bad, "tmp": root, "outside": outside}
+    half = write_adapter(adapter_root / "upload" / "half", model, 3, seed=8, std=0.2)  # its weights arrive later
+    weights = (half / "adapter_model.safetensors").read_bytes()
+    (half / "adapter_model.safetensors").unlink()
+    return {"model": model, "root": adapter_root, "good": good, "bad": bad, "tmp": root, "outside": outside,
+            "half": (half, weights)}
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +149,21 @@ async def test_an_indexed_adapter_replaced_by_a_link_out_of_the_root_is_not_foun
             status, body = await _complete(session, server.url, name)
             assert (status, body["error"]["code"]) == (404, "model_not_found"), (name, body)
         assert (await _complete(session, server.url, BASE))[0] == 200
+
+
+async def test_an_adapter_refused_before_its_weights_arrived_is_read_again_once_they_do(server, assets):
+    """The invalid verdict was kept until adapter_config.json changed: an upload whose config landed before its
+    weights, used in between, stayed refused after the weights arrived (until a restart or a touch of the
+    config). A change of either file tries it again."""
+    half, weights = assets["half"]
+    async with aiohttp.ClientSession() as session:
+        status, body = await _complete(session, server.url, "upload/half", "late weights")
+        assert (status, body["error"]["code"]) == (400, "adapter_invalid"), body
+        assert "adapter_model.safetensors not found" in body["error"]["message"]
+        (half / "adapter_model.safetensors").write_bytes(weights)
+        status, body = await _complete(session, server.url, "upload/half", "late weights")
+        assert status == 200, body
+        assert body["choices"][0]["token_ids"] == _offline(assets["model"], "h", half, "late weights")
 
 
 def test_a_cache_refill_does_not_follow_a_link_out_of_the_root(tiny_llama, tmp_path):
