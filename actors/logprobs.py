@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lorafleet.engine.tokenizer import token_bytes
+from lorafleet.engine.detokenize import Detokenizer
+from lorafleet.engine.tokenizer import text_decoder, token_bytes
 
 Row = list  # [token_id, logprob, top_ids, top_logprobs]
 
@@ -39,28 +40,51 @@ _TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> 
 @dataclass
 class CompletionLogprobs:
     """OpenAI completions' `logprobs` object, built up as tokens arrive; `text_offset` counts characters of
-    the choice's text (echoed prompt included) from 0."""
+    the choice's text (echoed prompt included) from 0.
+
+    A token's entry in `tokens` is the text it adds to the choice's text in place: the growth of an incremental
+    detokenization (engine/detokenize.py, the engine's own algorithm and decode) of the echoed prompt and,
+    separately, of the output, as the choice's text is made. So `"".join(tokens)` is the text and `text_offset`
+    indexes into it: a token that only starts a multi-byte character adds "" (the character comes with the token
+    that completes it), and a SentencePiece word keeps the space its own decode would strip. In `top_logprobs`
+    the token itself is keyed by that same text (a client checks "was the token the most likely?" by comparing
+    the two, as lm-eval's loglikelihood does); the other candidates by their own decode."""
 
     tokens: list[str] = field(default_factory=list)
     token_logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
     text_offset: list[int] = field(default_factory=list)
     offset: int = 0
+    output_ids: list[int] = field(default_factory=list, repr=False)
+    detokenizer: Detokenizer | None = field(default=None, repr=False)
 
-    def add(self, token_ids: list[int], rows: list[Row | None], tokenizer: Any) -> CompletionLogprobs:
-        """Append tokens with their rows (None: no logprob, the prompt's first token); returns only what was
-        added, as a new object (a streamed chunk's share)."""
+    def add(self, token_ids: list[int], rows: list[Row | None], tokenizer: Any, prompt: int = 0,
+            final: bool = False) -> CompletionLogprobs:
+        """Append tokens with their rows (None: no logprob, the prompt's first token): the first `prompt` of them
+        are the echoed prompt, the rest output; `final`: the output ends with them. Returns only what was added,
+        as a new object (a streamed chunk's share)."""
         added = CompletionLogprobs(offset=self.offset)
-        for token_id, row in zip(token_ids, rows):
-            text = token_text(tokenizer, token_id)
+        texts = self._texts(token_ids, prompt, tokenizer, final)
+        for token_id, row, text in zip(token_ids, rows, texts):
             added.tokens.append(text)
             added.text_offset.append(added.offset)
             added.offset += len(text)
             added.token_logprobs.append(None if row is None else row[1])
-            added.top_logprobs.append(None if row is None else
-                                      {token_text(tokenizer, t): v for t, v in zip(row[2], row[3])})
+            added.top_logprobs.append(None if row is None else  # the token itself under its `tokens` text
+                                      {text if t == token_id else token_text(tokenizer, t): v
+                                       for t, v in zip(row[2], row[3])})
         self.extend(added)
         return added
+
+    def _texts(self, token_ids: list[int], prompt: int, tokenizer: Any, final: bool) -> list[str]:
+        """What each token adds to the choice's text (see the class docstring)."""
+        if tokenizer is None:
+            return [str(t) for t in token_ids]
+        decode = _decoder(tokenizer)
+        texts = _growth(Detokenizer(decode), list(token_ids[:prompt]), [], True)
+        if self.detokenizer is None:
+            self.detokenizer = Detokenizer(decode)
+        return texts + _growth(self.detokenizer, list(token_ids[prompt:]), self.output_ids, final)
 
     def extend(self, other: CompletionLogprobs) -> None:
         self.tokens += other.tokens
@@ -72,6 +96,28 @@ class CompletionLogprobs:
     def body(self) -> dict:
         return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs,
                 "text_offset": self.text_offset}
+
+
+def _growth(detokenizer: Detokenizer, new_ids: list[int], ids: list[int], final: bool) -> list[str]:
+    """The text each of `new_ids` adds when pushed one by one after `ids` (extended in place); with `final` the
+    last one also takes an incomplete ending, as the engine's text does when the output ends."""
+    out = []
+    for i, token_id in enumerate(new_ids):
+        ids.append(token_id)
+        before = len(detokenizer.text)
+        detokenizer.push(ids, final=final and i == len(new_ids) - 1)
+        out.append(detokenizer.text[before:])
+    return out
+
+
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> the engine's text decoder
+
+
+def _decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    decode = _DECODERS.get(tokenizer)
+    if decode is None:
+        decode = _DECODERS[tokenizer] = text_decoder(tokenizer)
+    return decode
 
 
 def chat_logprobs(rows: list[Row], tokenizer: Any) -> list[dict]:

@@ -129,17 +129,18 @@ class Completion:
         state = self.choices.setdefault(spec.index, ChoiceState(spec))
         piece = Piece(item.text, list(item.token_ids), not state.started)
         state.started = True
-        ids, rows = list(item.token_ids), list(item.logprobs)
+        ids, rows, prompt = list(item.token_ids), list(item.logprobs), 0
         if piece.first and spec.echo:
             piece.text = self.tokenizer.decode(spec.prompt_ids, skip_special_tokens=True) + piece.text \
                 if self.tokenizer is not None else piece.text
             ids, rows = spec.prompt_ids + ids, (item.prompt_logprobs or [None] * len(spec.prompt_ids)) + rows
+            prompt = len(spec.prompt_ids)
         if spec.params.get("logprobs") is not None:
             if self.chat:
                 piece.chat_logprobs = chat_logprobs(rows, self.tokenizer)
                 state.chat_logprobs += piece.chat_logprobs
             else:
-                piece.logprobs = state.logprobs.add(ids, rows, self.tokenizer)
+                piece.logprobs = state.logprobs.add(ids, rows, self.tokenizer, prompt, item.finished)
         if item.prompt_logprobs is not None:
             piece.prompt_logprobs = state.prompt_logprobs = prompt_logprobs(item.prompt_logprobs, self.tokenizer)
         state.text += piece.text

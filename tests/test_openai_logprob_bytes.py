@@ -63,3 +63,25 @@ def test_sentencepiece_byte_fallback_pieces_are_spelled_as_bytes():
     assert tokenizer.decode([3 + 0xC3]) == "\ufffd"
     assert [spell(3 + 0xC3), spell(3 + 0xA9), spell(259), spell(260), spell(1)] == \
         [b"\xc3", b"\xa9", b" ok", "é".encode(), b"<s>"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_logprob_tokens_spell_the_text_and_offsets_index_it(served, stream):
+    """Completions logprobs with echo: each entry of `tokens` is what the token adds to the choice's `text` (a
+    token that starts a multi-byte character adds "", the one that completes it the character), so the tokens
+    joined are the text — the prompt's part is the prompt — and `text_offset` indexes into it; the greedy token is
+    the most likely key of its `top_logprobs` (lm-eval's greedy check); streamed or not."""
+    client, tokenizer = served
+    prompt_ids = tokenizer.encode(TEXT, add_special_tokens=False)
+    reply = client.completions.create(model="tiny", prompt=TEXT, echo=True, logprobs=1, max_tokens=8, temperature=0,
+                                      stream=stream, extra_body={"ignore_eos": True})
+    choices = [chunk.choices[0] for chunk in reply] if stream else reply.choices
+    text = "".join(c.text for c in choices)
+    tokens = [t for c in choices for t in c.logprobs.tokens]
+    offsets = [o for c in choices for o in c.logprobs.text_offset]
+    assert len(tokens) == len(prompt_ids) + 8 and text.startswith(TEXT)
+    assert "".join(tokens[:len(prompt_ids)]) == TEXT and "".join(tokens) == text
+    assert all(text[at:at + len(token)] == token for at, token in zip(offsets, tokens, strict=True))
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    tops = [top for c in choices for top in c.logprobs.top_logprobs][len(prompt_ids):]  # temperature 0: greedy
+    assert all(max(top, key=top.get) == token for top, token in zip(tops, tokens[len(prompt_ids):], strict=True))
