@@ -433,9 +433,11 @@ def parse_generation(body: Any, ctx: ParseContext, chat: bool, default_temperatu
     echo = extras.pop("echo")
     if echo and params["logprobs"] is not None:  # the prompt's logprobs come with the echoed prompt
         params["prompt_logprobs"] = max(params["prompt_logprobs"] or 0, params["logprobs"])
-    prompt_name = "messages" if chat else "prompt"
-    for prompt in prompts:
-        check_context(prompt, params, ctx, prompt_name, _max_tokens_key(body))
+    raw = body.get("prompt")
+    listed = not chat and isinstance(raw, list) and not all(type(t) is int for t in raw)  # a list of prompts
+    for i, prompt in enumerate(prompts):
+        name = "messages" if chat else f"prompt[{i}]" if listed else "prompt"
+        check_context(prompt, params, ctx, name, _max_tokens_key(body))
     slo = extras.pop("slo_ttft_ms")
     return GenerationSpec(
         model=model, adapter=adapter, prompt_ids=prompts[0], params=params,

@@ -176,6 +176,9 @@ def test_any_body_is_a_spec_that_packs_or_an_api_error_naming_a_field(body, chat
      "max_completion_tokens", "invalid_parameter"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "max_completion_tokens": 0},
      "max_completion_tokens", "invalid_parameter"),
+    ({"prompt": ["ok", "x" * 70]}, "prompt[1]", "context_length_exceeded"),
+    ({"prompt": [[5], [5] * 64]}, "prompt[1]", "context_length_exceeded"),
+    ({"prompt": "x" * 70}, "prompt", "context_length_exceeded"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
                                                 {"type": "image_url", "image_url": {"url": "data:,"}}]}]},
      "messages[0].content[1].type", "unsupported_parameter"),
@@ -186,7 +189,8 @@ def test_any_body_is_a_spec_that_packs_or_an_api_error_naming_a_field(body, chat
 def test_nested_fields_are_checked_and_named_by_their_path(body, param, code):
     """Inside `stream_options`, `response_format` and content parts nothing is silently ignored or defaulted: an
     unknown key, a wrong type, a missing text or a non-text part is 400 naming its path (OpenAI's shape); so is a
-    completion limit sent under both its names with different values."""
+    completion limit sent under both its names with different values, and the one prompt of a list that does
+    not fit the context."""
     error = _refused(body, "messages" in body)
     assert (error.param, error.code) == (param, code), error
 
