@@ -106,6 +106,9 @@ def add_workload_args(parser: argparse.ArgumentParser, several_n: bool = False) 
                    f"and it is sent with every request (default {DEFAULT_SLO_TTFT_MS:g})")
     c.add_argument("--no-server-slo", action="store_true",
                    help="measure attainment against --slo-ttft-ms but do not send it (no early abort by the server)")
+    c.add_argument("--api-key", default=os.environ.get("LORAFLEET_API_KEY") or None,
+                   help="sent as Authorization: Bearer KEY, for a server started with --api-key (default: "
+                   "$LORAFLEET_API_KEY, else none)")
     c.add_argument("--no-progress", action="store_true", help="no live progress display")
 
 
@@ -195,7 +198,8 @@ async def resolve_target(args: argparse.Namespace, need_adapters: bool) -> Targe
         names = [f"adapter-{i}" for i in range(args.num_adapters or 0)]
     elif not args.dry_run:
         try:
-            models = await list_models(args.url, timeout_s=min(MODELS_TIMEOUT_S, args.request_timeout))
+            models = await list_models(args.url, timeout_s=min(MODELS_TIMEOUT_S, args.request_timeout),
+                                       api_key=args.api_key)
         except (aiohttp.ClientError, OSError, RuntimeError, asyncio.TimeoutError, ValueError) as exc:
             if need_adapters and not names:
                 raise RuntimeError(f"could not list the server's models: {exc}") from exc
@@ -244,6 +248,7 @@ def client_config(args: argparse.Namespace, url: str, target: Target) -> ClientC
         drain_timeout_s=args.drain_timeout,
         temperature=args.temperature,
         slo_ttft_ms=None if args.no_server_slo else args.slo_ttft_ms,
+        api_key=args.api_key,
     )
 
 

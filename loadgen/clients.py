@@ -99,6 +99,7 @@ class ClientConfig:
     ignore_eos: bool = True
     slo_ttft_ms: float | None = None
     drain_timeout_s: float | None = None
+    api_key: str | None = None  # sent as Authorization: Bearer KEY (a server started with --api-key)
 
     def __post_init__(self) -> None:
         if self.protocol not in ("ws", "openai"):
@@ -113,6 +114,9 @@ class ClientConfig:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         if not self.url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {self.url!r}")
+
+    def headers(self) -> dict[str, str]:
+        return auth_headers(self.api_key)
 
     def model_for(self, spec: RequestSpec) -> str | None:
         return spec.adapter if spec.adapter is not None else self.base_model
@@ -479,7 +483,8 @@ async def run_workload(specs: list[RequestSpec], cfg: ClientConfig, progress: Pr
     progress.total = len(specs)
     limit = cfg.max_concurrency or 0
     timeout = aiohttp.ClientTimeout(total=cfg.request_timeout_s)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit), timeout=timeout) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit), timeout=timeout,
+                                     headers=cfg.headers()) as session:
         clock = Clock()
         if cfg.protocol == "openai":
 
@@ -520,17 +525,24 @@ async def _run_ws(
         await asyncio.gather(*(mux.close() for mux in muxes), return_exceptions=True)
 
 
-async def list_models(url: str, timeout_s: float = 30.0) -> list[dict[str, object]]:
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The Authorization header of a server started with --api-key (none without a key)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+async def list_models(url: str, timeout_s: float = 30.0, api_key: str | None = None) -> list[dict[str, object]]:
     """GET /v1/models; returns its `data` list, keeping only the entries that are objects with a string `id`.
 
     Raises RuntimeError saying what went wrong: no answer within `timeout_s`, a status other than 200, a body
     that is not JSON or has no `data` list; aiohttp.ClientError / OSError when the server cannot be reached."""
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s),
+                                         headers=auth_headers(api_key)) as session:
             async with session.get(f"{url}/v1/models") as resp:
                 if resp.status != 200:
                     detail = (await resp.text(errors="replace"))[:300]
-                    raise RuntimeError(f"GET {url}/v1/models answered HTTP {resp.status}: {detail}")
+                    hint = " (give the server's key: --api-key or $LORAFLEET_API_KEY)" if resp.status == 401 else ""
+                    raise RuntimeError(f"GET {url}/v1/models answered HTTP {resp.status}{hint}: {detail}")
                 body = await resp.json(content_type=None)
     except asyncio.TimeoutError:
         raise RuntimeError(f"GET {url}/v1/models: no answer within {timeout_s:g} s") from None

@@ -296,3 +296,30 @@ def test_garbage_sse_chunks_fail_their_requests_and_the_run_ends(tmp_path, capsy
     metrics = json.loads(out.read_text())["metrics"]
     assert rc == 1 and metrics["failed"] == len(sse), (err, metrics)
     assert set(metrics["errors_by_code"]) == {"bad_sse_chunk"}, metrics
+
+
+@pytest.fixture(scope="module")
+def keyed_server():
+    from test_serve_support import start_server, stop_server
+
+    proc = start_server(["--api-key", "loadgen-key"])
+    yield proc
+    assert stop_server(proc) == 0, proc.output()[-3000:]
+
+
+def test_a_server_with_an_api_key_is_measured_with_api_key(keyed_server, monkeypatch, tmp_path, capsys) -> None:
+    """Without the key the model list is a clear 401 (exit 1); with --api-key (or $LORAFLEET_API_KEY) every
+    request of both protocols completes."""
+    base = ["--url", keyed_server.url, "--rate", "3", "--duration", "2", "--output-len", "2:4", "--no-progress"]
+    rc, err = _run(base, capsys)
+    assert rc == 1 and "HTTP 401 (give the server's key: --api-key" in err, err
+    for protocol, key_from in (("ws", "flag"), ("openai", "env")):
+        out = tmp_path / f"{protocol}.json"
+        argv = [*base, "--protocol", protocol, "--out", str(out)]
+        if key_from == "flag":
+            argv += ["--api-key", "loadgen-key"]
+        else:
+            monkeypatch.setenv("LORAFLEET_API_KEY", "loadgen-key")
+        rc, err = _run(argv, capsys)
+        metrics = json.loads(out.read_text())["metrics"]
+        assert rc == 0 and metrics["completed"] == metrics["num_requests"] > 0, (err, metrics)
