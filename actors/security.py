@@ -4,8 +4,9 @@
   localhost, or origins added with `--allowed-origin` (`*` = any); clients without `Origin` are not
   browsers and pass. Applied to WebSocket upgrades and POSTs, so a page on another site cannot drive the
   server (together with the JSON-only rule: a cross-site JSON POST needs a CORS preflight, never granted).
-* `files_inside` (engine/adapter_index.py's `outside_root`): an adapter directory's files must resolve
-  (symlinks followed) inside the adapter root; start-up scans and name lookups apply it too.
+* `files_inside` (engine/adapter_index.py's `outside_root`): an adapter directory and the files read from it
+  (adapter_config.json, adapter_model.safetensors) must resolve (symlinks followed) inside the adapter root;
+  start-up scans, name lookups and host-cache refills apply it too.
 """
 
 from __future__ import annotations

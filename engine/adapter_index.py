@@ -17,18 +17,22 @@ from pathlib import Path
 from lorafleet.engine.adapters import adapter_files_stamp
 
 CONFIG_NAME = "adapter_config.json"
+READ_FILES = (CONFIG_NAME, "adapter_model.safetensors")  # all that is read from an adapter directory
 
 
 def outside_root(root: str | Path, directory: str | Path) -> str | None:
-    """None if `directory` and every file in it resolve (symlinks followed) inside `root`; else the name of
-    the first entry that does not: a link leading out of the adapter root, never read."""
+    """None if `directory` and the files read from it (adapter_config.json, adapter_model.safetensors) resolve
+    (symlinks followed) inside `root`; else the name of the first that does not: a link leading out of the
+    adapter root, never read. Only those two are looked at, so the check costs the same whatever else the
+    directory holds (it ran on the event loop for every lookup: a directory of 100 000 files held it 9 s)."""
     real_root = os.path.realpath(root)
     try:
         if os.path.commonpath([real_root, os.path.realpath(directory)]) != real_root:
             return Path(directory).name
-        for entry in sorted(Path(directory).iterdir()):
-            if os.path.commonpath([real_root, os.path.realpath(entry)]) != real_root:
-                return entry.name
+        for name in READ_FILES:
+            entry = os.path.join(directory, name)
+            if os.path.lexists(entry) and os.path.commonpath([real_root, os.path.realpath(entry)]) != real_root:
+                return name
     except (OSError, ValueError):
         return Path(directory).name
     return None
@@ -60,7 +64,7 @@ def is_canonical(name: str) -> bool:
 
 def scan_adapter_root(root: str | Path, skipped: list[str] | None = None) -> dict[str, str]:
     """name (path relative to root, '/'-separated) -> dir, for every dir below root with adapter_config.json.
-    A directory with a file linking outside the root is left out (its name appended to `skipped`)."""
+    A directory whose adapter files link outside the root is left out (its name appended to `skipped`)."""
     root = Path(root)
     found = {}
     for config in sorted(root.rglob(CONFIG_NAME)):

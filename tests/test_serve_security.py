@@ -158,5 +158,9 @@ def test_files_inside(tmp_path):
     (root / "a" / "x").write_text("x")
     (tmp_path / "out").write_text("o")
     assert files_inside(root, root / "a") is None
-    (root / "a" / "y").symlink_to(tmp_path / "out")
-    assert files_inside(root, root / "a") == "y"
+    (root / "a" / "y").symlink_to(tmp_path / "out")  # never read: not looked at (a directory may hold many files)
+    assert files_inside(root, root / "a") is None
+    (root / "a" / "adapter_model.safetensors").symlink_to(tmp_path / "out")
+    assert files_inside(root, root / "a") == "adapter_model.safetensors"
+    (root / "b").symlink_to(tmp_path, target_is_directory=True)
+    assert files_inside(root, root / "b") == "b"
