@@ -14,12 +14,20 @@ function authHeaders(key) {
   return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
+// The key typed in the admin panel, else the one the page was opened with (/dashboard?api_key=KEY): a server
+// started with --api-key needs it on /v1/models and /v1/stream too, which the dashboard's cookie does not open.
+function apiKey() {
+  return $("admin-key").value || new URLSearchParams(window.location.search).get("api_key") || "";
+}
+
+const KEY_HINT = "this server needs its API key: open the page as /dashboard?api_key=KEY or type it in Admin";
+
 export async function loadModels() {
   const select = $("pg-model");
   const keep = select.value;
   try {
-    const resp = await fetch("/v1/models", { headers: authHeaders($("admin-key").value) });
-    if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
+    const resp = await fetch("/v1/models", { headers: authHeaders(apiKey()) });
+    if (!resp.ok) throw new Error(`HTTP ${resp.status}${resp.status === 401 ? ` (${KEY_HINT})` : ""}`);
     const body = await resp.json();
     select.innerHTML = "";
     for (const model of body.data || []) {
@@ -45,9 +53,9 @@ export class Playground {
   socket() {
     if (this.ws && this.ws.readyState <= WebSocket.OPEN) return Promise.resolve(this.ws);
     return new Promise((resolve, reject) => {
-      const ws = new WebSocket(wsUrl("/v1/stream", $("admin-key").value));
+      const ws = new WebSocket(wsUrl("/v1/stream", apiKey()));
       ws.onopen = () => resolve(ws);
-      ws.onerror = () => reject(new Error("cannot open /v1/stream"));
+      ws.onerror = () => reject(new Error(`cannot open /v1/stream (if ${KEY_HINT})`));
       ws.onclose = () => { if (this.ws === ws) this.ws = null; this.finish("connection closed"); };
       ws.onmessage = (e) => this.onEvent(JSON.parse(e.data));
       this.ws = ws;

@@ -466,3 +466,31 @@ async def test_dashboard_operator_view(served, chromium):
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "dashboard-operator-view.png"), full_page=True)
     assert not chromium.errors, chromium.errors
+
+
+# a server started with --api-key: the page opened with ?api_key= also runs the playground ----------------------
+async def test_the_playground_works_on_a_server_with_an_api_key(chromium):
+    """/dashboard?api_key=KEY opens the page (its cookie opens /ws/dashboard), but /v1/models and /v1/stream
+    need the key too: the playground uses the page's key when none is typed, and says what is missing without."""
+    from test_serve_support import start_server, stop_server
+
+    proc = start_server(["--api-key", "page-key"])
+    try:
+        page = chromium.page
+        await page.goto(proc.url + "/dashboard?api_key=page-key")
+        await page.wait_for_selector("#conn.on")
+        await page.wait_for_selector("#pg-model option[value='upper']", state="attached")
+        await page.select_option("#pg-model", "upper")
+        await page.fill("#pg-prompt", "hello world\n")
+        await page.click("#pg-send")
+        await page.wait_for_function("document.getElementById('pg-status').textContent.startsWith('done')",
+                                     timeout=60_000)
+        assert await page.text_content("#pg-output") == "HELLO WORLD\n"
+        assert not chromium.errors, chromium.errors
+
+        await page.goto(proc.url + "/dashboard")  # the dashboard cookie alone: the playground names the missing key
+        await page.wait_for_function("document.getElementById('pg-status').textContent.includes('API key')",
+                                     timeout=30_000)
+        assert "HTTP 401" in await page.text_content("#pg-status")
+    finally:
+        assert stop_server(proc) == 0, proc.output()[-3000:]
