@@ -18,6 +18,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -58,17 +59,22 @@ class AdapterLoader:
         return target
 
     def _check_confined(self, path: str) -> None:
-        """AdapterError if `path` lies under the adapter root and it, or a file in it, now links outside the
-        root: an adapter is read again from disk whenever the host cache refills it, and its files may have
-        been replaced by links since it was first checked (docs/adapters.md)."""
-        if self.root is None or path.startswith(SYNTHETIC_ADAPTER):
-            return
-        root = os.path.realpath(self.root)
-        if os.path.commonpath([root, os.path.abspath(path)]) != root:  # by name: the path itself may be a link now
-            return  # an --adapter NAME=DIR elsewhere: the operator's own path
-        outside = outside_root(root, path)
-        if outside is not None:
-            raise AdapterError(f"lora_path: {outside!r} links outside the adapter root")
+        check_confined(self.root, path)
+
+
+def check_confined(root: str | Path | None, path: str) -> None:
+    """AdapterError if `path` lies under the adapter root `root` and it, or a file read from it, now links
+    outside the root: an adapter is read again from disk whenever the host cache refills it (and a runtime
+    load reads it after the request was checked), and its files may have been replaced by links meanwhile
+    (docs/adapters.md). A path outside the root (an --adapter NAME=DIR) is the operator's own."""
+    if root is None or path.startswith(SYNTHETIC_ADAPTER):
+        return
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.abspath(path)]) != real_root:  # by name: the path may be a link now
+        return
+    outside = outside_root(real_root, path)
+    if outside is not None:
+        raise AdapterError(f"lora_path: {outside!r} links outside the adapter root")
 
 
 class PrefetcherActor:

@@ -26,6 +26,7 @@ from lorafleet.actors.channels import Channel, LocalChannel, RingFull
 from lorafleet.actors.executor import ExecutorDied
 from lorafleet.actors.hub import RequestRecord, ServeHub, StepRecord
 from lorafleet.actors.logs import adapter_log, event, steps_log
+from lorafleet.actors.prefetcher import check_confined
 from lorafleet.actors.protocol import params_from_wire
 from lorafleet.actors.schema import (
     AdapterFetched,
@@ -761,8 +762,14 @@ class SchedulerActor:
         """A runtime load: the directory is read and validated in a worker thread (seconds for a large adapter,
         during which steps go on), then registered here on the loop. Any failure answers the op, never the actor."""
         store = self.engine.store
+        root = self.index.root if self.index is not None else None
+
+        def read() -> tuple:
+            check_confined(root, msg.path)  # again, now that it is read: a file may have become a link out
+            return store.prepare(msg.name, msg.path)
+
         try:
-            prepared = await asyncio.to_thread(store.prepare, msg.name, msg.path)
+            prepared = await asyncio.to_thread(read)
             if msg.name in store.infos:  # resolved from the adapter root on first use meanwhile
                 self.router.send(AdminResult(msg.request_id, False, "adapter_exists",
                                              f"lora_name: {msg.name!r} is already loaded"))

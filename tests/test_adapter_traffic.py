@@ -438,3 +438,35 @@ async def test_a_runtime_load_of_an_adapter_the_pool_cannot_hold_is_refused(tiny
         arena.close()
     assert isinstance(result, AdminResult) and (result.ok, result.code) == (False, "adapter_invalid")
     assert result.message.startswith("r: adapter 'big' (rank 32, 7 modules) needs") and "big" not in engine.store.infos
+
+
+async def test_a_runtime_load_rechecks_the_root_confinement_when_it_reads(tiny_llama, adapters, tmp_path):
+    """The HTTP handler checks lora_path against --adapter-root, the scheduler reads the directory later: a file
+    replaced by a link out of the root meanwhile was read. The read checks again (here: the link is there
+    when the op reaches the scheduler)."""
+    from lorafleet.actors.hub import ServeHub
+    from lorafleet.actors.scheduler import SchedulerActor
+    from lorafleet.actors.schema import AdminOp
+    from lorafleet.engine.adapter_index import AdapterIndex
+    from lorafleet.engine.build import build_engine
+    from lorafleet.engine.config import EngineConfig
+    from lorafleet.engine.synthetic import write_adapter
+
+    root = tmp_path / "root"
+    inside = write_adapter(root / "x", tiny_llama, 2, seed=1)
+    outside = write_adapter(tmp_path / "secret", tiny_llama, 2, seed=2)
+    (inside / "adapter_model.safetensors").unlink()
+    (inside / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
+    engine, _ = build_engine(str(tiny_llama), EngineConfig(), adapters)
+    inbox, router, admission, prefetch = (LocalChannel() for _ in range(4))
+    actor = SchedulerActor(engine, _InProcessGroup(engine.executor), inbox, router, admission, prefetch, ServeHub(),
+                           index=AdapterIndex(root))
+    task = asyncio.create_task(actor.run())
+    try:
+        inbox.send(AdminOp("load", "load", "x", str(inside)))
+        result = await asyncio.wait_for(router.recv(), 30)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert (result.ok, result.code) == (False, "adapter_invalid") and "x" not in engine.store.infos
+    assert result.message == "lora_path: 'adapter_model.safetensors' links outside the adapter root"
