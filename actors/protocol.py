@@ -12,6 +12,8 @@ The error codes and every field's bounds are documented in docs/protocol.md; kee
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -334,11 +336,12 @@ def render_chat(messages: Any, ctx: ParseContext) -> list[int]:
     if getattr(ctx.tokenizer, "chat_template", None):
         text = _apply_template(ctx.tokenizer, clean)
         _check_chars(len(text), ctx, "messages", "conversation as the chat template renders it")
-        ids = list(ctx.tokenizer(text, add_special_tokens=False)["input_ids"])  # what tokenize=True encodes
+        ids = _template_ids(ctx.tokenizer, clean, text)
     else:
         text = "".join(f"{m['role']}: {m['content'] or ''}\n" for m in clean) + "assistant:"
         _check_chars(len(text), ctx, "messages", "conversation as rendered")
-        ids = list(ctx.tokenizer.encode(text))
+        plain = {"split_special_tokens": True} if hasattr(ctx.tokenizer, "all_special_tokens") else {}
+        ids = list(ctx.tokenizer.encode(text, **plain))  # a control token's text in a message is text
     if not ids:
         raise bad("messages", "the chat template rendered no tokens from this conversation (no user message?)")
     return ids
@@ -366,6 +369,24 @@ def _apply_template(tokenizer: Any, messages: list[dict]) -> str:
     if not isinstance(text, str):
         raise bad("messages", f"the chat template rendered {kind(text)}, not text")
     return text
+
+
+def _template_ids(tokenizer: Any, messages: list[dict], text: str) -> list[int]:
+    """The conversation's token ids, with the control tokens only where the template writes them: a message's
+    text that spells one (`</s>`, `<|eot_id|>`) is tokenized as text, as OpenAI treats what a client sends, so
+    a client cannot end a turn or forge a system turn from inside its content (transformers'
+    `sanitize_control_tokens`). A transformers without it encodes the rendered `text` as `tokenize=True` does."""
+    if not _sanitizes(type(tokenizer)):
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        sanitize_control_tokens=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+@functools.cache
+def _sanitizes(kind: type) -> bool:
+    method = getattr(kind, "apply_chat_template", None)
+    return method is not None and "sanitize_control_tokens" in inspect.signature(method).parameters
 
 
 def _content_text(content: Any, index: int) -> str:

@@ -247,6 +247,25 @@ async def test_tokenize_detokenize_version_and_request_id(server, base, hf):
             assert resp.status == 400 and (await resp.json())["error"]["param"] == "stop_token_ids"
 
 
+def test_a_control_token_spelled_in_a_message_is_text(client, base, server, hf):
+    """User content that spells the EOS token ("</s>") is tokenized as text in a chat (HF's apply_chat_template
+    with sanitize_control_tokens is the truth; the EOS id appears nowhere), so content cannot end a turn or forge
+    one; a completions prompt is the client's own raw text and keeps it as the control token, as vLLM does."""
+    import requests
+
+    _, tokenizer = hf
+    messages = [{"role": "user", "content": "ab</s>cd"}]
+    got = requests.post(server.url + "/tokenize", json={"model": base, "messages": messages}, timeout=30).json()
+    truth = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                          sanitize_control_tokens=True)["input_ids"]
+    assert got["tokens"] == list(truth) and tokenizer.eos_token_id not in got["tokens"]
+    raw = requests.post(server.url + "/tokenize", json={"model": base, "prompt": "ab</s>cd"}, timeout=30).json()
+    assert tokenizer.eos_token_id in raw["tokens"]
+    reply = client.chat.completions.create(model="upper", messages=messages, max_tokens=20, temperature=0)
+    same = client.completions.create(model="upper", prompt=list(truth), max_tokens=20, temperature=0)
+    assert reply.choices[0].message.content == same.choices[0].text  # the chat ran on exactly those ids
+
+
 async def test_websocket_n_index_and_logprobs(server, base, hf):
     """WS frames: one done per choice with its `index`, logprobs in deltas (raw, equal to HF's), the prompt's
     logprobs with the first delta; the n samples equal single seeded frames with seeds seed + j."""
