@@ -100,7 +100,7 @@ class AdmissionPolicy:
         estimate = None if self.idle() else self.estimate_ttft_ms(len(submit.prompt_ids))
         if submit.slo_ttft_ms is not None and estimate is not None and estimate > submit.slo_ttft_ms:
             return Rejected(submit.request_id, SLO_UNATTAINABLE, f"slo_ttft_ms: the first token is estimated at "
-                            f"{estimate:.0f} ms, over the {submit.slo_ttft_ms:.0f} ms first-token deadline", 429,
+                            f"{estimate:.0f} ms, over the {submit.slo_ttft_ms:g} ms first-token deadline", 429,
                             "slo_ttft_ms", self.retry_after(estimate - submit.slo_ttft_ms))
         return None
 

@@ -35,6 +35,7 @@ CLOSE_DRAIN_S = 2.0  # how long closing a permessage-deflate socket waits for it
 _UNTIED = ("invalid_json", "unknown_type", "duplicate_id")  # error frames that must not end a generation
 log = logging.getLogger("lorafleet.frontend")
 _ERROR_STATUS = {"internal_error": 500, "executor_failed": 503, "slo_unattainable": 429, "server_shutting_down": 503}
+_ITEM_PARAM = {"slo_unattainable": "slo_ttft_ms", "adapter_invalid": "model"}
 
 
 Receiver = Callable[[object], None]
@@ -273,8 +274,10 @@ class Merged:
 
 
 def item_error(item: DeltaItem) -> ApiError:
-    return ApiError(_ERROR_STATUS.get(item.error_code or "", 500), item.error_code or "internal_error",
-                    item.error_message or "")
+    """The error a request that failed after admission ends with; `param` names the request's field where the
+    failure is about one (its first-token deadline, its adapter), as the refusals at admission do."""
+    code = item.error_code or "internal_error"
+    return ApiError(_ERROR_STATUS.get(code, 500), code, item.error_message or "", _ITEM_PARAM.get(code))
 
 
 # WebSocket /v1/stream -------------------------------------------------------------------------------

@@ -662,7 +662,7 @@ class SchedulerActor:
             return False
         self.hub.count("evicted_deadline")
         self._cancel(live.request.external_id, "cancelled", SLO_UNATTAINABLE,
-                     f"slo_ttft_ms: {what} {waited_ms:.0f} ms without a first token, past the {live.slo_ttft_ms:.0f} "
+                     f"slo_ttft_ms: {what} {waited_ms:.0f} ms without a first token, past the {live.slo_ttft_ms:g} "
                      "ms first-token deadline; dropped")
         return True
 

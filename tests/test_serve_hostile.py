@@ -155,3 +155,20 @@ async def test_the_dashboard_feed_ignores_garbage_and_coalesces_a_resync_flood(s
         async with session.ws_connect(server.url + "/ws/dashboard") as again:
             assert (await again.receive_json(timeout=10))["type"] == "snapshot"
     assert await _canary(server.ws_url) == "CANARY LINE\n"
+
+
+async def test_a_first_token_deadline_missed_after_admission_names_slo_ttft_ms(server):
+    """Refused at admission or dropped after `accepted`, the error names the field and shows the deadline as sent
+    (a 0.5 ms deadline was shown as '0 ms' or '2 ms', and the dropped request's error named no field)."""
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(server.ws_url) as ws:
+            await ws.send_json({"type": "generate", "id": "late", **CANARY, "slo_ttft_ms": 0.5})
+            frames = [await ws.receive_json(timeout=30)]
+            while frames[-1]["type"] not in ("done", "error"):
+                frames.append(await ws.receive_json(timeout=30))
+        error = frames[-1]["error"]
+        assert error["code"] == "slo_unattainable" and error["param"] == "slo_ttft_ms", frames
+        assert "past the 0.5 ms first-token deadline" in error["message"] or "over the 0.5 ms" in error["message"]
+        async with session.post(server.url + "/v1/completions", json={**CANARY, "slo_ttft_ms": 0.5}) as resp:
+            error = (await resp.json())["error"]
+            assert resp.status == 429 and error["param"] == "slo_ttft_ms" and "0.5 ms" in error["message"], error
