@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,21 +125,43 @@ def max_weights_bytes(model: ModelConfig, max_rank: int) -> int:
     return model.num_layers * per_layer * 8 + MAX_HEADER_BYTES
 
 
-def _read_tensors(adapter_dir: Path, limit: int) -> dict[str, torch.Tensor]:
+def _read_header(f, limit: int) -> tuple[bytes, dict[str, list[int]]]:
+    """(the raw header bytes with their 8-byte length, tensor name -> shape) of a safetensors file open at its
+    start; AdapterError if it is not one or its header is larger than MAX_HEADER_BYTES."""
+    length = f.read(8)
+    size = int.from_bytes(length, "little") if len(length) == 8 else -1
+    if not 0 <= size <= min(MAX_HEADER_BYTES, limit):
+        raise AdapterError("adapter_model.safetensors is unreadable: not a safetensors file (its header length "
+                           f"{size} is not within 0..{MAX_HEADER_BYTES} bytes)")
+    header = f.read(size)
+    try:
+        entries = json.loads(header)
+        shapes = {key: [int(d) for d in entry["shape"]] for key, entry in entries.items() if key != "__metadata__"}
+    except Exception as exc:  # truncated, not JSON, not the layout safetensors writes
+        raise AdapterError(f"adapter_model.safetensors is unreadable: its header is not a safetensors header "
+                           f"({type(exc).__name__}: {exc})") from None
+    return length + header, shapes
+
+
+def _read_tensors(adapter_dir: Path, limit: int, check: Callable[[dict[str, list[int]]], None]
+                  ) -> dict[str, torch.Tensor]:
     """The tensors of adapter_model.safetensors, read into memory with plain reads. Not memory-mapped: a
     mapped file that shrinks while it is read (an adapter saved again in place: writers truncate first)
-    kills the whole process with SIGBUS; a read only returns fewer bytes, which is refused here. A file larger
-    than `limit` (no adapter of this model could be that large) is refused before it is read."""
+    kills the whole process with SIGBUS; a read only returns fewer bytes, which is refused here. The header
+    is read first and `check` (names and shapes, raising AdapterError) runs before any tensor data is read;
+    a file larger than `limit` (no adapter of this model could be that large) is refused unread."""
     path = adapter_dir / "adapter_model.safetensors"
     if not path.is_file():
         raise AdapterError(f"adapter_model.safetensors not found in {adapter_dir} (only safetensors is read)")
     with path.open("rb") as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
+        header, shapes = _read_header(f, limit)
+        check(shapes)
+        data = f.read(limit - len(header) + 1)
+    if len(header) + len(data) > limit:
         raise AdapterError(f"adapter_model.safetensors: larger than {limit} bytes, which is more than every module "
                            "of every layer at the maximum rank in float64: not an adapter of this model")
     try:
-        return safetensors.torch.load(data)
+        return safetensors.torch.load(header + data)
     except Exception as exc:  # safetensors raises several types for corrupt files
         raise AdapterError(f"adapter_model.safetensors is unreadable: {exc}") from exc
 
@@ -161,31 +183,46 @@ def _load_adapter(name: str, adapter_dir: str | Path, model: ModelConfig, max_ra
         if spec.selects(container):
             raise AdapterError(f"target_modules: selects {container}, which is not a linear layer (PEFT cannot "
                                "put a LoRA on it either)")
+    factors: dict[str, tuple[int, str, str]] = {}  # tensor name -> (layer, module, 'A' or 'B'), from the header
+    tensors = _read_tensors(adapter_dir, max_weights_bytes(model, max_rank),
+                            lambda shapes: factors.update(_factors(shapes, spec, model)))
     pairs: dict[tuple[str, int], dict[str, tuple[str, torch.Tensor]]] = {}
-    for key, tensor in sorted(_read_tensors(adapter_dir, max_weights_bytes(model, max_rank)).items()):
-        layer, module, which, path = _parse_key(key, model.num_layers)
-        factors = pairs.setdefault((module, layer), {})
-        if which in factors:  # e.g. with and without the base_model.model. prefix: which one PEFT uses is unclear
-            raise AdapterError(f"{key}: a second lora_{which} of {path} (the first is {factors[which][0]})")
-        factors[which] = (key, _checked_factor(key, tensor, spec, model, path, which))
+    for key, tensor in sorted(tensors.items()):
+        layer, module, which = factors[key]
+        pairs.setdefault((module, layer), {})[which] = (key, _finite(key, _floating(key, tensor).float()))
     return _assemble(name, spec, pairs, model.num_layers)
 
 
-def _checked_factor(key: str, tensor: torch.Tensor, spec: LoraSpec, model: ModelConfig, path: str,
-                    which: str) -> torch.Tensor:
-    """The tensor `key` (lora_`which` of module `path`) as float32, once the config selects its module and
-    its shape, dtype and values are those of a LoRA factor of the base model; else AdapterError naming it."""
+def _factors(shapes: dict[str, list[int]], spec: LoraSpec, model: ModelConfig) -> dict[str, tuple[int, str, str]]:
+    """tensor name -> (layer, module, 'A' or 'B') for a file's header (name -> shape); AdapterError naming the
+    first tensor (in name order) that is not the LoRA factor of a module the base model has and the config
+    selects, with its shape, or is a second tensor for one factor."""
+    out: dict[str, tuple[int, str, str]] = {}
+    first: dict[tuple[int, str, str], str] = {}
+    for key, shape in sorted(shapes.items()):
+        layer, module, which, path = _parse_key(key, model.num_layers)
+        if (layer, module, which) in first:  # e.g. with and without base_model.model.: which one PEFT loads?
+            raise AdapterError(f"{key}: a second lora_{which} of {path} (the first is {first[layer, module, which]})")
+        first[layer, module, which] = key
+        _check_shape(key, tuple(shape), spec, model, path, which)
+        out[key] = (layer, module, which)
+    return out
+
+
+def _check_shape(key: str, shape: tuple[int, ...], spec: LoraSpec, model: ModelConfig, path: str,
+                 which: str) -> None:
+    """AdapterError naming the tensor `key` (lora_`which` of module `path`) unless the config selects its module
+    and `shape` is that of the module's LoRA factor in the base model."""
     if not spec.selects(path):
         raise AdapterError(f"{key}: module {path} is not selected by target_modules/exclude_modules/"
                            "layers_to_transform (PEFT would not load this tensor)")
     rank = spec.rank(path)
     in_dim, out_dim = model.module_dims()[path.rsplit(".", 1)[1]]
     expected = (rank, in_dim) if which == "A" else (out_dim, rank)
-    if tuple(tensor.shape) != expected:
+    if shape != expected:
         source = "rank_pattern" if rank != spec.r else "r"
-        raise AdapterError(f"{key}: shape {tuple(tensor.shape)} does not match the base model and the rank, "
+        raise AdapterError(f"{key}: shape {shape} does not match the base model and the rank, "
                            f"expected {expected} ({source} = {rank})")
-    return _finite(key, _floating(key, tensor).float())
 
 
 def _floating(key: str, tensor: torch.Tensor) -> torch.Tensor:

@@ -453,19 +453,47 @@ def test_two_tensors_for_one_factor_are_refused_naming_both(tiny_llama, model_cf
 
 
 def test_a_weights_file_larger_than_any_adapter_is_refused_before_it_is_read(tiny_llama, model_cfg, tmp_path):
-    """A merged model or a stray checkpoint saved as adapter_model.safetensors was read whole before its names
-    were checked; the size bound (every module at the maximum rank in float64) refuses it unread."""
+    """Bytes beyond what any adapter of this model can hold (every module at the maximum rank in float64) are
+    never read: the file is refused at the bound (a wrong tensor is refused from the header, see below)."""
+    import os
+
     from lorafleet.engine.adapters import max_weights_bytes
 
     limit = max_weights_bytes(model_cfg, MAX_RANK)
     path = _adapter(tmp_path, tiny_llama)
-    save_file({"base_model.model.model.embed_tokens.weight": torch.zeros(limit // 4 + 1)},
-              str(path / "adapter_model.safetensors"))
+    weights = path / "adapter_model.safetensors"
+    os.truncate(weights, weights.stat().st_size + limit)  # a valid header, then more bytes than any adapter has
     with pytest.raises(AdapterError, match=f"^adapter_model.safetensors: larger than {limit} bytes"):
         load_adapter("a", path, model_cfg, MAX_RANK)
     full = _adapter(tmp_path, tiny_llama, name="full", rank=MAX_RANK, targets=TARGET_MODULES, dtype=torch.float64,
                     std=0.001)
     assert load_adapter("full", full, model_cfg, MAX_RANK).rank == MAX_RANK  # the largest valid one is read
+
+
+def test_names_and_shapes_are_checked_from_the_header_before_any_tensor_data_is_read(tiny_llama, model_cfg,
+                                                                                      tmp_path, monkeypatch):
+    """A file of the wrong tensors (a merged model's, another model's adapter) is refused from its header: no
+    tensor data is read, and the message names the tensor even when the data is cut short."""
+    import safetensors.torch as st_torch
+
+    key = "base_model.model.model.embed_tokens.weight"
+    path = _adapter(tmp_path, tiny_llama, Fault("", tensors=lambda t: {**t, key: torch.zeros(300, 64)}))
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # the data region is cut short too
+
+    def no_data(_):
+        raise AssertionError("tensor data was read")
+
+    monkeypatch.setattr(st_torch, "load", no_data)
+    with pytest.raises(AdapterError, match=f"^{re.escape(key)}: not a LoRA tensor"):
+        load_adapter("a", path, model_cfg, MAX_RANK)
+    wide = _adapter(tmp_path, tiny_llama, name="wide", fault=Fault("", tensors=lambda t: {
+        k: torch.zeros(v.shape[0], 2 * v.shape[1]) if ".q_proj.lora_A" in k else v for k, v in t.items()}))
+    with pytest.raises(AdapterError, match=r"layers\.0\.self_attn\.q_proj\.lora_A\.weight: shape \(4, 128\)"):
+        load_adapter("w", wide, model_cfg, MAX_RANK)
+    (wide / "adapter_model.safetensors").write_bytes(b"\xff" * 8 + b"{}")
+    with pytest.raises(AdapterError, match="^adapter_model.safetensors is unreadable: not a safetensors file"):
+        load_adapter("w", wide, model_cfg, MAX_RANK)
 
 
 def test_a_weights_file_cut_short_while_it_is_read_is_refused_and_the_process_lives(tiny_llama, tmp_path):
