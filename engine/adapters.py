@@ -154,12 +154,13 @@ def _read_tensors(adapter_dir: Path, limit: int, check: Callable[[dict[str, list
     if not path.is_file():
         raise AdapterError(f"adapter_model.safetensors not found in {adapter_dir} (only safetensors is read)")
     with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size  # read(n) allocates n bytes first: never ask for more than the file
+        if size > limit:
+            raise AdapterError(f"adapter_model.safetensors: larger than {limit} bytes, which is more than every "
+                               "module of every layer at the maximum rank in float64: not an adapter of this model")
         header, shapes = _read_header(f, limit)
         check(shapes)
-        data = f.read(limit - len(header) + 1)
-    if len(header) + len(data) > limit:
-        raise AdapterError(f"adapter_model.safetensors: larger than {limit} bytes, which is more than every module "
-                           "of every layer at the maximum rank in float64: not an adapter of this model")
+        data = f.read(max(size - len(header), 0))  # a file cut meanwhile reads short: safetensors refuses it
     try:
         return safetensors.torch.load(header + data)
     except Exception as exc:  # safetensors raises several types for corrupt files

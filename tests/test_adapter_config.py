@@ -470,6 +470,17 @@ def test_a_weights_file_larger_than_any_adapter_is_refused_before_it_is_read(tin
     assert load_adapter("full", full, model_cfg, MAX_RANK).rank == MAX_RANK  # the largest valid one is read
 
 
+def test_the_size_bound_is_never_allocated(tiny_llama, tmp_path):
+    """The bound for a large model at a large --max-lora-rank is tens of GB (70B, rank 256: 26 GB); the file
+    was read with f.read(bound + 1), which allocates that many bytes first: MemoryError, every adapter
+    refused, on a host with less memory. Only the file's own size is read."""
+    from lorafleet.engine.adapters import _read_tensors
+
+    path = _adapter(tmp_path, tiny_llama)
+    tensors = _read_tensors(path, 1 << 45, lambda shapes: None)  # a 32 TiB bound
+    assert tensors.keys() == load_file(str(path / "adapter_model.safetensors")).keys()
+
+
 def test_names_and_shapes_are_checked_from_the_header_before_any_tensor_data_is_read(tiny_llama, model_cfg,
                                                                                       tmp_path, monkeypatch):
     """A file of the wrong tensors (a merged model's, another model's adapter) is refused from its header: no
