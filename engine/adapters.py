@@ -83,16 +83,17 @@ class AdapterWeights:
 
 
 def adapter_files_stamp(adapter_dir: str | Path) -> tuple | None:
-    """(inode, size, mtime in ns) of adapter_config.json and adapter_model.safetensors (None for a file that
-    is missing, and for a `synthetic:` adapter): two reads of a directory with equal stamps read the same
-    files. A file saved again, or replaced by a rename, gets another stamp."""
+    """(size, mtime in ns) of adapter_config.json and adapter_model.safetensors (None for a file that is
+    missing, and for a `synthetic:` adapter): two reads of a directory with equal stamps read the same files.
+    A file saved again, or replaced by a rename, gets another stamp. Not the inode: FUSE mounts of object
+    stores (gcsfuse, s3fs) may renumber a file that did not change."""
     if str(adapter_dir).startswith(SYNTHETIC_ADAPTER):
         return None
     stamp = []
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         try:
             st = os.stat(Path(adapter_dir) / name)
-            stamp.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            stamp.append((st.st_size, st.st_mtime_ns))
         except OSError:
             stamp.append(None)
     return tuple(stamp)
