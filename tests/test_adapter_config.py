@@ -567,6 +567,34 @@ for name, path in {({k: str(v) for k, v in paths.items()})!r}.items():
     assert lines["exclude_modules"] == lines["rank_pattern"] == lines["alpha_pattern"] == "read 4"
 
 
+REGEX_PIECES = [".*", ".*?", r"\.", ".", "q_proj", "_proj", "(q|v)", "(?:self_attn|mlp)", "layers", r"\d+", r"\d",
+                "[a-z_]+", "[^.]*", "?", "+", "*", "{1,2}", "^", "$", "(?i)", "Q_PROJ", r"\w+", "(", ")", "|", "0", "1"]
+
+
+@settings(max_examples=400, **SETTINGS)
+@given(pattern=st.lists(st.sampled_from(REGEX_PIECES), min_size=1, max_size=7).map("".join))
+def test_config_regexes_match_as_re_matches_them(pattern):
+    """The config's regexes are matched with the `regex` module (a time limit, no GIL) but PEFT matches them
+    with `re`: every pattern `re` accepts must select the same modules, rank_pattern keys included."""
+    from lorafleet.engine.peft_config import ConfigFieldError, parse_lora_config
+
+    try:
+        re.compile(pattern)
+        re.compile(rf"(.*\.)?({pattern})$")
+    except re.error:
+        hypothesis.event("re refuses it")
+        return
+    hypothesis.event("compared")
+    try:
+        spec = parse_lora_config({"target_modules": pattern, "rank_pattern": {pattern: 2}}, MAX_RANK)
+    except ConfigFieldError as exc:  # only when `regex` refuses what `re` accepts: never seen, but say so
+        pytest.fail(f"re accepts {pattern!r}, regex does not: {exc}")
+    for module in [*LINEAR, "model.layers.0.mlp", "lm_head", "model.embed_tokens"]:
+        assert spec.selects(module) == (re.fullmatch(pattern, module) is not None), (pattern, module)
+        peft_key = re.match(rf"(.*\.)?({pattern})$", module) is not None
+        assert spec.rank(module) == (2 if peft_key else spec.r), (pattern, module)
+
+
 def test_regex_matching_past_its_time_budget_is_refused_naming_the_field(tiny_llama, model_cfg, tmp_path,
                                                                          monkeypatch):
     from lorafleet.engine import peft_config
