@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -136,11 +138,43 @@ class _InProcessGroup:
         return self.results.pop(0)
 
 
+@dataclass
+class _Actors:
+    """The scheduler actor (and the prefetcher, given a loader) running in this loop on local channels."""
+
+    actor: object
+    inbox: LocalChannel
+    router: LocalChannel
+    hub: object
+
+
+@asynccontextmanager
+async def _actors(engine, loader=None, group=None, workers: int = 2, **options):
+    """Run SchedulerActor over `engine` (`group`: an _InProcessGroup of its executor by default; `options` go to
+    the actor) and, with `loader`, a PrefetcherActor; both are cancelled on exit."""
+    from lorafleet.actors.hub import ServeHub
+    from lorafleet.actors.prefetcher import PrefetcherActor
+    from lorafleet.actors.scheduler import SchedulerActor
+
+    hub = ServeHub()
+    inbox, router, admission, prefetch = (LocalChannel() for _ in range(4))
+    group = group if group is not None else _InProcessGroup(engine.executor)
+    actor = SchedulerActor(engine, group, inbox, router, admission, prefetch, hub, **options)
+    tasks = [asyncio.create_task(actor.run())]
+    if loader is not None:
+        tasks.append(asyncio.create_task(PrefetcherActor(loader, prefetch, inbox, hub, workers=workers).run()))
+    try:
+        yield _Actors(actor, inbox, router, hub)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def test_scheduler_waits_for_packing_and_fails_only_unreadable_adapters(tiny_llama, adapters, tmp_path):
     from conftest import make_peft_adapter
-    from lorafleet.actors.hub import ServeHub
-    from lorafleet.actors.prefetcher import AdapterLoader, PrefetcherActor
-    from lorafleet.actors.scheduler import ADAPTER_LOAD_BYTES, ADAPTER_LOAD_STALLS, SchedulerActor
+    from lorafleet.actors.prefetcher import AdapterLoader
+    from lorafleet.actors.scheduler import ADAPTER_LOAD_BYTES, ADAPTER_LOAD_STALLS
     from lorafleet.engine import LLM
     from lorafleet.engine.build import build_engine
     from lorafleet.engine.config import EngineConfig
@@ -153,29 +187,21 @@ async def test_scheduler_waits_for_packing_and_fails_only_unreadable_adapters(ti
     engine, _ = build_engine(str(tiny_llama), config, {**adapters, "bad": bad})
     arena = _arena_store(engine, 3.5)  # room for three adapters of four: the cache must evict
     (tmp_path / "bad" / "adapter_model.safetensors").write_bytes(b"garbage")
-    hub = ServeHub()
-    inbox, router, admission, prefetch = (LocalChannel() for _ in range(4))
     loader = AdapterLoader(engine.model, engine.store.page_elements, engine.store.dtype, 64)
     group = _InProcessGroup(engine.executor)
-    actor = SchedulerActor(engine, group, inbox, router, admission, prefetch, hub)
-    prefetcher = PrefetcherActor(loader, prefetch, inbox, hub, workers=2)
-    tasks = [asyncio.create_task(actor.run()), asyncio.create_task(prefetcher.run())]
-    try:
+    async with _actors(engine, loader, group) as run:
+        hub = run.hub
         for i, (prompt, name) in enumerate(zip(prompts, names)):
-            inbox.send(Submit(f"q{i}", prompt, {"max_tokens": 6, "temperature": 0.0}, name, None, 0.0, i + 1))
-        inbox.send(Submit("b", [1, 2, 3], {"max_tokens": 6, "temperature": 0.0}, "bad", None, 0.0, 11))
+            run.inbox.send(Submit(f"q{i}", prompt, {"max_tokens": 6, "temperature": 0.0}, name, None, 0.0, i + 1))
+        run.inbox.send(Submit("b", [1, 2, 3], {"max_tokens": 6, "temperature": 0.0}, "bad", None, 0.0, 11))
         tokens: dict[str, list[int]] = {}
         ends: dict[str, DeltaItem] = {}
         while len(ends) < 11:
-            msg = await asyncio.wait_for(router.recv(), 60)
+            msg = await asyncio.wait_for(run.router.recv(), 60)
             for item in msg.items if isinstance(msg, StepDeltas) else []:
                 tokens.setdefault(item.request_id, []).extend(item.token_ids)
                 if item.finished:
                     ends[item.request_id] = item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
     try:
         assert ends["b"].error_code == "adapter_invalid" and "bad" not in engine.store.infos
         assert [tokens.get(f"q{i}", []) for i in range(10)] == [w.token_ids for w in want]
@@ -233,9 +259,7 @@ async def test_a_request_waiting_for_its_adapter_does_not_block_the_ones_behind_
     of an already packed adapter behind it run to completion; once packed, it runs and matches offline."""
     import threading
 
-    from lorafleet.actors.hub import ServeHub
-    from lorafleet.actors.prefetcher import AdapterLoader, PrefetcherActor
-    from lorafleet.actors.scheduler import SchedulerActor
+    from lorafleet.actors.prefetcher import AdapterLoader
     from lorafleet.engine import LLM
     from lorafleet.engine.build import build_engine
     from lorafleet.engine.config import EngineConfig
@@ -254,35 +278,29 @@ async def test_a_request_waiting_for_its_adapter_does_not_block_the_ones_behind_
                                                            max_tokens=6)
     engine, _ = build_engine(str(tiny_llama), EngineConfig(), adapters)
     arena = _arena_store(engine, 4)
-    hub = ServeHub()
-    inbox, router, admission, prefetch = (LocalChannel() for _ in range(4))
     loader = HeldLoader(engine.model, engine.store.page_elements, engine.store.dtype, 64)
-    actor = SchedulerActor(engine, _InProcessGroup(engine.executor), inbox, router, admission, prefetch, hub)
-    tasks = [asyncio.create_task(actor.run()),
-             asyncio.create_task(PrefetcherActor(loader, prefetch, inbox, hub, workers=2).run())]
     tokens: dict[str, list[int]] = {rid: [] for rid in prompts}
     done: list[str] = []
     try:
-        for seq, rid in enumerate(prompts, 1):  # "slow" is first in the queue
-            inbox.send(Submit(rid, prompts[rid], {"max_tokens": 6, "temperature": 0.0}, names[rid], None, 0.0, seq))
-        while len(done) < 3:
-            msg = await asyncio.wait_for(router.recv(), 60)
-            for item in msg.items if isinstance(msg, StepDeltas) else []:
-                tokens[item.request_id] += item.token_ids
-                if item.finished:
-                    done.append(item.request_id)
-            if sorted(done) == ["base", "fast"] and not gate.is_set():
-                assert tokens["slow"] == [] and not engine.store.is_ready("a2")
-                gate.set()  # now let its packing finish
+        async with _actors(engine, loader) as run:
+            for seq, rid in enumerate(prompts, 1):  # "slow" is first in the queue
+                run.inbox.send(Submit(rid, prompts[rid], {"max_tokens": 6, "temperature": 0.0}, names[rid], None, 0.0,
+                                      seq))
+            while len(done) < 3:
+                msg = await asyncio.wait_for(run.router.recv(), 60)
+                for item in msg.items if isinstance(msg, StepDeltas) else []:
+                    tokens[item.request_id] += item.token_ids
+                    if item.finished:
+                        done.append(item.request_id)
+                if sorted(done) == ["base", "fast"] and not gate.is_set():
+                    assert tokens["slow"] == [] and not engine.store.is_ready("a2")
+                    gate.set()  # now let its packing finish
     finally:
         gate.set()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
     try:
         assert done[-1] == "slow"
         assert [tokens[rid] for rid in prompts] == [w.token_ids for w in want]
-        assert hub.counters["adapter_load_stalls"] > 0
+        assert run.hub.counters["adapter_load_stalls"] > 0
     finally:
         engine.store.cache.clear()
         arena.close()
@@ -296,9 +314,7 @@ async def test_a_runtime_load_is_read_off_the_step_loop_and_then_served_exactly(
     import threading
 
     from conftest import make_peft_adapter
-    from lorafleet.actors.hub import ServeHub
-    from lorafleet.actors.prefetcher import AdapterLoader, PrefetcherActor
-    from lorafleet.actors.scheduler import SchedulerActor
+    from lorafleet.actors.prefetcher import AdapterLoader
     from lorafleet.actors.schema import AdminOp, AdminResult
     from lorafleet.engine import LLM
     from lorafleet.engine.build import build_engine
@@ -319,42 +335,34 @@ async def test_a_runtime_load_is_read_off_the_step_loop_and_then_served_exactly(
         return read(name, path)
 
     engine.store._read = held_read
-    hub = ServeHub()
-    inbox, router, admission, prefetch = (LocalChannel() for _ in range(4))
     loader = AdapterLoader(engine.model, engine.store.page_elements, engine.store.dtype, 64)
-    actor = SchedulerActor(engine, _InProcessGroup(engine.executor), inbox, router, admission, prefetch, hub)
-    tasks = [asyncio.create_task(actor.run()),
-             asyncio.create_task(PrefetcherActor(loader, prefetch, inbox, hub, workers=2).run())]
     tokens: dict[str, list[int]] = {"run": [], "use": []}
     results: dict[str, AdminResult] = {}
-
-    async def until(done) -> None:
-        while not done():
-            msg = await asyncio.wait_for(router.recv(), 15)
-            if isinstance(msg, AdminResult):
-                results[msg.request_id] = msg
-            for item in msg.items if isinstance(msg, StepDeltas) else []:
-                tokens[item.request_id] += item.token_ids
-
     params = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
     try:
-        inbox.send(Submit("run", prompts[0], params, "a0", None, 0.0, 1))
-        await until(lambda: tokens["run"])
-        inbox.send(AdminOp("load-1", "load", "new", new))
-        inbox.send(AdminOp("load-2", "load", "new", new))
-        await until(lambda: len(tokens["run"]) == 12 and "load-2" in results)  # while the read is held
-        assert not gate.is_set() and "load-1" not in results
-        assert (results["load-2"].ok, results["load-2"].code) == (False, "adapter_exists")
-        gate.set()
-        await until(lambda: "load-1" in results)
-        assert results["load-1"].ok, results["load-1"].message
-        inbox.send(Submit("use", prompts[1], params, "new", None, 0.0, 2))
-        await until(lambda: len(tokens["use"]) == 12)
+        async with _actors(engine, loader) as run:
+            async def until(done) -> None:
+                while not done():
+                    msg = await asyncio.wait_for(run.router.recv(), 15)
+                    if isinstance(msg, AdminResult):
+                        results[msg.request_id] = msg
+                    for item in msg.items if isinstance(msg, StepDeltas) else []:
+                        tokens[item.request_id] += item.token_ids
+
+            run.inbox.send(Submit("run", prompts[0], params, "a0", None, 0.0, 1))
+            await until(lambda: tokens["run"])
+            run.inbox.send(AdminOp("load-1", "load", "new", new))
+            run.inbox.send(AdminOp("load-2", "load", "new", new))
+            await until(lambda: len(tokens["run"]) == 12 and "load-2" in results)  # while the read is held
+            assert not gate.is_set() and "load-1" not in results
+            assert (results["load-2"].ok, results["load-2"].code) == (False, "adapter_exists")
+            gate.set()
+            await until(lambda: "load-1" in results)
+            assert results["load-1"].ok, results["load-1"].message
+            run.inbox.send(Submit("use", prompts[1], params, "new", None, 0.0, 2))
+            await until(lambda: len(tokens["use"]) == 12)
     finally:
         gate.set()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
     try:
         assert [tokens["run"], tokens["use"]] == [w.token_ids for w in want]
     finally:
@@ -411,9 +419,7 @@ def test_a_refill_from_changed_files_is_refused_not_mixed_with_the_registered_sc
 async def test_a_runtime_load_of_an_adapter_the_pool_cannot_hold_is_refused(tiny_llama, adapters, tmp_path):
     """A runtime load registered an adapter whose pages fill the whole pool; every request for it was then
     refused naming max_tokens. The load itself is refused now (adapter_invalid, naming `r`)."""
-    from lorafleet.actors.hub import ServeHub
-    from lorafleet.actors.prefetcher import AdapterLoader, PrefetcherActor
-    from lorafleet.actors.scheduler import SchedulerActor
+    from lorafleet.actors.prefetcher import AdapterLoader
     from lorafleet.actors.schema import AdminOp, AdminResult
     from lorafleet.engine.build import build_engine
     from lorafleet.engine.config import TARGET_MODULES, EngineConfig
@@ -422,19 +428,12 @@ async def test_a_runtime_load_of_an_adapter_the_pool_cannot_hold_is_refused(tiny
     big = str(write_adapter(tmp_path / "big", tiny_llama, 32, targets=TARGET_MODULES, seed=1, std=0.01))
     engine, _ = build_engine(str(tiny_llama), EngineConfig(num_pages=12), adapters)  # big: 17 pages
     arena = _arena_store(engine, 4)
-    hub = ServeHub()
-    inbox, router, admission, prefetch = (LocalChannel() for _ in range(4))
     loader = AdapterLoader(engine.model, engine.store.page_elements, engine.store.dtype, 64)
-    actor = SchedulerActor(engine, _InProcessGroup(engine.executor), inbox, router, admission, prefetch, hub)
-    tasks = [asyncio.create_task(actor.run()),
-             asyncio.create_task(PrefetcherActor(loader, prefetch, inbox, hub).run())]
     try:
-        inbox.send(AdminOp("load", "load", "big", big))
-        result = await asyncio.wait_for(router.recv(), 30)
+        async with _actors(engine, loader, workers=1) as run:
+            run.inbox.send(AdminOp("load", "load", "big", big))
+            result = await asyncio.wait_for(run.router.recv(), 30)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         arena.close()
     assert isinstance(result, AdminResult) and (result.ok, result.code) == (False, "adapter_invalid")
     assert result.message.startswith("r: adapter 'big' (rank 32, 7 modules) needs") and "big" not in engine.store.infos
@@ -444,8 +443,6 @@ async def test_a_runtime_load_rechecks_the_root_confinement_when_it_reads(tiny_l
     """The HTTP handler checks lora_path against --adapter-root, the scheduler reads the directory later: a file
     replaced by a link out of the root meanwhile was read. The read checks again (here: the link is there
     when the op reaches the scheduler)."""
-    from lorafleet.actors.hub import ServeHub
-    from lorafleet.actors.scheduler import SchedulerActor
     from lorafleet.actors.schema import AdminOp
     from lorafleet.engine.adapter_index import AdapterIndex
     from lorafleet.engine.build import build_engine
@@ -458,15 +455,8 @@ async def test_a_runtime_load_rechecks_the_root_confinement_when_it_reads(tiny_l
     (inside / "adapter_model.safetensors").unlink()
     (inside / "adapter_model.safetensors").symlink_to(outside / "adapter_model.safetensors")
     engine, _ = build_engine(str(tiny_llama), EngineConfig(), adapters)
-    inbox, router, admission, prefetch = (LocalChannel() for _ in range(4))
-    actor = SchedulerActor(engine, _InProcessGroup(engine.executor), inbox, router, admission, prefetch, ServeHub(),
-                           index=AdapterIndex(root))
-    task = asyncio.create_task(actor.run())
-    try:
-        inbox.send(AdminOp("load", "load", "x", str(inside)))
-        result = await asyncio.wait_for(router.recv(), 30)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+    async with _actors(engine, index=AdapterIndex(root)) as run:
+        run.inbox.send(AdminOp("load", "load", "x", str(inside)))
+        result = await asyncio.wait_for(run.router.recv(), 30)
     assert (result.ok, result.code) == (False, "adapter_invalid") and "x" not in engine.store.infos
     assert result.message == "lora_path: 'adapter_model.safetensors' links outside the adapter root"
