@@ -277,7 +277,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 async def served(tmp_path):
-    """A real `lorafleet serve` on a free loopback port, serving every adapter under the adapter root."""
+    """A real `lorafleet serve` on a free loopback port, serving every adapter under the adapter root. Its
+    default first-token deadline (--slo-ttft-ms, what the SLO figures measure) is 60 s: every request carries it
+    and is dropped past it, and at 5 s a loaded 2-core machine (this server, its executor, Chromium and the
+    test's traffic) dropped some of the tests' generations that waited for one of the 10 sequence slots."""
     if not (ROOT / "actors" / "serve.py").is_file():
         pytest.skip("lorafleet serve is not built yet")
     root = tmp_path / "assets"
@@ -285,7 +288,7 @@ async def served(tmp_path):
     log_path = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "lorafleet", "serve", "--model", str(model), "--served-model-name", BASE,
            "--adapter-root", str(root), "--port", "0", "--admin-key", "secret", "--torch-threads", "1",
-           "--num-pages", "160", "--max-adapters-per-batch", "4", "--max-num-seqs", "10", "--slo-ttft-ms", "5000"]
+           "--num-pages", "160", "--max-adapters-per-batch", "4", "--max-num-seqs", "10", "--slo-ttft-ms", "60000"]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
