@@ -9,20 +9,25 @@ import asyncio
 import json
 import socket
 import time
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
 from test_serve_support import WsClient, start_server, stop_server
 from test_serve_support import write_assets as _write_assets
 
+from lorafleet.actors import frontend
 from lorafleet.actors.frontend import FrameBucket
 
 
-def test_frame_bucket():
+def test_frame_bucket(monkeypatch):
+    # a clock of our own: on the real one a pause of 0.1 s anywhere here (a loaded machine) refills a token
+    clock = [1000.0]
+    monkeypatch.setattr(frontend, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     bucket = FrameBucket(rate=10.0, burst=5.0)
     assert all(bucket.take() for _ in range(5))
     assert not bucket.take()
-    bucket.tokens, bucket.at = 0.0, time.monotonic() - 1.0  # a second later: 10 tokens back, capped at 5
+    clock[0] += 1.0  # a second later: 10 tokens back, capped at 5
     assert bucket.take(5.0) and not bucket.take()
 
 
