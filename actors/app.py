@@ -14,7 +14,7 @@ from aiohttp import web
 
 from lorafleet.actors import openai_api
 from lorafleet.actors.fields import Text, check_document, is_text
-from lorafleet.actors.frontend import Frontend, internal_error, ws_stream
+from lorafleet.actors.frontend import Frontend, internal_error, watch_send_buffers, ws_stream
 from lorafleet.actors.protocol import ApiError, bad
 from lorafleet.actors.security import files_inside, origin_allowed
 
@@ -206,6 +206,14 @@ async def debug_state(request: web.Request) -> web.Response:
     })
 
 
+async def _send_buffer_watch(app: web.Application):
+    """For the app's life: the bound on all connections' unsent bytes (frontend.watch_send_buffers)."""
+    task = asyncio.create_task(watch_send_buffers(app["frontend"]), name="send-buffer-watch")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 async def _close_sockets(app: web.Application) -> None:
     """Close every WebSocket at once (each first sends what it has queued, a deflate one for at most 2 s)."""
     await asyncio.gather(*(conn.close_socket(1001, b"server shutting down") for conn in list(app["frontend"].sockets)))
@@ -234,6 +242,7 @@ def build_app(frontend: Frontend) -> web.Application:
     app.router.add_get("/v1/debug/state", debug_state)
     app.router.add_get("/health", health)
     app.on_shutdown.append(_close_sockets)
+    app.cleanup_ctx.append(_send_buffer_watch)
     try:
         from lorafleet.dashboard import setup_routes
     except ImportError:

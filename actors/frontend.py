@@ -143,7 +143,9 @@ class ConnectionLimits:
     with 1008 (policy violation). `ws_send_buffer`: bytes of frames one WebSocket may have waiting to be sent
     (its client reads slower than its generations produce); over it the connection is dropped and its
     generations cancelled. `sse_send_buffer`: the same bound for one OpenAI SSE stream (its events encoded
-    but not yet sent). `body_timeout`: seconds a client may take to send a request body (408)."""
+    but not yet sent). `send_buffer_total`: the bound on all connections' unsent bytes together (many slow
+    readers, each under its own bound); over it the connections holding the most are dropped the same way
+    (`shed_slow_readers`). `body_timeout`: seconds a client may take to send a request body (408)."""
 
     ws_generations: int = 256
     ws_frame_rate: float = 500.0
@@ -151,6 +153,7 @@ class ConnectionLimits:
     ws_invalid_cost: float = 10.0
     ws_send_buffer: int = 64 << 20
     sse_send_buffer: int = 64 << 20
+    send_buffer_total: int = 1 << 30
     body_timeout: float = 30.0
 
 
@@ -184,6 +187,7 @@ class Frontend:
     allowed_origins: frozenset[str] = frozenset()  # browser origins beyond same-origin and localhost
     limits: ConnectionLimits = field(default_factory=lambda: ConnectionLimits())
     sockets: set[WsConnection] = field(default_factory=set)
+    sse_streams: set[Any] = field(default_factory=set)  # openai_api.SseStream of the streamed responses in flight
     _ids: itertools.count = field(default_factory=itertools.count)
 
     def new_id(self, prefix: str = "req") -> str:
@@ -220,6 +224,33 @@ class Frontend:
             self.router.close(request_id)
         assert isinstance(result, AdminResult)
         return result
+
+
+SHED_EVERY_S = 0.25  # how often the connections' unsent bytes are summed (`watch_send_buffers`)
+
+
+def shed_slow_readers(frontend: Frontend) -> int:
+    """Drop the connections (WebSockets and SSE streams) holding the most unsent bytes until what all of them
+    hold together is within `limits.send_buffer_total`; returns how many were dropped. Each connection's own
+    bound stops one slow reader; this one stops many (each under its own bound) from filling the memory."""
+    held = [(conn.unsent(), conn) for conn in (*frontend.sockets, *frontend.sse_streams) if not conn.dropped]
+    total = sum(size for size, _ in held)
+    limit, dropped = frontend.limits.send_buffer_total, 0
+    for size, conn in sorted(held, key=lambda pair: pair[0], reverse=True):
+        if total <= limit:
+            break
+        conn.drop(f"all connections together over {limit} bytes waiting (--max-send-buffer-total-mb); this one "
+                  f"held the most, {size} bytes")
+        total -= size
+        dropped += 1
+    return dropped
+
+
+async def watch_send_buffers(frontend: Frontend) -> None:
+    """`shed_slow_readers` every SHED_EVERY_S seconds, for the server's life."""
+    while True:
+        await asyncio.sleep(SHED_EVERY_S)
+        shed_slow_readers(frontend)
 
 
 async def admit_all(generations: list[Generation]) -> None:
@@ -367,6 +398,10 @@ class WsConnection:
                 "code": "internal_error", "message": "a frame for this socket could not be encoded", "param": None}})
         self._queue(data)
 
+    def unsent(self) -> int:
+        """Bytes of frames posted to this socket and not yet sent (outbox + the transport's buffer)."""
+        return self.outbox_bytes + (self.transport.get_write_buffer_size() if self.transport is not None else 0)
+
     def _queue(self, data: str | bytes) -> None:
         if self.compressed:
             self.outbox.append(data)
@@ -394,14 +429,17 @@ class WsConnection:
                 self._drop()
 
     def _drop(self) -> None:
-        """The client reads slower than its generations produce and its backlog passed --ws-max-send-buffer-mb:
-        drop the connection (a close frame could not get through); its loop ends and cancels its generations."""
+        """The client reads slower than its generations produce and its backlog passed --ws-max-send-buffer-mb."""
+        self.drop(f"over {self.frontend.limits.ws_send_buffer} bytes of frames waiting (--ws-max-send-buffer-mb)")
+
+    def drop(self, why: str) -> None:
+        """Drop the connection of a client that does not read (a close frame could not get through); its loop
+        ends and cancels its generations. Counted ws_closed_slow_reader, logged with `why`."""
         self.dropped = True
         self.outbox, self.outbox_bytes = [], 0
         self.frontend.hub.count("ws_closed_slow_reader")
-        log.warning("dropping a WebSocket whose client does not read: over %d bytes of frames waiting "
-                    "(--ws-max-send-buffer-mb); its %d generation(s) in flight are cancelled",
-                    self.frontend.limits.ws_send_buffer, len(self.active))
+        log.warning("dropping a WebSocket whose client does not read: %s; its %d generation(s) in flight are "
+                    "cancelled", why, len(self.active))
         if self.transport is not None:
             self.transport.abort()
 

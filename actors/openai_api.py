@@ -294,8 +294,8 @@ class SseStream:
             ref = self.frontend.new_id("err")
             log.exception("SSE stream %s failed (%s)", self.out.id, ref)
             self._end(_sse(internal_error(ref, exc).body()))
-        if not self.dropped and self.outbox_bytes + self._unsent() > self.limit:
-            self._drop()
+        if not self.dropped and self.unsent() > self.limit:
+            self.drop(f"over {self.limit} bytes of events waiting (--sse-max-send-buffer-mb)")
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
@@ -328,22 +328,24 @@ class SseStream:
         self._post(_sse("[DONE]"))
         self.done = True
 
-    def _unsent(self) -> int:
-        """Bytes handed to the connection that it has not sent yet (its transport's buffer)."""
-        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+    def unsent(self) -> int:
+        """Bytes of events encoded and not yet sent: the outbox and the connection's transport buffer."""
+        return self.outbox_bytes + (self.transport.get_write_buffer_size() if self.transport is not None else 0)
 
-    def _drop(self) -> None:
-        """The client reads slower than its generations produce and the stream's unsent events (outbox +
-        transport buffer) passed --sse-max-send-buffer-mb: drop the connection, cancel its generations."""
+    def drop(self, why: str) -> None:
+        """The client reads slower than its generations produce (`why`: which bound it passed): drop the
+        connection, cancel its generations. Counted sse_closed_slow_reader."""
         self.dropped = self.done = True
         self.outbox, self.outbox_bytes = [], 0
         self.frontend.hub.count("sse_closed_slow_reader")
-        log.warning("dropping an SSE stream whose client does not read: over %d bytes of events waiting "
-                    "(--sse-max-send-buffer-mb); its %d generation(s) are cancelled", self.limit, len(self.generations))
+        log.warning("dropping an SSE stream whose client does not read: %s; its %d generation(s) are cancelled",
+                    why, len(self.generations))
         for generation in self.generations:
             generation.close()
         if self.transport is not None:
             self.transport.abort()
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)  # the handler ends
 
     async def run(self) -> None:
         """Write the outbox as it fills, until the stream has ended (then end the response) or was dropped."""
@@ -366,10 +368,15 @@ class SseStream:
 async def _stream(request: web.Request, generations: list[Generation], out: Completion) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
+    stream = SseStream(request, resp, generations, out)
+    streams = request.app["frontend"].sse_streams
+    streams.add(stream)  # counted by the bound on all connections' unsent bytes (frontend.shed_slow_readers)
     try:
-        await SseStream(request, resp, generations, out).run()
+        await stream.run()
     except ConnectionResetError:  # the client went away mid-stream; the caller cancels its generations
         pass
+    finally:
+        streams.discard(stream)
     return resp
 
 

@@ -118,6 +118,10 @@ def _network_args(g) -> None:
     g.add_argument("--sse-max-send-buffer-mb", type=positive_float, default=64.0, metavar="MB",
                    help="events one OpenAI SSE stream may have waiting to be sent (its client reads slower than "
                    "its generations produce); over it the connection is dropped and its generations cancelled")
+    g.add_argument("--max-send-buffer-total-mb", type=positive_float, default=1024.0, metavar="MB",
+                   help="bytes all WebSockets and SSE streams together may have waiting to be sent (many slow "
+                   "readers, each under its own bound); over it the connections holding the most are dropped and "
+                   "their generations cancelled")
     g.add_argument("--max-queue", type=non_negative_int, default=1024, help="waiting requests before new ones get 429")
     g.add_argument("--slo-ttft-ms", type=non_negative_float, default=DEFAULT_SLO_TTFT_MS, metavar="MS",
                    help="first-token deadline of requests that carry no slo_ttft_ms: refused at admission (429 + "
@@ -360,7 +364,8 @@ def check_limits(args: argparse.Namespace) -> None:
     for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout),
                         ("--ws-frame-rate", args.ws_frame_rate), ("--ws-max-generations", args.ws_max_generations),
                         ("--ws-max-send-buffer-mb", args.ws_max_send_buffer_mb),
-                        ("--sse-max-send-buffer-mb", args.sse_max_send_buffer_mb)):
+                        ("--sse-max-send-buffer-mb", args.sse_max_send_buffer_mb),
+                        ("--max-send-buffer-total-mb", args.max_send_buffer_total_mb)):
         if not value > 0:
             raise ValueError(f"{flag} must be > 0, got {value}")
     if args.slo_ttft_ms < 0:

@@ -342,7 +342,8 @@ def connection_limits(args: Namespace) -> ConnectionLimits:
     return ConnectionLimits(ws_generations=args.ws_max_generations, ws_frame_rate=args.ws_frame_rate,
                             ws_frame_burst=2 * args.ws_frame_rate, body_timeout=args.body_timeout,
                             ws_send_buffer=int(args.ws_max_send_buffer_mb * (1 << 20)),
-                            sse_send_buffer=int(args.sse_max_send_buffer_mb * (1 << 20)))
+                            sse_send_buffer=int(args.sse_max_send_buffer_mb * (1 << 20)),
+                            send_buffer_total=int(args.max_send_buffer_total_mb * (1 << 20)))
 
 
 def _root(args: Namespace) -> Path | None:

@@ -141,6 +141,44 @@ async def test_a_client_that_stops_reading_is_dropped_at_its_bound_and_others_go
         await _stop(runner, tasks)
 
 
+async def test_many_silent_clients_each_under_its_own_bound_are_dropped_at_the_total_bound():
+    """Slow readers on WebSockets and SSE streams, each far under its own 64 MB bound: once what they hold
+    together passes --max-send-buffer-total-mb (3 MB here) the ones holding the most are dropped (counted,
+    their generations cancelled) until the rest fit, while a reading client's stream is whole; the total
+    stays near the bound (one sweep's growth over it at most)."""
+    from test_ws_delivery import _silent_client
+
+    limit = 3 << 20
+    frontend, runner, tasks, url, source = await _serve(
+        text_bytes=4096, step_s=0.002,
+        limits=ConnectionLimits(ws_send_buffer=64 << 20, sse_send_buffer=64 << 20, send_buffer_total=limit))
+    port = int(url.rsplit(":", 1)[1])
+    silent = [_silent_client(port, 4) for _ in range(2)]
+    silent += [_silent_stream(port, {"model": MODEL, "prompt": [5], "max_tokens": 60000, "n": 2, "ignore_eos": True,
+                                     "stream": True}) for _ in range(2)]
+    held: list[int] = []
+
+    def dropped() -> int:
+        held.append(sum(c.unsent() for c in (*frontend.sockets, *frontend.sse_streams) if not c.dropped))
+        counters = frontend.hub.counters
+        return counters.get("ws_closed_slow_reader", 0) + counters.get("sse_closed_slow_reader", 0)
+
+    try:
+        during = asyncio.create_task(_openai_stream(url))
+        assert await _until(lambda: dropped() == 4, timeout=60), \
+            f"{dropped()} of the 4 silent clients dropped; held at most {max(held)} bytes"
+        assert frontend.hub.counters.get("ws_closed_slow_reader") == 2
+        assert frontend.hub.counters.get("sse_closed_slow_reader") == 1 + 1
+        assert max(held) < 2 * limit, f"the connections held {max(held)} bytes together"
+        chunks = await during
+        assert [len(c.choices[0].text) for c in chunks] == [4096] * 6
+        assert await _until(lambda: not source.running and not frontend.router.receivers)
+    finally:
+        for sock in silent:
+            sock.close()
+        await _stop(runner, tasks)
+
+
 @given(chat=st.booleans(), model=st.text(max_size=12), texts=st.lists(st.text(max_size=20), min_size=1, max_size=5),
        finish=st.sampled_from(["stop", "length"]))
 def test_a_response_encoded_choice_by_choice_is_the_dumps_of_the_whole(chat, model, texts, finish):
