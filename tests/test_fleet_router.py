@@ -90,12 +90,15 @@ def test_a_new_adapter_goes_to_the_replica_with_fewest_adapters():
     assert _ranks(_router(), [a, b], _request("new"))[0] == "b"
 
 
-def test_base_requests_spread_over_every_replica_by_load_ties_at_random():
+def test_base_requests_spread_over_every_replica_by_load_ties_in_turn():
     replicas = [Replica("a"), Replica("b"), Replica("c")]
-    firsts = Counter(_ranks(_router(), replicas, _request(""))[0] for _ in range(300))
-    assert set(firsts) == {"a", "b", "c"} and min(firsts.values()) > 50, firsts
+    router = _router()
+    firsts = Counter(_ranks(router, replicas, _request(""))[0] for _ in range(300))
+    assert firsts == {"a": 100, "b": 100, "c": 100}, firsts
+    pair = [_ranks(router, replicas[1:], _request(""))[0] for _ in range(12)]  # sequential, an idle pair
+    assert all(x != y for x, y in zip(pair, pair[1:])), pair
     replicas[0].load = replicas[1].load = 2
-    assert _ranks(_router(), replicas, _request(""))[0] == "c"
+    assert _ranks(router, replicas, _request(""))[0] == "c"
 
 
 def test_failed_and_avoided_replicas_are_skipped_while_another_is_up():
