@@ -108,6 +108,17 @@ def _synchronous(engine) -> Piped:
     return out
 
 
+def _truth_and_queued(model, adapters, specs, **config):
+    """(the synchronous engine's outputs of `specs`, a second engine of the same config with `specs` queued
+    for a pipelined run)."""
+    sync = _engine(model, adapters, **config)
+    _submit(sync, specs)
+    want = _synchronous(sync)
+    piped = _engine(model, adapters, **config)
+    _submit(piped, specs)
+    return want, piped
+
+
 @pytest.fixture(scope="module")
 def adapters(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("overlap-adapters")
@@ -132,11 +143,7 @@ def test_pipeline_with_held_steps_matches_the_synchronous_engine(tiny_llama, ada
     """Greedy and seeded-sampling requests with adapters, logprobs and prompt logprobs; with `penalized`, two
     requests with penalties, whose pending token must reach the host (the sync rule) while the others' are
     filled on the device."""
-    sync = _engine(tiny_llama, adapters, max_num_seqs=4)
-    _submit(sync, _specs(penalized))
-    want = _synchronous(sync)
-    piped = _engine(tiny_llama, adapters, max_num_seqs=4)
-    _submit(piped, _specs(penalized))
+    want, piped = _truth_and_queued(tiny_llama, adapters, _specs(penalized), max_num_seqs=4)
     got = run_pipelined(piped)
     assert got.tokens == want.tokens and got.prompt_logprobs == want.prompt_logprobs
     assert got.logprobs.keys() == want.logprobs.keys()
@@ -171,11 +178,7 @@ def test_a_failing_step_in_the_middle_fails_only_its_requests(tiny_llama, where)
     launched on its pending ids); step 4, planned before step 3's result, still continues step 3's requests.
     Exactly step 3's requests fail; the requests admitted after them get the synchronous engine's tokens."""
     specs = [(p, SamplingParams(max_tokens=6, temperature=0.0), None) for p in PROMPTS]
-    sync = _engine(tiny_llama, {}, max_num_seqs=3)
-    _submit(sync, specs)
-    want = _synchronous(sync)
-    piped = _engine(tiny_llama, {}, max_num_seqs=3)
-    _submit(piped, specs)
+    want, piped = _truth_and_queued(tiny_llama, {}, specs, max_num_seqs=3)
     runner, poisoned = piped.executor, []
 
     def poison(index, plan):
@@ -202,11 +205,7 @@ def test_a_failing_step_leaves_the_next_steps_requests_alone(tiny_llama, kind):
     prompts = [[3 + i, 5, 7, 9, 11, 13, 17, 19, 23, 29] for i in range(5)]
     specs = [(p, SamplingParams(max_tokens=4, temperature=0.0, **extra), None) for p in prompts]
     options = dict(max_num_seqs=6, max_batch_tokens=14)  # prefills chunked, requests admitted step by step
-    sync = _engine(tiny_llama, {}, **options)
-    _submit(sync, specs)
-    want = _synchronous(sync)
-    piped = _engine(tiny_llama, {}, **options)
-    _submit(piped, specs)
+    want, piped = _truth_and_queued(tiny_llama, {}, specs, **options)
     runner, plans = piped.executor, []
 
     def poison(index, plan):
@@ -229,11 +228,7 @@ def test_a_failing_step_leaves_the_next_steps_other_adapters_alone(tiny_llama, a
     names = [None, None, "r2", "r8", "r8", None]
     specs = [(p, SamplingParams(max_tokens=4, temperature=0.0), name) for p, name in zip(prompts, names)]
     options = dict(max_num_seqs=6, max_batch_tokens=14, prefetch_adapters=0)
-    sync = _engine(tiny_llama, adapters, **options)
-    _submit(sync, specs)
-    want = _synchronous(sync)
-    piped = _engine(tiny_llama, adapters, **options)
-    _submit(piped, specs)
+    want, piped = _truth_and_queued(tiny_llama, adapters, specs, **options)
     runner, plans = piped.executor, []
 
     def poison(index, plan):
@@ -325,11 +320,7 @@ def test_device_side_pending_equals_host_resolution(tiny_llama):
 def _pipelined_with_slow_loads(tiny_llama, adapters, specs, config: dict):
     """(the synchronous engine's run, the pipelined run, its plans) of `specs`, the pipelined runner's adapter
     copies each delayed ~0.3 s on the load stream by a sleep kernel queued there first."""
-    sync = _engine(tiny_llama, adapters, **config)
-    _submit(sync, specs)
-    want = _synchronous(sync)
-    piped = _engine(tiny_llama, adapters, **config)
-    _submit(piped, specs)
+    want, piped = _truth_and_queued(tiny_llama, adapters, specs, **config)
     runner, plans = piped.executor, []
     load = runner._load_adapter
 
@@ -386,11 +377,7 @@ def test_gpu_pipeline_equals_synchronous_greedy_and_launch_does_not_sync(tiny_ll
     specs = [(p, SamplingParams(max_tokens=12, temperature=0.0), n)
              for p, n in zip(PROMPTS, ["r2", "r8", None, "r2", None, "r8"])]
     config = dict(max_num_seqs=8, device="cuda", dtype="float32")
-    sync = _engine(tiny_llama, adapters, **config)
-    _submit(sync, specs)
-    want = _synchronous(sync)
-    piped = _engine(tiny_llama, adapters, **config)
-    _submit(piped, specs)
+    want, piped = _truth_and_queued(tiny_llama, adapters, specs, **config)
     got = run_pipelined(piped)  # also captures the graphs of the buckets the second run uses
     assert got.tokens == want.tokens and got.held_launches > 5
     runner = piped.executor

@@ -16,7 +16,7 @@ import time
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_ws_delivery import MODEL, _serve, _stop, _text
+from test_ws_delivery import MODEL, _serve, _silent_client, _stop, _text
 
 from lorafleet.actors.frontend import ConnectionLimits
 from lorafleet.actors.openai_api import Completion, _response_json
@@ -146,8 +146,6 @@ async def test_many_silent_clients_each_under_its_own_bound_are_dropped_at_the_t
     together passes --max-send-buffer-total-mb (3 MB here) the ones holding the most are dropped (counted,
     their generations cancelled) until the rest fit, while a reading client's stream is whole; the total
     stays near the bound (one sweep's growth over it at most)."""
-    from test_ws_delivery import _silent_client
-
     limit = 3 << 20
     frontend, runner, tasks, url, source = await _serve(
         text_bytes=4096, step_s=0.002,
